@@ -1,0 +1,48 @@
+"""tiecli: find, record, dedupe, restore and verify tied weights in checkpoints.
+
+``import tiecli`` is cheap: torch and transformers are imported only by the
+functions that need them.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    OutputError,
+    TiecliError,
+    TieError,
+    TieRecordError,
+    UnsafePickleError,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "inspect": "api",
+    "InspectResult": "api",
+}
+
+__all__ = [
+    "CheckpointFormatError",
+    "CheckpointNotFoundError",
+    "OutputError",
+    "TiecliError",
+    "TieError",
+    "TieRecordError",
+    "UnsafePickleError",
+    *_LAZY,
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tiecli' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value

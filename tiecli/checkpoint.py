@@ -1,0 +1,107 @@
+"""What every format hands to the rest of tiecli: entries and a checkpoint.
+
+An :class:`Entry` is a tensor described without its values: name, dtype,
+shape, byte size and a :class:`Blob` that knows where the bytes live and reads
+them on demand, in bounded pieces. Tie logic works on entries only; each
+format module builds them for its own files.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+CHUNK = 8 << 20  # bytes per read when streaming a tensor
+
+
+class Blob(Protocol):
+    """The bytes of one tensor, row-major and contiguous as seen by readers."""
+
+    nbytes: int
+
+    def read(self, offset: int, size: int) -> bytes: ...
+
+    def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
+        """The elements as a numpy array of unsigned ints of the element width."""
+        ...
+
+    @property
+    def order(self) -> tuple[int, int]:
+        """Position in the checkpoint: (file number, byte offset)."""
+        ...
+
+
+@dataclass(eq=False)
+class Entry:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    nbytes: int
+    blob: Blob
+    # Pickles only: (storage id, storage bytes) and how the tensor views that
+    # storage (byte offset, strides). torch.save keeps one storage under several
+    # names, which is how a pickle records a tie.
+    storage: tuple[int, int] | None = None
+    view: tuple[int, tuple[int, ...]] | None = None
+    file: Path | None = None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def chunks(self, size: int = CHUNK) -> Iterator[bytes]:
+        for start in range(0, self.nbytes, size):
+            yield self.blob.read(start, min(size, self.nbytes - start))
+
+    def read_all(self) -> bytes:
+        return self.blob.read(0, self.nbytes)
+
+
+@dataclass
+class Checkpoint:
+    """An opened checkpoint: entries in file order plus what surrounds them."""
+
+    path: Path  # what the user named
+    format: str  # safetensors | safetensors-sharded | pytorch | pytorch-sharded
+    entries: dict[str, Entry]
+    weight_files: list[Path]
+    folder: Path | None = None  # set when the checkpoint is a folder
+    index_path: Path | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)  # header or index metadata
+    config: dict[str, Any] | None = None
+    config_path: Path | None = None
+    nested_key: str | None = None  # pickles: the key holding the state dict
+    readers: list[Any] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def bytes_read(self) -> int:
+        return sum(getattr(r, "bytes_read", 0) for r in self.readers)
+
+    def stored_bytes(self) -> int:
+        """Bytes of tensor data in the files (a shared pickle storage counted once)."""
+        seen: set[Any] = set()
+        total = 0
+        for e in self.entries.values():
+            if e.storage is None:
+                total += e.nbytes
+            elif e.storage[0] not in seen:
+                seen.add(e.storage[0])
+                total += e.storage[1]
+        return total
+
+    def close(self) -> None:
+        for r in self.readers:
+            close = getattr(r, "close", None)
+            if close:
+                close()
+        self.readers.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,111 @@
+"""Ties the architecture declares, asked of transformers.
+
+The model is built on the ``meta`` device from ``config.json`` (no memory, no
+random init) and asked for its ties: transformers v5 answers
+``get_expanded_tied_weights_keys(all_submodels=True)`` as ``{alias: source}``;
+v4 ties parameters by identity, which we read back from the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class Declared:
+    ties: dict[str, str] = field(default_factory=dict)  # alias -> source
+    architecture: str | None = None
+
+
+def transformers_available() -> bool:
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """transformers talks on stderr while building models; keep ours clean."""
+    import transformers
+
+    level = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    logging.disable(logging.WARNING)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+        transformers.logging.set_verbosity(level)
+
+
+def build_meta_model(config_dir: Path) -> Any:
+    """The model class the config names, built on the meta device; None if unknown."""
+    import torch
+    import transformers
+
+    with _quiet():
+        try:
+            config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
+        except (ValueError, KeyError, OSError):
+            return None
+        cls = None
+        for name in getattr(config, "architectures", None) or []:
+            cls = getattr(transformers, name, None)
+            if cls is not None:
+                break
+        if cls is None:
+            return None
+        with torch.device("meta"):
+            try:
+                return cls._from_config(config)
+            except Exception:  # noqa: BLE001 - a config this transformers cannot build
+                return None
+
+
+def declared_ties(config_dir: Path) -> Declared | None:
+    """Ties declared by the architecture in ``config_dir/config.json``.
+
+    None when transformers is not installed or does not know the architecture:
+    detection then falls back to tiecli's pattern table.
+    """
+    if not transformers_available():
+        return None
+    model = build_meta_model(config_dir)
+    if model is None:
+        return None
+    out = Declared(architecture=type(model).__name__)
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    if callable(expanded):
+        with _quiet():
+            mapping = expanded(all_submodels=True) or {}
+        out.ties = {str(a): str(s) for a, s in mapping.items() if a != s}
+        return out
+    out.ties = ties_by_identity(model)
+    return out
+
+
+def ties_by_identity(module: Any) -> dict[str, str]:
+    """``{alias: source}`` for parameters a module holds under several names.
+
+    The source is the first name in registration order (the input embedding,
+    T5's ``shared``), which is how transformers v4 declares them.
+    """
+    first: dict[int, str] = {}
+    ties: dict[str, str] = {}
+    for name, p in module.named_parameters(remove_duplicate=False):
+        key = id(p)
+        if key in first:
+            ties[name] = first[key]
+        else:
+            first[key] = name
+    return ties

@@ -1,0 +1,396 @@
+"""Finding ties in an opened checkpoint.
+
+Claims come from every kind of evidence (the file's record, the architecture,
+the pattern table, shared pickle storage); values confirm them, reveal drift,
+and find duplicates nobody declared. Works on entries only, never on a file
+layout.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict, deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from .checkpoint import Checkpoint, Entry
+from .patterns import pattern_ties, rules_for, table
+from .progress import NO_PROGRESS, Progress
+from .record import read_record
+from .values import difference, equal, find_equal
+
+EVIDENCE_ORDER = ("metadata", "declared", "pattern", "storage", "value", "transposed")
+STRUCTURAL = frozenset({"metadata", "declared", "pattern", "storage"})
+# Which evidence makes a name the source of its group, strongest first.
+SOURCE_RANK = {"declared": 0, "pattern": 1, "metadata": 2, "storage": 3}
+
+
+@dataclass
+class Problem:
+    code: str
+    severity: str  # error | warning
+    message: str
+    tensors: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"code": self.code, "severity": self.severity, "message": self.message, "tensors": self.tensors}
+
+
+@dataclass
+class Drift:
+    max_abs_diff: float | None
+    differing: int
+    numel: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"max_abs_diff": self.max_abs_diff, "differing_elements": self.differing, "elements": self.numel}
+
+
+@dataclass
+class Tie:
+    alias: str
+    source: str
+    transform: str  # identity | transpose
+    kind: str  # tied | duplicate
+    evidence: list[str]
+    stored: bool  # the alias's bytes are in the file, apart from the source's
+    bytes: int
+    source_stored: bool = True
+    drift: Drift | None = None
+
+    @property
+    def dedupable(self) -> bool:
+        """What ``dedupe`` removes by default: a stored, equal, tied alias."""
+        return self.kind == "tied" and self.stored and self.source_stored and self.drift is None
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "alias": self.alias,
+            "source": self.source,
+            "transform": self.transform,
+            "kind": self.kind,
+            "evidence": self.evidence,
+            "stored": self.stored,
+            "bytes": self.bytes,
+            "source_stored": self.source_stored,
+        }
+        if self.drift is not None:
+            d["drift"] = self.drift.to_dict()
+        return d
+
+
+@dataclass
+class TieReport:
+    ties: list[Tie]
+    problems: list[Problem]
+    declared_by: str | None = None  # "transformers (<class>)" | "pattern table" | None
+
+    @property
+    def dedupable_bytes(self) -> int:
+        return sum(t.bytes for t in self.ties if t.dedupable)
+
+
+@dataclass
+class _Claim:
+    alias: str
+    source: str
+    transform: str
+    evidence: str
+    duplicate: bool = False  # a recorded duplicate: metadata evidence, but not a tie by design
+
+
+class _Finder:
+    def __init__(self, ckpt: Checkpoint, use_transformers: bool, progress: Progress):
+        self.ckpt = ckpt
+        self.entries = ckpt.entries
+        self.order = {name: i for i, name in enumerate(ckpt.entries)}
+        self.use_transformers = use_transformers
+        self.progress = progress
+        self.claims: list[_Claim] = []
+        self.problems: list[Problem] = []
+        self.declared_by: str | None = None
+        self._equal_cache: dict[tuple[str, str, str], bool] = {}
+
+    # -- claims ---------------------------------------------------------
+
+    def from_record(self) -> None:
+        shapes = {n: (e.shape, e.dtype) for n, e in self.entries.items()}
+        rec = read_record(self.ckpt.metadata, shapes)
+        for issue in rec.issues:
+            self.problems.append(Problem("bad-record", "error", issue.message, list(issue.tensors)))
+        for t in rec.ties:
+            self.claims.append(_Claim(t.alias, t.source, t.transform, "metadata", t.kind == "duplicate"))
+        for t in rec.convention:
+            self.claims.append(_Claim(t.alias, t.source, "identity", "metadata"))
+
+    def from_architecture(self) -> None:
+        cfg = self.ckpt.config
+        declared = None
+        if cfg is not None and self.use_transformers and self.ckpt.config_path is not None:
+            from .declared import declared_ties
+
+            declared = declared_ties(self.ckpt.config_path.parent)
+        if declared is not None:
+            self.declared_by = f"transformers ({declared.architecture})"
+            for alias, source in declared.ties.items():
+                if alias in self.entries or source in self.entries:
+                    self.claims.append(_Claim(alias, source, self._shape_transform(alias, source), "declared"))
+            return
+        found = pattern_ties(self.entries, cfg)
+        if found:
+            self.declared_by = "pattern table"
+        for p in found:
+            transform = self._shape_transform(p.alias, p.source)
+            both = p.alias in self.entries and p.source in self.entries
+            if both and not p.from_config and not self._equal(p.alias, p.source, transform):
+                continue  # a hypothesis the values reject: not a tie
+            self.claims.append(_Claim(p.alias, p.source, transform, "pattern"))
+
+    def from_storage(self) -> None:
+        groups: dict[int, list[Entry]] = defaultdict(list)
+        for e in self.entries.values():
+            if e.storage is not None:
+                groups[e.storage[0]].append(e)
+        for members in groups.values():
+            if len(members) < 2:
+                continue
+            for i, a in enumerate(members):
+                for b in members[:i]:
+                    transform = _storage_relation(a, b)
+                    if transform:
+                        owner, other = (b, a) if _owns(b) or not _owns(a) else (a, b)
+                        self.claims.append(_Claim(other.name, owner.name, transform, "storage"))
+                        break
+
+    def check_config(self) -> None:
+        """A config that unties what the file only stores once."""
+        cfg = self.ckpt.config
+        if not cfg or cfg.get("tie_word_embeddings", True):
+            return
+        rules = table()["model_types"].get(cfg.get("model_type"), [])
+        for rule in rules:
+            alias, source = rule["alias"], rule["source"]
+            if rule["when"] == "tie_word_embeddings" and source in self.entries and alias not in self.entries:
+                self.problems.append(
+                    Problem(
+                        "config-mismatch",
+                        "error",
+                        f"config.json says tie_word_embeddings=false but {alias} is absent: "
+                        f"loaders will initialise it randomly; store it (tiecli untie) or set "
+                        f"tie_word_embeddings=true",
+                        [alias, source],
+                    )
+                )
+
+    # -- values ---------------------------------------------------------
+
+    def _shape_transform(self, alias: str, source: str) -> str:
+        a, s = self.entries.get(alias), self.entries.get(source)
+        if a and s and len(a.shape) == 2 and a.shape != s.shape and a.shape == s.shape[::-1]:
+            return "transpose"
+        return "identity"
+
+    def _equal(self, alias: str, source: str, transform: str) -> bool:
+        key = (alias, source, transform)
+        if key not in self._equal_cache:
+            a, s = self.entries[alias], self.entries[source]
+            self._equal_cache[key] = equal(a, s, transform)
+        return self._equal_cache[key]
+
+    # -- assembling -----------------------------------------------------
+
+    def assemble(self) -> list[Tie]:
+        adj: dict[str, list[tuple[str, str]]] = defaultdict(list)
+        evidence: dict[str, set[str]] = defaultdict(set)
+        structural: dict[str, bool] = defaultdict(bool)
+        as_source: dict[str, int] = defaultdict(lambda: 9)
+        as_alias: dict[str, int] = defaultdict(lambda: 9)
+        for c in self.claims:
+            adj[c.alias].append((c.source, c.transform))
+            adj[c.source].append((c.alias, c.transform))
+            for n in (c.alias, c.source):
+                evidence[n].add(c.evidence)
+                if not c.duplicate:
+                    structural[n] = True
+            as_source[c.source] = min(as_source[c.source], SOURCE_RANK[c.evidence])
+            as_alias[c.alias] = min(as_alias[c.alias], SOURCE_RANK[c.evidence])
+
+        def rank(n: str) -> int:
+            # a name is a source only by evidence stronger than any that makes it an alias
+            return as_source[n] if as_source[n] < as_alias[n] else 9
+
+        ties: list[Tie] = []
+        seen: set[str] = set()
+        for start in list(adj):
+            if start in seen:
+                continue
+            component = _component(adj, start)
+            seen.update(component)
+            source = min(component, key=lambda n: (rank(n), n not in self.entries, self.order.get(n, 0)))
+            transforms = _transforms_from(adj, source)
+            for alias in sorted(component - {source}, key=lambda n: self.order.get(n, 1 << 30)):
+                ties.append(self._tie(alias, source, transforms[alias], evidence, structural))
+        return ties
+
+    def _tie(
+        self,
+        alias: str,
+        source: str,
+        transform: str,
+        evidence: dict[str, set[str]],
+        structural: dict[str, bool],
+    ) -> Tie:
+        a, s = self.entries.get(alias), self.entries.get(source)
+        ev = set(evidence[alias])
+        shared = a is not None and s is not None and a.storage is not None and a.storage == s.storage
+        ref = a or s
+        assert ref is not None
+        tie = Tie(
+            alias,
+            source,
+            transform,
+            "tied" if structural[alias] else "duplicate",
+            [],
+            stored=a is not None and not shared,
+            bytes=ref.nbytes,
+            source_stored=s is not None,
+        )
+        if a is not None and s is not None and not shared:
+            if self._equal(alias, source, transform):
+                ev.add("transposed" if transform == "transpose" else "value")
+            else:
+                tie.drift = self._drift(a, s, transform)
+        tie.evidence = [e for e in EVIDENCE_ORDER if e in ev]
+        return tie
+
+    def _drift(self, a: Entry, s: Entry, transform: str) -> Drift:
+        if a.dtype != s.dtype or (a.shape != s.shape and transform == "identity") or transform == "transpose":
+            return Drift(None, a.numel, a.numel)
+        d = difference(a, s)
+        return Drift(d.max_abs_diff, d.differing, d.numel)
+
+    def add_value_matches(self, ties: list[Tie]) -> list[Tie]:
+        """Equal tensors nobody declared: duplicates, or extra members of a tie group."""
+        root_of = {t.alias: t.source for t in ties} | {t.source: t.source for t in ties}
+        relation = {t.alias: t.transform for t in ties}  # transform from the group's source
+        seen_views: set[Any] = set()
+        candidates = []
+        for e in self.entries.values():
+            view = (e.storage, e.view) if e.storage is not None else id(e)
+            if view not in seen_views and _owns(e):
+                seen_views.add(view)
+                candidates.append(e)
+        matches = find_equal(candidates, self.progress)
+        pairs: list[tuple[Entry, Entry, str]] = []  # (a, s, t): a equals t(s)
+        for group in matches.groups:
+            pairs.extend((e, group[0], "identity") for e in group[1:])
+        pairs.extend((y, x, "transpose") for x, y in matches.transposed)
+        for a, s, transform in pairs:
+            if a.name in root_of and s.name in root_of:
+                continue  # related already, or two groups that happen to be equal
+            if a.name in root_of:
+                a, s = s, a  # attach the loose tensor to the group (both transforms self-inverse)
+            root = root_of.get(s.name, s.name)
+            if root != s.name and relation.get(s.name, "identity") != "identity":
+                transform = "identity" if transform == "transpose" else "transpose"
+            ties.append(
+                Tie(
+                    a.name,
+                    root,
+                    transform,
+                    "duplicate",
+                    ["transposed" if transform == "transpose" else "value"],
+                    stored=True,
+                    bytes=a.nbytes,
+                    source_stored=root in self.entries,
+                )
+            )
+            root_of[a.name] = root
+            root_of.setdefault(root, root)
+            relation[a.name] = transform
+        return ties
+
+    def report_problems(self, ties: list[Tie]) -> None:
+        for t in ties:
+            if t.drift is not None:
+                d = t.drift
+                diff = f"max abs diff {d.max_abs_diff:g}" if d.max_abs_diff is not None else "shapes or dtypes differ"
+                self.problems.append(
+                    Problem(
+                        "drift",
+                        "error",
+                        f"{t.alias} and {t.source} are tied ({', '.join(t.evidence)}) but differ: "
+                        f"{diff}, {d.differing} of {d.numel} elements; pick the right copy and re-tie "
+                        f"(dedupe keeps both until they agree)",
+                        [t.alias, t.source],
+                    )
+                )
+            if not t.source_stored and t.stored and t.kind == "tied":
+                self.problems.append(
+                    Problem(
+                        "source-missing",
+                        "warning",
+                        f"source {t.source} is absent while its alias {t.alias} is stored: some "
+                        f"transformers versions load {t.source} randomly initialised; run "
+                        f"'tiecli untie' to store it",
+                        [t.source, t.alias],
+                    )
+                )
+
+
+def _owns(e: Entry) -> bool:
+    """A pickle tensor that is a plain contiguous view of its storage."""
+    if e.view is None:
+        return True
+    offset, strides = e.view
+    expected, step = [], 1
+    for dim in reversed(e.shape):
+        expected.append(step)
+        step *= dim
+    return tuple(reversed(expected)) == strides or e.numel <= 1
+
+
+def _storage_relation(a: Entry, b: Entry) -> str | None:
+    if a.view is None or b.view is None or a.view[0] != b.view[0] or a.dtype != b.dtype:
+        return None
+    if a.shape == b.shape and a.view[1] == b.view[1]:
+        return "identity"
+    if len(a.shape) == 2 and a.shape == b.shape[::-1] and a.view[1] == b.view[1][::-1]:
+        return "transpose"
+    return None
+
+
+def _component(adj: dict[str, list[tuple[str, str]]], start: str) -> set[str]:
+    seen = {start}
+    todo = [start]
+    while todo:
+        n = todo.pop()
+        for m, _ in adj[n]:
+            if m not in seen:
+                seen.add(m)
+                todo.append(m)
+    return seen
+
+
+def _transforms_from(adj: dict[str, list[tuple[str, str]]], source: str) -> dict[str, str]:
+    out = {source: "identity"}
+    queue = deque([source])
+    while queue:
+        n = queue.popleft()
+        for m, t in adj[n]:
+            if m not in out:
+                out[m] = out[n] if t == "identity" else ("transpose" if out[n] == "identity" else "identity")
+                queue.append(m)
+    return out
+
+
+def find_ties(ckpt: Checkpoint, *, use_transformers: bool = True, progress: Progress = NO_PROGRESS) -> TieReport:
+    f = _Finder(ckpt, use_transformers, progress)
+    f.from_record()
+    f.from_architecture()
+    f.from_storage()
+    f.check_config()
+    ties = f.assemble()
+    ties = f.add_value_matches(ties)
+    ties.sort(key=lambda t: (f.order.get(t.source, 1 << 30), f.order.get(t.alias, 1 << 30), t.alias))
+    f.report_problems(ties)
+    return TieReport(ties, f.problems, f.declared_by)

@@ -1,0 +1,76 @@
+"""The one exception tree of tiecli.
+
+Every error a user can meet is a :class:`TiecliError`. Each subclass also
+inherits the matching builtin, so callers that catch ``ValueError`` or
+``OSError`` keep working. The console entry point turns these into a single
+``Error: <path>: <what is wrong>`` line and an exit code; nothing else in the
+package rewords them.
+"""
+
+from __future__ import annotations
+
+import os
+
+
+class TiecliError(Exception):
+    """Base class. ``path`` names the file at fault, ``hint`` the fix."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, path: str | os.PathLike[str] | None = None, hint: str | None = None):
+        self.message = " ".join(str(message).split())
+        self.path = os.fspath(path) if path is not None else None
+        self.hint = " ".join(hint.split()) if hint else None
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        text = f"{self.path}: {self.message}" if self.path else self.message
+        if self.hint:
+            text += f"; {self.hint}"
+        return text
+
+
+class CheckpointNotFoundError(TiecliError, FileNotFoundError):
+    """The path does not exist or holds no weights."""
+
+    def __str__(self) -> str:  # FileNotFoundError would format errno fields
+        return self.one_line()
+
+
+class CheckpointFormatError(TiecliError, ValueError):
+    """The checkpoint is unreadable, truncated or inconsistent."""
+
+
+class UnsafePickleError(CheckpointFormatError):
+    """A pickle that needs more than tensors and plain containers to load."""
+
+
+class TieRecordError(CheckpointFormatError):
+    """A tie record (tiecli's own or the ``{alias: source}`` convention) is malformed."""
+
+
+class OutputError(TiecliError, OSError):
+    """The output cannot be written (exists, unwritable, disk full)."""
+
+    def __str__(self) -> str:
+        return self.one_line()
+
+
+class MissingDependencyError(TiecliError, ImportError):
+    """An optional dependency is needed for this operation."""
+
+
+class UsageError(TiecliError, ValueError):
+    """Options that contradict each other or the input."""
+
+
+class UnsafeChangeError(TiecliError, RuntimeError):
+    """A requested rewrite would lose or change data; nothing was written."""
+
+    exit_code = 1
+
+
+class TieError(TiecliError, ValueError):
+    """A live model's ties are broken or drifted (raised by ``check_model``)."""
+
+    exit_code = 1

@@ -1,0 +1,169 @@
+"""Opening any supported checkpoint form as a :class:`~tiecli.checkpoint.Checkpoint`.
+
+Forms: a .safetensors file; a sharded checkpoint (its ``*.index.json`` or the
+folder holding it); a PyTorch zip pickle; a Hugging Face folder (config.json
+plus weights in any of those forms, safetensors preferred).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Checkpoint, Entry
+from ..errors import CheckpointFormatError, CheckpointNotFoundError
+from .pytorch import PICKLE_SUFFIXES, PickleFile
+from .safetensors import SafetensorsFile
+
+INDEX_SUFFIX = ".index.json"
+# Weight files of a Hugging Face folder, most preferred first.
+FOLDER_PREFERENCE = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open ``path`` lazily: headers and pickle structure only, no tensor bytes."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointNotFoundError("no such file or folder", p)
+    if p.is_dir():
+        weights = find_weights(p)
+        ckpt = _open_weights(weights, shown=p)
+        ckpt.folder = p
+    else:
+        ckpt = _open_weights(p, shown=p)
+    cfg_path = (p if p.is_dir() else p.parent) / "config.json"
+    if cfg_path.is_file():
+        ckpt.config = read_json(cfg_path, what="config.json")
+        ckpt.config_path = cfg_path
+        if not isinstance(ckpt.config, dict):
+            ckpt.close()
+            raise CheckpointFormatError("config.json is not a JSON object", cfg_path)
+    return ckpt
+
+
+def find_weights(folder: Path) -> Path:
+    for name in FOLDER_PREFERENCE:
+        if (folder / name).is_file():
+            return folder / name
+    files = sorted(f for f in folder.iterdir() if f.is_file())
+    for group in (
+        [f for f in files if f.name.endswith(".safetensors" + INDEX_SUFFIX)],
+        [f for f in files if f.suffix == ".safetensors"],
+        [f for f in files if f.name.endswith(INDEX_SUFFIX)],
+        [f for f in files if f.suffix in PICKLE_SUFFIXES],
+    ):
+        if len(group) == 1:
+            return group[0]
+        if len(group) > 1:
+            names = ", ".join(f.name for f in group[:4])
+            raise CheckpointFormatError(
+                f"holds several weight files ({names}) and no index naming them",
+                folder,
+                hint="point tiecli at one file, or add a *.index.json",
+            )
+    raise CheckpointNotFoundError(
+        "no weights found (expected *.safetensors, *.safetensors.index.json or a PyTorch .bin/.pt)",
+        folder,
+    )
+
+
+def read_json(path: Path, what: str) -> Any:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(64 << 20)
+            if f.read(1):
+                raise CheckpointFormatError(f"{what} is larger than 64 MiB", path)
+        return json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise CheckpointFormatError(f"{what} is not valid JSON", path) from None
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot read {what}: {e.strerror}", path) from None
+
+
+def _open_weights(p: Path, shown: Path) -> Checkpoint:
+    name = p.name
+    if name.endswith(INDEX_SUFFIX):
+        return _open_index(p, shown)
+    if p.suffix == ".safetensors":
+        return _single(SafetensorsFile(p), "safetensors", shown)
+    if p.suffix in PICKLE_SUFFIXES:
+        return _single_pickle(PickleFile(p), shown)
+    # Unknown extension: sniff.
+    if zipfile.is_zipfile(p):
+        return _single_pickle(PickleFile(p), shown)
+    return _single(SafetensorsFile(p), "safetensors", shown)
+
+
+def _single(f: SafetensorsFile, fmt: str, shown: Path) -> Checkpoint:
+    entries = {e.name: e for e in f.entries()}
+    return Checkpoint(shown, fmt, entries, [f.path], metadata=dict(f.metadata), readers=[f])
+
+
+def _single_pickle(f: PickleFile, shown: Path) -> Checkpoint:
+    entries = {e.name: e for e in f.entries()}
+    ckpt = Checkpoint(shown, "pytorch", entries, [f.path], nested_key=f.nested_key, readers=[f])
+    if f.nested_key:
+        ckpt.notes.append(f"using the state dict under key {f.nested_key!r}")
+    return ckpt
+
+
+def _open_index(index: Path, shown: Path) -> Checkpoint:
+    doc = read_json(index, what="index")
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise CheckpointFormatError("index has no 'weight_map' object", index)
+    weight_map: dict[str, Any] = doc["weight_map"]
+    metadata = doc.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointFormatError("index 'metadata' is not an object", index)
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CheckpointFormatError("index 'weight_map' must map tensor names to file names", index)
+    shard_names = list(dict.fromkeys(sorted(weight_map.values())))
+    readers: list[Any] = []
+    try:
+        files: dict[str, Any] = {}
+        for number, shard in enumerate(shard_names):
+            shard_path = index.parent / shard
+            if os.sep in shard or "/" in shard or shard in ("", ".", ".."):
+                raise CheckpointFormatError(f"index names shard {shard!r} outside its folder", index)
+            if not shard_path.is_file():
+                raise CheckpointFormatError(f"index names shard {shard!r}, which does not exist", index)
+            reader: Any = (
+                SafetensorsFile(shard_path, number)
+                if shard.endswith(".safetensors")
+                else PickleFile(shard_path, number)
+            )
+            readers.append(reader)
+            files[shard] = {e.name: e for e in reader.entries()}
+        entries: dict[str, Entry] = {}
+        ordered = sorted(weight_map.items(), key=lambda kv: _order(files, kv))
+        for name, shard in ordered:
+            entry = files[shard].get(name)
+            if entry is None:
+                raise CheckpointFormatError(
+                    f"index maps tensor {name!r} to {shard!r}, which does not hold it", index
+                )
+            entries[name] = entry
+    except BaseException:
+        for r in readers:
+            getattr(r, "close", lambda: None)()
+        raise
+    pickled = any(isinstance(r, PickleFile) for r in readers)
+    fmt = "pytorch-sharded" if pickled else "safetensors-sharded"
+    paths = [index.parent / s for s in shard_names]
+    return Checkpoint(shown, fmt, entries, paths, index_path=index, metadata=dict(metadata), readers=readers)
+
+
+def _order(files: dict[str, Any], kv: tuple[str, str]) -> tuple[int, int, str]:
+    name, shard = kv
+    entry = files.get(shard, {}).get(name)
+    if entry is None:
+        return (1 << 30, 0, name)
+    return (*entry.blob.order, name)

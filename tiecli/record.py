@@ -1,0 +1,137 @@
+"""The tie record kept in a checkpoint's metadata (format v1).
+
+Two parts live in safetensors ``__metadata__`` (or a sharded index's
+``metadata``): tiecli's own versioned entry ``"tiecli"``, and, for identity
+aliases, the ``{"<alias>": "<source>"}`` entries that safetensors
+``save_model`` and huggingface_hub already write and read.
+
+Records come from files of unknown origin, so every field is checked before
+use; what is wrong becomes a :class:`RecordIssue` naming the alias.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+RECORD_KEY = "tiecli"
+RECORD_VERSION = 1
+TRANSFORMS = ("identity", "transpose")
+KINDS = ("tied", "duplicate")
+# Metadata keys that are never tensor names.
+RESERVED_KEYS = frozenset({"format", RECORD_KEY, "total_size", "total_parameters"})
+MAX_RECORD_TIES = 1_000_000
+
+
+@dataclass(frozen=True)
+class RecordedTie:
+    alias: str
+    source: str
+    transform: str = "identity"
+    kind: str = "tied"
+    evidence: tuple[str, ...] = ("metadata",)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "alias": self.alias,
+            "source": self.source,
+            "transform": self.transform,
+            "kind": self.kind,
+            "evidence": list(self.evidence),
+        }
+
+
+@dataclass(frozen=True)
+class RecordIssue:
+    message: str
+    tensors: tuple[str, ...]
+
+
+@dataclass
+class Record:
+    ties: list[RecordedTie] = field(default_factory=list)  # tiecli's own entry
+    convention: list[RecordedTie] = field(default_factory=list)  # {alias: source} entries
+    issues: list[RecordIssue] = field(default_factory=list)
+    present: bool = False  # a "tiecli" entry exists
+
+
+def read_record(
+    metadata: Mapping[str, Any],
+    shapes: Mapping[str, tuple[tuple[int, ...], str]],
+) -> Record:
+    """Parse and validate a record against the stored tensors ``{name: (shape, dtype)}``."""
+    rec = Record()
+    raw = metadata.get(RECORD_KEY)
+    if raw is not None:
+        rec.present = True
+        _read_own(raw, shapes, rec)
+    recorded = {t.alias for t in rec.ties}
+    for key, value in metadata.items():
+        if key in RESERVED_KEYS or not isinstance(value, str) or key == value:
+            continue
+        if value in shapes and key not in recorded:
+            rec.convention.append(RecordedTie(key, value, "identity", "tied", ("metadata",)))
+    return rec
+
+
+def _read_own(raw: Any, shapes: Mapping[str, tuple[tuple[int, ...], str]], rec: Record) -> None:
+    def bad(msg: str, *names: str) -> None:
+        rec.issues.append(RecordIssue(msg, tuple(names)))
+
+    if not isinstance(raw, str):
+        return bad("tie record is not a JSON string")
+    try:
+        doc = json.loads(raw)
+    except (ValueError, RecursionError):
+        return bad("tie record is not valid JSON")
+    if not isinstance(doc, dict):
+        return bad("tie record is not a JSON object")
+    if doc.get("version") != RECORD_VERSION:
+        return bad(f"tie record version {doc.get('version')!r} is not supported (this tiecli reads version 1)")
+    ties = doc.get("ties")
+    if not isinstance(ties, list):
+        return bad("tie record has no 'ties' list")
+    if len(ties) > MAX_RECORD_TIES:
+        return bad(f"tie record lists {len(ties)} ties, more than any checkpoint holds")
+    seen: dict[str, RecordedTie] = {}
+    for item in ties:
+        if not isinstance(item, dict):
+            bad("tie record entry is not an object")
+            continue
+        alias, source = item.get("alias"), item.get("source")
+        transform = item.get("transform", "identity")
+        kind = item.get("kind", "tied")
+        evidence = item.get("evidence", ["metadata"])
+        if not isinstance(alias, str) or not isinstance(source, str):
+            bad("tie record entry lacks string 'alias' and 'source'")
+            continue
+        if transform not in TRANSFORMS:
+            bad(f"alias {alias!r}: unknown transform {transform!r}", alias)
+            continue
+        if kind not in KINDS:
+            bad(f"alias {alias!r}: unknown kind {kind!r}", alias)
+            continue
+        if not isinstance(evidence, list) or not all(isinstance(e, str) for e in evidence):
+            bad(f"alias {alias!r}: 'evidence' is not a list of strings", alias)
+            continue
+        if alias in seen:
+            bad(f"alias {alias!r} is recorded twice", alias)
+            continue
+        seen[alias] = RecordedTie(alias, source, transform, kind, tuple(dict.fromkeys(["metadata", *evidence])))
+    for alias, tie in list(seen.items()):
+        source = tie.source
+        if alias == source:
+            bad(f"alias {alias!r} is recorded as its own source", alias)
+        elif alias in shapes:
+            bad(f"alias {alias!r} is recorded as an alias but is also stored", alias, source)
+        elif source in seen:
+            bad(f"alias {alias!r} points to {source!r}, itself an alias (chains and cycles are not allowed)", alias, source)
+        elif source not in shapes:
+            bad(f"alias {alias!r} points to source {source!r}, which is not stored", alias, source)
+        elif tie.transform == "transpose" and len(shapes[source][0]) != 2:
+            bad(f"alias {alias!r}: transpose of {source!r} needs a 2-D source, not shape {list(shapes[source][0])}", alias, source)
+        else:
+            rec.ties.append(tie)
+

@@ -1,0 +1,80 @@
+"""Rendering result objects: rich tables for people, one JSON document for machines."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{int(value)} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+def print_json(result: Any) -> None:
+    sys.stdout.write(json.dumps(result.to_dict(), indent=2, allow_nan=False, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    return str(value)
+
+
+def ties_table(ties: list[Any]) -> Table:
+    table = Table(title="Ties", title_justify="left", expand=False)
+    for col, kw in (
+        ("alias", {"overflow": "fold"}),
+        ("source", {"overflow": "fold"}),
+        ("transform", {}),
+        ("kind", {}),
+        ("evidence", {}),
+        ("stored", {}),
+        ("bytes", {"justify": "right"}),
+    ):
+        table.add_column(col, **kw)
+    for t in ties:
+        stored = "yes" if t.stored else "no"
+        if t.drift is not None:
+            stored += " [red](drift)[/red]"
+        elif not t.source_stored:
+            stored += " [yellow](source absent)[/yellow]"
+        table.add_row(t.alias, t.source, t.transform, t.kind, ", ".join(t.evidence), stored, human_bytes(t.bytes))
+    return table
+
+
+def problems_table(problems: list[Any]) -> Table:
+    table = Table(title="Problems", title_justify="left")
+    table.add_column("severity")
+    table.add_column("code")
+    table.add_column("message", overflow="fold")
+    for p in problems:
+        color = "red" if p.severity == "error" else "yellow"
+        table.add_row(f"[{color}]{p.severity}[/{color}]", p.code, p.message)
+    return table
+
+
+def render_inspect(r: Any, console: Console) -> None:
+    console.print(f"[bold]{r.path}[/bold]  ({r.format})")
+    if r.nested_key:
+        console.print(f"state dict under key {r.nested_key!r}")
+    if r.config:
+        console.print(f"config: {r.config}")
+    console.print(f"tensors: {r.tensors}   stored bytes: {human_bytes(r.bytes)} ({r.bytes})")
+    if r.declared_by:
+        console.print(f"architecture ties from: {r.declared_by}")
+    if r.ties:
+        console.print(ties_table(r.ties))
+    else:
+        console.print("no ties found")
+    console.print(f"dedupe would save: {human_bytes(r.dedupable_bytes)} ({r.dedupable_bytes} bytes)")
+    if r.problems:
+        console.print(problems_table(r.problems))
+    else:
+        console.print("problems: none")

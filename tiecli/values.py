@@ -1,0 +1,214 @@
+"""Comparing tensors by value without reading what need not be read.
+
+Everything here works on entries (bytes plus dtype and shape). Equality is
+bitwise. Finding equal tensors groups by dtype and shape, compares a few
+elements at fixed positions, and reads whole tensors only for candidates that
+survive the samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from .checkpoint import CHUNK, Entry
+from .dtypes import itemsize, to_float64
+from .progress import NO_PROGRESS, Progress
+
+SAMPLES = 8
+
+
+def _positions(n: int, k: int = SAMPLES) -> list[int]:
+    if n <= k:
+        return list(range(n))
+    return sorted({(i * (n - 1)) // (k - 1) for i in range(k)})
+
+
+def sample(e: Entry) -> bytes:
+    """Elements at fixed positions of the tensor (bytes, for sub-byte types)."""
+    size = itemsize(e.dtype)
+    if size is None:
+        return b"".join(e.blob.read(p, 1) for p in _positions(e.nbytes))
+    return b"".join(e.blob.read(p * size, size) for p in _positions(e.numel))
+
+
+def sample_transposed(e: Entry) -> bytes:
+    """What :func:`sample` would return for the transpose of a 2-D tensor."""
+    rows, cols = e.shape
+    size = itemsize(e.dtype)
+    assert size is not None
+    out = []
+    for p in _positions(e.numel):
+        r, c = divmod(p, rows)  # position (r, c) in the (cols, rows) transpose
+        out.append(e.blob.read((c * cols + r) * size, size))
+    return b"".join(out)
+
+
+def _uniform(data: bytes, size: int) -> bool:
+    return len(data) < 2 * size or data == data[:size] * (len(data) // size)
+
+
+@dataclass
+class Digest:
+    digest: bytes
+    constant: bool
+
+
+def digest(e: Entry, progress: Progress = NO_PROGRESS) -> Digest:
+    """A strong hash of the whole tensor and whether all its elements are equal."""
+    size = itemsize(e.dtype) or 1
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{e.dtype}{e.shape}".encode())
+    first = b""
+    constant = True
+    for chunk in e.chunks():
+        h.update(chunk)
+        if constant:
+            first = first or chunk[:size]
+            constant = chunk == first * (len(chunk) // size)
+        progress.advance(len(chunk))
+    return Digest(h.digest(), constant)
+
+
+def is_constant(e: Entry) -> bool:
+    size = itemsize(e.dtype) or 1
+    if not _uniform(sample(e), size):
+        return False
+    first = e.blob.read(0, size) if e.nbytes else b""
+    return all(chunk == first * (len(chunk) // size) for chunk in e.chunks())
+
+
+def equal(a: Entry, b: Entry, transform: str = "identity") -> bool:
+    """Bitwise equality of ``a`` and ``b`` (``transpose``: ``a`` equals ``b``ᵀ)."""
+    if a.dtype != b.dtype:
+        return False
+    if transform == "transpose":
+        return _equal_transposed(a, b)
+    if a.shape != b.shape:
+        return False
+    if sample(a) != sample(b):
+        return False
+    return all(x == y for x, y in zip(a.chunks(), b.chunks()))
+
+
+def _equal_transposed(a: Entry, b: Entry) -> bool:
+    import numpy as np
+
+    if len(a.shape) != 2 or a.shape != b.shape[::-1]:
+        return False
+    if sample(a) != sample_transposed(b):
+        return False
+    x, y = a.blob.array(a.dtype, a.shape), b.blob.array(b.dtype, b.shape)
+    if x is None or y is None:
+        return False
+    rows = max(1, CHUNK // max(1, a.nbytes // max(1, a.shape[0])))
+    for r in range(0, a.shape[0], rows):
+        if not np.array_equal(x[r : r + rows], y[:, r : r + rows].T):
+            return False
+    return True
+
+
+@dataclass
+class Difference:
+    differing: int  # elements whose bits differ
+    numel: int
+    max_abs_diff: float | None  # None when values cannot be decoded (sub-byte types)
+
+
+def difference(a: Entry, b: Entry) -> Difference:
+    """How two same-shaped tensors differ, streamed chunk by chunk."""
+    import numpy as np
+
+    size = itemsize(a.dtype)
+    differing, worst = 0, 0.0
+    decodable = True
+    for x, y in zip(a.chunks(), b.chunks()):
+        if x == y:
+            continue
+        if size is None:
+            differing += sum(1 for i, j in zip(x, y) if i != j)
+            decodable = False
+            continue
+        xs = np.frombuffer(x, dtype=np.uint8).reshape(-1, size)
+        ys = np.frombuffer(y, dtype=np.uint8).reshape(-1, size)
+        mask = (xs != ys).any(axis=1)
+        differing += int(mask.sum())
+        fx, fy = to_float64(a.dtype, x), to_float64(b.dtype, y)
+        if fx is None:
+            decodable = False
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):
+            d = np.abs(fx[mask] - fy[mask])
+        if d.size:
+            m = float(np.nanmax(d)) if not np.isnan(d).all() else float("nan")
+            worst = m if np.isnan(m) or m > worst else worst
+    return Difference(differing, a.numel, worst if decodable else None)
+
+
+@dataclass
+class ValueMatches:
+    groups: list[list[Entry]]  # each: bitwise-equal tensors, in file order
+    transposed: list[tuple[Entry, Entry]]  # (x, y) with y == xᵀ, x first in file order
+    constant: set[str]  # names found constant among candidates
+
+
+def find_equal(entries: Iterable[Entry], progress: Progress = NO_PROGRESS) -> ValueMatches:
+    """Groups of equal tensors and transposed pairs; constant tensors never match."""
+    items = [e for e in entries if e.nbytes > 0 and e.numel > 1]
+    by_shape: dict[tuple[str, tuple[int, ...]], list[Entry]] = defaultdict(list)
+    for e in items:
+        by_shape[(e.dtype, e.shape)].append(e)
+
+    def wanted_transposed(key: tuple[str, tuple[int, ...]]) -> bool:
+        dtype, shape = key
+        return len(shape) == 2 and itemsize(dtype) is not None and (dtype, shape[::-1]) in by_shape
+
+    # 1. samples at fixed positions, only where a partner could exist
+    normal: dict[tuple[Any, ...], list[Entry]] = defaultdict(list)
+    for key, group in by_shape.items():
+        if len(group) > 1 or wanted_transposed(key):
+            for e in group:
+                normal[(*key, sample(e))].append(e)
+    transposed_candidates: list[tuple[Entry, Entry]] = []
+    order = {e.name: i for i, e in enumerate(items)}
+    for key, group in by_shape.items():
+        if not wanted_transposed(key):
+            continue
+        dtype, shape = key
+        for x in group:
+            for y in normal.get((dtype, shape[::-1], sample_transposed(x)), []):
+                if y is not x and order[x.name] < order[y.name]:
+                    transposed_candidates.append((x, y))
+
+    # 2. whole-tensor digests for the survivors
+    candidates = [g for g in normal.values() if len(g) > 1]
+    to_hash = {e.name: e for g in candidates for e in g}
+    total = sum(e.nbytes for e in to_hash.values())
+    digests: dict[str, Digest] = {}
+    with progress.task("comparing tensors", total) as bar:
+        for name, e in to_hash.items():
+            digests[name] = digest(e, bar)
+
+    groups: list[list[Entry]] = []
+    constant = {n for n, d in digests.items() if d.constant}
+    for g in candidates:
+        by_digest: dict[bytes, list[Entry]] = defaultdict(list)
+        for e in g:
+            if e.name not in constant:
+                by_digest[digests[e.name].digest].append(e)
+        groups.extend(sorted(m, key=lambda e: order[e.name]) for m in by_digest.values() if len(m) > 1)
+
+    pairs = []
+    for x, y in transposed_candidates:
+        if x.name in constant or y.name in constant:
+            continue
+        if x.name not in digests and is_constant(x):
+            constant.add(x.name)
+            continue
+        if equal(y, x, "transpose"):
+            pairs.append((x, y))
+    groups.sort(key=lambda g: order[g[0].name])
+    return ValueMatches(groups, pairs, constant)
