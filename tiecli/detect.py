@@ -280,33 +280,38 @@ class _Finder:
                 seen_views.add(view)
                 candidates.append(e)
         matches = find_equal(candidates, self.progress)
-        pairs: list[tuple[Entry, Entry, str]] = []  # (a, s, t): a equals t(s)
+        adj: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for group in matches.groups:
-            pairs.extend((e, group[0], "identity") for e in group[1:])
-        pairs.extend((y, x, "transpose") for x, y in matches.transposed)
-        for a, s, transform in pairs:
-            if a.name in root_of and s.name in root_of:
-                continue  # related already, or two groups that happen to be equal
-            if a.name in root_of:
-                a, s = s, a  # attach the loose tensor to the group (both transforms self-inverse)
-            root = root_of.get(s.name, s.name)
-            if root != s.name and relation.get(s.name, "identity") != "identity":
-                transform = "identity" if transform == "transpose" else "transpose"
-            ties.append(
-                Tie(
-                    a.name,
-                    root,
-                    transform,
-                    "duplicate",
-                    ["transposed" if transform == "transpose" else "value"],
-                    stored=True,
-                    bytes=a.nbytes,
-                    source_stored=root in self.entries,
+            for e in group[1:]:
+                adj[e.name].append((group[0].name, "identity"))
+                adj[group[0].name].append((e.name, "identity"))
+        for x, y in matches.transposed:
+            adj[x.name].append((y.name, "transpose"))
+            adj[y.name].append((x.name, "transpose"))
+        seen: set[str] = set()
+        for start in sorted(adj, key=self.order.__getitem__):
+            if start in seen:
+                continue
+            component = _component(adj, start)
+            seen |= component
+            anchors = sorted((n for n in component if n in root_of), key=self.order.__getitem__)
+            anchor = anchors[0] if anchors else start
+            root = root_of.get(anchor, anchor)
+            rel = _transforms_from(adj, anchor)
+            for name in sorted(component - root_of.keys() - {root}, key=self.order.__getitem__):
+                transform = _compose(rel[name], relation.get(anchor, "identity"))
+                ties.append(
+                    Tie(
+                        name,
+                        root,
+                        transform,
+                        "duplicate",
+                        ["transposed" if transform == "transpose" else "value"],
+                        stored=True,
+                        bytes=self.entries[name].nbytes,
+                        source_stored=root in self.entries,
+                    )
                 )
-            )
-            root_of[a.name] = root
-            root_of.setdefault(root, root)
-            relation[a.name] = transform
         return ties
 
     def report_problems(self, ties: list[Tie]) -> None:
@@ -371,6 +376,10 @@ def _component(adj: dict[str, list[tuple[str, str]]], start: str) -> set[str]:
     return seen
 
 
+def _compose(a: str, b: str) -> str:
+    return "identity" if a == b else "transpose"
+
+
 def _transforms_from(adj: dict[str, list[tuple[str, str]]], source: str) -> dict[str, str]:
     out = {source: "identity"}
     queue = deque([source])
@@ -378,7 +387,7 @@ def _transforms_from(adj: dict[str, list[tuple[str, str]]], source: str) -> dict
         n = queue.popleft()
         for m, t in adj[n]:
             if m not in out:
-                out[m] = out[n] if t == "identity" else ("transpose" if out[n] == "identity" else "identity")
+                out[m] = _compose(out[n], t)
                 queue.append(m)
     return out
 
