@@ -22,7 +22,13 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "inspect": "api",
+    "dedupe": "api",
+    "untie": "api",
+    "load": "load",
+    "save": "load",
     "InspectResult": "api",
+    "DedupeResult": "api",
+    "UntieResult": "api",
 }
 
 __all__ = [

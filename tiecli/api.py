@@ -7,6 +7,7 @@ Every command is the same pipeline: open the checkpoint, find its ties, and
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,3 +79,159 @@ def inspect(path: PathLike, *, use_transformers: bool = True, progress: Progress
     with open_checkpoint(path) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         return _inspect_opened(ckpt, report)
+
+
+@dataclass
+class DedupeResult:
+    path: str
+    format: str
+    output: str | None
+    bytes_before: int
+    bytes_after: int
+    removed: list[Tie]
+    kept: list[tuple[Tie, str]]
+    problems: list[Problem]
+    dry_run: bool = False
+    changed: bool = True
+    record: list[dict[str, Any]] = field(default_factory=list)
+    command: str = "dedupe"
+
+    @property
+    def ok(self) -> bool:
+        return True  # drift is reported, but judging is verify's job
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "path": self.path,
+            "format": self.format,
+            "ok": self.ok,
+            "problems": [p.to_dict() for p in self.problems],
+            "output": self.output,
+            "dry_run": self.dry_run,
+            "changed": self.changed,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "bytes_saved": self.bytes_saved,
+            "removed": [t.to_dict() for t in self.removed],
+            "kept": [t.to_dict() | {"reason": reason} for t, reason in self.kept],
+            "record": self.record,
+        }
+
+
+@dataclass
+class UntieResult:
+    path: str
+    format: str
+    output: str | None
+    bytes_before: int
+    bytes_after: int
+    restored: list[Tie]
+    problems: list[Problem]
+    dry_run: bool = False
+    changed: bool = True
+    command: str = "untie"
+
+    @property
+    def ok(self) -> bool:
+        return True
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "path": self.path,
+            "format": self.format,
+            "ok": self.ok,
+            "problems": [p.to_dict() for p in self.problems],
+            "output": self.output,
+            "dry_run": self.dry_run,
+            "changed": self.changed,
+            "bytes_before": self.bytes_before,
+            "bytes_after": self.bytes_after,
+            "restored": [t.alias if t.source_stored else t.source for t in self.restored],
+            "restored_ties": [t.to_dict() for t in self.restored],
+        }
+
+
+def dedupe(
+    path: PathLike,
+    output: PathLike | None = None,
+    *,
+    by_value: bool = False,
+    min_bytes: int = 1 << 20,
+    dry_run: bool = False,
+    to: str | None = None,
+    force: bool = False,
+    use_transformers: bool = True,
+    progress: Progress = NO_PROGRESS,
+) -> DedupeResult:
+    """Rewrite with one stored copy per tie plus the tie record (in place without ``output``)."""
+    from .plan import plan_dedupe
+    from .rewrite import execute
+
+    if to not in (None, "safetensors"):
+        from .errors import UsageError
+
+        raise UsageError(f"--to {to!r}: the only conversion is --to safetensors")
+    out = Path(output) if output is not None else None
+    with open_checkpoint(path) as ckpt:
+        report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
+        to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
+        plan = plan_dedupe(ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st)
+        result = DedupeResult(
+            path=str(ckpt.path),
+            format=ckpt.format,
+            output=str(out) if out else str(ckpt.path),
+            bytes_before=ckpt.stored_bytes(),
+            bytes_after=plan.bytes_after,
+            removed=plan.removed,
+            kept=plan.kept,
+            problems=report.problems,
+            dry_run=dry_run,
+            changed=plan.changes(ckpt) or to_st,
+            record=[r.to_json() for r in plan.record],
+        )
+        if not dry_run:
+            written = execute(ckpt, plan, out, force=force, to_safetensors=to_st, progress=progress)
+            result.output = str(written.output)
+            result.changed = written.changed
+        return result
+
+
+def untie(
+    path: PathLike,
+    output: PathLike | None = None,
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    use_transformers: bool = True,
+    progress: Progress = NO_PROGRESS,
+) -> UntieResult:
+    """Write every alias as its own stored tensor (in place without ``output``)."""
+    from .plan import plan_untie
+    from .rewrite import execute
+
+    out = Path(output) if output is not None else None
+    with open_checkpoint(path) as ckpt:
+        report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
+        plan = plan_untie(ckpt, report)
+        result = UntieResult(
+            path=str(ckpt.path),
+            format=ckpt.format,
+            output=str(out) if out else str(ckpt.path),
+            bytes_before=ckpt.stored_bytes(),
+            bytes_after=plan.bytes_after,
+            restored=plan.restored,
+            problems=report.problems,
+            dry_run=dry_run,
+            changed=plan.changes(ckpt),
+        )
+        if not dry_run:
+            written = execute(ckpt, plan, out, force=force, progress=progress)
+            result.output = str(written.output)
+            result.changed = written.changed
+        return result

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -82,6 +82,57 @@ def inspect(path: PathArg, json_out: JsonOpt = False, quiet: QuietOpt = False) -
         print_json(result)
     else:
         render_inspect(result, _stdout())
+
+
+OutOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="Write here instead of rewriting in place (a file for a file, a folder for a folder or sharded checkpoint).", show_default=False)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan; write nothing.")]
+
+
+@app.command()
+def dedupe(
+    path: PathArg,
+    output: OutOpt = None,
+    by_value: Annotated[bool, typer.Option("--by-value", help="Also remove duplicates nobody declared (equal by value).")] = False,
+    min_bytes: Annotated[int, typer.Option("--min-bytes", min=0, help="With --by-value: smallest duplicate to remove.")] = 1 << 20,
+    dry_run: DryRunOpt = False,
+    to: Annotated[Optional[str], typer.Option("--to", help="Convert on the way: 'safetensors' (from a PyTorch pickle).", show_default=False)] = None,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rewrite with one stored copy per tie plus a tie record. In place without -o."""
+    from .api import dedupe as run
+    from .progress import console_progress
+    from .render import print_json, render_dedupe
+
+    result = run(path, output, by_value=by_value, min_bytes=min_bytes, dry_run=dry_run, to=to,
+                 force=force, progress=console_progress(quiet))
+    if json_out:
+        print_json(result)
+    else:
+        render_dedupe(result, _stdout())
+
+
+@app.command()
+def untie(
+    path: PathArg,
+    output: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Store every alias as its own tensor, for consumers that know nothing of ties."""
+    from .api import untie as run
+    from .progress import console_progress
+    from .render import print_json, render_untie
+
+    result = run(path, output, dry_run=dry_run, force=force, progress=console_progress(quiet))
+    if json_out:
+        print_json(result)
+    else:
+        render_untie(result, _stdout())
 
 
 def main() -> None:

@@ -78,3 +78,59 @@ def render_inspect(r: Any, console: Console) -> None:
         console.print(problems_table(r.problems))
     else:
         console.print("problems: none")
+
+
+def render_dedupe(r: Any, console: Console) -> None:
+    verb = "would remove" if r.dry_run else "removed"
+    console.print(f"[bold]{r.path}[/bold]  ({r.format})")
+    if r.removed:
+        table = Table(title=f"Aliases {verb}", title_justify="left")
+        for col in ("alias", "source", "transform", "kind", "bytes"):
+            table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
+        for t in r.removed:
+            table.add_row(t.alias, t.source, t.transform, t.kind, human_bytes(t.bytes))
+        console.print(table)
+    else:
+        console.print(f"nothing to remove")
+    if r.kept:
+        table = Table(title="Ties left stored", title_justify="left")
+        for col in ("alias", "source", "reason"):
+            table.add_column(col, overflow="fold")
+        for t, reason in r.kept:
+            table.add_row(t.alias, t.source, reason)
+        console.print(table)
+    console.print(
+        f"bytes: {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)} "
+        f"(saved {human_bytes(r.bytes_saved)}, {r.bytes_saved} bytes)"
+    )
+    if r.dry_run:
+        console.print("dry run: nothing written")
+    elif not r.changed:
+        console.print(f"{r.output}: already deduped, nothing changed")
+    else:
+        console.print(f"written: {r.output} (verified)")
+    if r.problems:
+        console.print(problems_table(r.problems))
+
+
+def render_untie(r: Any, console: Console) -> None:
+    console.print(f"[bold]{r.path}[/bold]  ({r.format})")
+    if r.restored:
+        table = Table(title="Restored" if not r.dry_run else "Would restore", title_justify="left")
+        for col in ("name", "from", "transform", "bytes"):
+            table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
+        for t in r.restored:
+            made, origin = (t.alias, t.source) if t.source_stored else (t.source, t.alias)
+            table.add_row(made, origin, t.transform, human_bytes(t.bytes))
+        console.print(table)
+    else:
+        console.print("nothing to restore: every name is stored")
+    console.print(f"bytes: {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)}")
+    if r.dry_run:
+        console.print("dry run: nothing written")
+    elif not r.changed:
+        console.print(f"{r.output}: nothing changed")
+    else:
+        console.print(f"written: {r.output} (verified)")
+    if r.problems:
+        console.print(problems_table(r.problems))

@@ -41,11 +41,14 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         ckpt = _open_weights(p, shown=p)
     cfg_path = (p if p.is_dir() else p.parent) / "config.json"
     if cfg_path.is_file():
-        ckpt.config = read_json(cfg_path, what="config.json")
-        ckpt.config_path = cfg_path
-        if not isinstance(ckpt.config, dict):
+        try:
+            ckpt.config = read_json(cfg_path, what="config.json")
+            if not isinstance(ckpt.config, dict):
+                raise CheckpointFormatError("config.json is not a JSON object", cfg_path)
+        except BaseException:
             ckpt.close()
-            raise CheckpointFormatError("config.json is not a JSON object", cfg_path)
+            raise
+        ckpt.config_path = cfg_path
     return ckpt
 
 
@@ -53,7 +56,10 @@ def find_weights(folder: Path) -> Path:
     for name in FOLDER_PREFERENCE:
         if (folder / name).is_file():
             return folder / name
-    files = sorted(f for f in folder.iterdir() if f.is_file())
+    try:
+        files = sorted(f for f in folder.iterdir() if f.is_file())
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot list the folder: {e.strerror}", folder) from None
     for group in (
         [f for f in files if f.name.endswith(".safetensors" + INDEX_SUFFIX)],
         [f for f in files if f.suffix == ".safetensors"],
@@ -75,17 +81,33 @@ def find_weights(folder: Path) -> Path:
     )
 
 
-def read_json(path: Path, what: str) -> Any:
+def read_json(path: Path, what: str, unique: bool = False) -> Any:
+    """A JSON file; with ``unique``, an object that repeats a key is an error."""
     try:
         with open(path, "rb") as f:
             raw = f.read(64 << 20)
             if f.read(1):
                 raise CheckpointFormatError(f"{what} is larger than 64 MiB", path)
-        return json.loads(raw.decode("utf-8"))
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys if unique else None)
+    except _RepeatedKey as e:
+        raise CheckpointFormatError(f"{what} lists {e.args[0]!r} twice", path) from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointFormatError(f"{what} is not valid JSON", path) from None
     except OSError as e:
         raise CheckpointFormatError(f"cannot read {what}: {e.strerror}", path) from None
+
+
+class _RepeatedKey(Exception):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise _RepeatedKey(key)
+        out[key] = value
+    return out
 
 
 def _open_weights(p: Path, shown: Path) -> Checkpoint:
@@ -116,7 +138,7 @@ def _single_pickle(f: PickleFile, shown: Path) -> Checkpoint:
 
 
 def _open_index(index: Path, shown: Path) -> Checkpoint:
-    doc = read_json(index, what="index")
+    doc = read_json(index, what="index", unique=True)
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CheckpointFormatError("index has no 'weight_map' object", index)
     weight_map: dict[str, Any] = doc["weight_map"]
@@ -134,7 +156,8 @@ def _open_index(index: Path, shown: Path) -> Checkpoint:
             if os.sep in shard or "/" in shard or shard in ("", ".", ".."):
                 raise CheckpointFormatError(f"index names shard {shard!r} outside its folder", index)
             if not shard_path.is_file():
-                raise CheckpointFormatError(f"index names shard {shard!r}, which does not exist", index)
+                what = "is not a file" if shard_path.exists() else "does not exist"
+                raise CheckpointFormatError(f"index names shard {shard!r}, which {what}", index)
             reader: Any = (
                 SafetensorsFile(shard_path, number)
                 if shard.endswith(".safetensors")

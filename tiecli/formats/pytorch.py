@@ -6,6 +6,8 @@ needs anything beyond tensors and plain containers is refused, never run.
 
 from __future__ import annotations
 
+import struct
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -13,6 +15,7 @@ from typing import Any
 from ..checkpoint import Entry
 from ..dtypes import TORCH_TO_CODE, uint_view
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafePickleError
+from .safetensors import LFS_POINTER
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Where training frameworks nest the state dict, in the order tried.
@@ -35,10 +38,7 @@ class PickleFile:
         for position, (name, t) in enumerate(self.state_dict.items()):
             if not isinstance(t, torch.Tensor):
                 continue
-            dtype_name = str(t.dtype).removeprefix("torch.")
-            dtype = TORCH_TO_CODE.get(dtype_name)
-            if dtype is None:
-                raise CheckpointFormatError(f"tensor {name!r}: dtype {dtype_name} is not supported", self.path)
+            dtype = TORCH_TO_CODE[str(t.dtype).removeprefix("torch.")]  # checked by _check_tensors
             storage = t.untyped_storage()
             nbytes = t.numel() * t.element_size()
             view = (t.storage_offset() * t.element_size(), tuple(t.stride()))
@@ -103,41 +103,25 @@ def _load(path: Path) -> tuple[Any, dict[str, Any], str | None]:
         raise CheckpointNotFoundError("no such file", path)
     if path.is_dir():
         raise CheckpointFormatError("is a folder, expected a PyTorch checkpoint file", path)
-    if path.stat().st_size == 0:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(LFS_POINTER))
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot open: {e.strerror}", path) from None
+    if not head:
         raise CheckpointFormatError("file is empty, not a PyTorch checkpoint", path)
     if not zipfile.is_zipfile(path):
-        raise CheckpointFormatError(
-            "not a zip-format PyTorch checkpoint (legacy pickle format, or not PyTorch at all)",
-            path,
-            hint="re-save it with torch.save() from PyTorch 1.6 or newer",
-        )
+        raise _not_zip(path, head)
     try:
         with zipfile.ZipFile(path) as z:
-            names = z.namelist()
-    except (zipfile.BadZipFile, OSError) as e:
+            infos = z.infolist()
+            records = _data_records(z, infos)
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         raise CheckpointFormatError(f"unreadable zip archive: {e}", path) from None
-    if not any(n.endswith("data.pkl") for n in names):
+    if not any(i.filename.endswith("data.pkl") for i in infos):
         raise CheckpointFormatError("zip archive is not a PyTorch checkpoint (no data.pkl inside)", path)
 
-    import pickle
-
-    import torch
-
-    try:
-        top = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        detail = next((ln.strip() for ln in first if "Unsupported global" in ln or "GLOBAL" in ln), "")
-        raise UnsafePickleError(
-            "refused: unpickling it would need more than tensors and plain containers"
-            + (f" ({detail})" if detail else ""),
-            path,
-            hint="tiecli never runs pickled code; re-save the state dict with torch.save(model.state_dict())",
-        ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointFormatError(f"cannot load PyTorch checkpoint: {msg}", path) from None
-
+    top = _torch_load(path, map_location="cpu", mmap=True)
     state_dict, key = find_state_dict(top)
     if state_dict is None:
         raise CheckpointFormatError(
@@ -145,7 +129,146 @@ def _load(path: Path) -> tuple[Any, dict[str, Any], str | None]:
             + ", ".join(repr(k) for k in NESTED_KEYS),
             path,
         )
+    _check_tensors(path, state_dict)
+    _check_storages(path, key, records)
     return top, state_dict, key
+
+
+def _torch_load(path: Path, **kwargs: Any) -> Any:
+    import pickle
+
+    import torch
+
+    try:
+        with warnings.catch_warnings():  # torch's deprecation chatter is not ours to print
+            warnings.simplefilter("ignore")
+            return torch.load(path, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        detail = _unpickler_detail(str(e))
+        if detail.startswith("Unsupported operand"):
+            raise CheckpointFormatError(
+                "data.pkl is damaged or not a pickle" + (f" ({detail})" if detail else ""), path
+            ) from None
+        raise UnsafePickleError(
+            "refused: unpickling it would need more than tensors and plain containers"
+            + (f" ({detail})" if detail else ""),
+            path,
+            hint="tiecli never runs pickled code; re-save the state dict with torch.save(model.state_dict())",
+        ) from None
+    except EOFError:
+        raise CheckpointFormatError("data.pkl ends early (truncated or damaged file)", path) from None
+    except (RuntimeError, ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
+        raise CheckpointFormatError(f"cannot load PyTorch checkpoint: {_first_sentence(e)}", path) from None
+
+
+def _unpickler_detail(text: str) -> str:
+    """The line of torch's weights-only error that says what it refused."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for i, ln in enumerate(lines):
+        if "WeightsUnpickler error:" in ln:
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            return _first_sentence(rest) if rest else ""
+    found = next((ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), "")
+    return _first_sentence(found) if found else ""
+
+
+def _first_sentence(e: BaseException | str) -> str:
+    """torch's error text up to its first full stop, without its boilerplate."""
+    text = " ".join(str(e).split())
+    if not text:
+        return type(e).__name__
+    text = text.split(" (Could this error message be improved?")[0]
+    cut = text.find(". ", 20)
+    return text[: cut + 1] if cut > 0 else text
+
+
+def _not_zip(path: Path, head: bytes) -> CheckpointFormatError:
+    if head == LFS_POINTER:
+        return CheckpointFormatError("is a Git LFS pointer, not the weights", path, hint="fetch them with 'git lfs pull'")
+    if head.startswith(b"PK"):
+        return CheckpointFormatError(
+            "zip archive is truncated or damaged (its central directory is missing)",
+            path,
+            hint="download or save it again",
+        )
+    if head[:1] == b"\x80" or head[:1] in (b"(", b"}", b"]"):
+        return CheckpointFormatError(
+            "legacy (non-zip) PyTorch pickle: tiecli reads only zip checkpoints",
+            path,
+            hint="re-save it with torch.save() from PyTorch 1.6 or newer",
+        )
+    if len(head) >= 9 and head[8:9] == b"{":
+        return CheckpointFormatError(
+            "not a PyTorch checkpoint, it looks like a safetensors file", path, hint="rename it to .safetensors"
+        )
+    return CheckpointFormatError("not a PyTorch checkpoint (neither a zip archive nor a pickle)", path)
+
+
+def _data_records(z: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> dict[int, int]:
+    """``{data offset: size}`` of the uncompressed tensor records of a torch zip."""
+    out: dict[int, int] = {}
+    fp = z.fp
+    if fp is None:
+        return out
+    for info in infos:
+        if "/data/" not in info.filename or info.compress_type != zipfile.ZIP_STORED:
+            continue
+        fp.seek(info.header_offset)
+        local = fp.read(30)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        out[info.header_offset + 30 + name_len + extra_len] = info.file_size
+    return out
+
+
+def _check_tensors(path: Path, state_dict: dict[str, Any]) -> None:
+    """Only dense CPU tensors of a dtype safetensors can name are read."""
+    import torch
+
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        if t.layout != torch.strided:
+            raise CheckpointFormatError(
+                f"tensor {name!r}: {str(t.layout).removeprefix('torch.')} tensors are not supported",
+                path,
+                hint="save it dense (tensor.to_dense())",
+            )
+        if t.device.type != "cpu":
+            raise CheckpointFormatError(
+                f"tensor {name!r} has no data (saved on the {t.device.type!r} device)", path
+            )
+        dtype_name = str(t.dtype).removeprefix("torch.")
+        if dtype_name not in TORCH_TO_CODE:
+            raise CheckpointFormatError(f"tensor {name!r}: dtype {dtype_name} is not supported", path)
+
+
+def _check_storages(path: Path, key: str | None, records: dict[int, int]) -> None:
+    """Every tensor's storage lies inside its zip record.
+
+    With ``mmap=True`` torch slices storages out of the mapped file by the sizes
+    the pickle claims, without checking them against the archive: a damaged or
+    crafted file would be read past its record (the bytes of whatever follows).
+    A second load on the ``meta`` device gives each storage's record offset.
+    """
+    import torch
+
+    top = _torch_load(path, map_location="meta")
+    state_dict = top[key] if key is not None else top
+    for name, t in state_dict.items():
+        if not isinstance(t, torch.Tensor):
+            continue
+        storage = t.untyped_storage()
+        offset = getattr(storage, "_checkpoint_offset", None)
+        if offset is None or offset not in records:
+            continue  # a torch that does not say where the storage lives: nothing to check
+        if storage.nbytes() > records[offset]:
+            raise CheckpointFormatError(
+                f"tensor {name!r}: its storage needs {storage.nbytes()} bytes but the archive "
+                f"holds {records[offset]} (truncated or damaged file)",
+                path,
+            )
 
 
 def find_state_dict(top: Any) -> tuple[dict[str, Any] | None, str | None]:

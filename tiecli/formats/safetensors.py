@@ -19,6 +19,7 @@ from ..errors import CheckpointFormatError, CheckpointNotFoundError
 
 MAX_HEADER = 100 << 20  # the limit safetensors itself enforces
 METADATA_KEY = "__metadata__"
+LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts
 
 
 def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -32,6 +33,41 @@ def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 class _Duplicate(Exception):
     pass
+
+
+class _Repeated(dict):  # type: ignore[type-arg]
+    """A JSON object that named ``key`` more than once (error path only)."""
+
+    key: str
+
+
+def _mark_repeated(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    repeated = None
+    for key, value in pairs:
+        if key in out and repeated is None:
+            repeated = key
+        out[key] = value
+    if repeated is None:
+        return out
+    marked = _Repeated(out)
+    marked.key = repeated
+    return marked
+
+
+def _repeated_key_message(text: str) -> str:
+    """Where a header repeats a key; parsed again only once one was found."""
+    header = json.loads(text, object_pairs_hook=_mark_repeated)
+    if isinstance(header, _Repeated):
+        if header.key == METADATA_KEY:
+            return f"header has {METADATA_KEY!r} twice"
+        return f"header names tensor {header.key!r} twice"
+    for name, value in header.items() if isinstance(header, dict) else ():
+        if isinstance(value, _Repeated):
+            if name == METADATA_KEY:
+                return f"{METADATA_KEY} has key {value.key!r} twice"
+            return f"tensor {name!r}: header entry has key {value.key!r} twice"
+    return "header repeats a key inside a tensor entry"
 
 
 class SafetensorsFile:
@@ -66,7 +102,18 @@ class SafetensorsFile:
             raise self._fail("file is empty, not a safetensors file")
         if self.size < 8:
             raise self._fail(f"file is {self.size} bytes, too short for a safetensors header")
-        (n,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        head = os.pread(self.fd, 8, 0)
+        if head == LFS_POINTER[:8] and os.pread(self.fd, len(LFS_POINTER), 0) == LFS_POINTER:
+            raise CheckpointFormatError(
+                "is a Git LFS pointer, not the weights", self.path, hint="fetch them with 'git lfs pull'"
+            )
+        if head.startswith(b"PK\x03\x04"):
+            raise CheckpointFormatError(
+                "is a zip archive (a PyTorch checkpoint?), not a safetensors file",
+                self.path,
+                hint="name it .bin or .pt to read it as one",
+            )
+        (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER:
             raise self._fail(f"header length {n} exceeds the {MAX_HEADER}-byte limit (not a safetensors file?)")
         if 8 + n > self.size:
@@ -75,8 +122,8 @@ class SafetensorsFile:
         self.bytes_read += 8 + n
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-        except _Duplicate as d:
-            raise self._fail(f"header names tensor {d.args[0]!r} twice") from None
+        except _Duplicate:
+            raise self._fail(_repeated_key_message(raw.decode("utf-8"))) from None
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise self._fail("header is not valid JSON (not a safetensors file?)") from None
         if not isinstance(header, dict):
@@ -103,7 +150,7 @@ class SafetensorsFile:
         if not isinstance(info, dict):
             raise self._fail(f"tensor {name!r}: header entry is not an object")
         dtype = info.get("dtype")
-        if dtype not in BITS:
+        if not isinstance(dtype, str) or dtype not in BITS:
             raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
         shape = info.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
@@ -122,7 +169,11 @@ class SafetensorsFile:
                 f"(data section is {data_size} bytes; truncated file?)"
             )
         expected = nbytes_of(dtype, math.prod(shape))
-        if expected is None or end - start != expected:
+        if expected is None:
+            raise self._fail(
+                f"tensor {name!r}: shape {shape} of {dtype} ({BITS[dtype]}-bit elements) does not fill whole bytes"
+            )
+        if end - start != expected:
             raise self._fail(
                 f"tensor {name!r}: {end - start} bytes stored but shape {shape} of {dtype} needs {expected}"
             )
@@ -188,3 +239,96 @@ class FileBlob:
         flat = np.frombuffer(self.file.view(), dtype=view, count=count, offset=self.file.data_start + self.start)
         return flat.reshape(shape)
 
+
+
+# -- writing -------------------------------------------------------------
+
+
+def encode_header(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+    """The 8-byte length plus JSON header, padded with spaces to 8-byte alignment."""
+    header: dict[str, Any] = {}
+    if metadata:
+        header[METADATA_KEY] = metadata
+    offset = 0
+    for name, dtype, shape, nbytes in tensors:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def write_file(path: Path, items: list[Any], metadata: dict[str, str], progress: Any) -> None:
+    """Write a safetensors file of ``items`` (each with name, dtype, shape, nbytes,
+    entry and transform), copying byte ranges in the kernel where it can."""
+    head = encode_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        pos = _write_all(fd, head, 0)
+        runs = _runs(items)
+        for run in runs:
+            if isinstance(run, tuple):
+                src, start, nbytes = run
+                _copy_range(src.fd, fd, src.data_start + start, pos, nbytes, progress)
+                pos += nbytes
+            else:
+                for chunk in run.chunks():
+                    _write_all(fd, chunk, pos)
+                    pos += len(chunk)
+                    progress.advance(len(chunk))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _runs(items: list[Any]) -> list[Any]:
+    """Merge consecutive byte ranges of one source file into single copies."""
+    runs: list[Any] = []
+    for item in items:
+        blob = item.entry.blob
+        if item.transform == "identity" and isinstance(blob, FileBlob):
+            last = runs[-1] if runs else None
+            if isinstance(last, tuple) and last[0] is blob.file and last[1] + last[2] == blob.start:
+                runs[-1] = (last[0], last[1], last[2] + blob.nbytes)
+            else:
+                runs.append((blob.file, blob.start, blob.nbytes))
+        else:
+            runs.append(item)
+    return runs
+
+
+_COPY_STEP = 64 << 20
+
+
+def _copy_range(src: int, dst: int, src_off: int, dst_off: int, count: int, progress: Any) -> None:
+    copy = getattr(os, "copy_file_range", None)
+    while count > 0:
+        step = min(count, _COPY_STEP)
+        n = 0
+        if copy is not None:
+            try:
+                n = copy(src, dst, step, src_off, dst_off)
+            except OSError as e:
+                if e.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
+                    raise
+                copy = None
+        if n <= 0:
+            data = os.pread(src, step, src_off)
+            if not data:
+                raise OSError(5, "source ended early")
+            n = _write_all(dst, data, dst_off)
+        src_off += n
+        dst_off += n
+        count -= n
+        progress.advance(n)
+
+
+def _write_all(fd: int, data: bytes | memoryview, offset: int) -> int:
+    view = memoryview(data)
+    done = 0
+    while done < len(view):
+        n = os.pwrite(fd, view[done:], offset + done)
+        if n <= 0:
+            raise OSError(28, "No space left on device")
+        done += n
+    return done

@@ -1,0 +1,133 @@
+"""Writing beside the target and renaming into place, so nothing is half-written.
+
+New files are written under hidden temporary names in the target's folder,
+fsynced, verified by the caller, then renamed over their targets. A run killed
+at any moment leaves the old files intact plus temporaries, which the next run
+in that folder removes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import OutputError
+
+TMP_SUFFIX = ".tiecli-tmp"
+OLD_SUFFIX = ".tiecli-old"
+
+
+def temp_name(final: Path) -> Path:
+    return final.parent / f".{final.name}{TMP_SUFFIX}"
+
+
+def clean_leftovers(folder: Path) -> list[Path]:
+    """Remove temporaries an interrupted run left in ``folder``."""
+    removed = []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        if name.startswith(".") and (name.endswith(TMP_SUFFIX) or name.endswith(OLD_SUFFIX)):
+            p = folder / name
+            with contextlib.suppress(OSError):
+                if p.is_dir() and not p.is_symlink():
+                    shutil.rmtree(p)
+                else:
+                    p.unlink()
+                removed.append(p)
+    return removed
+
+
+def fsync_dir(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _dirs, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+@contextlib.contextmanager
+def output_errors(path: Path) -> Iterator[None]:
+    """Turn OS errors while writing into one clear OutputError."""
+    try:
+        yield
+    except OutputError:
+        raise
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            msg = "no space left on device; nothing was changed"
+        elif e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            msg = f"cannot write here ({e.strerror}); nothing was changed"
+        else:
+            msg = f"write failed ({e.strerror or e}); nothing was changed"
+        raise OutputError(msg, path) from None
+
+
+class Staging:
+    """Temporary files and folders that become their targets on :meth:`commit`."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Path, Path]] = []  # (temporary, final), in rename order
+
+    def file(self, final: Path) -> Path:
+        tmp = temp_name(final)
+        if tmp.exists() or tmp.is_symlink():
+            tmp.unlink()
+        self.pending.append((tmp, final))
+        return tmp
+
+    def folder(self, final: Path) -> Path:
+        tmp = temp_name(final)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        self.pending.append((tmp, final))
+        return tmp
+
+    def commit(self, replace_folder: bool = False) -> None:
+        """Rename every temporary into place, in order, then sync the folders."""
+        for tmp, final in self.pending:
+            if tmp.is_dir():
+                old = None
+                if final.exists():
+                    if not replace_folder:
+                        raise OutputError("exists; pass --force to replace it", final)
+                    old = final.parent / f".{final.name}{OLD_SUFFIX}"
+                    if old.exists():
+                        shutil.rmtree(old)
+                    os.replace(final, old)
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+                if old is not None:
+                    shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
+                fsync_dir(final.parent)
+        self.pending.clear()
+
+    def abort(self) -> None:
+        for tmp, _final in self.pending:
+            with contextlib.suppress(OSError):
+                if tmp.is_dir() and not tmp.is_symlink():
+                    shutil.rmtree(tmp)
+                else:
+                    tmp.unlink()
+        self.pending.clear()

@@ -1,0 +1,117 @@
+"""Loading a checkpoint with its ties restored, and saving one deduped.
+
+``load`` gives ``{name: tensor}`` for every name the model uses: tied aliases
+absent from the file come back as views sharing memory with their source
+(``src`` or ``src.t()``), duplicates as independent copies, exactly as the
+tie record says. ``save`` writes a deduped safetensors file with the record.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from .atomic import Staging, output_errors
+from .detect import find_ties
+from .errors import TieRecordError, UsageError
+from .formats import open_checkpoint
+from .formats.pytorch import PickleFile
+
+
+def load(path: str | os.PathLike[str], *, use_transformers: bool = True) -> dict[str, Any]:
+    """Every tensor of the checkpoint by name, with ties restored (see module doc)."""
+    from safetensors import safe_open
+
+    with open_checkpoint(path) as ckpt:
+        report = find_ties(ckpt, use_transformers=use_transformers)
+        bad = [p for p in report.problems if p.code == "bad-record"]
+        if bad:
+            raise TieRecordError(bad[0].message, ckpt.path)
+        tensors: dict[str, Any] = {}
+        pickles = {r.path: r for r in ckpt.readers if isinstance(r, PickleFile)}
+        by_file: dict[Path, list[str]] = {}
+        for name, entry in ckpt.entries.items():
+            assert entry.file is not None
+            by_file.setdefault(entry.file, []).append(name)
+        for file, names in by_file.items():
+            if file in pickles:
+                sd = pickles[file].state_dict
+                tensors.update({n: sd[n] for n in names})
+            else:
+                with safe_open(str(file), framework="pt") as f:
+                    tensors.update({n: f.get_tensor(n) for n in names})
+        tensors = {n: tensors[n] for n in ckpt.entries}  # file order
+        for tie in report.ties:
+            if tie.alias not in tensors and tie.source in tensors:
+                tensors[tie.alias] = _restore(tensors[tie.source], tie.transform, tie.kind)
+            elif tie.source not in tensors and tie.alias in tensors:
+                tensors[tie.source] = _restore(tensors[tie.alias], tie.transform, tie.kind)
+        return tensors
+
+
+def _restore(t: Any, transform: str, kind: str) -> Any:
+    view = t if transform == "identity" else t.t()
+    return view if kind == "tied" else view.contiguous().clone()
+
+
+def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | None = None) -> Path:
+    """Save a module or state dict as safetensors: one copy per shared tensor plus the record.
+
+    Ties come from shared storage (identity, or a transposed view) and, for a
+    transformers model, from the ties its architecture declares.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    from .declared import ties_by_identity
+    from .plan import record_metadata
+    from .record import RecordedTie
+
+    declared: dict[str, str] = {}
+    if isinstance(obj, torch.nn.Module):
+        state = obj.state_dict()
+        expanded = getattr(obj, "get_expanded_tied_weights_keys", None)
+        declared = dict(expanded(all_submodels=True)) if callable(expanded) else ties_by_identity(obj)
+    elif isinstance(obj, dict):
+        state = dict(obj)
+    else:
+        raise UsageError(f"save() takes an nn.Module or a {{name: tensor}} dict, not {type(obj).__name__}")
+    sources = set(declared.values())
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, t in state.items():
+        if not isinstance(t, torch.Tensor):
+            raise UsageError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
+        groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset()), []).append(name)
+    kept: dict[str, Any] = {}
+    ties: list[RecordedTie] = []
+    for names in groups.values():
+        names.sort(key=lambda n: (n not in sources, n in declared, list(state).index(n)))
+        head = state[names[0]]
+        for n in names:
+            t = state[n]
+            if n == names[0] or t.data_ptr() == 0:
+                kept[n] = t.detach().contiguous()
+                continue
+            if t.shape == head.shape and t.stride() == head.stride() and t.dtype == head.dtype:
+                transform = "identity"
+            elif t.dim() == 2 and t.shape == head.shape[::-1] and t.stride() == head.stride()[::-1]:
+                transform = "transpose"
+            else:  # overlapping but different views: store separately
+                kept[n] = t.detach().contiguous().clone()
+                continue
+            evidence = ("declared", "storage") if declared.get(n) == names[0] else ("storage",)
+            ties.append(RecordedTie(n, names[0], transform, "tied", evidence))
+    kept = {n: kept[n] for n in state if n in kept}
+    meta = record_metadata(dict(metadata or {}), set(kept), sorted(ties, key=lambda r: (r.source, r.alias)))
+    target = Path(path)
+    staging = Staging()
+    try:
+        with output_errors(target):
+            tmp = staging.file(target)
+            save_file(kept, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+            staging.commit()
+    except BaseException:
+        staging.abort()
+        raise
+    return target

@@ -1,0 +1,257 @@
+"""Planning a rewrite: what each output file holds, and what must match what.
+
+``dedupe`` and ``untie`` differ only here. A plan names, for every output
+file, the tensors it holds (each read from an input entry, possibly
+transposed) and its metadata; and for verification, which output tensor must
+equal which input tensor. Writers and the verifier follow the plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .checkpoint import CHUNK, Checkpoint, Entry
+from .detect import Tie, TieReport
+from .record import RECORD_KEY, RecordedTie, read_record
+
+
+@dataclass
+class OutTensor:
+    name: str
+    entry: Entry  # the input tensor whose bytes (maybe transposed) are written
+    transform: str = "identity"
+
+    @property
+    def dtype(self) -> str:
+        return self.entry.dtype
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape if self.transform == "identity" else self.entry.shape[::-1]
+
+    @property
+    def nbytes(self) -> int:
+        return self.entry.nbytes
+
+    def chunks(self) -> Iterator[bytes]:
+        if self.transform == "identity":
+            yield from self.entry.chunks()
+            return
+        import numpy as np
+
+        arr = self.entry.blob.array(self.entry.dtype, self.entry.shape)
+        rows, cols = self.entry.shape
+        step = max(1, CHUNK // max(1, self.entry.nbytes // max(1, cols)))
+        for c in range(0, cols, step):
+            yield np.ascontiguousarray(arr[:, c : c + step].T).tobytes()
+
+
+@dataclass
+class FilePlan:
+    """One output weight file (relative name inside the output folder)."""
+
+    name: str
+    tensors: list[OutTensor]
+    metadata: dict[str, str]
+    source: Path | None = None  # the input file it replaces, if any
+
+
+@dataclass
+class Check:
+    """After writing: output tensor ``out`` must equal ``transform(input)``."""
+
+    out: str
+    input: Entry
+    transform: str = "identity"
+
+
+@dataclass
+class Plan:
+    command: str  # dedupe | untie
+    files: list[FilePlan]
+    index_metadata: dict[str, Any] | None  # sharded: the index's new metadata
+    checks: list[Check]
+    removed: list[Tie] = field(default_factory=list)
+    restored: list[Tie] = field(default_factory=list)
+    kept: list[tuple[Tie, str]] = field(default_factory=list)  # ties left stored, and why
+    record: list[RecordedTie] = field(default_factory=list)
+    # Pickles kept as pickles: {name: (other name, transform)} saved as a view of
+    # the other's storage (dedupe), or as an independent copy of it (untie).
+    pickle_views: dict[str, tuple[str, str]] = field(default_factory=dict)
+    pickle_copies: dict[str, tuple[str, str]] = field(default_factory=dict)
+
+    @property
+    def bytes_after(self) -> int:
+        """Tensor bytes in the output (a pickle's shared storage counted once)."""
+        return sum(t.nbytes for f in self.files for t in f.tensors if t.name not in self.pickle_views)
+
+    def changes(self, ckpt: Checkpoint) -> bool:
+        if self.removed or self.restored:
+            return True
+        if self.index_metadata is not None:
+            return _clean(self.index_metadata) != _clean(ckpt.metadata)
+        return any(_clean(f.metadata) != _clean(ckpt.metadata) for f in self.files)
+
+
+def _clean(meta: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in meta.items() if k != "format"}
+
+
+def record_metadata(metadata: dict[str, Any], names: set[str], ties: list[RecordedTie]) -> dict[str, Any]:
+    """``metadata`` with the tie record replaced by ``ties`` (other entries kept)."""
+    shapes = {n: ((), "") for n in names}
+    old = read_record(metadata, shapes)
+    stale = {t.alias for t in old.convention}
+    raw = metadata.get(RECORD_KEY)
+    if isinstance(raw, str):
+        import json
+
+        try:
+            doc = json.loads(raw)
+            stale |= {t.get("alias") for t in doc.get("ties", []) if isinstance(t, dict)}
+        except (ValueError, AttributeError):
+            pass
+    out = {k: v for k, v in metadata.items() if k != RECORD_KEY and k not in stale}
+    out.setdefault("format", "pt")
+    for tie in ties:
+        if tie.transform == "identity":
+            out[tie.alias] = tie.source
+    if ties:
+        import json
+
+        out[RECORD_KEY] = json.dumps(
+            {"version": 1, "ties": [t.to_json() for t in ties]}, separators=(",", ":")
+        )
+    return out
+
+
+def _recorded(t: Tie, before: dict[str, RecordedTie]) -> RecordedTie:
+    """The record entry for a tie: why it exists, kept stable across runs."""
+    old = before.get(t.alias)
+    evidence = [e for e in t.evidence if e != "metadata"]
+    if old is not None and old.source == t.source:
+        evidence += [e for e in old.evidence if e != "metadata" and e not in evidence]
+    order = ("declared", "pattern", "storage", "value", "transposed")
+    ordered = tuple(e for e in order if e in evidence) or ("metadata",)
+    return RecordedTie(t.alias, t.source, t.transform, t.kind, ordered)
+
+
+def plan_dedupe(
+    ckpt: Checkpoint,
+    report: TieReport,
+    by_value: bool = False,
+    min_bytes: int = 1 << 20,
+    to_safetensors: bool = False,
+) -> Plan:
+    removed: list[Tie] = []
+    kept: list[tuple[Tie, str]] = []
+    for t in report.ties:
+        if not t.stored:
+            continue
+        if t.drift is not None:
+            kept.append((t, "drift: the copies differ"))
+        elif not t.source_stored:
+            kept.append((t, "source not stored: this is the only copy"))
+        elif not to_safetensors and _other_file(ckpt, t):
+            kept.append((t, "source in another shard: a pickle can share storage only within one file"))
+        elif t.kind == "tied":
+            removed.append(t)
+        elif not by_value:
+            kept.append((t, "duplicate by value only (use --by-value)"))
+        elif t.bytes < min_bytes:
+            kept.append((t, f"duplicate smaller than --min-bytes ({min_bytes})"))
+        else:
+            removed.append(t)
+    if to_safetensors:
+        # safetensors cannot store two names over one storage: a pickle's
+        # shared-storage aliases leave the file and go into the record
+        removed += [t for t in report.ties if _in_storage(t, ckpt) and t.drift is None]
+    gone = {t.alias for t in removed}
+    # The record: every alias absent from the output whose source is stored.
+    shapes = {n: (e.shape, e.dtype) for n, e in ckpt.entries.items()}
+    before = {r.alias: r for r in read_record(ckpt.metadata, shapes).ties}
+    record = [
+        _recorded(t, before)
+        for t in report.ties
+        if t.source in ckpt.entries and (t.alias in gone or t.alias not in ckpt.entries)
+    ]
+    record.sort(key=lambda r: (r.source, r.alias))  # stable across runs: dedupe is idempotent
+    checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone]
+    checks += [Check(t.source, ckpt.entries[t.alias], t.transform) for t in removed]
+    plan = Plan("dedupe", [], None, checks, removed=removed, kept=kept, record=record)
+    if ckpt.format.startswith("pytorch") and not to_safetensors:
+        plan.pickle_views = {t.alias: (t.source, t.transform) for t in report.ties if _in_storage(t, ckpt)}
+        plan.pickle_views |= {t.alias: (t.source, t.transform) for t in removed}
+    _fill_files(plan, ckpt, keep=lambda n: n not in gone, extra={})
+    return plan
+
+
+def plan_untie(ckpt: Checkpoint, report: TieReport) -> Plan:
+    restored: list[Tie] = []
+    extra: dict[str, list[OutTensor]] = {}  # by the name of the input tensor they follow
+    checks = [Check(n, e) for n, e in ckpt.entries.items()]
+    for t in report.ties:
+        if t.drift is not None:
+            continue
+        if not t.stored and t.source_stored and not _in_storage(t, ckpt):
+            src = ckpt.entries[t.source]
+            extra.setdefault(t.source, []).append(OutTensor(t.alias, src, t.transform))
+            checks.append(Check(t.alias, src, t.transform))
+            restored.append(t)
+        elif _in_storage(t, ckpt):
+            restored.append(t)  # a pickle view, written as its own copy
+        elif t.stored and not t.source_stored:
+            alias = ckpt.entries[t.alias]
+            extra.setdefault(t.alias, []).append(OutTensor(t.source, alias, t.transform))
+            checks.append(Check(t.source, alias, t.transform))
+            restored.append(t)
+    plan = Plan("untie", [], None, checks, restored=restored)
+    if ckpt.format.startswith("pytorch"):
+        for t in restored:
+            made, origin = (t.alias, t.source) if t.source_stored else (t.source, t.alias)
+            plan.pickle_copies[made] = (origin, t.transform)
+    _fill_files(plan, ckpt, keep=lambda n: True, extra=extra)
+    return plan
+
+
+def _other_file(ckpt: Checkpoint, t: Tie) -> bool:
+    if not ckpt.format.startswith("pytorch"):
+        return False
+    return ckpt.entries[t.alias].file != ckpt.entries[t.source].file
+
+
+def _in_storage(t: Tie, ckpt: Checkpoint) -> bool:
+    """A pickle alias stored as a view of its source's storage."""
+    return t.alias in ckpt.entries and "storage" in t.evidence and not t.stored
+
+
+def _fill_files(plan: Plan, ckpt: Checkpoint, keep: Any, extra: dict[str, list[OutTensor]]) -> None:
+    names_after: set[str] = {n for n in ckpt.entries if keep(n)} | {
+        o.name for outs in extra.values() for o in outs
+    }
+    sharded = ckpt.index_path is not None
+    by_file: dict[Path, list[OutTensor]] = {f: [] for f in ckpt.weight_files}
+    for name, entry in ckpt.entries.items():
+        assert entry.file is not None
+        if keep(name):
+            by_file[entry.file].append(OutTensor(name, entry))
+        by_file[entry.file].extend(extra.get(name, []))
+    meta = record_metadata(ckpt.metadata, names_after, plan.record)
+    if sharded:
+        plan.index_metadata = meta
+    for f, tensors in by_file.items():
+        if sharded:
+            file_meta = dict(_file_metadata(ckpt, f))
+        else:
+            file_meta = meta
+        plan.files.append(FilePlan(f.name, tensors, file_meta, source=f))
+
+
+def _file_metadata(ckpt: Checkpoint, f: Path) -> dict[str, str]:
+    for r in ckpt.readers:
+        if getattr(r, "path", None) == f:
+            return dict(getattr(r, "metadata", {}) or {})
+    return {}

@@ -1,0 +1,285 @@
+"""Carrying out a plan: write beside the target, verify, rename into place.
+
+Output mirrors the input: a file for a file, a folder for a folder or a
+sharded checkpoint. Nothing is renamed into place before every output tensor
+has been compared, bit for bit, with the input tensor it stands for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .atomic import Staging, clean_leftovers, fsync_dir, output_errors
+from .checkpoint import Checkpoint, Entry
+from .errors import OutputError, UnsafeChangeError, UsageError
+from .formats.pytorch import PickleFile
+from .formats.safetensors import SafetensorsFile, write_file
+from .plan import FilePlan, Plan
+from .progress import Progress
+from .values import equal
+
+
+@dataclass
+class Written:
+    output: Path
+    changed: bool  # False when an in-place run found nothing to change
+    files: list[Path]
+
+
+def safetensors_name(name: str) -> str:
+    """The safetensors file name a converted pickle gets."""
+    stem = name.rsplit(".", 1)[0]
+    if stem.startswith("pytorch_model"):
+        stem = "model" + stem[len("pytorch_model") :]
+    return stem + ".safetensors"
+
+
+def execute(
+    ckpt: Checkpoint,
+    plan: Plan,
+    output: Path | None,
+    *,
+    force: bool = False,
+    to_safetensors: bool = False,
+    progress: Progress,
+) -> Written:
+    pickled = ckpt.format.startswith("pytorch")
+    as_safetensors = not pickled or to_safetensors
+    folder_like = ckpt.folder is not None or ckpt.index_path is not None
+    src_folder = ckpt.folder or (ckpt.index_path.parent if ckpt.index_path else ckpt.weight_files[0].parent)
+
+    if output is not None:
+        _check_output(ckpt, output, force, folder_like)
+    if as_safetensors and pickled:
+        for f in plan.files:
+            f.name = safetensors_name(f.name)
+
+    staging = Staging()
+    try:
+        if output is None:
+            clean_leftovers(src_folder)
+            if not plan.changes(ckpt) and not (to_safetensors and pickled):
+                return Written(ckpt.path, False, [])
+            written = _in_place(ckpt, plan, staging, as_safetensors, src_folder, progress)
+        elif folder_like:
+            clean_leftovers(output.parent)
+            written = _to_folder(ckpt, plan, staging, as_safetensors, src_folder, output, progress)
+        else:
+            clean_leftovers(output.parent)
+            with output_errors(output):
+                tmp = staging.file(output)
+                _write_one(ckpt, plan, plan.files[0], tmp, as_safetensors, progress)
+            _verify(plan, {tmp: plan.files[0]}, as_safetensors, output)
+            written = [output]
+        with output_errors(output or ckpt.path):
+            staging.commit(replace_folder=force)
+    except BaseException:
+        staging.abort()
+        raise
+    if output is None and pickled and to_safetensors:
+        for old in ckpt.weight_files + ([ckpt.index_path] if ckpt.index_path else []):
+            if old not in written and old.exists():
+                old.unlink()
+        fsync_dir(src_folder)
+    final = output if output is not None else _final_path(ckpt, written)
+    return Written(final, True, written)
+
+
+def _final_path(ckpt: Checkpoint, written: list[Path]) -> Path:
+    if ckpt.path.is_dir():
+        return ckpt.path
+    index = [w for w in written if w.name.endswith(".index.json")]
+    return index[0] if index else written[0]
+
+
+def _check_output(ckpt: Checkpoint, output: Path, force: bool, folder_like: bool) -> None:
+    inputs = {p.resolve() for p in ckpt.weight_files}
+    if ckpt.index_path:
+        inputs.add(ckpt.index_path.resolve())
+    if ckpt.folder:
+        inputs.add(ckpt.folder.resolve())
+    target = output.resolve()
+    if target in inputs or ckpt.path.resolve() == target:
+        raise UsageError("is the input itself; leave out -o to rewrite in place", output)
+    if folder_like and any(target in p.parents for p in inputs):
+        raise UsageError("lies inside the input checkpoint", output)
+    if output.exists() or output.is_symlink():
+        if not force:
+            raise OutputError("already exists; pass --force to replace it", output)
+        if not folder_like and output.is_dir():
+            raise OutputError("is a folder; the output of a single file is a file", output)
+    if not output.parent.is_dir():
+        raise OutputError("parent folder does not exist", output)
+
+
+def _in_place(
+    ckpt: Checkpoint, plan: Plan, staging: Staging, as_safetensors: bool, folder: Path, progress: Progress
+) -> list[Path]:
+    temps: dict[Path, FilePlan] = {}
+    finals: list[Path] = []
+    index_tmp = None
+    with output_errors(folder):
+        if ckpt.index_path is not None:
+            index_final = ckpt.index_path
+            if as_safetensors and ckpt.format.startswith("pytorch"):
+                index_final = folder / "model.safetensors.index.json"
+            # Removing names: the new index is valid with old shards and new, so it
+            # goes first; adding names: old shards lack them, so it goes last.
+            if plan.command == "dedupe":
+                index_tmp = staging.file(index_final)
+            for f in plan.files:
+                if f.source is not None and f.source.name == f.name and not _file_changes(ckpt, plan, f):
+                    continue
+                final = folder / f.name
+                tmp = staging.file(final)
+                _write_one(ckpt, plan, f, tmp, as_safetensors, progress)
+                temps[tmp] = f
+                finals.append(final)
+            if index_tmp is None:
+                index_tmp = staging.file(index_final)
+            _write_index(index_tmp, plan)
+            finals.append(index_final)
+        else:
+            f = plan.files[0]
+            final = ckpt.weight_files[0]
+            if as_safetensors and ckpt.format == "pytorch":
+                final = final.parent / f.name
+                if final.exists():
+                    raise OutputError(f"would be replaced by the converted {ckpt.weight_files[0].name}; "
+                                      "move it away or use -o", final)
+            tmp = staging.file(final)
+            _write_one(ckpt, plan, f, tmp, as_safetensors, progress)
+            temps[tmp] = f
+            finals.append(final)
+    _verify(plan, temps, as_safetensors, ckpt.path)
+    return finals
+
+
+def _file_changes(ckpt: Checkpoint, plan: Plan, f: FilePlan) -> bool:
+    assert f.source is not None
+    before = [n for n, e in ckpt.entries.items() if e.file == f.source]
+    return before != [t.name for t in f.tensors] or bool(plan.pickle_views or plan.pickle_copies)
+
+
+def _to_folder(
+    ckpt: Checkpoint,
+    plan: Plan,
+    staging: Staging,
+    as_safetensors: bool,
+    src_folder: Path,
+    output: Path,
+    progress: Progress,
+) -> list[Path]:
+    temps: dict[Path, FilePlan] = {}
+    with output_errors(output):
+        tmpdir = staging.folder(output)
+        skip = {p.resolve() for p in ckpt.weight_files}
+        if ckpt.index_path:
+            skip.add(ckpt.index_path.resolve())
+        if ckpt.folder is not None or ckpt.index_path is not None:
+            _copy_other_files(src_folder, tmpdir, skip)
+        for f in plan.files:
+            tmp = tmpdir / f.name
+            _write_one(ckpt, plan, f, tmp, as_safetensors, progress)
+            temps[tmp] = f
+        if ckpt.index_path is not None:
+            name = ckpt.index_path.name
+            if as_safetensors and ckpt.format.startswith("pytorch"):
+                name = "model.safetensors.index.json"
+            _write_index(tmpdir / name, plan)
+        fsync_dir(tmpdir)
+    _verify(plan, temps, as_safetensors, output)
+    return [output / f.name for f in plan.files]
+
+
+def _copy_other_files(src: Path, dst: Path, skip: set[Path]) -> None:
+    for item in sorted(src.iterdir()):
+        if item.resolve() in skip or item.name.endswith((".tiecli-tmp", ".tiecli-old")):
+            continue
+        if item.is_dir():
+            shutil.copytree(item, dst / item.name, symlinks=True)
+        else:
+            shutil.copy2(item, dst / item.name, follow_symlinks=False)
+
+
+def _write_index(path: Path, plan: Plan) -> None:
+    weight_map = {t.name: f.name for f in plan.files for t in f.tensors}
+    meta = dict(plan.index_metadata or {})
+    meta.pop("format", None)
+    meta["total_size"] = plan.bytes_after
+    doc = {"metadata": meta, "weight_map": weight_map}
+    data = (json.dumps(doc, indent=2) + "\n").encode()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_one(
+    ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, as_safetensors: bool, progress: Progress
+) -> None:
+    if as_safetensors:
+        with progress.task(f"writing {f.name}", sum(t.nbytes for t in f.tensors)) as bar:
+            write_file(tmp, f.tensors, f.metadata, bar)
+    else:
+        _write_pickle(ckpt, plan, f, tmp)
+
+
+def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path) -> None:
+    import torch
+
+    reader = next(r for r in ckpt.readers if isinstance(r, PickleFile) and r.path == f.source)
+    new: dict[str, Any] = dict(reader.state_dict)
+    for name, (src, transform) in plan.pickle_views.items():
+        if name in new and src in new:
+            new[name] = new[src] if transform == "identity" else new[src].t()
+    for name, (src, transform) in plan.pickle_copies.items():
+        if src in new:
+            value = new[src] if transform == "identity" else new[src].t()
+            new[name] = value.contiguous().clone()
+    top = reader.top
+    if reader.nested_key is not None:
+        top = dict(top)
+        top[reader.nested_key] = new
+    else:
+        top = new
+    with open(tmp, "xb") as out:
+        torch.save(top, out)
+        out.flush()
+        os.fsync(out.fileno())
+
+
+def _verify(plan: Plan, temps: dict[Path, FilePlan], as_safetensors: bool, shown: Path) -> None:
+    """Every output tensor equals the input tensor it stands for, bit for bit."""
+    readers: list[Any] = []
+    try:
+        out: dict[str, Entry] = {}
+        for tmp in temps:
+            reader: Any = SafetensorsFile(tmp) if as_safetensors else PickleFile(tmp)
+            readers.append(reader)
+            out.update({e.name: e for e in reader.entries()})
+        written = {t.name for f in temps.values() for t in f.tensors}
+        untouched = {t.name for f in plan.files for t in f.tensors} - written
+        for check in plan.checks:
+            if check.out in untouched:
+                continue  # its file was left as it is
+            got = out.get(check.out)
+            if got is None or not equal(got, check.input, check.transform):
+                raise UnsafeChangeError(
+                    f"verification failed: written {check.out!r} does not equal the input's "
+                    f"{check.input.name!r}; nothing was changed",
+                    shown,
+                )
+    finally:
+        for r in readers:
+            r.close()
