@@ -235,3 +235,113 @@ def untie(
             result.output = str(written.output)
             result.changed = written.changed
         return result
+
+
+@dataclass
+class CheckpointVerdict:
+    path: str
+    format: str
+    ties: list[Tie]
+    problems: list[Problem]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": self.path,
+            "format": self.format,
+            "ties": [t.to_dict() for t in self.ties],
+            "problems": [p.to_dict() for p in self.problems],
+        }
+
+
+@dataclass
+class VerifyResult:
+    paths: list[str]
+    checkpoints: list[CheckpointVerdict]
+    strict: bool = False
+    require_deduped: bool = False
+    forward: Any = None  # ForwardReport with --forward
+    command: str = "verify"
+
+    @property
+    def path(self) -> str:
+        return self.paths[0] if len(self.paths) == 1 else ", ".join(self.paths)
+
+    @property
+    def format(self) -> str:
+        formats = sorted({c.format for c in self.checkpoints})
+        return formats[0] if len(formats) == 1 else ",".join(formats)
+
+    @property
+    def checked(self) -> list[str]:
+        return [c.path for c in self.checkpoints]
+
+    @property
+    def problems(self) -> list[Problem]:
+        return [p for c in self.checkpoints for p in c.problems]
+
+    @property
+    def failures(self) -> list[Problem]:
+        failing = ("error", "warning") if self.strict else ("error",)
+        return [p for p in self.problems if p.severity in failing]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def to_dict(self) -> dict[str, Any]:
+        problems = []
+        for c in self.checkpoints:
+            problems += [p.to_dict() | {"path": c.path} for p in c.problems]
+        d = {
+            "command": self.command,
+            "path": self.path,
+            "format": self.format,
+            "ok": self.ok,
+            "problems": problems,
+            "checked": self.checked,
+            "strict": self.strict,
+            "require_deduped": self.require_deduped,
+            "checkpoints": [c.to_dict() for c in self.checkpoints],
+        }
+        if self.forward is not None:
+            d["forward"] = self.forward.to_dict()
+        return d
+
+
+def _duplicate_stored(path: str, report: TieReport) -> list[Problem]:
+    out = []
+    for t in report.ties:
+        if t.dedupable:
+            out.append(
+                Problem(
+                    "duplicate-stored",
+                    "error",
+                    f"{t.alias} is stored as a second copy of {t.source} ({t.bytes} bytes wasted); "
+                    f"fix: tiecli dedupe {path}",
+                    [t.alias, t.source],
+                )
+            )
+    return out
+
+
+def verify(
+    paths: PathLike | list[PathLike],
+    *,
+    require_deduped: bool = False,
+    strict: bool = False,
+    use_transformers: bool = True,
+    progress: Progress = NO_PROGRESS,
+) -> VerifyResult:
+    """Check each checkpoint's ties; ``ok`` is False with every problem listed when not."""
+    from .formats import checkpoint_roots
+
+    given = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    verdicts = []
+    for root in checkpoint_roots(given):
+        with open_checkpoint(root) as ckpt:
+            report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
+            problems = list(report.problems)
+            if require_deduped:
+                problems += _duplicate_stored(str(ckpt.path), report)
+            verdicts.append(CheckpointVerdict(str(ckpt.path), ckpt.format, report.ties, problems))
+    return VerifyResult([str(p) for p in given], verdicts, strict=strict, require_deduped=require_deduped)

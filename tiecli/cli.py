@@ -135,6 +135,28 @@ def untie(
         render_untie(result, _stdout())
 
 
+@app.command()
+def verify(
+    paths: Annotated[list[Path], typer.Argument(help="Checkpoints to check; the files of one sharded checkpoint are checked once.", show_default=False)],
+    require_deduped: Annotated[bool, typer.Option("--require-deduped", help="Also fail when a tied tensor is stored more than once.")] = False,
+    strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Exit 0 when every checkpoint's ties are consistent, 1 with every problem listed when not."""
+    from .api import verify as run
+    from .progress import console_progress
+    from .render import print_json, render_verify
+
+    result = run(paths, require_deduped=require_deduped, strict=strict, progress=console_progress(quiet))
+    if json_out:
+        print_json(result)
+    else:
+        render_verify(result, _stdout())
+    if not result.ok:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console entry point."""
     app()

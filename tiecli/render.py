@@ -134,3 +134,16 @@ def render_untie(r: Any, console: Console) -> None:
         console.print(f"written: {r.output} (verified)")
     if r.problems:
         console.print(problems_table(r.problems))
+
+
+def render_verify(r: Any, console: Console) -> None:
+    for c in r.checkpoints:
+        tied = sum(1 for t in c.ties if t.kind == "tied")
+        console.print(f"[bold]{c.path}[/bold]  ({c.format}): {tied} tie(s), {len(c.problems)} problem(s)")
+    if r.problems:
+        console.print(problems_table(r.problems))
+    failing = len(r.failures)
+    if r.ok:
+        console.print("[green]OK[/green]: ties are consistent" + (" and deduped" if r.require_deduped else ""))
+    else:
+        console.print(f"[red]FAILED[/red]: {failing} problem(s)" + (" (--strict: warnings count)" if r.strict else ""))

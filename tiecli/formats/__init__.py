@@ -190,3 +190,38 @@ def _order(files: dict[str, Any], kv: tuple[str, str]) -> tuple[int, int, str]:
     if entry is None:
         return (1 << 30, 0, name)
     return (*entry.blob.order, name)
+
+
+def checkpoint_roots(paths: list[Path]) -> list[Path]:
+    """The distinct checkpoints that ``paths`` name.
+
+    A shard listed by an index in its folder stands for that index, so passing
+    every file of a sharded checkpoint (as pre-commit does) checks it once.
+    """
+    roots: dict[Path, Path] = {}
+    index_cache: dict[Path, list[tuple[Path, set[str]]]] = {}
+    for p in paths:
+        root = p
+        if p.is_file() and not p.name.endswith(INDEX_SUFFIX):
+            folder = p.parent
+            if folder not in index_cache:
+                index_cache[folder] = _indexes_in(folder)
+            for index, shards in index_cache[folder]:
+                if p.name in shards:
+                    root = index
+                    break
+        key = root.resolve()
+        roots.setdefault(key, root)
+    return list(roots.values())
+
+
+def _indexes_in(folder: Path) -> list[tuple[Path, set[str]]]:
+    out = []
+    for f in sorted(folder.glob("*" + INDEX_SUFFIX)):
+        try:
+            doc = json.loads(f.read_text(encoding="utf-8"))
+            shards = {v for v in doc.get("weight_map", {}).values() if isinstance(v, str)}
+        except (OSError, ValueError, AttributeError):
+            continue  # a broken index is reported when it is verified itself
+        out.append((f, shards))
+    return out

@@ -1,0 +1,82 @@
+"""Checking a live model's ties, right before it is saved."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import TieError
+
+
+def declared_module_ties(module: Any) -> dict[str, str]:
+    """``{alias: source}`` the module's architecture declares.
+
+    transformers 5 answers ``get_expanded_tied_weights_keys``; transformers 4
+    models name their aliases in ``_tied_weights_keys`` and tie them to the
+    input embeddings; any other module declares nothing.
+    """
+    expanded = getattr(module, "get_expanded_tied_weights_keys", None)
+    if callable(expanded):
+        return {str(a): str(s) for a, s in (expanded(all_submodels=True) or {}).items() if a != s}
+    keys = getattr(module, "_tied_weights_keys", None)
+    if isinstance(keys, (list, tuple)) and hasattr(module, "get_input_embeddings"):
+        config = getattr(module, "config", None)
+        if config is not None and not getattr(config, "tie_word_embeddings", True):
+            return {}
+        emb = module.get_input_embeddings()
+        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
+        source = names.get(id(getattr(emb, "weight", None)))
+        if source:
+            return {k: source for k in keys if k != source and k.endswith("weight")}
+    return {}
+
+
+def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
+    """Raise :class:`TieError` listing every declared tie that is broken or drifted.
+
+    A tie is healthy when alias and source are one parameter (or views of one
+    storage). ``ties`` adds ``{alias: source}`` pairs for modules that declare
+    none (plain ``nn.Module``); names are state-dict names.
+    """
+    import torch
+
+    wanted = declared_module_ties(module) | dict(ties or {})
+    tensors = dict(module.named_parameters(remove_duplicate=False))
+    tensors.update({n: b for n, b in module.named_buffers(remove_duplicate=False) if n not in tensors})
+    problems = []
+    for alias, source in sorted(wanted.items()):
+        a, s = tensors.get(alias), tensors.get(source)
+        if a is None or s is None:
+            missing = alias if a is None else source
+            problems.append(f"{alias} -> {source}: {missing} is not a parameter of the model")
+            continue
+        if a is s or _same_storage(a, s):
+            continue
+        if a.shape == s.shape:
+            equal = torch.equal(a.detach(), s.detach())
+        elif a.dim() == 2 and a.shape == s.shape[::-1]:
+            equal = torch.equal(a.detach(), s.detach().t())
+        else:
+            equal = False
+        if equal:
+            problems.append(
+                f"{alias} -> {source}: tie broken, the two are separate parameters (equal now, "
+                f"they will drift apart in training); re-tie with model.tie_weights()"
+            )
+        else:
+            diff = ""
+            if a.shape == s.shape and a.is_floating_point():
+                diff = f", max abs diff {float((a.detach() - s.detach()).abs().max()):g}"
+            problems.append(f"{alias} -> {source}: tie broken and the copies differ{diff}")
+    if problems:
+        raise TieError(f"{len(problems)} broken tie(s): " + "; ".join(problems))
+
+
+def _same_storage(a: Any, b: Any) -> bool:
+    try:
+        return (
+            a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+            and a.storage_offset() == b.storage_offset()
+            and a.device == b.device
+        )
+    except (RuntimeError, NotImplementedError):
+        return False
