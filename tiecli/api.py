@@ -329,19 +329,51 @@ def verify(
     *,
     require_deduped: bool = False,
     strict: bool = False,
+    forward: bool = False,
+    device: str = "auto",
+    against: PathLike | None = None,
+    atol: float | None = None,
+    dtype: str | None = None,
+    model: str | None = None,
     use_transformers: bool = True,
     progress: Progress = NO_PROGRESS,
 ) -> VerifyResult:
-    """Check each checkpoint's ties; ``ok`` is False with every problem listed when not."""
+    """Check each checkpoint's ties; ``ok`` is False with every problem listed when not.
+
+    With ``forward``, also rebuild the model on ``device``, load the weights with
+    ties restored, check each tie is one storage there, run a seeded forward
+    pass, and compare with ``against`` (bit-identical, or within ``atol``).
+    """
+    from .errors import UsageError
     from .formats import checkpoint_roots
 
     given = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    if not forward and (against is not None or atol is not None or dtype is not None or model is not None):
+        raise UsageError("--against, --atol, --dtype and --model go with --forward")
+    roots = checkpoint_roots(given)
+    if forward and len(roots) != 1:
+        raise UsageError("--forward checks one checkpoint at a time")
     verdicts = []
-    for root in checkpoint_roots(given):
+    for root in roots:
         with open_checkpoint(root) as ckpt:
             report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
             problems = list(report.problems)
             if require_deduped:
                 problems += _duplicate_stored(str(ckpt.path), report)
             verdicts.append(CheckpointVerdict(str(ckpt.path), ckpt.format, report.ties, problems))
-    return VerifyResult([str(p) for p in given], verdicts, strict=strict, require_deduped=require_deduped)
+    result = VerifyResult([str(p) for p in given], verdicts, strict=strict, require_deduped=require_deduped)
+    if forward:
+        from .forward import forward_check
+
+        result.forward = forward_check(
+            roots[0],
+            device=device,
+            against=Path(against) if against is not None else None,
+            atol=atol,
+            dtype=dtype,
+            model_spec=model,
+            use_transformers=use_transformers,
+            progress=progress,
+        )
+        verdicts[0].problems += result.forward.problems
+    return result

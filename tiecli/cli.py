@@ -140,6 +140,12 @@ def verify(
     paths: Annotated[list[Path], typer.Argument(help="Checkpoints to check; the files of one sharded checkpoint are checked once.", show_default=False)],
     require_deduped: Annotated[bool, typer.Option("--require-deduped", help="Also fail when a tied tensor is stored more than once.")] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
+    forward: Annotated[bool, typer.Option("--forward", help="Rebuild the model, load it with ties restored and run a seeded forward pass.")] = False,
+    device: Annotated[str, typer.Option("--device", help="With --forward: auto (cuda when available), cpu, cuda or cuda:N.")] = "auto",
+    against: Annotated[Optional[Path], typer.Option("--against", help="With --forward: a reference checkpoint whose outputs must be bit-identical.", show_default=False)] = None,
+    atol: Annotated[Optional[float], typer.Option("--atol", min=0, help="With --against: accept outputs within this max abs difference.", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="With --forward: cast floating weights (float32, float16, bfloat16, float64).", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="With --forward: module:function returning the nn.Module (instead of config.json).", show_default=False)] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -148,7 +154,8 @@ def verify(
     from .progress import console_progress
     from .render import print_json, render_verify
 
-    result = run(paths, require_deduped=require_deduped, strict=strict, progress=console_progress(quiet))
+    result = run(paths, require_deduped=require_deduped, strict=strict, forward=forward, device=device,
+                 against=against, atol=atol, dtype=dtype, model=model, progress=console_progress(quiet))
     if json_out:
         print_json(result)
     else:

@@ -48,8 +48,37 @@ def _quiet() -> Any:
         transformers.logging.set_verbosity(level)
 
 
-def build_meta_model(config_dir: Path) -> Any:
-    """The model class the config names, built on the meta device; None if unknown."""
+@contextlib.contextmanager
+def _parameters_on_meta() -> Any:
+    """Parameters go to the meta device as modules register them; buffers stay real.
+
+    Buffers a model computes from its config (rotary frequencies, position ids)
+    are then right without loading anything, while no memory or time goes to
+    initialising parameters that the checkpoint replaces.
+    """
+    import torch
+
+    original = torch.nn.Module.register_parameter
+
+    def register(module: Any, name: str, param: Any) -> None:
+        original(module, name, param)
+        if param is not None and not param.is_meta:
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def build_meta_model(config_dir: Path, real_buffers: bool = False) -> Any:
+    """The model class the config names, its parameters on the meta device; None if unknown.
+
+    ``real_buffers`` keeps buffers on the CPU with their computed values (for
+    running the model); otherwise everything is on meta.
+    """
     import torch
     import transformers
 
@@ -65,7 +94,8 @@ def build_meta_model(config_dir: Path) -> Any:
                 break
         if cls is None:
             return None
-        with torch.device("meta"):
+        placement = _parameters_on_meta() if real_buffers else torch.device("meta")
+        with placement:
             try:
                 return cls._from_config(config)
             except Exception:  # noqa: BLE001 - a config this transformers cannot build

@@ -136,10 +136,30 @@ def render_untie(r: Any, console: Console) -> None:
         console.print(problems_table(r.problems))
 
 
+def render_forward(f: Any, console: Console) -> None:
+    s = f.stats
+    console.print(f"forward: {f.architecture} on {f.device} ({f.device_name})")
+    console.print(
+        f"  parameters: {s.parameters:,}   on device: {human_bytes(s.unique_bytes)}   "
+        f"a tie-unaware load: {human_bytes(s.untied_bytes)}   ties shared on device: "
+        f"{'yes' if f.ties_shared_on_device else 'NO'}"
+    )
+    console.print(
+        f"  load {s.load_seconds:.3f} s   forward {s.forward_seconds:.3f} s   "
+        f"outputs finite: {'yes' if f.outputs_finite else 'NO'}"
+    )
+    if f.against is not None:
+        same = "bit-identical" if f.max_abs_diff == 0 else f"max abs diff {f.max_abs_diff:g}"
+        verdict = "equal" if f.outputs_equal else "DIFFERENT"
+        console.print(f"  against {f.against}: {verdict} ({same})")
+
+
 def render_verify(r: Any, console: Console) -> None:
     for c in r.checkpoints:
         tied = sum(1 for t in c.ties if t.kind == "tied")
         console.print(f"[bold]{c.path}[/bold]  ({c.format}): {tied} tie(s), {len(c.problems)} problem(s)")
+    if r.forward is not None:
+        render_forward(r.forward, console)
     if r.problems:
         console.print(problems_table(r.problems))
     failing = len(r.failures)
