@@ -99,7 +99,14 @@ def _device_name(dev: Any) -> str:
         return torch.cuda.get_device_name(dev)
     import platform
 
-    return f"cpu ({platform.processor() or platform.machine()})"
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 # -- building -----------------------------------------------------------------

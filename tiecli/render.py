@@ -158,10 +158,10 @@ def render_verify(r: Any, console: Console) -> None:
     for c in r.checkpoints:
         tied = sum(1 for t in c.ties if t.kind == "tied")
         console.print(f"[bold]{c.path}[/bold]  ({c.format}): {tied} tie(s), {len(c.problems)} problem(s)")
+        if c.problems:
+            console.print(problems_table(c.problems))
     if r.forward is not None:
         render_forward(r.forward, console)
-    if r.problems:
-        console.print(problems_table(r.problems))
     failing = len(r.failures)
     if r.ok:
         console.print("[green]OK[/green]: ties are consistent" + (" and deduped" if r.require_deduped else ""))
