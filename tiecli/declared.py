@@ -85,10 +85,12 @@ def build_meta_model(config_dir: Path, real_buffers: bool = False) -> Any:
     with _quiet():
         try:
             config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-        except (ValueError, KeyError, OSError):
+        except Exception:  # noqa: BLE001 - any config transformers refuses: fall back to patterns
             return None
         cls = None
         for name in getattr(config, "architectures", None) or []:
+            if not isinstance(name, str) or not name.isidentifier():
+                continue
             cls = getattr(transformers, name, None)
             if cls is not None:
                 break

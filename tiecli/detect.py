@@ -164,9 +164,10 @@ class _Finder:
     def check_config(self) -> None:
         """A config that unties what the file only stores once."""
         cfg = self.ckpt.config
-        if not cfg or cfg.get("tie_word_embeddings", True):
+        model_type = (cfg or {}).get("model_type")
+        if not cfg or cfg.get("tie_word_embeddings", True) or not isinstance(model_type, str):
             return
-        rules = table()["model_types"].get(cfg.get("model_type"), [])
+        rules = table()["model_types"].get(model_type, [])
         for rule in rules:
             alias, source = rule["alias"], rule["source"]
             if rule["when"] == "tie_word_embeddings" and source in self.entries and alias not in self.entries:

@@ -110,16 +110,18 @@ def _load(path: Path) -> tuple[Any, dict[str, Any], str | None]:
         raise CheckpointFormatError(f"cannot open: {e.strerror}", path) from None
     if not head:
         raise CheckpointFormatError("file is empty, not a PyTorch checkpoint", path)
-    if not zipfile.is_zipfile(path):
+    if not _is_zipfile(path):
         raise _not_zip(path, head)
     try:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
             records = _data_records(z, infos)
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        raise CheckpointFormatError(f"unreadable zip archive: {e}", path) from None
+    except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on damaged bytes
+        raise CheckpointFormatError(f"unreadable zip archive: {_first_sentence(e)}", path) from None
     if not any(i.filename.endswith("data.pkl") for i in infos):
-        raise CheckpointFormatError("zip archive is not a PyTorch checkpoint (no data.pkl inside)", path)
+        raise CheckpointFormatError(
+            "zip archive is not a PyTorch checkpoint (no data.pkl inside)", path
+        )
 
     top = _torch_load(path, map_location="cpu", mmap=True)
     state_dict, key = find_state_dict(top)
@@ -146,19 +148,33 @@ def _torch_load(path: Path, **kwargs: Any) -> Any:
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(str(e))
         if detail.startswith("Unsupported operand"):
-            raise CheckpointFormatError(
-                "data.pkl is damaged or not a pickle" + (f" ({detail})" if detail else ""), path
-            ) from None
+            msg = f"data.pkl is damaged or not a pickle ({detail})"
+            raise CheckpointFormatError(msg, path) from None
         raise UnsafePickleError(
             "refused: unpickling it would need more than tensors and plain containers"
             + (f" ({detail})" if detail else ""),
             path,
-            hint="tiecli never runs pickled code; re-save the state dict with torch.save(model.state_dict())",
+            hint="tiecli never runs pickled code; "
+            "re-save the state dict with torch.save(model.state_dict())",
         ) from None
     except EOFError:
-        raise CheckpointFormatError("data.pkl ends early (truncated or damaged file)", path) from None
+        msg = "data.pkl ends early (truncated or damaged file)"
+        raise CheckpointFormatError(msg, path) from None
     except (RuntimeError, ValueError, OSError, KeyError, zipfile.BadZipFile) as e:
-        raise CheckpointFormatError(f"cannot load PyTorch checkpoint: {_first_sentence(e)}", path) from None
+        msg = f"cannot load PyTorch checkpoint: {_first_sentence(e)}"
+        raise CheckpointFormatError(msg, path) from None
+    except Exception as e:  # noqa: BLE001 - the unpickler fails in many ways on damaged bytes
+        what = f"{type(e).__name__}: {_first_sentence(e)}"
+        msg = f"cannot load PyTorch checkpoint (damaged file?): {what}"
+        raise CheckpointFormatError(msg, path) from None
+
+
+def _is_zipfile(path: Path) -> bool:
+    """Whether ``path`` ends like a zip archive (a damaged end record still counts)."""
+    try:
+        return zipfile.is_zipfile(path)
+    except Exception:  # noqa: BLE001 - zipfile.is_zipfile lets BadZipFile escape on some damage
+        return True
 
 
 def _unpickler_detail(text: str) -> str:
@@ -166,7 +182,9 @@ def _unpickler_detail(text: str) -> str:
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     for i, ln in enumerate(lines):
         if "WeightsUnpickler error:" in ln:
-            rest = ln.split("WeightsUnpickler error:", 1)[1].strip() or (lines[i + 1] if i + 1 < len(lines) else "")
+            rest = ln.split("WeightsUnpickler error:", 1)[1].strip()
+            if not rest and i + 1 < len(lines):
+                rest = lines[i + 1]
             return _first_sentence(rest) if rest else ""
     found = next((ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), "")
     return _first_sentence(found) if found else ""
@@ -184,7 +202,9 @@ def _first_sentence(e: BaseException | str) -> str:
 
 def _not_zip(path: Path, head: bytes) -> CheckpointFormatError:
     if head == LFS_POINTER:
-        return CheckpointFormatError("is a Git LFS pointer, not the weights", path, hint="fetch them with 'git lfs pull'")
+        return CheckpointFormatError(
+            "is a Git LFS pointer, not the weights", path, hint="fetch them with 'git lfs pull'"
+        )
     if head.startswith(b"PK"):
         return CheckpointFormatError(
             "zip archive is truncated or damaged (its central directory is missing)",
@@ -199,9 +219,13 @@ def _not_zip(path: Path, head: bytes) -> CheckpointFormatError:
         )
     if len(head) >= 9 and head[8:9] == b"{":
         return CheckpointFormatError(
-            "not a PyTorch checkpoint, it looks like a safetensors file", path, hint="rename it to .safetensors"
+            "not a PyTorch checkpoint, it looks like a safetensors file",
+            path,
+            hint="rename it to .safetensors",
         )
-    return CheckpointFormatError("not a PyTorch checkpoint (neither a zip archive nor a pickle)", path)
+    return CheckpointFormatError(
+        "not a PyTorch checkpoint (neither a zip archive nor a pickle)", path
+    )
 
 
 def _data_records(z: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> dict[int, int]:
@@ -231,7 +255,8 @@ def _check_tensors(path: Path, state_dict: dict[str, Any]) -> None:
             continue
         if t.layout != torch.strided:
             raise CheckpointFormatError(
-                f"tensor {name!r}: {str(t.layout).removeprefix('torch.')} tensors are not supported",
+                f"tensor {name!r}: {str(t.layout).removeprefix('torch.')} tensors are not "
+                "supported",
                 path,
                 hint="save it dense (tensor.to_dense())",
             )
@@ -241,7 +266,8 @@ def _check_tensors(path: Path, state_dict: dict[str, Any]) -> None:
             )
         dtype_name = str(t.dtype).removeprefix("torch.")
         if dtype_name not in TORCH_TO_CODE:
-            raise CheckpointFormatError(f"tensor {name!r}: dtype {dtype_name} is not supported", path)
+            msg = f"tensor {name!r}: dtype {dtype_name} is not supported"
+            raise CheckpointFormatError(msg, path)
 
 
 def _check_storages(path: Path, key: str | None, records: dict[int, int]) -> None:
