@@ -1,0 +1,174 @@
+"""Unwritable outputs, full disks, outputs that are the input: clear errors, input intact."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import fixture_path
+from typer.testing import CliRunner
+
+import tiecli
+from tiecli.cli import app
+
+runner = CliRunner()
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def one_error_line(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert "Traceback" not in r.stderr and r.stdout == ""
+    return lines[0]
+
+
+@pytest.fixture
+def work(tmp_path: Path) -> Path:
+    shutil.copytree(fixture_path("llama-tied", "full-sharded"), tmp_path / "ckpt")
+    return tmp_path
+
+
+def _is_root() -> bool:
+    return hasattr(os, "geteuid") and os.geteuid() == 0
+
+
+@pytest.mark.parametrize("command", ["dedupe", "untie"])
+def test_read_only_folder_in_place(work: Path, command: str) -> None:
+    ckpt = work / "ckpt"
+    if command == "untie":
+        tiecli.dedupe(ckpt)
+    before = snapshot(work)
+    os.chmod(ckpt, 0o555)
+    try:
+        if _is_root():  # root ignores permissions; inject what a read-only folder would say
+            real = os.open
+
+            def deny(path, flags, *a, **k):
+                if flags & os.O_CREAT:
+                    raise PermissionError(errno.EACCES, "Permission denied", path)
+                return real(path, flags, *a, **k)
+
+            mp = pytest.MonkeyPatch()
+            mp.setattr(os, "open", deny)
+        r = runner.invoke(app, [command, str(ckpt)])
+    finally:
+        if _is_root():
+            mp.undo()
+        os.chmod(ckpt, 0o755)
+    assert r.exit_code == 2
+    assert "cannot write here" in one_error_line(r)
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("target", ["file", "sharded"])
+@pytest.mark.parametrize("command", ["dedupe", "untie"])
+def test_disk_full_leaves_input_intact(work: Path, monkeypatch: pytest.MonkeyPatch, command: str, target: str) -> None:
+    import tiecli.formats.safetensors as st
+
+    if target == "file":
+        shutil.copytree(fixture_path("gpt2", "full"), work / "single")
+        path = work / "single" / "model.safetensors"
+    else:
+        path = work / "ckpt"
+    if command == "untie":
+        tiecli.dedupe(path)
+    before = snapshot(work)
+    calls = {"n": 0}
+
+    def full(fd, data, offset):
+        calls["n"] += 1
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(st.os, "pwrite", full)
+    monkeypatch.setattr(st.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    r = runner.invoke(app, [command, str(path)])
+    assert r.exit_code == 2
+    assert "no space left on device" in one_error_line(r)
+    assert snapshot(work) == before  # no temporaries left either
+
+
+def test_disk_full_with_output_leaves_nothing(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tiecli.formats.safetensors as st
+
+    monkeypatch.setattr(st.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    before = snapshot(work)
+    r = runner.invoke(app, ["dedupe", str(work / "ckpt"), "-o", str(work / "out")])
+    assert r.exit_code == 2 and "no space" in one_error_line(r)
+    assert snapshot(work) == before
+
+
+def _small_fs(tmp_path: Path) -> Path | None:
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True)
+    return mnt if ok.returncode == 0 else None
+
+
+def test_real_small_filesystem(tmp_path: Path) -> None:
+    mnt = _small_fs(tmp_path)
+    if mnt is None:
+        pytest.skip("cannot mount a tmpfs here (needs root in a namespace that allows it)")
+    try:
+        shutil.copytree(fixture_path("t5", "full"), mnt / "t5")  # 40 KB of 48 KB
+        before = snapshot(mnt)
+        r = runner.invoke(app, ["dedupe", str(mnt / "t5")])
+        if r.exit_code == 0:  # it fitted: the result must be right
+            assert tiecli.verify(mnt / "t5").ok
+        else:
+            assert r.exit_code == 2 and "no space left" in one_error_line(r)
+            assert snapshot(mnt) == before
+        r = runner.invoke(app, ["untie", str(fixture_path("t5", "hf")), "-o", str(mnt / "untied")])
+        assert r.exit_code == 2 and "no space left" in one_error_line(r)
+        assert not (mnt / "untied").exists()
+        assert not [p for p in mnt.iterdir() if "tiecli" in p.name]
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+
+
+@pytest.mark.parametrize("command", ["dedupe", "untie"])
+def test_output_that_is_the_input_through_a_symlink(work: Path, command: str) -> None:
+    link = work / "link"
+    link.symlink_to(work / "ckpt")
+    before = snapshot(work / "ckpt")
+    r = runner.invoke(app, [command, str(work / "ckpt"), "-o", str(link), "--force"])
+    assert r.exit_code == 2
+    assert "is the input itself" in one_error_line(r)
+    assert snapshot(work / "ckpt") == before
+
+
+def test_output_file_that_is_the_input_file(tmp_path: Path) -> None:
+    shutil.copytree(fixture_path("gpt2", "full"), tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    (tmp_path / "alias.safetensors").symlink_to(f)
+    before = f.read_bytes()
+    r = runner.invoke(app, ["dedupe", str(f), "-o", str(tmp_path / "alias.safetensors"), "--force"])
+    assert r.exit_code == 2 and "is the input itself" in one_error_line(r)
+    assert f.read_bytes() == before
+
+
+def test_existing_output_needs_force(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    r = runner.invoke(app, ["dedupe", str(fixture_path("gpt2", "full")), "-o", str(out)])
+    assert r.exit_code == 2 and "--force" in one_error_line(r)
+    assert (out / "keep.txt").read_text() == "mine"
+    r = runner.invoke(app, ["dedupe", str(fixture_path("gpt2", "full")), "-o", str(out), "--force"])
+    assert r.exit_code == 0
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_output_parent_missing(tmp_path: Path) -> None:
+    r = runner.invoke(app, ["dedupe", str(fixture_path("gpt2", "full")), "-o", str(tmp_path / "no" / "out")])
+    assert r.exit_code == 2 and "parent folder does not exist" in one_error_line(r)
