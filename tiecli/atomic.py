@@ -103,25 +103,48 @@ class Staging:
         return tmp
 
     def commit(self, replace_folder: bool = False) -> None:
-        """Rename every temporary into place, in order, then sync the folders."""
-        for tmp, final in self.pending:
-            if tmp.is_dir():
-                old = None
-                if final.exists():
-                    if not replace_folder:
-                        raise OutputError("exists; pass --force to replace it", final)
-                    old = final.parent / f".{final.name}{OLD_SUFFIX}"
-                    if old.exists():
-                        shutil.rmtree(old)
-                    os.replace(final, old)
-                os.replace(tmp, final)
-                fsync_dir(final.parent)
-                if old is not None:
-                    shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(tmp, final)
-                fsync_dir(final.parent)
+        """Rename every temporary into place, in order, then sync the folders.
+
+        Callers order the renames so that the target is valid after each one;
+        an error after the first says that some are in place and the rest not.
+        """
+        for done, (tmp, final) in enumerate(self.pending):
+            try:
+                self._rename(tmp, final, replace_folder)
+            except OSError as e:
+                if done == 0 or isinstance(e, OutputError):
+                    raise
+                raise OutputError(
+                    f"interrupted after replacing {done} of {len(self.pending)} files "
+                    f"({e.strerror or e}); it still loads with the original values",
+                    final.parent,
+                    hint="run the command again to finish",
+                ) from None
         self.pending.clear()
+
+    @staticmethod
+    def _rename(tmp: Path, final: Path, replace_folder: bool) -> None:
+        if not tmp.is_dir():
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+            return
+        old = None
+        if final.exists():
+            if not replace_folder:
+                raise OutputError("exists; pass --force to replace it", final)
+            old = final.parent / f".{final.name}{OLD_SUFFIX}"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(final, old)
+        try:
+            os.replace(tmp, final)
+        except OSError:
+            if old is not None:  # put the replaced folder back
+                os.replace(old, final)
+            raise
+        fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
 
     def abort(self) -> None:
         for tmp, _final in self.pending:

@@ -203,7 +203,7 @@ def load_onto(model: Any, path: Path, device: Any, dtype: Any, use_transformers:
     """Load the checkpoint at ``path`` into ``model`` on ``device``; (model, problems, stats, ties)."""
     import torch
 
-    from .load import load
+    from .serialization import load
 
     started = time.perf_counter()
     with open_checkpoint(path) as ckpt:

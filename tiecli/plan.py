@@ -91,9 +91,29 @@ class Plan:
     def changes(self, ckpt: Checkpoint) -> bool:
         if self.removed or self.restored:
             return True
+        if any(stale_copies(ckpt, self, f) for f in self.files):
+            return True
         if self.index_metadata is not None:
             return _clean(self.index_metadata) != _clean(ckpt.metadata)
         return any(_clean(f.metadata) != _clean(ckpt.metadata) for f in self.files)
+
+
+def stale_copies(ckpt: Checkpoint, plan: Plan, f: FilePlan) -> set[str]:
+    """Recorded aliases a shard still stores though the index no longer lists them.
+
+    An in-place dedupe renames the new index first; a run killed before the
+    shards follow leaves the aliases' old copies in them, unreachable. The
+    next run rewrites such a shard without them.
+    """
+    if ckpt.index_path is None or f.source is None:
+        return set()
+    reader = next((r for r in ckpt.readers if getattr(r, "path", None) == f.source), None)
+    stored = getattr(reader, "tensors", None)  # safetensors shards only
+    if not isinstance(stored, dict):
+        return set()
+    recorded = {r.alias for r in plan.record}
+    unlisted = set(stored) - set(ckpt.entries) - {t.name for t in f.tensors}
+    return unlisted & recorded
 
 
 def _clean(meta: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from .checkpoint import Checkpoint, Entry
 from .errors import OutputError, UnsafeChangeError, UsageError
 from .formats.pytorch import PickleFile
 from .formats.safetensors import SafetensorsFile, write_file
-from .plan import FilePlan, Plan
+from .plan import FilePlan, Plan, stale_copies
 from .progress import Progress
 from .values import equal
 
@@ -129,8 +129,9 @@ def _in_place(
             if as_safetensors and ckpt.format.startswith("pytorch"):
                 index_final = folder / "model.safetensors.index.json"
             # Removing names: the new index is valid with old shards and new, so it
-            # goes first; adding names: old shards lack them, so it goes last.
-            if plan.command == "dedupe":
+            # goes first; adding names: old shards lack them, so it goes last. A
+            # converted index names shards that do not exist yet: it goes last too.
+            if plan.command == "dedupe" and index_final == ckpt.index_path:
                 index_tmp = staging.file(index_final)
             for f in plan.files:
                 if f.source is not None and f.source.name == f.name and not _file_changes(ckpt, plan, f):
@@ -163,7 +164,11 @@ def _in_place(
 def _file_changes(ckpt: Checkpoint, plan: Plan, f: FilePlan) -> bool:
     assert f.source is not None
     before = [n for n, e in ckpt.entries.items() if e.file == f.source]
-    return before != [t.name for t in f.tensors] or bool(plan.pickle_views or plan.pickle_copies)
+    return (
+        before != [t.name for t in f.tensors]
+        or bool(plan.pickle_views or plan.pickle_copies)
+        or bool(stale_copies(ckpt, plan, f))
+    )
 
 
 def _to_folder(
