@@ -59,7 +59,9 @@ def _check_against(model: str, device: str, tmp_path: Path) -> None:
     (p,) = [p for p in doc["problems"] if p["code"] == "forward-mismatch"]
     assert "max abs diff" in p["message"]
     # a tolerance wide enough accepts it
-    code, doc = verify_json("--device", device, "--against", str(bad), "--atol", "1e3", str(deduped))
+    code, doc = verify_json(
+        "--device", device, "--against", str(bad), "--atol", "1e3", str(deduped)
+    )
     assert code == 0 and doc["forward"]["outputs_equal"] is True
 
 
@@ -79,13 +81,20 @@ def test_forward_against_reference_cuda(model: str, tmp_path: Path) -> None:
 def test_forward_on_every_form(form: str) -> None:
     code, doc = verify_json("--device", "cpu", str(fixture_path("t5", form)))
     assert code == 0, doc
-    assert doc["forward"]["ties_shared_on_device"] is True and doc["forward"]["outputs_finite"] is True
+    assert (
+        doc["forward"]["ties_shared_on_device"] is True and doc["forward"]["outputs_finite"] is True
+    )
 
 
 def test_forward_bf16() -> None:
-    code, doc = verify_json("--device", "cpu", "--dtype", "bfloat16", str(fixture_path("llama-tied", "hf")))
+    code, doc = verify_json(
+        "--device", "cpu", "--dtype", "bfloat16", str(fixture_path("llama-tied", "hf"))
+    )
     assert code == 0, doc
-    assert doc["forward"]["unique_parameter_bytes"] * 2 == tiecli.inspect(fixture_path("llama-tied", "hf")).bytes
+    assert (
+        doc["forward"]["unique_parameter_bytes"] * 2
+        == tiecli.inspect(fixture_path("llama-tied", "hf")).bytes
+    )
 
 
 CUSTOM = textwrap.dedent(
@@ -128,8 +137,12 @@ def custom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.syspath_prepend(str(tmp_path))
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(32, 8, generator=g)
-    sd = {"embed.weight": emb, "head": emb.t(), "proj.weight": torch.randn(8, 8, generator=g),
-          "proj.bias": torch.randn(8, generator=g)}
+    sd = {
+        "embed.weight": emb,
+        "head": emb.t(),
+        "proj.weight": torch.randn(8, 8, generator=g),
+        "proj.bias": torch.randn(8, generator=g),
+    }
     torch.save(sd, tmp_path / "custom.pt")
     yield tmp_path / "custom.pt", name
     sys.modules.pop(name, None)
@@ -141,11 +154,16 @@ def test_custom_module_with_transposed_tie(custom, tmp_path: Path) -> None:
     assert (tie.alias, tie.transform) == ("head", "transpose")
     code, doc = verify_json("--device", "cpu", "--model", f"{mod}:build", str(ckpt))
     assert code == 0, doc
-    assert doc["forward"]["ties_shared_on_device"] is True and doc["forward"]["architecture"] == "TiedLM"
+    assert (
+        doc["forward"]["ties_shared_on_device"] is True
+        and doc["forward"]["architecture"] == "TiedLM"
+    )
     # deduped to safetensors, the record restores the transposed head; outputs identical
     out = tmp_path / "custom.safetensors"
     tiecli.dedupe(ckpt, out, to="safetensors")
-    code, doc = verify_json("--device", "cpu", "--model", f"{mod}:build_with_input", "--against", str(ckpt), str(out))
+    code, doc = verify_json(
+        "--device", "cpu", "--model", f"{mod}:build_with_input", "--against", str(ckpt), str(out)
+    )
     assert code == 0, doc
     assert doc["forward"]["outputs_equal"] is True
 

@@ -10,13 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import FIXTURES, FORMS, MANIFEST, TIED_MODELS, fixture_path
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import tiecli
 from tiecli.cli import app
-
-from helpers import FIXTURES, FORMS, MANIFEST, TIED_MODELS, fixture_path
 
 runner = CliRunner()
 
@@ -60,7 +59,9 @@ def test_untied_llama_has_no_ties(form: str) -> None:
 
 
 @pytest.mark.parametrize("model", TIED_MODELS)
-def test_pattern_table_finds_ties_without_transformers(model: str, tmp_path: Path, no_transformers) -> None:
+def test_pattern_table_finds_ties_without_transformers(
+    model: str, tmp_path: Path, no_transformers
+) -> None:
     bare = tmp_path / "bare.safetensors"  # no config.json beside it
     shutil.copy(fixture_path(model, "full") / "model.safetensors", bare)
     result = tiecli.inspect(bare)
@@ -78,15 +79,24 @@ def test_pattern_table_with_config_without_transformers(no_transformers) -> None
     result = tiecli.inspect(fixture_path("llama-tied", "hf"))
     (tie,) = result.ties
     assert (tie.alias, tie.source, tie.stored, tie.evidence) == (
-        "lm_head.weight", "model.embed_tokens.weight", False, ["pattern"])
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        False,
+        ["pattern"],
+    )
     assert tiecli.inspect(fixture_path("llama-untied", "full")).ties == []
 
 
 def test_pattern_pair_with_different_values_is_not_a_tie(tmp_path: Path, no_transformers) -> None:
     g = torch.Generator().manual_seed(0)
     path = tmp_path / "untied.safetensors"
-    save_file({"model.embed_tokens.weight": torch.randn(8, 4, generator=g),
-               "lm_head.weight": torch.randn(8, 4, generator=g)}, path)
+    save_file(
+        {
+            "model.embed_tokens.weight": torch.randn(8, 4, generator=g),
+            "lm_head.weight": torch.randn(8, 4, generator=g),
+        },
+        path,
+    )
     result = tiecli.inspect(path)
     assert result.ties == [] and result.problems == []
 
@@ -96,34 +106,49 @@ def test_prefixed_names_match_patterns(tmp_path: Path, no_transformers) -> None:
     path = tmp_path / "lightning.safetensors"
     save_file({"model.transformer.wte.weight": w, "model.lm_head.weight": w.clone()}, path)
     (tie,) = tiecli.inspect(path).ties
-    assert (tie.alias, tie.source, tie.kind) == ("model.lm_head.weight", "model.transformer.wte.weight", "tied")
+    assert (tie.alias, tie.source, tie.kind) == (
+        "model.lm_head.weight",
+        "model.transformer.wte.weight",
+        "tied",
+    )
 
 
 def test_value_duplicate_is_duplicate_and_constants_are_ignored() -> None:
     result = tiecli.inspect(FIXTURES / "custom" / "value-duplicate.safetensors")
     assert [(t.alias, t.source, t.kind, t.evidence) for t in result.ties] == [
-        ("b.weight", "a.weight", "duplicate", ["value"])]
+        ("b.weight", "a.weight", "duplicate", ["value"])
+    ]
     assert result.dedupable_bytes == 0  # duplicates only go with --by-value
 
 
 def test_transposed_copy_is_found() -> None:
     result = tiecli.inspect(FIXTURES / "custom" / "transposed.safetensors")
     assert [(t.alias, t.source, t.transform, t.kind, t.evidence) for t in result.ties] == [
-        ("head.weight", "embed.weight", "transpose", "duplicate", ["transposed"])]
+        ("head.weight", "embed.weight", "transpose", "duplicate", ["transposed"])
+    ]
 
 
 def test_transposed_storage_view_in_pickle() -> None:
     result = tiecli.inspect(FIXTURES / "custom" / "transposed.pt")
-    assert [(t.alias, t.source, t.transform, t.kind, t.evidence, t.stored) for t in result.ties] == [
-        ("head.weight", "embed.weight", "transpose", "tied", ["storage"], False)]
+    assert [
+        (t.alias, t.source, t.transform, t.kind, t.evidence, t.stored) for t in result.ties
+    ] == [("head.weight", "embed.weight", "transpose", "tied", ["storage"], False)]
 
 
 def test_chain_of_transposed_and_identity_copies(tmp_path: Path) -> None:
     g = torch.Generator().manual_seed(1)
     e = torch.randn(6, 3, generator=g)
     path = tmp_path / "chain.safetensors"
-    save_file({"a": e, "b": e.t().contiguous(), "c": e.clone(), "d": e.t().contiguous(),
-               "other": torch.randn(3, 6, generator=g)}, path)
+    save_file(
+        {
+            "a": e,
+            "b": e.t().contiguous(),
+            "c": e.clone(),
+            "d": e.t().contiguous(),
+            "other": torch.randn(3, 6, generator=g),
+        },
+        path,
+    )
     got = {(t.alias, t.source, t.transform) for t in tiecli.inspect(path).ties}
     assert got == {("b", "a", "transpose"), ("c", "a", "identity"), ("d", "a", "transpose")}
 
@@ -131,9 +156,18 @@ def test_chain_of_transposed_and_identity_copies(tmp_path: Path) -> None:
 def test_fresh_model_has_no_value_ties(tmp_path: Path) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = AutoConfig.for_model("llama", num_hidden_layers=2, hidden_size=16, intermediate_size=32,
-                               num_attention_heads=2, num_key_value_heads=2, vocab_size=64,
-                               tie_word_embeddings=False, bos_token_id=0, eos_token_id=1)
+    cfg = AutoConfig.for_model(
+        "llama",
+        num_hidden_layers=2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        vocab_size=64,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(cfg)
     sd = {k: v.contiguous() for k, v in model.state_dict().items()}
@@ -185,12 +219,16 @@ def test_drift_without_transformers_uses_config_pattern(no_transformers) -> None
     assert [p.code for p in result.problems] == ["drift"]
 
 
-@pytest.mark.parametrize("name,key", [("lightning.ckpt", "state_dict"), ("fairseq.pt", "model"),
-                                      ("deepspeed.pt", "module")])
+@pytest.mark.parametrize(
+    "name,key",
+    [("lightning.ckpt", "state_dict"), ("fairseq.pt", "model"), ("deepspeed.pt", "module")],
+)
 def test_nested_state_dicts(name: str, key: str) -> None:
     result = tiecli.inspect(FIXTURES / "custom" / "nested" / name)
     assert result.nested_key == key
-    assert [(t.alias, t.source) for t in result.ties] == [("lm_head.weight", "transformer.wte.weight")]
+    assert [(t.alias, t.source) for t in result.ties] == [
+        ("lm_head.weight", "transformer.wte.weight")
+    ]
     assert "storage" in result.ties[0].evidence
 
 
@@ -200,13 +238,22 @@ def test_source_missing_is_a_warning(tmp_path: Path) -> None:
     out = tmp_path / "headonly"
     out.mkdir()
     shutil.copy(src / "config.json", out)
-    sd = {k: v for k, v in __import__("safetensors.torch", fromlist=["x"]).load_file(
-        src / "model.safetensors").items() if k != "model.embed_tokens.weight"}
+    sd = {
+        k: v
+        for k, v in __import__("safetensors.torch", fromlist=["x"])
+        .load_file(src / "model.safetensors")
+        .items()
+        if k != "model.embed_tokens.weight"
+    }
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
     result = tiecli.inspect(out)
     (tie,) = result.ties
     assert (tie.alias, tie.source, tie.stored, tie.source_stored) == (
-        "lm_head.weight", "model.embed_tokens.weight", True, False)
+        "lm_head.weight",
+        "model.embed_tokens.weight",
+        True,
+        False,
+    )
     assert [(p.code, p.severity) for p in result.problems] == [("source-missing", "warning")]
     assert result.ok
 
@@ -227,13 +274,20 @@ def test_convention_metadata_is_read(tmp_path: Path) -> None:
     path = tmp_path / "saved_by_save_model.safetensors"
     save_file({"emb": w, "other": torch.randn(3)}, path, metadata={"format": "pt", "head": "emb"})
     (tie,) = tiecli.inspect(path).ties
-    assert (tie.alias, tie.source, tie.kind, tie.evidence, tie.stored) == ("head", "emb", "tied", ["metadata"], False)
+    assert (tie.alias, tie.source, tie.kind, tie.evidence, tie.stored) == (
+        "head",
+        "emb",
+        "tied",
+        ["metadata"],
+        False,
+    )
 
 
 def test_bad_record_is_a_problem_not_a_crash(tmp_path: Path) -> None:
     path = tmp_path / "bad.safetensors"
-    rec = json.dumps({"version": 1, "ties": [{"alias": "a", "source": "missing"},
-                                             {"alias": "b", "source": "a"}]})
+    rec = json.dumps(
+        {"version": 1, "ties": [{"alias": "a", "source": "missing"}, {"alias": "b", "source": "a"}]}
+    )
     save_file({"x": torch.randn(4)}, path, metadata={"tiecli": rec})
     result = tiecli.inspect(path)
     codes = [p.code for p in result.problems]
@@ -251,7 +305,17 @@ def test_cli_json_document() -> None:
     r = runner.invoke(app, ["inspect", "--json", str(fixture_path("gpt2", "full"))])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
-    for key in ("command", "path", "format", "ok", "problems", "tensors", "bytes", "ties", "dedupable_bytes"):
+    for key in (
+        "command",
+        "path",
+        "format",
+        "ok",
+        "problems",
+        "tensors",
+        "bytes",
+        "ties",
+        "dedupable_bytes",
+    ):
         assert key in doc
     assert doc["command"] == "inspect" and doc["format"] == "safetensors" and doc["ok"] is True
     (tie,) = doc["ties"]
@@ -271,7 +335,12 @@ def test_cli_table_at_fixed_width() -> None:
     r = runner.invoke(app, ["inspect", str(fixture_path("t5", "full"))], env={"COLUMNS": "160"})
     assert r.exit_code == 0
     out = r.stdout
-    for name in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight", "shared.weight"):
+    for name in (
+        "encoder.embed_tokens.weight",
+        "decoder.embed_tokens.weight",
+        "lm_head.weight",
+        "shared.weight",
+    ):
         assert name in out
     assert "dedupe would save: 12.0 KiB (12288 bytes)" in out
     assert "declared, value" in out
@@ -285,26 +354,45 @@ def test_cli_error_is_one_line_exit_2(tmp_path: Path) -> None:
     assert r.stdout == ""
 
 
-@pytest.mark.parametrize("argv", [["-c", "import tiecli, sys; print(sorted(m for m in ('torch','transformers','numpy') if m in sys.modules))"],
-                                  ["-m", "tiecli", "--help"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [
+            "-c",
+            "import tiecli, sys; print(sorted(m for m in ('torch','transformers','numpy') if m in sys.modules))",
+        ],
+        ["-m", "tiecli", "--help"],
+    ],
+)
 def test_light_imports(argv: list[str]) -> None:
-    code = ("import runpy, sys, atexit\n"
-            "atexit.register(lambda: sys.__stderr__.write('HEAVY:' + ','.join(m for m in ('torch','transformers') if m in sys.modules)))\n")
+    code = (
+        "import runpy, sys, atexit\n"
+        "atexit.register(lambda: sys.__stderr__.write('HEAVY:' + ','.join(m for m in ('torch','transformers') if m in sys.modules)))\n"
+    )
     if argv[0] == "-c":
         out = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "[]"
     else:
-        out = subprocess.run([sys.executable, "-c", code + "sys.argv=['tiecli','--help']\n"
-                              "try:\n  runpy.run_module('tiecli', run_name='__main__')\nexcept SystemExit:\n  pass\n"],
-                             capture_output=True, text=True)
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                code + "sys.argv=['tiecli','--help']\n"
+                "try:\n  runpy.run_module('tiecli', run_name='__main__')\nexcept SystemExit:\n  pass\n",
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert "Usage" in out.stdout
         assert out.stderr.strip().endswith("HEAVY:"), out.stderr
 
 
 def test_inspect_of_safetensors_without_config_does_not_import_torch() -> None:
-    code = ("import sys, tiecli\n"
-            f"r = tiecli.inspect({str(FIXTURES / 'custom' / 'transposed.safetensors')!r})\n"
-            "assert r.ties, r\n"
-            "print(','.join(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    code = (
+        "import sys, tiecli\n"
+        f"r = tiecli.inspect({str(FIXTURES / 'custom' / 'transposed.safetensors')!r})\n"
+        "assert r.ties, r\n"
+        "print(','.join(m for m in ('torch', 'transformers') if m in sys.modules))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""

@@ -21,7 +21,9 @@ runner = CliRunner()
 
 def snapshot(folder: Path) -> dict[str, str]:
     return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        if p.is_file()
+        else "dir"
         for p in sorted(folder.rglob("*"))
     }
 
@@ -73,7 +75,9 @@ def test_read_only_folder_in_place(work: Path, command: str) -> None:
 
 @pytest.mark.parametrize("target", ["file", "sharded"])
 @pytest.mark.parametrize("command", ["dedupe", "untie"])
-def test_disk_full_leaves_input_intact(work: Path, monkeypatch: pytest.MonkeyPatch, command: str, target: str) -> None:
+def test_disk_full_leaves_input_intact(
+    work: Path, monkeypatch: pytest.MonkeyPatch, command: str, target: str
+) -> None:
     import tiecli.formats.safetensors as st
 
     if target == "file":
@@ -91,7 +95,9 @@ def test_disk_full_leaves_input_intact(work: Path, monkeypatch: pytest.MonkeyPat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(st.os, "pwrite", full)
-    monkeypatch.setattr(st.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(
+        st.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
     r = runner.invoke(app, [command, str(path)])
     assert r.exit_code == 2
     assert "no space left on device" in one_error_line(r)
@@ -101,7 +107,9 @@ def test_disk_full_leaves_input_intact(work: Path, monkeypatch: pytest.MonkeyPat
 def test_disk_full_with_output_leaves_nothing(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import tiecli.formats.safetensors as st
 
-    monkeypatch.setattr(st.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    monkeypatch.setattr(
+        st.os, "copy_file_range", lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full"))
+    )
     before = snapshot(work)
     r = runner.invoke(app, ["dedupe", str(work / "ckpt"), "-o", str(work / "out")])
     assert r.exit_code == 2 and "no space" in one_error_line(r)
@@ -111,7 +119,9 @@ def test_disk_full_with_output_leaves_nothing(work: Path, monkeypatch: pytest.Mo
 def _small_fs(tmp_path: Path) -> Path | None:
     mnt = tmp_path / "small"
     mnt.mkdir()
-    ok = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True)
+    ok = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=48k", "tmpfs", str(mnt)], capture_output=True
+    )
     return mnt if ok.returncode == 0 else None
 
 
@@ -170,5 +180,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
 
 
 def test_output_parent_missing(tmp_path: Path) -> None:
-    r = runner.invoke(app, ["dedupe", str(fixture_path("gpt2", "full")), "-o", str(tmp_path / "no" / "out")])
+    r = runner.invoke(
+        app, ["dedupe", str(fixture_path("gpt2", "full")), "-o", str(tmp_path / "no" / "out")]
+    )
     assert r.exit_code == 2 and "parent folder does not exist" in one_error_line(r)

@@ -66,11 +66,17 @@ def test_drift_fails() -> None:
     assert set(p["tensors"]) == {"lm_head.weight", "model.embed_tokens.weight"}
 
 
-def _record(tmp_path: Path, ties: list[dict], tensors: dict | None = None, version: int = 1) -> Path:
+def _record(
+    tmp_path: Path, ties: list[dict], tensors: dict | None = None, version: int = 1
+) -> Path:
     path = tmp_path / "rec.safetensors"
     g = torch.Generator().manual_seed(0)
     tensors = tensors or {"emb": torch.randn(8, 4, generator=g), "vec": torch.randn(5, generator=g)}
-    save_file(tensors, path, metadata={"format": "pt", "tiecli": json.dumps({"version": version, "ties": ties})})
+    save_file(
+        tensors,
+        path,
+        metadata={"format": "pt", "tiecli": json.dumps({"version": version, "ties": ties})},
+    )
     return path
 
 
@@ -118,7 +124,9 @@ def test_source_missing_is_warning_and_strict_fails(tmp_path: Path) -> None:
     del sd["model.embed_tokens.weight"]
     save_file(sd, out / "model.safetensors", metadata={"format": "pt"})
     code, doc = run_verify(str(out))
-    assert code == 0 and [(p["code"], p["severity"]) for p in doc["problems"]] == [("source-missing", "warning")]
+    assert code == 0 and [(p["code"], p["severity"]) for p in doc["problems"]] == [
+        ("source-missing", "warning")
+    ]
     code, doc = run_verify("--strict", str(out))
     assert code == 1 and doc["ok"] is False
 
@@ -165,14 +173,23 @@ def _run_hook(files: list[Path]) -> subprocess.CompletedProcess:
     chosen = [str(f) for f in files if pattern.search(str(f))]
     argv = shlex.split(hook["entry"])
     assert argv[0] == "tiecli"
-    return subprocess.run([sys.executable, "-m", "tiecli", *argv[1:], *chosen], capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "tiecli", *argv[1:], *chosen], capture_output=True, text=True
+    )
 
 
 def test_hook_definition() -> None:
     hook = _hook()
     assert hook["id"] == "tiecli-verify" and hook["entry"] == "tiecli verify --require-deduped"
     pattern = re.compile(hook["files"])
-    for name in ("a.safetensors", "a.bin", "a.pt", "a.pth", "a.ckpt", "model.safetensors.index.json"):
+    for name in (
+        "a.safetensors",
+        "a.bin",
+        "a.pt",
+        "a.pth",
+        "a.ckpt",
+        "model.safetensors.index.json",
+    ):
         assert pattern.search(name)
     for name in ("config.json", "README.md", "tokenizer.json"):
         assert not pattern.search(name)
@@ -205,7 +222,9 @@ def test_check_model_healthy_and_broken() -> None:
     m = _gpt2()
     assert tiecli.check_model(m) is None
     m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())
-    with pytest.raises(tiecli.TieError, match="lm_head.weight -> transformer.wte.weight: tie broken"):
+    with pytest.raises(
+        tiecli.TieError, match="lm_head.weight -> transformer.wte.weight: tie broken"
+    ):
         tiecli.check_model(m)
     with torch.no_grad():
         m.lm_head.weight[0, 0] += 0.25
@@ -238,8 +257,16 @@ class _Data(torch.utils.data.Dataset):
 def _trainer(tmp_path: Path, callbacks: list, steps: int):
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=steps, save_steps=2, per_device_train_batch_size=2,
-                             report_to=[], use_cpu=True, logging_steps=1000, disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=steps,
+        save_steps=2,
+        per_device_train_batch_size=2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1000,
+        disable_tqdm=True,
+    )
     return Trainer(model=_gpt2(), args=args, train_dataset=_Data(), callbacks=callbacks)
 
 

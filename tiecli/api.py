@@ -7,8 +7,8 @@ Every command is the same pipeline: open the checkpoint, find its ties, and
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
@@ -74,7 +74,9 @@ def _inspect_opened(ckpt: Checkpoint, report: TieReport) -> InspectResult:
     )
 
 
-def inspect(path: PathLike, *, use_transformers: bool = True, progress: Progress = NO_PROGRESS) -> InspectResult:
+def inspect(
+    path: PathLike, *, use_transformers: bool = True, progress: Progress = NO_PROGRESS
+) -> InspectResult:
     """Tensors, ties and problems of the checkpoint at ``path``; changes nothing."""
     with open_checkpoint(path) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
@@ -181,7 +183,9 @@ def dedupe(
     with open_checkpoint(path) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
-        plan = plan_dedupe(ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st)
+        plan = plan_dedupe(
+            ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st
+        )
         result = DedupeResult(
             path=str(ckpt.path),
             format=ckpt.format,
@@ -348,7 +352,9 @@ def verify(
     from .formats import checkpoint_roots
 
     given = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
-    if not forward and (against is not None or atol is not None or dtype is not None or model is not None):
+    if not forward and (
+        against is not None or atol is not None or dtype is not None or model is not None
+    ):
         raise UsageError("--against, --atol, --dtype and --model go with --forward")
     roots = checkpoint_roots(given)
     if forward and len(roots) != 1:
@@ -361,7 +367,9 @@ def verify(
             if require_deduped:
                 problems += _duplicate_stored(str(ckpt.path), report)
             verdicts.append(CheckpointVerdict(str(ckpt.path), ckpt.format, report.ties, problems))
-    result = VerifyResult([str(p) for p in given], verdicts, strict=strict, require_deduped=require_deduped)
+    result = VerifyResult(
+        [str(p) for p in given], verdicts, strict=strict, require_deduped=require_deduped
+    )
     if forward:
         from .forward import forward_check
 

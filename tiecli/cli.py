@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -47,7 +47,13 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-PathArg = Annotated[Path, typer.Argument(help="A .safetensors file, a sharded index or its folder, a .bin/.pt/.pth/.ckpt, or a Hugging Face folder.", show_default=False)]
+PathArg = Annotated[
+    Path,
+    typer.Argument(
+        help="A .safetensors file, a sharded index or its folder, a .bin/.pt/.pth/.ckpt, or a Hugging Face folder.",
+        show_default=False,
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress output.")]
 
@@ -60,7 +66,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
 ) -> None:
     """Find, record, dedupe, restore and verify tied weights in PyTorch checkpoints."""
@@ -84,7 +92,15 @@ def inspect(path: PathArg, json_out: JsonOpt = False, quiet: QuietOpt = False) -
         render_inspect(result, _stdout())
 
 
-OutOpt = Annotated[Optional[Path], typer.Option("-o", "--output", help="Write here instead of rewriting in place (a file for a file, a folder for a folder or sharded checkpoint).", show_default=False)]
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "-o",
+        "--output",
+        help="Write here instead of rewriting in place (a file for a file, a folder for a folder or sharded checkpoint).",
+        show_default=False,
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan; write nothing.")]
 
@@ -93,10 +109,23 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan; write
 def dedupe(
     path: PathArg,
     output: OutOpt = None,
-    by_value: Annotated[bool, typer.Option("--by-value", help="Also remove duplicates nobody declared (equal by value).")] = False,
-    min_bytes: Annotated[int, typer.Option("--min-bytes", min=0, help="With --by-value: smallest duplicate to remove.")] = 1 << 20,
+    by_value: Annotated[
+        bool,
+        typer.Option("--by-value", help="Also remove duplicates nobody declared (equal by value)."),
+    ] = False,
+    min_bytes: Annotated[
+        int,
+        typer.Option("--min-bytes", min=0, help="With --by-value: smallest duplicate to remove."),
+    ] = 1 << 20,
     dry_run: DryRunOpt = False,
-    to: Annotated[Optional[str], typer.Option("--to", help="Convert on the way: 'safetensors' (from a PyTorch pickle).", show_default=False)] = None,
+    to: Annotated[
+        str | None,
+        typer.Option(
+            "--to",
+            help="Convert on the way: 'safetensors' (from a PyTorch pickle).",
+            show_default=False,
+        ),
+    ] = None,
     force: ForceOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
@@ -106,8 +135,16 @@ def dedupe(
     from .progress import console_progress
     from .render import print_json, render_dedupe
 
-    result = run(path, output, by_value=by_value, min_bytes=min_bytes, dry_run=dry_run, to=to,
-                 force=force, progress=console_progress(quiet))
+    result = run(
+        path,
+        output,
+        by_value=by_value,
+        min_bytes=min_bytes,
+        dry_run=dry_run,
+        to=to,
+        force=force,
+        progress=console_progress(quiet),
+    )
     if json_out:
         print_json(result)
     else:
@@ -137,15 +174,66 @@ def untie(
 
 @app.command()
 def verify(
-    paths: Annotated[list[Path], typer.Argument(help="Checkpoints to check; the files of one sharded checkpoint are checked once.", show_default=False)],
-    require_deduped: Annotated[bool, typer.Option("--require-deduped", help="Also fail when a tied tensor is stored more than once.")] = False,
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoints to check; the files of one sharded checkpoint are checked once.",
+            show_default=False,
+        ),
+    ],
+    require_deduped: Annotated[
+        bool,
+        typer.Option(
+            "--require-deduped", help="Also fail when a tied tensor is stored more than once."
+        ),
+    ] = False,
     strict: Annotated[bool, typer.Option("--strict", help="Fail on warnings too.")] = False,
-    forward: Annotated[bool, typer.Option("--forward", help="Rebuild the model, load it with ties restored and run a seeded forward pass.")] = False,
-    device: Annotated[str, typer.Option("--device", help="With --forward: auto (cuda when available), cpu, cuda or cuda:N.")] = "auto",
-    against: Annotated[Optional[Path], typer.Option("--against", help="With --forward: a reference checkpoint whose outputs must be bit-identical.", show_default=False)] = None,
-    atol: Annotated[Optional[float], typer.Option("--atol", min=0, help="With --against: accept outputs within this max abs difference.", show_default=False)] = None,
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="With --forward: cast floating weights (float32, float16, bfloat16, float64).", show_default=False)] = None,
-    model: Annotated[Optional[str], typer.Option("--model", help="With --forward: module:function returning the nn.Module (instead of config.json).", show_default=False)] = None,
+    forward: Annotated[
+        bool,
+        typer.Option(
+            "--forward",
+            help="Rebuild the model, load it with ties restored and run a seeded forward pass.",
+        ),
+    ] = False,
+    device: Annotated[
+        str,
+        typer.Option(
+            "--device", help="With --forward: auto (cuda when available), cpu, cuda or cuda:N."
+        ),
+    ] = "auto",
+    against: Annotated[
+        Path | None,
+        typer.Option(
+            "--against",
+            help="With --forward: a reference checkpoint whose outputs must be bit-identical.",
+            show_default=False,
+        ),
+    ] = None,
+    atol: Annotated[
+        float | None,
+        typer.Option(
+            "--atol",
+            min=0,
+            help="With --against: accept outputs within this max abs difference.",
+            show_default=False,
+        ),
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="With --forward: cast floating weights (float32, float16, bfloat16, float64).",
+            show_default=False,
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            help="With --forward: module:function returning the nn.Module (instead of config.json).",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -154,8 +242,18 @@ def verify(
     from .progress import console_progress
     from .render import print_json, render_verify
 
-    result = run(paths, require_deduped=require_deduped, strict=strict, forward=forward, device=device,
-                 against=against, atol=atol, dtype=dtype, model=model, progress=console_progress(quiet))
+    result = run(
+        paths,
+        require_deduped=require_deduped,
+        strict=strict,
+        forward=forward,
+        device=device,
+        against=against,
+        atol=atol,
+        dtype=dtype,
+        model=model,
+        progress=console_progress(quiet),
+    )
     if json_out:
         print_json(result)
     else:

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint, Entry
-from .patterns import pattern_ties, rules_for, table
+from .patterns import pattern_ties, table
 from .progress import NO_PROGRESS, Progress
 from .record import read_record
 from .values import difference, equal, find_equal
@@ -32,7 +32,12 @@ class Problem:
     tensors: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"code": self.code, "severity": self.severity, "message": self.message, "tensors": self.tensors}
+        return {
+            "code": self.code,
+            "severity": self.severity,
+            "message": self.message,
+            "tensors": self.tensors,
+        }
 
 
 @dataclass
@@ -42,7 +47,11 @@ class Drift:
     numel: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"max_abs_diff": self.max_abs_diff, "differing_elements": self.differing, "elements": self.numel}
+        return {
+            "max_abs_diff": self.max_abs_diff,
+            "differing_elements": self.differing,
+            "elements": self.numel,
+        }
 
 
 @dataclass
@@ -118,7 +127,9 @@ class _Finder:
         for issue in rec.issues:
             self.problems.append(Problem("bad-record", "error", issue.message, list(issue.tensors)))
         for t in rec.ties:
-            self.claims.append(_Claim(t.alias, t.source, t.transform, "metadata", t.kind == "duplicate"))
+            self.claims.append(
+                _Claim(t.alias, t.source, t.transform, "metadata", t.kind == "duplicate")
+            )
         for t in rec.convention:
             self.claims.append(_Claim(t.alias, t.source, "identity", "metadata"))
 
@@ -133,7 +144,9 @@ class _Finder:
             self.declared_by = f"transformers ({declared.architecture})"
             for alias, source in declared.ties.items():
                 if alias in self.entries or source in self.entries:
-                    self.claims.append(_Claim(alias, source, self._shape_transform(alias, source), "declared"))
+                    self.claims.append(
+                        _Claim(alias, source, self._shape_transform(alias, source), "declared")
+                    )
             return
         found = pattern_ties(self.entries, cfg)
         if found:
@@ -170,7 +183,11 @@ class _Finder:
         rules = table()["model_types"].get(model_type, [])
         for rule in rules:
             alias, source = rule["alias"], rule["source"]
-            if rule["when"] == "tie_word_embeddings" and source in self.entries and alias not in self.entries:
+            if (
+                rule["when"] == "tie_word_embeddings"
+                and source in self.entries
+                and alias not in self.entries
+            ):
                 self.problems.append(
                     Problem(
                         "config-mismatch",
@@ -226,7 +243,9 @@ class _Finder:
                 continue
             component = _component(adj, start)
             seen.update(component)
-            source = min(component, key=lambda n: (rank(n), n not in self.entries, self.order.get(n, 0)))
+            source = min(
+                component, key=lambda n: (rank(n), n not in self.entries, self.order.get(n, 0))
+            )
             transforms = _transforms_from(adj, source)
             for alias in sorted(component - {source}, key=lambda n: self.order.get(n, 1 << 30)):
                 ties.append(self._tie(alias, source, transforms[alias], evidence, structural))
@@ -242,7 +261,9 @@ class _Finder:
     ) -> Tie:
         a, s = self.entries.get(alias), self.entries.get(source)
         ev = set(evidence[alias])
-        shared = a is not None and s is not None and a.storage is not None and a.storage == s.storage
+        shared = (
+            a is not None and s is not None and a.storage is not None and a.storage == s.storage
+        )
         ref = a or s
         assert ref is not None
         tie = Tie(
@@ -264,7 +285,11 @@ class _Finder:
         return tie
 
     def _drift(self, a: Entry, s: Entry, transform: str) -> Drift:
-        if a.dtype != s.dtype or (a.shape != s.shape and transform == "identity") or transform == "transpose":
+        if (
+            a.dtype != s.dtype
+            or (a.shape != s.shape and transform == "identity")
+            or transform == "transpose"
+        ):
             return Drift(None, a.numel, a.numel)
         d = difference(a, s)
         return Drift(d.max_abs_diff, d.differing, d.numel)
@@ -319,7 +344,11 @@ class _Finder:
         for t in ties:
             if t.drift is not None:
                 d = t.drift
-                diff = f"max abs diff {d.max_abs_diff:g}" if d.max_abs_diff is not None else "shapes or dtypes differ"
+                diff = (
+                    f"max abs diff {d.max_abs_diff:g}"
+                    if d.max_abs_diff is not None
+                    else "shapes or dtypes differ"
+                )
                 self.problems.append(
                     Problem(
                         "drift",
@@ -393,7 +422,9 @@ def _transforms_from(adj: dict[str, list[tuple[str, str]]], source: str) -> dict
     return out
 
 
-def find_ties(ckpt: Checkpoint, *, use_transformers: bool = True, progress: Progress = NO_PROGRESS) -> TieReport:
+def find_ties(
+    ckpt: Checkpoint, *, use_transformers: bool = True, progress: Progress = NO_PROGRESS
+) -> TieReport:
     f = _Finder(ckpt, use_transformers, progress)
     f.from_record()
     f.from_architecture()
@@ -401,6 +432,8 @@ def find_ties(ckpt: Checkpoint, *, use_transformers: bool = True, progress: Prog
     f.check_config()
     ties = f.assemble()
     ties = f.add_value_matches(ties)
-    ties.sort(key=lambda t: (f.order.get(t.source, 1 << 30), f.order.get(t.alias, 1 << 30), t.alias))
+    ties.sort(
+        key=lambda t: (f.order.get(t.source, 1 << 30), f.order.get(t.alias, 1 << 30), t.alias)
+    )
     f.report_problems(ties)
     return TieReport(ties, f.problems, f.declared_by)

@@ -56,8 +56,15 @@ CODE_TO_TORCH = {code: name for name, code in TORCH_TO_CODE.items()}
 
 _NUMPY_FLOAT = {"F16": "<f2", "F32": "<f4", "F64": "<f8"}
 _NUMPY_INT = {
-    "BOOL": "u1", "U8": "u1", "I8": "i1", "I16": "<i2", "U16": "<u2",
-    "I32": "<i4", "U32": "<u4", "I64": "<i8", "U64": "<u8",
+    "BOOL": "u1",
+    "U8": "u1",
+    "I8": "i1",
+    "I16": "<i2",
+    "U16": "<u2",
+    "I32": "<i4",
+    "U32": "<u4",
+    "I64": "<i8",
+    "U64": "<u8",
 }
 
 

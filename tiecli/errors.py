@@ -17,7 +17,9 @@ class TiecliError(Exception):
 
     exit_code = 2
 
-    def __init__(self, message: str, path: str | os.PathLike[str] | None = None, hint: str | None = None):
+    def __init__(
+        self, message: str, path: str | os.PathLike[str] | None = None, hint: str | None = None
+    ):
         self.message = " ".join(str(message).split())
         self.path = os.fspath(path) if path is not None else None
         self.hint = " ".join(hint.split()) if hint else None

@@ -81,12 +81,18 @@ def resolve_device(device: str) -> Any:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise UsageError(f"--device {device!r} is not a device (use auto, cpu, cuda or cuda:N)") from None
+        raise UsageError(
+            f"--device {device!r} is not a device (use auto, cpu, cuda or cuda:N)"
+        ) from None
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise UsageError("--device cuda asked for, but CUDA is not available here; use --device cpu or auto")
+            raise UsageError(
+                "--device cuda asked for, but CUDA is not available here; use --device cpu or auto"
+            )
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise UsageError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise UsageError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) here"
+            )
     elif dev.type != "cpu":
         raise UsageError(f"--device {device!r}: only cpu and cuda are supported")
     return dev
@@ -168,7 +174,9 @@ def build_model(ckpt: Checkpoint, model_spec: str | None) -> tuple[Any, Any]:
         return _from_spec(model_spec)
     if ckpt.config is None:
         raise UsageError(
-            "has no config.json beside it to rebuild the model from", ckpt.path, hint="pass --model module:function"
+            "has no config.json beside it to rebuild the model from",
+            ckpt.path,
+            hint="pass --model module:function",
         )
     return _from_config(ckpt), None
 
@@ -180,7 +188,9 @@ def _place(
     tensors: dict[str, Any], ties: list[Tie], device: Any, dtype: Any
 ) -> tuple[dict[str, Any], int]:
     """Tensors on ``device``: each source moved once, tied aliases as views of it."""
-    alias_of = {t.alias: t for t in ties if t.kind == "tied" and t.drift is None and t.source in tensors}
+    alias_of = {
+        t.alias: t for t in ties if t.kind == "tied" and t.drift is None and t.source in tensors
+    }
     placed: dict[str, Any] = {}
     for name, t in tensors.items():
         if name in alias_of:
@@ -199,7 +209,9 @@ def _place(
     return {n: placed[n] for n in tensors}, shared
 
 
-def load_onto(model: Any, path: Path, device: Any, dtype: Any, use_transformers: bool) -> tuple[Any, list[str], RunStats, list[Tie]]:
+def load_onto(
+    model: Any, path: Path, device: Any, dtype: Any, use_transformers: bool
+) -> tuple[Any, list[str], RunStats, list[Tie]]:
     """Load the checkpoint at ``path`` into ``model`` on ``device``; (model, problems, stats, ties)."""
     import torch
 
@@ -227,7 +239,7 @@ def load_onto(model: Any, path: Path, device: Any, dtype: Any, use_transformers:
     model.eval()
     stats = RunStats(load_seconds=time.perf_counter() - started, shared_ties=shared)
     seen: set[tuple[int, int]] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
+    for _name, p in model.named_parameters(remove_duplicate=False):
         stats.untied_bytes += p.numel() * p.element_size()
         key = (p.untyped_storage().data_ptr(), p.storage_offset())
         if key not in seen:
@@ -285,7 +297,9 @@ def example_input(model: Any, example: Any, device: Any) -> tuple[tuple[Any, ...
     if vocab is None:
         emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
         if emb is None:
-            raise UsageError("cannot make an input for this model; let --model return (module, example_input)")
+            raise UsageError(
+                "cannot make an input for this model; let --model return (module, example_input)"
+            )
         vocab = emb.num_embeddings
     ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g).to(device)
     if config is None:
@@ -327,11 +341,11 @@ def run_forward(model: Any, example: Any, device: Any) -> tuple[list[Any], float
 def _compare(a: list[Any], b: list[Any]) -> tuple[bool, float]:
     import torch
 
-    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b)):
+    if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=False)):
         return False, math.inf
-    equal = all(torch.equal(x, y) for x, y in zip(a, b))
+    equal = all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
     worst = 0.0
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=False):
         d = (x - y).abs()
         if d.numel():
             m = float(d.max()) if not torch.isnan(d).all() else math.nan
@@ -377,12 +391,18 @@ def forward_check(
                 bar.advance(1)
             finite = all(bool(torch.isfinite(t).all()) for t in outputs) and bool(outputs)
             if not outputs:
-                problems.append(Problem("forward-failed", "error", f"{p}: the model returned no floating outputs"))
+                problems.append(
+                    Problem(
+                        "forward-failed", "error", f"{p}: the model returned no floating outputs"
+                    )
+                )
             elif not finite:
                 problems.append(Problem("forward-failed", "error", f"{p}: outputs hold NaN or Inf"))
         except (RuntimeError, ValueError, TypeError, IndexError) as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            problems.append(Problem("forward-failed", "error", f"{p}: forward pass raised: {first}"))
+            problems.append(
+                Problem("forward-failed", "error", f"{p}: forward pass raised: {first}")
+            )
         report = ForwardReport(
             device=str(dev),
             device_name=_device_name(dev),
@@ -401,7 +421,8 @@ def forward_check(
         report.against = str(against)
         report.atol = atol
         report.problems += [
-            Problem(p.code, p.severity, f"reference: {p.message}", p.tensors) for p in ref_report.problems
+            Problem(p.code, p.severity, f"reference: {p.message}", p.tensors)
+            for p in ref_report.problems
         ]
         if outputs is not None and ref_outputs is not None:
             equal, diff = _compare(outputs, ref_outputs)

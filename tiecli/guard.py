@@ -41,7 +41,9 @@ def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
 
     wanted = declared_module_ties(module) | dict(ties or {})
     tensors = dict(module.named_parameters(remove_duplicate=False))
-    tensors.update({n: b for n, b in module.named_buffers(remove_duplicate=False) if n not in tensors})
+    tensors.update(
+        {n: b for n, b in module.named_buffers(remove_duplicate=False) if n not in tensors}
+    )
     problems = []
     for alias, source in sorted(wanted.items()):
         a, s = tensors.get(alias), tensors.get(source)

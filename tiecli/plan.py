@@ -86,7 +86,9 @@ class Plan:
     @property
     def bytes_after(self) -> int:
         """Tensor bytes in the output (a pickle's shared storage counted once)."""
-        return sum(t.nbytes for f in self.files for t in f.tensors if t.name not in self.pickle_views)
+        return sum(
+            t.nbytes for f in self.files for t in f.tensors if t.name not in self.pickle_views
+        )
 
     def changes(self, ckpt: Checkpoint) -> bool:
         if self.removed or self.restored:
@@ -120,7 +122,9 @@ def _clean(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k != "format"}
 
 
-def record_metadata(metadata: dict[str, Any], names: set[str], ties: list[RecordedTie]) -> dict[str, Any]:
+def record_metadata(
+    metadata: dict[str, Any], names: set[str], ties: list[RecordedTie]
+) -> dict[str, Any]:
     """``metadata`` with the tie record replaced by ``ties`` (other entries kept)."""
     shapes = {n: ((), "") for n in names}
     old = read_record(metadata, shapes)
@@ -176,7 +180,9 @@ def plan_dedupe(
         elif not t.source_stored:
             kept.append((t, "source not stored: this is the only copy"))
         elif not to_safetensors and _other_file(ckpt, t):
-            kept.append((t, "source in another shard: a pickle can share storage only within one file"))
+            kept.append(
+                (t, "source in another shard: a pickle can share storage only within one file")
+            )
         elif t.kind == "tied":
             removed.append(t)
         elif not by_value:
@@ -203,7 +209,9 @@ def plan_dedupe(
     checks += [Check(t.source, ckpt.entries[t.alias], t.transform) for t in removed]
     plan = Plan("dedupe", [], None, checks, removed=removed, kept=kept, record=record)
     if ckpt.format.startswith("pytorch") and not to_safetensors:
-        plan.pickle_views = {t.alias: (t.source, t.transform) for t in report.ties if _in_storage(t, ckpt)}
+        plan.pickle_views = {
+            t.alias: (t.source, t.transform) for t in report.ties if _in_storage(t, ckpt)
+        }
         plan.pickle_views |= {t.alias: (t.source, t.transform) for t in removed}
     _fill_files(plan, ckpt, keep=lambda n: n not in gone, extra={})
     return plan

@@ -89,7 +89,9 @@ def _read_own(raw: Any, shapes: Mapping[str, tuple[tuple[int, ...], str]], rec: 
     if not isinstance(doc, dict):
         return bad("tie record is not a JSON object")
     if doc.get("version") != RECORD_VERSION:
-        return bad(f"tie record version {doc.get('version')!r} is not supported (this tiecli reads version 1)")
+        return bad(
+            f"tie record version {doc.get('version')!r} is not supported (this tiecli reads version 1)"
+        )
     ties = doc.get("ties")
     if not isinstance(ties, list):
         return bad("tie record has no 'ties' list")
@@ -119,7 +121,9 @@ def _read_own(raw: Any, shapes: Mapping[str, tuple[tuple[int, ...], str]], rec: 
         if alias in seen:
             bad(f"alias {alias!r} is recorded twice", alias)
             continue
-        seen[alias] = RecordedTie(alias, source, transform, kind, tuple(dict.fromkeys(["metadata", *evidence])))
+        seen[alias] = RecordedTie(
+            alias, source, transform, kind, tuple(dict.fromkeys(["metadata", *evidence]))
+        )
     for alias, tie in list(seen.items()):
         source = tie.source
         if alias == source:
@@ -127,11 +131,18 @@ def _read_own(raw: Any, shapes: Mapping[str, tuple[tuple[int, ...], str]], rec: 
         elif alias in shapes:
             bad(f"alias {alias!r} is recorded as an alias but is also stored", alias, source)
         elif source in seen:
-            bad(f"alias {alias!r} points to {source!r}, itself an alias (chains and cycles are not allowed)", alias, source)
+            bad(
+                f"alias {alias!r} points to {source!r}, itself an alias (chains and cycles are not allowed)",
+                alias,
+                source,
+            )
         elif source not in shapes:
             bad(f"alias {alias!r} points to source {source!r}, which is not stored", alias, source)
         elif tie.transform == "transpose" and len(shapes[source][0]) != 2:
-            bad(f"alias {alias!r}: transpose of {source!r} needs a 2-D source, not shape {list(shapes[source][0])}", alias, source)
+            bad(
+                f"alias {alias!r}: transpose of {source!r} needs a 2-D source, not shape {list(shapes[source][0])}",
+                alias,
+                source,
+            )
         else:
             rec.ties.append(tie)
-

@@ -21,7 +21,9 @@ def human_bytes(n: int) -> str:
 
 
 def print_json(result: Any) -> None:
-    sys.stdout.write(json.dumps(result.to_dict(), indent=2, allow_nan=False, default=_json_default) + "\n")
+    sys.stdout.write(
+        json.dumps(result.to_dict(), indent=2, allow_nan=False, default=_json_default) + "\n"
+    )
 
 
 def _json_default(value: Any) -> Any:
@@ -46,7 +48,15 @@ def ties_table(ties: list[Any]) -> Table:
             stored += " [red](drift)[/red]"
         elif not t.source_stored:
             stored += " [yellow](source absent)[/yellow]"
-        table.add_row(escape(t.alias), escape(t.source), t.transform, t.kind, ", ".join(t.evidence), stored, human_bytes(t.bytes))
+        table.add_row(
+            escape(t.alias),
+            escape(t.source),
+            t.transform,
+            t.kind,
+            ", ".join(t.evidence),
+            stored,
+            human_bytes(t.bytes),
+        )
     return table
 
 
@@ -74,7 +84,9 @@ def render_inspect(r: Any, console: Console) -> None:
         console.print(ties_table(r.ties))
     else:
         console.print("no ties found")
-    console.print(f"dedupe would save: {human_bytes(r.dedupable_bytes)} ({r.dedupable_bytes} bytes)")
+    console.print(
+        f"dedupe would save: {human_bytes(r.dedupable_bytes)} ({r.dedupable_bytes} bytes)"
+    )
     if r.problems:
         console.print(problems_table(r.problems))
     else:
@@ -89,7 +101,9 @@ def render_dedupe(r: Any, console: Console) -> None:
         for col in ("alias", "source", "transform", "kind", "bytes"):
             table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
         for t in r.removed:
-            table.add_row(escape(t.alias), escape(t.source), t.transform, t.kind, human_bytes(t.bytes))
+            table.add_row(
+                escape(t.alias), escape(t.source), t.transform, t.kind, human_bytes(t.bytes)
+            )
         console.print(table)
     else:
         console.print("nothing to remove")
@@ -158,13 +172,20 @@ def render_forward(f: Any, console: Console) -> None:
 def render_verify(r: Any, console: Console) -> None:
     for c in r.checkpoints:
         tied = sum(1 for t in c.ties if t.kind == "tied")
-        console.print(f"[bold]{escape(c.path)}[/bold]  ({c.format}): {tied} tie(s), {len(c.problems)} problem(s)")
+        console.print(
+            f"[bold]{escape(c.path)}[/bold]  ({c.format}): {tied} tie(s), {len(c.problems)} problem(s)"
+        )
         if c.problems:
             console.print(problems_table(c.problems))
     if r.forward is not None:
         render_forward(r.forward, console)
     failing = len(r.failures)
     if r.ok:
-        console.print("[green]OK[/green]: ties are consistent" + (" and deduped" if r.require_deduped else ""))
+        console.print(
+            "[green]OK[/green]: ties are consistent" + (" and deduped" if r.require_deduped else "")
+        )
     else:
-        console.print(f"[red]FAILED[/red]: {failing} problem(s)" + (" (--strict: warnings count)" if r.strict else ""))
+        console.print(
+            f"[red]FAILED[/red]: {failing} problem(s)"
+            + (" (--strict: warnings count)" if r.strict else "")
+        )

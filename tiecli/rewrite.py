@@ -51,7 +51,9 @@ def execute(
     pickled = ckpt.format.startswith("pytorch")
     as_safetensors = not pickled or to_safetensors
     folder_like = ckpt.folder is not None or ckpt.index_path is not None
-    src_folder = ckpt.folder or (ckpt.index_path.parent if ckpt.index_path else ckpt.weight_files[0].parent)
+    src_folder = ckpt.folder or (
+        ckpt.index_path.parent if ckpt.index_path else ckpt.weight_files[0].parent
+    )
 
     if output is not None:
         _check_output(ckpt, output, force, folder_like)
@@ -118,7 +120,12 @@ def _check_output(ckpt: Checkpoint, output: Path, force: bool, folder_like: bool
 
 
 def _in_place(
-    ckpt: Checkpoint, plan: Plan, staging: Staging, as_safetensors: bool, folder: Path, progress: Progress
+    ckpt: Checkpoint,
+    plan: Plan,
+    staging: Staging,
+    as_safetensors: bool,
+    folder: Path,
+    progress: Progress,
 ) -> list[Path]:
     temps: dict[Path, FilePlan] = {}
     finals: list[Path] = []
@@ -134,7 +141,11 @@ def _in_place(
             if plan.command == "dedupe" and index_final == ckpt.index_path:
                 index_tmp = staging.file(index_final)
             for f in plan.files:
-                if f.source is not None and f.source.name == f.name and not _file_changes(ckpt, plan, f):
+                if (
+                    f.source is not None
+                    and f.source.name == f.name
+                    and not _file_changes(ckpt, plan, f)
+                ):
                     continue
                 final = folder / f.name
                 tmp = staging.file(final)
@@ -151,8 +162,11 @@ def _in_place(
             if as_safetensors and ckpt.format == "pytorch":
                 final = final.parent / f.name
                 if final.exists():
-                    raise OutputError(f"would be replaced by the converted {ckpt.weight_files[0].name}; "
-                                      "move it away or use -o", final)
+                    raise OutputError(
+                        f"would be replaced by the converted {ckpt.weight_files[0].name}; "
+                        "move it away or use -o",
+                        final,
+                    )
             tmp = staging.file(final)
             _write_one(ckpt, plan, f, tmp, as_safetensors, progress)
             temps[tmp] = f

@@ -72,11 +72,15 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
     if isinstance(obj, torch.nn.Module):
         state = obj.state_dict()
         expanded = getattr(obj, "get_expanded_tied_weights_keys", None)
-        declared = dict(expanded(all_submodels=True)) if callable(expanded) else ties_by_identity(obj)
+        declared = (
+            dict(expanded(all_submodels=True)) if callable(expanded) else ties_by_identity(obj)
+        )
     elif isinstance(obj, dict):
         state = dict(obj)
     else:
-        raise UsageError(f"save() takes an nn.Module or a {{name: tensor}} dict, not {type(obj).__name__}")
+        raise UsageError(
+            f"save() takes an nn.Module or a {{name: tensor}} dict, not {type(obj).__name__}"
+        )
     sources = set(declared.values())
     groups: dict[tuple[int, int], list[str]] = {}
     for name, t in state.items():
@@ -103,7 +107,9 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
             evidence = ("declared", "storage") if declared.get(n) == names[0] else ("storage",)
             ties.append(RecordedTie(n, names[0], transform, "tied", evidence))
     kept = {n: kept[n] for n in state if n in kept}
-    meta = record_metadata(dict(metadata or {}), set(kept), sorted(ties, key=lambda r: (r.source, r.alias)))
+    meta = record_metadata(
+        dict(metadata or {}), set(kept), sorted(ties, key=lambda r: (r.source, r.alias))
+    )
     target = Path(path)
     staging = Staging()
     try:

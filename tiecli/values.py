@@ -91,7 +91,7 @@ def equal(a: Entry, b: Entry, transform: str = "identity") -> bool:
         return False
     if sample(a) != sample(b):
         return False
-    return all(x == y for x, y in zip(a.chunks(), b.chunks()))
+    return all(x == y for x, y in zip(a.chunks(), b.chunks(), strict=False))
 
 
 def _equal_transposed(a: Entry, b: Entry) -> bool:
@@ -125,11 +125,11 @@ def difference(a: Entry, b: Entry) -> Difference:
     size = itemsize(a.dtype)
     differing, worst = 0, 0.0
     decodable = True
-    for x, y in zip(a.chunks(), b.chunks()):
+    for x, y in zip(a.chunks(), b.chunks(), strict=False):
         if x == y:
             continue
         if size is None:
-            differing += sum(1 for i, j in zip(x, y) if i != j)
+            differing += sum(1 for i, j in zip(x, y, strict=False) if i != j)
             decodable = False
             continue
         xs = np.frombuffer(x, dtype=np.uint8).reshape(-1, size)
@@ -199,7 +199,9 @@ def find_equal(entries: Iterable[Entry], progress: Progress = NO_PROGRESS) -> Va
         for e in g:
             if e.name not in constant:
                 by_digest[digests[e.name].digest].append(e)
-        groups.extend(sorted(m, key=lambda e: order[e.name]) for m in by_digest.values() if len(m) > 1)
+        groups.extend(
+            sorted(m, key=lambda e: order[e.name]) for m in by_digest.values() if len(m) > 1
+        )
 
     pairs = []
     for x, y in transposed_candidates:

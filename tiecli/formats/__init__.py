@@ -154,7 +154,9 @@ def _open_index(index: Path, shown: Path) -> Checkpoint:
         for number, shard in enumerate(shard_names):
             shard_path = index.parent / shard
             if os.sep in shard or "/" in shard or shard in ("", ".", ".."):
-                raise CheckpointFormatError(f"index names shard {shard!r} outside its folder", index)
+                raise CheckpointFormatError(
+                    f"index names shard {shard!r} outside its folder", index
+                )
             if not shard_path.is_file():
                 what = "is not a file" if shard_path.exists() else "does not exist"
                 raise CheckpointFormatError(f"index names shard {shard!r}, which {what}", index)
@@ -181,7 +183,9 @@ def _open_index(index: Path, shown: Path) -> Checkpoint:
     pickled = any(isinstance(r, PickleFile) for r in readers)
     fmt = "pytorch-sharded" if pickled else "safetensors-sharded"
     paths = [index.parent / s for s in shard_names]
-    return Checkpoint(shown, fmt, entries, paths, index_path=index, metadata=dict(metadata), readers=readers)
+    return Checkpoint(
+        shown, fmt, entries, paths, index_path=index, metadata=dict(metadata), readers=readers
+    )
 
 
 def _order(files: dict[str, Any], kv: tuple[str, str]) -> tuple[int, int, str]:

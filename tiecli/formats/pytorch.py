@@ -81,7 +81,9 @@ class TensorBlob:
             import torch
 
             t = self.tensor.contiguous().reshape(-1)
-            self._flat = t.view(torch.uint8) if t.element_size() > 0 and t.numel() else t.to(torch.uint8)
+            self._flat = (
+                t.view(torch.uint8) if t.element_size() > 0 and t.numel() else t.to(torch.uint8)
+            )
         return self._flat
 
     def read(self, offset: int, size: int) -> bytes:

@@ -97,7 +97,11 @@ class SafetensorsFile:
     def _fail(self, what: str) -> CheckpointFormatError:
         return CheckpointFormatError(what, self.path)
 
-    def _parse(self) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], dict[str, Any]]:
+    def _parse(
+        self,
+    ) -> tuple[
+        int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], dict[str, Any]
+    ]:
         if self.size == 0:
             raise self._fail("file is empty, not a safetensors file")
         if self.size < 8:
@@ -105,7 +109,9 @@ class SafetensorsFile:
         head = os.pread(self.fd, 8, 0)
         if head == LFS_POINTER[:8] and os.pread(self.fd, len(LFS_POINTER), 0) == LFS_POINTER:
             raise CheckpointFormatError(
-                "is a Git LFS pointer, not the weights", self.path, hint="fetch them with 'git lfs pull'"
+                "is a Git LFS pointer, not the weights",
+                self.path,
+                hint="fetch them with 'git lfs pull'",
             )
         if head.startswith(b"PK\x03\x04"):
             raise CheckpointFormatError(
@@ -115,9 +121,13 @@ class SafetensorsFile:
             )
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER:
-            raise self._fail(f"header length {n} exceeds the {MAX_HEADER}-byte limit (not a safetensors file?)")
+            raise self._fail(
+                f"header length {n} exceeds the {MAX_HEADER}-byte limit (not a safetensors file?)"
+            )
         if 8 + n > self.size:
-            raise self._fail(f"header length {n} runs past the end of the {self.size}-byte file (truncated?)")
+            raise self._fail(
+                f"header length {n} runs past the end of the {self.size}-byte file (truncated?)"
+            )
         raw = os.pread(self.fd, n, 8)
         self.bytes_read += 8 + n
         try:
@@ -141,12 +151,14 @@ class SafetensorsFile:
                 continue
             tensors[name] = self._tensor_info(name, info, data_size)
         spans = sorted((v[2], v[3], k) for k, v in tensors.items() if v[3] > v[2])
-        for (s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:]):
+        for (_s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:], strict=False):
             if s1 < e0:
                 raise self._fail(f"tensors {k0!r} and {k1!r} overlap in the file")
         return n, tensors, dict(meta_raw), header
 
-    def _tensor_info(self, name: str, info: Any, data_size: int) -> tuple[str, tuple[int, ...], int, int]:
+    def _tensor_info(
+        self, name: str, info: Any, data_size: int
+    ) -> tuple[str, tuple[int, ...], int, int]:
         if not isinstance(info, dict):
             raise self._fail(f"tensor {name!r}: header entry is not an object")
         dtype = info.get("dtype")
@@ -154,7 +166,9 @@ class SafetensorsFile:
             raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
         shape = info.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise self._fail(f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers")
+            raise self._fail(
+                f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers"
+            )
         offsets = info.get("data_offsets")
         if (
             not isinstance(offsets, list)
@@ -195,8 +209,19 @@ class SafetensorsFile:
 
     def entries(self) -> list[Entry]:
         out = []
-        for name, (dtype, shape, start, end) in sorted(self.tensors.items(), key=lambda kv: kv[1][2]):
-            out.append(Entry(name, dtype, shape, end - start, FileBlob(self, start, end - start), file=self.path))
+        for name, (dtype, shape, start, end) in sorted(
+            self.tensors.items(), key=lambda kv: kv[1][2]
+        ):
+            out.append(
+                Entry(
+                    name,
+                    dtype,
+                    shape,
+                    end - start,
+                    FileBlob(self, start, end - start),
+                    file=self.path,
+                )
+            )
         return out
 
     def close(self) -> None:
@@ -236,22 +261,29 @@ class FileBlob:
             return None
         self.file.bytes_read += self.nbytes
         count = self.nbytes // np.dtype(view).itemsize
-        flat = np.frombuffer(self.file.view(), dtype=view, count=count, offset=self.file.data_start + self.start)
+        flat = np.frombuffer(
+            self.file.view(), dtype=view, count=count, offset=self.file.data_start + self.start
+        )
         return flat.reshape(shape)
-
 
 
 # -- writing -------------------------------------------------------------
 
 
-def encode_header(tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]) -> bytes:
+def encode_header(
+    tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]
+) -> bytes:
     """The 8-byte length plus JSON header, padded with spaces to 8-byte alignment."""
     header: dict[str, Any] = {}
     if metadata:
         header[METADATA_KEY] = metadata
     offset = 0
     for name, dtype, shape, nbytes in tensors:
-        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)

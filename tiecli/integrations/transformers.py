@@ -25,13 +25,20 @@ class TieGuardCallback(TrainerCallback):  # type: ignore[misc]
     stored twice; ``strict`` fails on warnings too.
     """
 
-    def __init__(self, require_deduped: bool = False, strict: bool = False, ties: dict[str, str] | None = None):
+    def __init__(
+        self,
+        require_deduped: bool = False,
+        strict: bool = False,
+        ties: dict[str, str] | None = None,
+    ):
         self.require_deduped = require_deduped
         self.strict = strict
         self.ties = ties
         self.verified: list[str] = []
 
-    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> Any:
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any
+    ) -> Any:
         if getattr(control, "should_save", False) and model is not None:
             check_model(_unwrap(model), self.ties)
         return control
