@@ -7,6 +7,7 @@ Every command is the same pipeline: open the checkpoint, find its ties, and
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -329,7 +330,7 @@ def _duplicate_stored(path: str, report: TieReport) -> list[Problem]:
 
 
 def verify(
-    paths: PathLike | list[PathLike],
+    paths: PathLike | Sequence[PathLike],
     *,
     require_deduped: bool = False,
     strict: bool = False,
@@ -351,7 +352,8 @@ def verify(
     from .errors import UsageError
     from .formats import checkpoint_roots
 
-    given = [Path(p) for p in (paths if isinstance(paths, list) else [paths])]
+    items: Sequence[PathLike] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
+    given = [Path(p) for p in items]
     if not forward and (
         against is not None or atol is not None or dtype is not None or model is not None
     ):

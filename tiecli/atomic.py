@@ -27,7 +27,7 @@ def temp_name(final: Path) -> Path:
 
 def clean_leftovers(folder: Path) -> list[Path]:
     """Remove temporaries an interrupted run left in ``folder``."""
-    removed = []
+    removed: list[Path] = []
     try:
         names = os.listdir(folder)
     except OSError:

@@ -135,7 +135,7 @@ def record_metadata(
 
         try:
             doc = json.loads(raw)
-            stale |= {t.get("alias") for t in doc.get("ties", []) if isinstance(t, dict)}
+            stale |= {str(t.get("alias")) for t in doc.get("ties", []) if isinstance(t, dict)}
         except (ValueError, AttributeError):
             pass
     out = {k: v for k, v in metadata.items() if k != RECORD_KEY and k not in stale}

@@ -32,16 +32,9 @@ def _json_default(value: Any) -> Any:
 
 def ties_table(ties: list[Any]) -> Table:
     table = Table(title="Ties", title_justify="left", expand=False)
-    for col, kw in (
-        ("alias", {"overflow": "fold"}),
-        ("source", {"overflow": "fold"}),
-        ("transform", {}),
-        ("kind", {}),
-        ("evidence", {}),
-        ("stored", {}),
-        ("bytes", {"justify": "right"}),
-    ):
-        table.add_column(col, **kw)
+    for col in ("alias", "source", "transform", "kind", "evidence", "stored"):
+        table.add_column(col, overflow="fold")
+    table.add_column("bytes", justify="right")
     for t in ties:
         stored = "yes" if t.stored else "no"
         if t.drift is not None:

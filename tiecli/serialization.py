@@ -86,7 +86,9 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise UsageError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
-        groups.setdefault((t.untyped_storage().data_ptr(), t.storage_offset()), []).append(name)
+        groups.setdefault((t.untyped_storage().data_ptr(), int(t.storage_offset())), []).append(
+            name
+        )
     kept: dict[str, Any] = {}
     ties: list[RecordedTie] = []
     for names in groups.values():

@@ -41,7 +41,7 @@ class PickleFile:
             dtype = TORCH_TO_CODE[str(t.dtype).removeprefix("torch.")]  # checked by _check_tensors
             storage = t.untyped_storage()
             nbytes = t.numel() * t.element_size()
-            view = (t.storage_offset() * t.element_size(), tuple(t.stride()))
+            view = (int(t.storage_offset()) * t.element_size(), tuple(int(s) for s in t.stride()))
             out.append(
                 Entry(
                     name,
