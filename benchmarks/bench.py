@@ -306,6 +306,14 @@ def generate(
 
 def worker(kind: str, src: str, dst: str) -> None:
     s, d = Path(src), Path(dst)
+    if kind == "loadsave_sync":
+        # The same script made durable like tiecli's output (fsync before done).
+        worker("loadsave", src, dst)
+        for f in [d] if d.is_file() else sorted(d.iterdir()):
+            fd = os.open(f, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        return
     if kind == "loadsave":
         # What users do today: load everything, drop the alias, save. Per shard
         # for a sharded folder; other files (config.json) are copied over.
@@ -603,6 +611,14 @@ def variant_cases(variant: str, inp: Path, scratch: Path, deduped: Path) -> list
                 "loadsave", what, W + ["loadsave", str(inp), str(o("loadsave"))], out=o("loadsave")
             )
         )
+        cases.append(
+            Case(
+                "loadsave_sync",
+                what + " + fsync",
+                W + ["loadsave_sync", str(inp), str(o("loadsave_sync"))],
+                out=o("loadsave_sync"),
+            )
+        )
     if variant == "hf" and transformers_available():
         cases.append(
             Case(
@@ -771,10 +787,26 @@ def check_targets(results: dict) -> list[tuple[bool, str]]:
         if d and ls:
             f = ls["median_s"] / d["median_s"]
             add(f >= 3, f"{tag} single: dedupe ≥ 3× faster than load-then-save: {f:.2f}×")
+        lss = row(size, "single", "loadsave_sync")
+        if d and lss:
+            f = lss["median_s"] / d["median_s"]
+            add(f >= 3, f"{tag} single: dedupe ≥ 3× faster than load-then-save + fsync: {f:.2f}×")
         d, tr = row(size, "hf", "dedupe"), row(size, "hf", "transformers")
         if d and tr:
             f = tr["median_s"] / d["median_s"]
             add(f >= 5, f"{tag} hf: dedupe ≥ 5× faster than transformers round trip: {f:.2f}×")
+        d = row(size, "single", "dedupe")
+        if d and tr:
+            f = tr["median_s"] / d["median_s"]
+            add(
+                f >= 5,
+                f"{tag} single-file dedupe ≥ 5× faster than the transformers round trip: {f:.2f}×",
+            )
+        for key, what in (("dedupe", "dedupe -o"), ("dedupe_inplace", "dedupe in place")):
+            r, cps = row(size, "single", key), row(size, "single", "cp_sync")
+            if r and cps:
+                f = r["median_s"] / cps["median_s"]
+                add(f <= 1.25, f"{tag} single: {what} ≤ 1.25× cp + sync: {f:.2f}×")
         for key in ("dedupe", "dedupe_inplace", "untie", "verify_deduped", "verify_original"):
             r = row(size, "single", key)
             if r:

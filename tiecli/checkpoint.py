@@ -24,6 +24,10 @@ class Blob(Protocol):
 
     def read(self, offset: int, size: int) -> bytes: ...
 
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with ``len(view)`` bytes starting at ``offset``."""
+        ...
+
     def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
         """The elements as a numpy array of unsigned ints of the element width."""
         ...

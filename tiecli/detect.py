@@ -305,7 +305,15 @@ class _Finder:
             if view not in seen_views and _owns(e):
                 seen_views.add(view)
                 candidates.append(e)
-        matches = find_equal(candidates, self.progress)
+        # identity ties whose copies were compared equal are one class: read once
+        known = {
+            n: t.source
+            for t in ties
+            if t.transform == "identity" and t.drift is None and t.source_stored
+            for n in (t.alias, t.source)
+            if n in self.entries
+        }
+        matches = find_equal(candidates, self.progress, known)
         adj: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for group in matches.groups:
             for e in group[1:]:

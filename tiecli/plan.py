@@ -66,6 +66,10 @@ class Check:
     out: str
     input: Entry
     transform: str = "identity"
+    # Already established bit for bit while finding ties (a removed alias was
+    # compared with its source in full, or shares its storage): checking the
+    # source's own copy then covers this one too.
+    proven: bool = False
 
 
 @dataclass
@@ -206,7 +210,9 @@ def plan_dedupe(
     ]
     record.sort(key=lambda r: (r.source, r.alias))  # stable across runs: dedupe is idempotent
     checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone]
-    checks += [Check(t.source, ckpt.entries[t.alias], t.transform) for t in removed]
+    checks += [
+        Check(t.source, ckpt.entries[t.alias], t.transform, proven=_proven(t)) for t in removed
+    ]
     plan = Plan("dedupe", [], None, checks, removed=removed, kept=kept, record=record)
     if ckpt.format.startswith("pytorch") and not to_safetensors:
         plan.pickle_views = {
@@ -243,6 +249,10 @@ def plan_untie(ckpt: Checkpoint, report: TieReport) -> Plan:
             plan.pickle_copies[made] = (origin, t.transform)
     _fill_files(plan, ckpt, keep=lambda n: True, extra=extra)
     return plan
+
+
+def _proven(t: Tie) -> bool:
+    return t.drift is None and bool({"value", "transposed", "storage"} & set(t.evidence))
 
 
 def _other_file(ckpt: Checkpoint, t: Tie) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -289,16 +290,34 @@ def _verify(plan: Plan, temps: dict[Path, FilePlan], as_safetensors: bool, shown
             out.update({e.name: e for e in reader.entries()})
         written = {t.name for f in temps.values() for t in f.tensors}
         untouched = {t.name for f in plan.files for t in f.tensors} - written
-        for check in plan.checks:
-            if check.out in untouched:
-                continue  # its file was left as it is
-            got = out.get(check.out)
-            if got is None or not equal(got, check.input, check.transform):
-                raise UnsafeChangeError(
-                    f"verification failed: written {check.out!r} does not equal the input's "
-                    f"{check.input.name!r}; nothing was changed",
-                    shown,
-                )
+        with ThreadPoolExecutor(1) as pool:
+            # the data reaches the disk while we compare what the page cache holds
+            synced = pool.submit(_fsync_all, list(temps))
+            _compare(plan, out, untouched, shown)
+            with output_errors(shown):
+                synced.result()
     finally:
         for r in readers:
             r.close()
+
+
+def _fsync_all(paths: list[Path]) -> None:
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _compare(plan: Plan, out: dict[str, Entry], untouched: set[str], shown: Path) -> None:
+    for check in plan.checks:
+        if check.out in untouched or check.proven:
+            continue  # its file was left as it is, or it was proven equal already
+        got = out.get(check.out)
+        if got is None or not equal(got, check.input, check.transform):
+            raise UnsafeChangeError(
+                f"verification failed: written {check.out!r} does not equal the input's "
+                f"{check.input.name!r}; nothing was changed",
+                shown,
+            )

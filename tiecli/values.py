@@ -9,6 +9,7 @@ survive the samples.
 from __future__ import annotations
 
 import hashlib
+import mmap
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -91,7 +92,59 @@ def equal(a: Entry, b: Entry, transform: str = "identity") -> bool:
         return False
     if sample(a) != sample(b):
         return False
-    return all(x == y for x, y in zip(a.chunks(), b.chunks(), strict=False))
+    return same_bytes(a, b)
+
+
+def same_bytes(a: Entry, b: Entry, progress: Progress = NO_PROGRESS) -> bool:
+    """Whether two tensors hold the same bytes: both read into reused buffers, memcmp'd."""
+    n = a.nbytes
+    if n != b.nbytes:
+        return False
+    if hasattr(a.blob, "mapping") and hasattr(b.blob, "mapping"):
+        return _same_mapped(a, b, progress)
+    step = min(CHUNK, n) or 1
+    buf_a, buf_b = bytearray(step), bytearray(step)
+    view_a, view_b = memoryview(buf_a), memoryview(buf_b)
+    for offset in range(0, n, step):
+        k = min(step, n - offset)
+        a.blob.readinto(offset, view_a[:k])
+        b.blob.readinto(offset, view_b[:k])
+        progress.advance(2 * k)
+        if not (buf_a == buf_b if k == step else buf_a[:k] == buf_b[:k]):
+            return False
+    return True
+
+
+def _same_mapped(a: Entry, b: Entry, progress: Progress) -> bool:
+    """Compare two file-mapped tensors in place, dropping each piece once compared.
+
+    No bytes are copied to user space, and released pages keep the resident
+    size flat however large the tensors are.
+    """
+    import numpy as np
+
+    (map_a, at_a), (map_b, at_b) = a.blob.mapping(), b.blob.mapping()  # type: ignore[attr-defined]
+    n = a.nbytes
+    for offset in range(0, n, CHUNK):
+        k = min(CHUNK, n - offset)
+        x = np.frombuffer(map_a, np.uint8, k, at_a + offset)
+        y = np.frombuffer(map_b, np.uint8, k, at_b + offset)
+        same = bool(np.array_equal(x, y))
+        del x, y
+        _release(map_a, at_a + offset, k)
+        _release(map_b, at_b + offset, k)
+        progress.advance(2 * k)
+        if not same:
+            return False
+    return True
+
+
+def _release(mapping: Any, offset: int, length: int) -> None:
+    advice = getattr(mmap, "MADV_DONTNEED", None)
+    if advice is None:
+        return
+    start = offset - offset % mmap.PAGESIZE
+    mapping.madvise(advice, start, offset + length - start)
 
 
 def _equal_transposed(a: Entry, b: Entry) -> bool:
@@ -155,8 +208,17 @@ class ValueMatches:
     constant: set[str]  # names found constant among candidates
 
 
-def find_equal(entries: Iterable[Entry], progress: Progress = NO_PROGRESS) -> ValueMatches:
-    """Groups of equal tensors and transposed pairs; constant tensors never match."""
+def find_equal(
+    entries: Iterable[Entry],
+    progress: Progress = NO_PROGRESS,
+    known: dict[str, str] | None = None,
+) -> ValueMatches:
+    """Groups of equal tensors and transposed pairs; constant tensors never match.
+
+    ``known`` maps names to classes already proven bitwise equal (a confirmed
+    tie group): one member per class stands for it, so no pair is read twice.
+    """
+    known = known or {}
     items = [e for e in entries if e.nbytes > 0 and e.numel > 1]
     by_shape: dict[tuple[str, tuple[int, ...]], list[Entry]] = defaultdict(list)
     for e in items:
@@ -183,18 +245,38 @@ def find_equal(entries: Iterable[Entry], progress: Progress = NO_PROGRESS) -> Va
                 if y is not x and order[x.name] < order[y.name]:
                     transposed_candidates.append((x, y))
 
-    # 2. whole-tensor digests for the survivors
-    candidates = [g for g in normal.values() if len(g) > 1]
-    to_hash = {e.name: e for g in candidates for e in g}
-    total = sum(e.nbytes for e in to_hash.values())
+    # 2. whole tensors for the survivors: a pair is compared directly, a larger
+    #    bucket (many same-shaped experts) is hashed
+    candidates = []
+    for g in normal.values():
+        reps, classes = [], set()
+        for e in g:
+            cls = known.get(e.name)
+            if cls is None or cls not in classes:
+                reps.append(e)
+                classes.add(cls)
+        if len(reps) > 1:
+            candidates.append(reps)
+    pairs_to_compare = [g for g in candidates if len(g) == 2]
+    to_hash = {e.name: e for g in candidates if len(g) > 2 for e in g}
+    total = sum(e.nbytes for e in to_hash.values()) + sum(2 * g[0].nbytes for g in pairs_to_compare)
     digests: dict[str, Digest] = {}
+    groups: list[list[Entry]] = []
+    constant: set[str] = set()
     with progress.task("comparing tensors", total) as bar:
+        for x, y in pairs_to_compare:
+            size = itemsize(x.dtype) or 1
+            if _uniform(sample(x), size) and is_constant(x):
+                constant.add(x.name)
+            elif same_bytes(x, y, bar):
+                groups.append(sorted((x, y), key=lambda e: order[e.name]))
         for name, e in to_hash.items():
             digests[name] = digest(e, bar)
 
-    groups: list[list[Entry]] = []
-    constant = {n for n, d in digests.items() if d.constant}
+    constant |= {n for n, d in digests.items() if d.constant}
     for g in candidates:
+        if len(g) == 2:
+            continue
         by_digest: dict[bytes, list[Entry]] = defaultdict(list)
         for e in g:
             if e.name not in constant:
@@ -207,7 +289,7 @@ def find_equal(entries: Iterable[Entry], progress: Progress = NO_PROGRESS) -> Va
     for x, y in transposed_candidates:
         if x.name in constant or y.name in constant:
             continue
-        if x.name not in digests and is_constant(x):
+        if x.name not in digests and _uniform(sample(x), itemsize(x.dtype) or 1) and is_constant(x):
             constant.add(x.name)
             continue
         if equal(y, x, "transpose"):

@@ -90,6 +90,13 @@ class TensorBlob:
         self.owner.bytes_read += size
         return self._bytes_view()[offset : offset + size].numpy().tobytes()
 
+    def readinto(self, offset: int, view: memoryview) -> None:
+        import numpy as np
+
+        self.owner.bytes_read += len(view)
+        src = self._bytes_view()[offset : offset + len(view)].numpy()
+        np.frombuffer(view, dtype=np.uint8)[:] = src
+
     def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
         import numpy as np
 

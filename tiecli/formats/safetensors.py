@@ -202,6 +202,15 @@ class SafetensorsFile:
         self.bytes_read += size
         return data
 
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise self._fail(f"short read at byte {offset + done} (file changed or truncated?)")
+            done += n
+        self.bytes_read += len(view)
+
     def view(self) -> mmap.mmap:
         if self._mmap is None:
             self._mmap = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
@@ -253,6 +262,15 @@ class FileBlob:
     def read(self, offset: int, size: int) -> bytes:
         return self.file.pread(self.file.data_start + self.start + offset, size)
 
+    def readinto(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes at ``offset``, with no intermediate copy."""
+        self.file.preadinto(self.file.data_start + self.start + offset, view)
+
+    def mapping(self) -> tuple[mmap.mmap, int]:
+        """The file's read-only mapping and where this tensor starts in it."""
+        self.file.bytes_read += self.nbytes
+        return self.file.view(), self.file.data_start + self.start
+
     def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
         import numpy as np
 
@@ -292,7 +310,9 @@ def encode_header(
 
 def write_file(path: Path, items: list[Any], metadata: dict[str, str], progress: Any) -> None:
     """Write a safetensors file of ``items`` (each with name, dtype, shape, nbytes,
-    entry and transform), copying byte ranges in the kernel where it can."""
+    entry and transform), copying byte ranges in the kernel where it can.
+
+    The caller fsyncs the file (verification overlaps with the sync)."""
     head = encode_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
@@ -308,7 +328,6 @@ def write_file(path: Path, items: list[Any], metadata: dict[str, str], progress:
                     _write_all(fd, chunk, pos)
                     pos += len(chunk)
                     progress.advance(len(chunk))
-        os.fsync(fd)
     finally:
         os.close(fd)
 
