@@ -30,3 +30,17 @@ def no_transformers(monkeypatch: pytest.MonkeyPatch) -> None:
     import sys
 
     monkeypatch.setitem(sys.modules, "transformers", None)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    """Declared-tie answers are cached on disk; tests use a cache of their own."""
+    import os
+
+    old = os.environ.get("TIECLI_CACHE_DIR")
+    os.environ["TIECLI_CACHE_DIR"] = str(tmp_path_factory.mktemp("tiecli-cache"))
+    yield
+    if old is None:
+        os.environ.pop("TIECLI_CACHE_DIR", None)
+    else:
+        os.environ["TIECLI_CACHE_DIR"] = old

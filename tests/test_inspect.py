@@ -396,3 +396,38 @@ def test_inspect_of_safetensors_without_config_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
+
+
+def test_declared_ties_are_cached_and_the_cache_skips_transformers(tmp_path: Path) -> None:
+    import os
+
+    env = dict(os.environ, TIECLI_CACHE_DIR=str(tmp_path / "cache"))
+    code = (
+        "import sys, json, tiecli\n"
+        f"r = tiecli.inspect({str(fixture_path('llama-tied', 'hf'))!r})\n"
+        "print(json.dumps([[t.alias, t.source, t.evidence] for t in r.ties]))\n"
+        "print('transformers' in sys.modules)\n"
+    )
+    first = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    second = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    ties1, imported1 = first.stdout.strip().splitlines()
+    ties2, imported2 = second.stdout.strip().splitlines()
+    assert imported1 == "True" and imported2 == "False"
+    assert ties1 == ties2 and "declared" in ties1
+    assert len(list((tmp_path / "cache" / "declared").glob("*.json"))) == 1
+    # a changed config is a different entry
+    other = tmp_path / "llama"
+    shutil.copytree(fixture_path("llama-tied", "hf"), other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["tie_word_embeddings"] = False
+    (other / "config.json").write_text(json.dumps(cfg))
+    code2 = code.replace(repr(str(fixture_path("llama-tied", "hf"))), repr(str(other)))
+    third = subprocess.run(
+        [sys.executable, "-c", code2], capture_output=True, text=True, env=env, check=True
+    )
+    assert "lm_head.weight" not in third.stdout.splitlines()[0]
+    assert len(list((tmp_path / "cache" / "declared").glob("*.json"))) == 2

@@ -4,13 +4,22 @@ The model is built on the ``meta`` device from ``config.json`` (no memory, no
 random init) and asked for its ties: transformers v5 answers
 ``get_expanded_tied_weights_keys(all_submodels=True)`` as ``{alias: source}``;
 v4 ties parameters by identity, which we read back from the module.
+
+Importing transformers and building a model costs seconds, and the answer
+depends only on the config and the transformers version, so it is cached on
+disk (``$TIECLI_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiecli``, else
+``~/.cache/tiecli``); a repeated run never imports transformers.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
+import json
 import logging
+import os
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,12 +32,74 @@ class Declared:
     architecture: str | None = None
 
 
+CACHE_FORMAT = 1
+
+
+def transformers_version() -> str | None:
+    """The installed transformers version, found without importing it (None: unavailable)."""
+    if "transformers" in sys.modules and sys.modules["transformers"] is None:
+        return None  # import blocked
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("transformers")
+    except PackageNotFoundError:
+        return None
+
+
 def transformers_available() -> bool:
+    if transformers_version() is None:
+        return False
     try:
         import transformers  # noqa: F401
     except ImportError:
         return False
     return True
+
+
+def _cache_file(config_dir: Path, tf_version: str) -> Path | None:
+    try:
+        raw = (config_dir / "config.json").read_bytes()
+    except OSError:
+        return None
+    root = os.environ.get("TIECLI_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+        "tiecli",
+    )
+    key = hashlib.sha256(f"{CACHE_FORMAT}\0{tf_version}\0".encode() + raw).hexdigest()
+    return Path(root) / "declared" / f"{key}.json"
+
+
+def _cache_read(path: Path | None) -> tuple[bool, Declared | None]:
+    if path is None:
+        return False, None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        if doc.get("unknown"):
+            return True, None
+        ties = doc["ties"]
+        if isinstance(ties, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in ties.items()
+        ):
+            return True, Declared(dict(ties), doc.get("architecture"))
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass
+    return False, None
+
+
+def _cache_write(path: Path | None, declared: Declared | None) -> None:
+    if path is None:
+        return
+    doc = (
+        {"unknown": True}
+        if declared is None
+        else {"architecture": declared.architecture, "ties": declared.ties}
+    )
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(doc), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 @contextlib.contextmanager
@@ -110,8 +181,21 @@ def declared_ties(config_dir: Path) -> Declared | None:
     None when transformers is not installed or does not know the architecture:
     detection then falls back to tiecli's pattern table.
     """
+    tf_version = transformers_version()
+    if tf_version is None:
+        return None
+    cache = _cache_file(config_dir, tf_version)
+    hit, cached = _cache_read(cache)
+    if hit:
+        return cached
     if not transformers_available():
         return None
+    out = _ask_transformers(config_dir)
+    _cache_write(cache, out)
+    return out
+
+
+def _ask_transformers(config_dir: Path) -> Declared | None:
     model = build_meta_model(config_dir)
     if model is None:
         return None

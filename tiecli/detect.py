@@ -181,12 +181,14 @@ class _Finder:
         if not cfg or cfg.get("tie_word_embeddings", True) or not isinstance(model_type, str):
             return
         rules = table()["model_types"].get(model_type, [])
+        declared = {c.alias for c in self.claims if c.evidence == "declared"}
         for rule in rules:
             alias, source = rule["alias"], rule["source"]
             if (
                 rule["when"] == "tie_word_embeddings"
                 and source in self.entries
                 and alias not in self.entries
+                and alias not in declared  # the architecture ties it all the same
             ):
                 self.problems.append(
                     Problem(
