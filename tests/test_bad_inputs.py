@@ -306,7 +306,7 @@ def check_mutant(
         assert [p.name for p in Path(tmp).iterdir()] == [name]
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.one_of(flips, cuts, lengths))
 def test_fuzz_corrupted_safetensors(mutation: tuple) -> None:
     check_mutant(mutate(*mutation))

@@ -421,3 +421,89 @@ def test_sigkill_during_in_place_dedupe(tmp_path: Path) -> None:
     )
     assert killed_running >= 2, "the kills came too late to interrupt anything"
     assert left_temporaries >= 1, "no kill landed while files were being written"
+
+
+# -- (c) a soak: many kills per command ----------------------------------------------
+
+SOAK_KILLS = 50
+
+
+def _soak_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
+    """~21 MB in 3 shards, the head a stored copy of the embedding in another shard."""
+    g = torch.Generator().manual_seed(99)
+    embed = torch.randn(4096, 512, generator=g)  # 8.4 MB
+    tensors = {
+        "model.embed_tokens.weight": embed,
+        "model.layers.0.mlp.weight": torch.randn(1024, 1024, generator=g),
+        "lm_head.weight": embed.clone(),
+        "model.norm.weight": torch.randn(512, generator=g),
+    }
+    shards = [
+        ["model.embed_tokens.weight"],
+        ["model.layers.0.mlp.weight", "lm_head.weight"],
+        ["model.norm.weight"],
+    ]
+    folder.mkdir(parents=True)
+    weight_map = {}
+    for i, names in enumerate(shards, 1):
+        shard = f"model-{i:05d}-of-00003.safetensors"
+        save_file({n: tensors[n] for n in names}, str(folder / shard), metadata={"format": "pt"})
+        weight_map |= {n: shard for n in names}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
+        "weight_map": weight_map,
+    }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return tensors
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["dedupe", "untie"])
+def test_fifty_kills_per_command_corrupt_nothing(command: str, tmp_path: Path) -> None:
+    """SIGKILL a real in-place run at least 50 times: every time the checkpoint loads as before."""
+    pristine = tmp_path / "pristine"
+    original = _soak_checkpoint(pristine)
+    ties = {"lm_head.weight": "model.embed_tokens.weight"}
+    if command == "untie":
+        tiecli.dedupe(pristine)  # untie puts the head back into its shard
+    reference = shutil.copytree(pristine, tmp_path / "reference")
+    getattr(tiecli, command)(reference)
+    expected = tree(reference)
+
+    def start(x: Path) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "tiecli", command, str(x), "-q", "--json"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+
+    x = tmp_path / "run"
+    shutil.copytree(pristine, x)
+    t0 = time.monotonic()
+    proc = start(x)
+    writing_after = _wait_for_temporary(proc, x)
+    proc.communicate(timeout=60)
+    duration = time.monotonic() - t0
+    assert proc.returncode == 0 and writing_after is not None
+    shutil.rmtree(x)
+
+    rng = random.Random(7 if command == "dedupe" else 8)
+    killed_running = mid_write = 0
+    for i in range(SOAK_KILLS):
+        shutil.copytree(pristine, x)
+        proc = start(x)
+        if i % 2 == 0:
+            time.sleep(rng.uniform(0.0, duration))  # anywhere in the run
+        elif _wait_for_temporary(proc, x) is not None:  # once writing has begun
+            time.sleep(rng.uniform(0.0, max(0.0, duration - writing_after)))
+        killed_running += proc.poll() is None
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate()
+        mid_write += bool(leftovers(x))
+        assert_original(x, original, ties)  # never a corrupted checkpoint
+        getattr(tiecli, command)(x)  # the next run completes and cleans up
+        assert leftovers(x) == [] and tree(x) == expected
+        shutil.rmtree(x)
+    print(f"\n{command}: {SOAK_KILLS} kills, {killed_running} while running, {mid_write} mid-write")
+    assert killed_running >= SOAK_KILLS // 2
+    assert mid_write >= 5, "too few kills landed while files were being written"
