@@ -9,7 +9,6 @@ survive the samples.
 from __future__ import annotations
 
 import hashlib
-import mmap
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -100,7 +99,7 @@ def same_bytes(a: Entry, b: Entry, progress: Progress = NO_PROGRESS) -> bool:
     n = a.nbytes
     if n != b.nbytes:
         return False
-    if hasattr(a.blob, "mapping") and hasattr(b.blob, "mapping"):
+    if hasattr(a.blob, "window") and hasattr(b.blob, "window"):
         return _same_mapped(a, b, progress)
     step = min(CHUNK, n) or 1
     buf_a, buf_b = bytearray(step), bytearray(step)
@@ -116,35 +115,29 @@ def same_bytes(a: Entry, b: Entry, progress: Progress = NO_PROGRESS) -> bool:
 
 
 def _same_mapped(a: Entry, b: Entry, progress: Progress) -> bool:
-    """Compare two file-mapped tensors in place, dropping each piece once compared.
+    """Compare two file-backed tensors through short-lived mappings, piece by piece.
 
-    No bytes are copied to user space, and released pages keep the resident
-    size flat however large the tensors are.
+    No bytes are copied to user space, and each piece is unmapped once compared,
+    so the resident size stays flat however large the tensors are.
     """
     import numpy as np
 
-    (map_a, at_a), (map_b, at_b) = a.blob.mapping(), b.blob.mapping()  # type: ignore[attr-defined]
     n = a.nbytes
     for offset in range(0, n, CHUNK):
         k = min(CHUNK, n - offset)
-        x = np.frombuffer(map_a, np.uint8, k, at_a + offset)
-        y = np.frombuffer(map_b, np.uint8, k, at_b + offset)
-        same = bool(np.array_equal(x, y))
-        del x, y
-        _release(map_a, at_a + offset, k)
-        _release(map_b, at_b + offset, k)
+        (map_a, at_a), (map_b, at_b) = a.blob.window(offset, k), b.blob.window(offset, k)  # type: ignore[attr-defined]
+        try:
+            x = np.frombuffer(map_a, np.uint8, k, at_a)
+            y = np.frombuffer(map_b, np.uint8, k, at_b)
+            same = bool(np.array_equal(x, y))
+            del x, y
+        finally:
+            map_a.close()
+            map_b.close()
         progress.advance(2 * k)
         if not same:
             return False
     return True
-
-
-def _release(mapping: Any, offset: int, length: int) -> None:
-    advice = getattr(mmap, "MADV_DONTNEED", None)
-    if advice is None:
-        return
-    start = offset - offset % mmap.PAGESIZE
-    mapping.madvise(advice, start, offset + length - start)
 
 
 def _equal_transposed(a: Entry, b: Entry) -> bool:

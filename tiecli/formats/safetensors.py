@@ -266,10 +266,16 @@ class FileBlob:
         """Fill ``view`` with the bytes at ``offset``, with no intermediate copy."""
         self.file.preadinto(self.file.data_start + self.start + offset, view)
 
-    def mapping(self) -> tuple[mmap.mmap, int]:
-        """The file's read-only mapping and where this tensor starts in it."""
-        self.file.bytes_read += self.nbytes
-        return self.file.view(), self.file.data_start + self.start
+    def window(self, offset: int, length: int) -> tuple[mmap.mmap, int]:
+        """A read-only mapping of ``length`` bytes at ``offset`` (close it when done),
+        and where those bytes start inside it."""
+        absolute = self.file.data_start + self.start + offset
+        start = absolute - absolute % mmap.ALLOCATIONGRANULARITY
+        self.file.bytes_read += length
+        m = mmap.mmap(
+            self.file.fd, absolute + length - start, offset=start, access=mmap.ACCESS_READ
+        )
+        return m, absolute - start
 
     def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
         import numpy as np
