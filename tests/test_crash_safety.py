@@ -335,10 +335,17 @@ def _big_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
         ["lm_head.weight", "model.layers.0.mlp.weight"],
         ["model.layers.1.mlp.weight", "model.layers.1.norm.weight"],
     ]
+    return _write_sharded(folder, tensors, shards)
+
+
+def _write_sharded(
+    folder: Path, tensors: dict[str, torch.Tensor], shards: list[list[str]]
+) -> dict[str, torch.Tensor]:
+    """Save ``tensors`` as a sharded safetensors checkpoint in HF's layout."""
     folder.mkdir(parents=True)
     weight_map = {}
     for i, names in enumerate(shards, 1):
-        shard = f"model-{i:05d}-of-00003.safetensors"
+        shard = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         save_file({n: tensors[n] for n in names}, str(folder / shard), metadata={"format": "pt"})
         weight_map |= {n: shard for n in names}
     index = {
@@ -443,18 +450,7 @@ def _soak_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
         ["model.layers.0.mlp.weight", "lm_head.weight"],
         ["model.norm.weight"],
     ]
-    folder.mkdir(parents=True)
-    weight_map = {}
-    for i, names in enumerate(shards, 1):
-        shard = f"model-{i:05d}-of-00003.safetensors"
-        save_file({n: tensors[n] for n in names}, str(folder / shard), metadata={"format": "pt"})
-        weight_map |= {n: shard for n in names}
-    index = {
-        "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-        "weight_map": weight_map,
-    }
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    return tensors
+    return _write_sharded(folder, tensors, shards)
 
 
 @pytest.mark.slow

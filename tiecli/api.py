@@ -84,28 +84,23 @@ def inspect(
         return _inspect_opened(ckpt, report)
 
 
-@dataclass
-class DedupeResult:
+@dataclass(kw_only=True)
+class RewriteResult:
+    """What ``dedupe`` and ``untie`` share: the input, the output and the byte counts."""
+
     path: str
     format: str
     output: str | None
     bytes_before: int
     bytes_after: int
-    removed: list[Tie]
-    kept: list[tuple[Tie, str]]
     problems: list[Problem]
     dry_run: bool = False
     changed: bool = True
-    record: list[dict[str, Any]] = field(default_factory=list)
-    command: str = "dedupe"
+    command: str = ""
 
     @property
     def ok(self) -> bool:
         return True  # drift is reported, but judging is verify's job
-
-    @property
-    def bytes_saved(self) -> int:
-        return self.bytes_before - self.bytes_after
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -119,6 +114,22 @@ class DedupeResult:
             "changed": self.changed,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
+        }
+
+
+@dataclass(kw_only=True)
+class DedupeResult(RewriteResult):
+    removed: list[Tie]
+    kept: list[tuple[Tie, str]]
+    record: list[dict[str, Any]] = field(default_factory=list)
+    command: str = "dedupe"
+
+    @property
+    def bytes_saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def to_dict(self) -> dict[str, Any]:
+        return super().to_dict() | {
             "bytes_saved": self.bytes_saved,
             "removed": [t.to_dict() for t in self.removed],
             "kept": [t.to_dict() | {"reason": reason} for t, reason in self.kept],
@@ -126,35 +137,13 @@ class DedupeResult:
         }
 
 
-@dataclass
-class UntieResult:
-    path: str
-    format: str
-    output: str | None
-    bytes_before: int
-    bytes_after: int
+@dataclass(kw_only=True)
+class UntieResult(RewriteResult):
     restored: list[Tie]
-    problems: list[Problem]
-    dry_run: bool = False
-    changed: bool = True
     command: str = "untie"
 
-    @property
-    def ok(self) -> bool:
-        return True
-
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "command": self.command,
-            "path": self.path,
-            "format": self.format,
-            "ok": self.ok,
-            "problems": [p.to_dict() for p in self.problems],
-            "output": self.output,
-            "dry_run": self.dry_run,
-            "changed": self.changed,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
+        return super().to_dict() | {
             "restored": [t.alias if t.source_stored else t.source for t in self.restored],
             "restored_ties": [t.to_dict() for t in self.restored],
         }

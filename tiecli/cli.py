@@ -74,8 +74,14 @@ def _root(
     """Find, record, dedupe, restore and verify tied weights in PyTorch checkpoints."""
 
 
-def _stdout() -> Console:
-    return Console(soft_wrap=False)
+def _emit(result: Any, json_out: bool, render: Any) -> None:
+    """One JSON document, or the human rendering, on stdout."""
+    from .render import print_json
+
+    if json_out:
+        print_json(result)
+    else:
+        render(result, Console(soft_wrap=False))
 
 
 @app.command()
@@ -83,13 +89,10 @@ def inspect(path: PathArg, json_out: JsonOpt = False, quiet: QuietOpt = False) -
     """List tensors, ties (kind, evidence, transform, bytes) and problems. Always exits 0."""
     from .api import inspect as run
     from .progress import console_progress
-    from .render import print_json, render_inspect
+    from .render import render_inspect
 
     result = run(path, progress=console_progress(quiet))
-    if json_out:
-        print_json(result)
-    else:
-        render_inspect(result, _stdout())
+    _emit(result, json_out, render_inspect)
 
 
 OutOpt = Annotated[
@@ -133,7 +136,7 @@ def dedupe(
     """Rewrite with one stored copy per tie plus a tie record. In place without -o."""
     from .api import dedupe as run
     from .progress import console_progress
-    from .render import print_json, render_dedupe
+    from .render import render_dedupe
 
     result = run(
         path,
@@ -145,10 +148,7 @@ def dedupe(
         force=force,
         progress=console_progress(quiet),
     )
-    if json_out:
-        print_json(result)
-    else:
-        render_dedupe(result, _stdout())
+    _emit(result, json_out, render_dedupe)
 
 
 @app.command()
@@ -163,13 +163,10 @@ def untie(
     """Store every alias as its own tensor, for consumers that know nothing of ties."""
     from .api import untie as run
     from .progress import console_progress
-    from .render import print_json, render_untie
+    from .render import render_untie
 
     result = run(path, output, dry_run=dry_run, force=force, progress=console_progress(quiet))
-    if json_out:
-        print_json(result)
-    else:
-        render_untie(result, _stdout())
+    _emit(result, json_out, render_untie)
 
 
 @app.command()
@@ -240,7 +237,7 @@ def verify(
     """Exit 0 when every checkpoint's ties are consistent, 1 with every problem listed when not."""
     from .api import verify as run
     from .progress import console_progress
-    from .render import print_json, render_verify
+    from .render import render_verify
 
     result = run(
         paths,
@@ -254,10 +251,7 @@ def verify(
         model=model,
         progress=console_progress(quiet),
     )
-    if json_out:
-        print_json(result)
-    else:
-        render_verify(result, _stdout())
+    _emit(result, json_out, render_verify)
     if not result.ok:
         raise typer.Exit(1)
 

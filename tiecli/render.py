@@ -111,10 +111,15 @@ def render_dedupe(r: Any, console: Console) -> None:
         f"bytes: {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)} "
         f"(saved {human_bytes(r.bytes_saved)}, {r.bytes_saved} bytes)"
     )
+    _outcome(r, console, "already deduped, nothing changed")
+
+
+def _outcome(r: Any, console: Console, unchanged: str) -> None:
+    """The last lines of a rewrite: what was written, and any problems."""
     if r.dry_run:
         console.print("dry run: nothing written")
     elif not r.changed:
-        console.print(f"{escape(str(r.output))}: already deduped, nothing changed")
+        console.print(f"{escape(str(r.output))}: {unchanged}")
     else:
         console.print(f"written: {escape(str(r.output))} (verified)")
     if r.problems:
@@ -134,14 +139,7 @@ def render_untie(r: Any, console: Console) -> None:
     else:
         console.print("nothing to restore: every name is stored")
     console.print(f"bytes: {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)}")
-    if r.dry_run:
-        console.print("dry run: nothing written")
-    elif not r.changed:
-        console.print(f"{escape(str(r.output))}: nothing changed")
-    else:
-        console.print(f"written: {escape(str(r.output))} (verified)")
-    if r.problems:
-        console.print(problems_table(r.problems))
+    _outcome(r, console, "nothing changed")
 
 
 def render_forward(f: Any, console: Console) -> None:
