@@ -20,7 +20,7 @@ from .checkpoint import Checkpoint, Entry
 from .errors import OutputError, UnsafeChangeError, UsageError
 from .formats.pytorch import PickleFile
 from .formats.safetensors import SafetensorsFile, write_file
-from .plan import FilePlan, Plan, stale_copies
+from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
 from .values import equal
 
@@ -77,7 +77,7 @@ def execute(
             with output_errors(output):
                 tmp = staging.file(output)
                 _write_one(ckpt, plan, plan.files[0], tmp, as_safetensors, progress)
-            _verify(plan, {tmp: plan.files[0]}, as_safetensors, output)
+            _verify(plan, {tmp: plan.files[0]}, as_safetensors, output, progress)
             written = [output]
         with output_errors(output or ckpt.path):
             staging.commit(replace_folder=force)
@@ -172,7 +172,7 @@ def _in_place(
             _write_one(ckpt, plan, f, tmp, as_safetensors, progress)
             temps[tmp] = f
             finals.append(final)
-    _verify(plan, temps, as_safetensors, ckpt.path)
+    _verify(plan, temps, as_safetensors, ckpt.path, progress)
     return finals
 
 
@@ -213,7 +213,7 @@ def _to_folder(
                 name = "model.safetensors.index.json"
             _write_index(tmpdir / name, plan)
         fsync_dir(tmpdir)
-    _verify(plan, temps, as_safetensors, output)
+    _verify(plan, temps, as_safetensors, output, progress)
     return [output / f.name for f in plan.files]
 
 
@@ -279,7 +279,9 @@ def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path) -> None:
         os.fsync(out.fileno())
 
 
-def _verify(plan: Plan, temps: dict[Path, FilePlan], as_safetensors: bool, shown: Path) -> None:
+def _verify(
+    plan: Plan, temps: dict[Path, FilePlan], as_safetensors: bool, shown: Path, progress: Progress
+) -> None:
     """Every output tensor equals the input tensor it stands for, bit for bit."""
     readers: list[Any] = []
     try:
@@ -293,7 +295,7 @@ def _verify(plan: Plan, temps: dict[Path, FilePlan], as_safetensors: bool, shown
         with ThreadPoolExecutor(1) as pool:
             # the data reaches the disk while we compare what the page cache holds
             synced = pool.submit(_fsync_all, list(temps))
-            _compare(plan, out, untouched, shown)
+            _compare(plan, out, untouched, shown, progress)
             with output_errors(shown):
                 synced.result()
     finally:
@@ -310,14 +312,20 @@ def _fsync_all(paths: list[Path]) -> None:
             os.close(fd)
 
 
-def _compare(plan: Plan, out: dict[str, Entry], untouched: set[str], shown: Path) -> None:
-    for check in plan.checks:
-        if check.out in untouched or check.proven:
-            continue  # its file was left as it is, or it was proven equal already
-        got = out.get(check.out)
-        if got is None or not equal(got, check.input, check.transform):
-            raise UnsafeChangeError(
-                f"verification failed: written {check.out!r} does not equal the input's "
-                f"{check.input.name!r}; nothing was changed",
-                shown,
-            )
+def _compare(
+    plan: Plan, out: dict[str, Entry], untouched: set[str], shown: Path, progress: Progress
+) -> None:
+    todo = [c for c in plan.checks if c.out not in untouched and not c.proven]
+    with progress.task("verifying", sum(2 * c.input.nbytes for c in todo)) as bar:
+        for check in todo:  # others: their file was left as it is, or proven equal already
+            _check_one(check, out, shown, bar)
+
+
+def _check_one(check: Check, out: dict[str, Entry], shown: Path, bar: Progress) -> None:
+    got = out.get(check.out)
+    if got is None or not equal(got, check.input, check.transform, bar):
+        raise UnsafeChangeError(
+            f"verification failed: written {check.out!r} does not equal the input's "
+            f"{check.input.name!r}; nothing was changed",
+            shown,
+        )

@@ -81,7 +81,9 @@ def is_constant(e: Entry) -> bool:
     return all(chunk == first * (len(chunk) // size) for chunk in e.chunks())
 
 
-def equal(a: Entry, b: Entry, transform: str = "identity") -> bool:
+def equal(
+    a: Entry, b: Entry, transform: str = "identity", progress: Progress = NO_PROGRESS
+) -> bool:
     """Bitwise equality of ``a`` and ``b`` (``transpose``: ``a`` equals ``b``ᵀ)."""
     if a.dtype != b.dtype:
         return False
@@ -91,7 +93,7 @@ def equal(a: Entry, b: Entry, transform: str = "identity") -> bool:
         return False
     if sample(a) != sample(b):
         return False
-    return same_bytes(a, b)
+    return same_bytes(a, b, progress)
 
 
 def same_bytes(a: Entry, b: Entry, progress: Progress = NO_PROGRESS) -> bool:
