@@ -34,6 +34,7 @@ class Case:
     culprit: str  # the name the error line must mention
     exit_codes: tuple[int, ...] = (2,)
     known_bug: str | None = None
+    refused_rewrite: bool = False  # readable, but dedupe/untie must refuse it (exit 2)
 
     @property
     def marker(self) -> Path:
@@ -51,6 +52,7 @@ class Spec:
     exit_codes: tuple[int, ...] = (2,)
     known_bug: str | None = None  # an open bug outside the format readers
     bug_in: tuple[str, ...] = ("*",)  # where it shows: fnmatch patterns of "<command>/<human|json>"
+    refused_rewrite: bool = False  # readable, but dedupe/untie must refuse it (exit 2)
 
 
 SPECS: list[Spec] = []
@@ -63,10 +65,11 @@ def case(
     exit_codes: tuple[int, ...] = (2,),
     known_bug: str | None = None,
     bug_in: tuple[str, ...] = ("*",),
+    refused_rewrite: bool = False,
 ) -> Callable[[Callable[[Path], Built]], Callable[[Path], Built]]:
     def register(build: Callable[[Path], Built]) -> Callable[[Path], Built]:
         assert all(s.id != id for s in SPECS), id
-        SPECS.append(Spec(id, description, build, exit_codes, known_bug, bug_in))
+        SPECS.append(Spec(id, description, build, exit_codes, known_bug, bug_in, refused_rewrite))
         return build
 
     return register
@@ -80,7 +83,16 @@ def build_corpus(root: Path) -> list[Case]:
         built = spec.build(folder)
         path, culprit = built if isinstance(built, tuple) else (built, built.name)
         cases.append(
-            Case(spec.id, path, spec.description, folder, culprit, spec.exit_codes, spec.known_bug)
+            Case(
+                spec.id,
+                path,
+                spec.description,
+                folder,
+                culprit,
+                spec.exit_codes,
+                spec.known_bug,
+                spec.refused_rewrite,
+            )
         )
     return cases
 
@@ -937,8 +949,10 @@ def _(d: Path) -> Built:
 # ----------------------------------------------------------------- odd but readable (exit 0)
 @case(
     "record-not-json",
-    "valid tensors, a 'tiecli' record that is not JSON (a problem, not an error)",
+    "valid tensors, a 'tiecli' record that is not JSON (a problem for inspect/verify; "
+    "rewrites refuse to overwrite it)",
     exit_codes=(0,),
+    refused_rewrite=True,
 )
 def _(d: Path) -> Built:
     h = good_header()
@@ -946,7 +960,12 @@ def _(d: Path) -> Built:
     return st_header(d, h)
 
 
-@case("record-dangling", "a record whose source is not stored", exit_codes=(0,))
+@case(
+    "record-dangling",
+    "a record whose source is not stored",
+    exit_codes=(0,),
+    refused_rewrite=True,
+)
 def _(d: Path) -> Built:
     h = good_header()
     h["__metadata__"]["tiecli"] = json.dumps(
@@ -956,7 +975,12 @@ def _(d: Path) -> Built:
     return st_header(d, h)
 
 
-@case("record-bad-fields", "a record with a list transform and a string evidence", exit_codes=(0,))
+@case(
+    "record-bad-fields",
+    "a record with a list transform and a string evidence",
+    exit_codes=(0,),
+    refused_rewrite=True,
+)
 def _(d: Path) -> Built:
     h = good_header()
     ties = [

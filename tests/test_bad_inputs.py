@@ -133,8 +133,10 @@ def check_case(case: corpus.Case, command: str, json_out: bool) -> None:
     assert sorted(after) == sorted(before), (
         f"{where}: files appeared or vanished: {sorted(set(after) ^ set(before))}"
     )
-    # readable inputs: verify may fail its checks (1), dedupe/untie may rewrite them in place
-    done = tuple(sorted({0, 1} if command == "verify" else {0})) if 0 in case.exit_codes else ()
+    # readable inputs: verify may fail its checks (1), dedupe/untie may rewrite them in place,
+    # except those a rewrite must refuse (an unreadable tie record)
+    expected = (2,) if case.refused_rewrite and command in REWRITING else case.exit_codes
+    done = tuple(sorted({0, 1} if command == "verify" else {0})) if 0 in expected else ()
     if result.exit_code in done:
         failures = success_failures(result, json_out, done)
     else:
@@ -142,8 +144,10 @@ def check_case(case: corpus.Case, command: str, json_out: bool) -> None:
     if command not in REWRITING or result.exit_code != 0:
         changed = sorted(k for k in before if before[k] != after.get(k))
         failures += [f"files changed: {changed}"] if changed else []
-    if result.exit_code == 2 and 2 not in case.exit_codes:
+    if result.exit_code == 2 and 2 not in expected:
         failures.append("a readable input was refused")
+    if result.exit_code != 2 and expected == (2,):
+        failures.append(f"exit {result.exit_code}: the rewrite had to be refused")
     assert not failures, f"{where}: {failures}"
 
 

@@ -184,3 +184,46 @@ def test_output_parent_missing(tmp_path: Path) -> None:
         app, ["dedupe", str(fixture_path("gpt2", "full")), "-o", str(tmp_path / "no" / "out")]
     )
     assert r.exit_code == 2 and "parent folder does not exist" in one_error_line(r)
+
+
+def test_cleanup_touches_only_its_own_targets(tmp_path: Path) -> None:
+    """A run cleans the temporaries of the files it writes, never another run's."""
+    shutil.copytree(fixture_path("gpt2", "full"), tmp_path / "m")
+    other = tmp_path / ".other.safetensors.tiecli-tmp"  # another run writing other.safetensors
+    other.write_bytes(b"in progress")
+    mine = tmp_path / ".out.safetensors.tiecli-tmp"  # left by an interrupted run of this target
+    mine.write_bytes(b"half")
+    r = runner.invoke(
+        app,
+        [
+            "dedupe",
+            str(tmp_path / "m" / "model.safetensors"),
+            "-o",
+            str(tmp_path / "out.safetensors"),
+        ],
+    )
+    assert r.exit_code == 0, r.stderr
+    assert other.exists() and not mine.exists()
+
+
+def test_output_inside_or_around_the_input_folder_is_refused(work: Path) -> None:
+    before = snapshot(work)
+    r = runner.invoke(app, ["dedupe", str(work / "ckpt"), "-o", str(work / "ckpt" / "out")])
+    assert r.exit_code == 2 and "inside the input folder" in one_error_line(r)
+    r = runner.invoke(app, ["dedupe", str(work / "ckpt"), "-o", str(work), "--force"])
+    assert r.exit_code == 2 and "contains the input checkpoint" in one_error_line(r)
+    assert snapshot(work) == before
+
+
+@pytest.mark.parametrize("command", ["dedupe", "untie"])
+def test_in_place_rewrite_keeps_file_permissions(tmp_path: Path, command: str) -> None:
+    shutil.copytree(fixture_path("gpt2", "full"), tmp_path / "m")
+    f = tmp_path / "m" / "model.safetensors"
+    if command == "untie":
+        tiecli.dedupe(f)
+    os.chmod(f, 0o600)
+    before = f.stat().st_ino
+    r = runner.invoke(app, [command, str(f)])
+    assert r.exit_code == 0, r.stderr
+    assert f.stat().st_ino != before  # it was rewritten
+    assert (f.stat().st_mode & 0o777) == 0o600

@@ -131,7 +131,8 @@ class DedupeResult(RewriteResult):
     def to_dict(self) -> dict[str, Any]:
         return super().to_dict() | {
             "bytes_saved": self.bytes_saved,
-            "removed": [t.to_dict() for t in self.removed],
+            "removed": [t.alias for t in self.removed],
+            "removed_ties": [t.to_dict() for t in self.removed],
             "kept": [t.to_dict() | {"reason": reason} for t, reason in self.kept],
             "record": self.record,
         }
@@ -147,6 +148,25 @@ class UntieResult(RewriteResult):
             "restored": [t.alias if t.source_stored else t.source for t in self.restored],
             "restored_ties": [t.to_dict() for t in self.restored],
         }
+
+
+def _refuse_unreadable_record(ckpt: Checkpoint, report: TieReport) -> None:
+    """A record tiecli cannot read may be the only note of an alias: never rewrite over it."""
+    bad = [p for p in report.problems if p.code == "bad-record"]
+    if bad:
+        from .errors import TieRecordError
+
+        raise TieRecordError(
+            f"its tie record cannot be read ({bad[0].message}); nothing was changed",
+            ckpt.path,
+            hint="fix or remove the 'tiecli' metadata entry first",
+        )
+
+
+def _pickle_has_more(ckpt: Checkpoint) -> bool:
+    from .formats.pytorch import PickleFile
+
+    return any(r.holds_more_than_tensors() for r in ckpt.readers if isinstance(r, PickleFile))
 
 
 def dedupe(
@@ -172,7 +192,18 @@ def dedupe(
     out = Path(output) if output is not None else None
     with open_checkpoint(path) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
+        _refuse_unreadable_record(ckpt, report)
         to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
+        if to_st and out is None and _pickle_has_more(ckpt):
+            from .errors import UnsafeChangeError
+
+            raise UnsafeChangeError(
+                f"holds more than tensors (under {ckpt.nested_key!r} or beside them: epoch, "
+                "optimizer state...), which safetensors cannot keep; converting in place would "
+                "delete them",
+                ckpt.path,
+                hint="write the conversion elsewhere with -o",
+            )
         plan = plan_dedupe(
             ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st
         )
@@ -212,6 +243,7 @@ def untie(
     out = Path(output) if output is not None else None
     with open_checkpoint(path) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
+        _refuse_unreadable_record(ckpt, report)
         plan = plan_untie(ckpt, report)
         result = UntieResult(
             path=str(ckpt.path),
@@ -305,13 +337,14 @@ class VerifyResult:
 def _duplicate_stored(path: str, report: TieReport) -> list[Problem]:
     out = []
     for t in report.ties:
-        if t.dedupable:
+        if t.duplicated:
+            fix = f"tiecli dedupe {path}" + (" --to safetensors" if t.across_files else "")
             out.append(
                 Problem(
                     "duplicate-stored",
                     "error",
                     f"{t.alias} is stored as a second copy of {t.source} ({t.bytes} bytes wasted); "
-                    f"fix: tiecli dedupe {path}",
+                    f"fix: {fix}",
                     [t.alias, t.source],
                 )
             )

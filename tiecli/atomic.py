@@ -12,6 +12,7 @@ import contextlib
 import errno
 import os
 import shutil
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,15 +26,19 @@ def temp_name(final: Path) -> Path:
     return final.parent / f".{final.name}{TMP_SUFFIX}"
 
 
-def clean_leftovers(folder: Path) -> list[Path]:
-    """Remove temporaries an interrupted run left in ``folder``."""
+def clean_leftovers(folder: Path, targets: set[str]) -> list[Path]:
+    """Remove what an interrupted run writing ``targets`` in ``folder`` left there.
+
+    Only the temporaries of these targets: a run elsewhere in the folder keeps its own.
+    """
     removed: list[Path] = []
+    leftovers = {f".{t}{TMP_SUFFIX}" for t in targets} | {f".{t}{OLD_SUFFIX}" for t in targets}
     try:
         names = os.listdir(folder)
     except OSError:
         return removed
     for name in names:
-        if name.startswith(".") and (name.endswith(TMP_SUFFIX) or name.endswith(OLD_SUFFIX)):
+        if name in leftovers:
             p = folder / name
             with contextlib.suppress(OSError):
                 if p.is_dir() and not p.is_symlink():
@@ -51,17 +56,6 @@ def fsync_dir(folder: Path) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    for dirpath, _dirs, files in os.walk(root):
-        for f in files:
-            fd = os.open(os.path.join(dirpath, f), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(dirpath))
 
 
 @contextlib.contextmanager
@@ -125,6 +119,8 @@ class Staging:
     @staticmethod
     def _rename(tmp: Path, final: Path, replace_folder: bool) -> None:
         if not tmp.is_dir():
+            with contextlib.suppress(FileNotFoundError):  # keep the replaced file's permissions
+                os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
             os.replace(tmp, final)
             fsync_dir(final.parent)
             return

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import Checkpoint, Entry
+from .dtypes import itemsize
 from .patterns import pattern_ties, table
 from .progress import NO_PROGRESS, Progress
 from .record import read_record
@@ -65,11 +66,18 @@ class Tie:
     bytes: int
     source_stored: bool = True
     drift: Drift | None = None
+    # pickles: alias and source in different files, which cannot share storage
+    across_files: bool = False
+
+    @property
+    def duplicated(self) -> bool:
+        """A tied tensor stored twice, its copies equal: bytes wasted."""
+        return self.kind == "tied" and self.stored and self.source_stored and self.drift is None
 
     @property
     def dedupable(self) -> bool:
-        """What ``dedupe`` removes by default: a stored, equal, tied alias."""
-        return self.kind == "tied" and self.stored and self.source_stored and self.drift is None
+        """What ``dedupe`` removes by default (a pickle keeps what it cannot share)."""
+        return self.duplicated and not self.across_files
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
@@ -117,6 +125,8 @@ class _Finder:
         self.claims: list[_Claim] = []
         self.problems: list[Problem] = []
         self.declared_by: str | None = None
+        # absent alias -> (source, transform) exactly as the file's record says
+        self.recorded: dict[str, tuple[str, str]] = {}
         self._equal_cache: dict[tuple[str, str, str], bool] = {}
 
     # -- claims ---------------------------------------------------------
@@ -132,6 +142,9 @@ class _Finder:
             )
         for t in rec.convention:
             self.claims.append(_Claim(t.alias, t.source, "identity", "metadata"))
+        for t in [*rec.convention, *rec.ties]:  # tiecli's own entry wins
+            if t.alias not in self.entries:
+                self.recorded[t.alias] = (t.source, t.transform)
 
     def from_architecture(self) -> None:
         cfg = self.ckpt.config
@@ -250,7 +263,12 @@ class _Finder:
             )
             transforms = _transforms_from(adj, source)
             for alias in sorted(component - {source}, key=lambda n: self.order.get(n, 1 << 30)):
-                ties.append(self._tie(alias, source, transforms[alias], evidence, structural))
+                src, transform = source, transforms[alias]
+                if alias in self.recorded and self.recorded[alias][0] in self.entries:
+                    # the bytes an absent alias stands for are those the record names,
+                    # even when that tensor drifts from the rest of its group
+                    src, transform = self.recorded[alias]
+                ties.append(self._tie(alias, src, transform, evidence, structural))
         return ties
 
     def _tie(
@@ -277,6 +295,10 @@ class _Finder:
             stored=a is not None and not shared,
             bytes=ref.nbytes,
             source_stored=s is not None,
+            across_files=a is not None
+            and s is not None
+            and a.storage is not None
+            and a.file != s.file,
         )
         if a is not None and s is not None and not shared:
             if self._equal(alias, source, transform):
@@ -287,19 +309,25 @@ class _Finder:
         return tie
 
     def _drift(self, a: Entry, s: Entry, transform: str) -> Drift:
+        comparable = a.shape == (s.shape if transform == "identity" else s.shape[::-1])
         if (
             a.dtype != s.dtype
-            or (a.shape != s.shape and transform == "identity")
-            or transform == "transpose"
+            or not comparable
+            or (transform == "transpose" and itemsize(a.dtype) is None)
         ):
-            return Drift(None, a.numel, a.numel)
-        d = difference(a, s)
+            return Drift(None, a.numel, a.numel)  # nothing to compare element by element
+        d = difference(a, s, transform)
         return Drift(d.max_abs_diff, d.differing, d.numel)
 
     def add_value_matches(self, ties: list[Tie]) -> list[Tie]:
         """Equal tensors nobody declared: duplicates, or extra members of a tie group."""
-        root_of = {t.alias: t.source for t in ties} | {t.source: t.source for t in ties}
-        relation = {t.alias: t.transform for t in ties}  # transform from the group's source
+        # only copies confirmed equal to their source form a group others may join: a
+        # tensor equal to a drifted copy is not equal to that copy's source
+        sound = [t for t in ties if t.drift is None and t.source_stored]
+        root_of = {t.alias: t.source for t in sound} | {t.source: t.source for t in sound}
+        relation = {t.alias: t.transform for t in sound}  # transform from the group's source
+        for t in ties:  # a drifted alias stays where it is, never a duplicate of anything
+            root_of.setdefault(t.alias, t.alias if t.drift is not None else t.source)
         seen_views: set[Any] = set()
         candidates = []
         for e in self.entries.values():

@@ -209,6 +209,10 @@ def _place(
     return {n: placed[n] for n in tensors}, shared
 
 
+class _LoadFailed(Exception):
+    pass
+
+
 def load_onto(
     model: Any, path: Path, device: Any, dtype: Any, use_transformers: bool
 ) -> tuple[Any, list[str], RunStats, list[Tie]]:
@@ -223,7 +227,12 @@ def load_onto(
     tensors = load(path, use_transformers=use_transformers)
     placed, shared = _place(tensors, ties, device, dtype)
     # assign: the model's parameters become the placed tensors, so ties stay one storage
-    result = model.load_state_dict(placed, strict=False, assign=True)
+    try:
+        result = model.load_state_dict(placed, strict=False, assign=True)
+    except RuntimeError as e:  # shapes the model does not have (config and weights disagree)
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        detail = lines[1] if len(lines) > 1 else (lines[0] if lines else "load failed")
+        raise _LoadFailed(f"the weights do not fit the model: {detail}") from None
     problems = []
     if result.missing_keys:
         problems.append(
@@ -377,9 +386,17 @@ def forward_check(
             model, example = build_model(ckpt, model_spec)
         arch = type(model).__name__
         problems: list[Problem] = []
-        with progress.task(f"loading {p.name} on {dev}", 1) as bar:
-            model, load_problems, stats, ties = load_onto(model, p, dev, tdtype, use_transformers)
-            bar.advance(1)
+        try:
+            with progress.task(f"loading {p.name} on {dev}", 1) as bar:
+                model, load_problems, stats, ties = load_onto(
+                    model, p, dev, tdtype, use_transformers
+                )
+                bar.advance(1)
+        except _LoadFailed as e:
+            failed = Problem("forward-failed", "error", f"{p}: {e}")
+            return None, ForwardReport(
+                str(dev), _device_name(dev), arch, RunStats(), False, False, problems=[failed]
+            )
         for msg in load_problems:
             problems.append(Problem("forward-failed", "error", f"{p}: {msg}"))
         problems += ties_on_device(model, ties, declared_module_ties(model))

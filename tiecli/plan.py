@@ -8,6 +8,7 @@ equal which input tensor. Writers and the verifier follow the plan.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,7 +16,7 @@ from typing import Any
 
 from .checkpoint import CHUNK, Checkpoint, Entry
 from .detect import Tie, TieReport
-from .record import RECORD_KEY, RecordedTie, read_record
+from .record import RECORD_KEY, RECORD_VERSION, RecordedTie, read_record
 
 
 @dataclass
@@ -66,10 +67,6 @@ class Check:
     out: str
     input: Entry
     transform: str = "identity"
-    # Already established bit for bit while finding ties (a removed alias was
-    # compared with its source in full, or shares its storage): checking the
-    # source's own copy then covers this one too.
-    proven: bool = False
 
 
 @dataclass
@@ -86,6 +83,7 @@ class Plan:
     # the other's storage (dedupe), or as an independent copy of it (untie).
     pickle_views: dict[str, tuple[str, str]] = field(default_factory=dict)
     pickle_copies: dict[str, tuple[str, str]] = field(default_factory=dict)
+    pickle_output: bool = False  # the output stays a pickle (no metadata to compare)
 
     @property
     def bytes_after(self) -> int:
@@ -97,6 +95,8 @@ class Plan:
     def changes(self, ckpt: Checkpoint) -> bool:
         if self.removed or self.restored:
             return True
+        if self.pickle_output:
+            return False
         if any(stale_copies(ckpt, self, f) for f in self.files):
             return True
         if self.index_metadata is not None:
@@ -127,33 +127,39 @@ def _clean(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 def record_metadata(
-    metadata: dict[str, Any], names: set[str], ties: list[RecordedTie]
+    metadata: dict[str, Any],
+    names: set[str],
+    ties: list[RecordedTie],
+    restored: frozenset[str] = frozenset(),
 ) -> dict[str, Any]:
-    """``metadata`` with the tie record replaced by ``ties`` (other entries kept)."""
-    shapes = {n: ((), "") for n in names}
-    old = read_record(metadata, shapes)
-    stale = {t.alias for t in old.convention}
-    raw = metadata.get(RECORD_KEY)
-    if isinstance(raw, str):
-        import json
+    """``metadata`` with the tie record replaced by ``ties``; every other entry kept.
 
-        try:
-            doc = json.loads(raw)
-            stale |= {str(t.get("alias")) for t in doc.get("ties", []) if isinstance(t, dict)}
-        except (ValueError, AttributeError):
-            pass
+    An earlier entry goes when its alias is absent from the output (``ties``
+    lists it again if it still holds) or was ``restored`` into it. An entry
+    whose alias is still stored (a tie kept because its copies drift) stays.
+    """
+    old = read_record(metadata, {n: ((), "") for n in names})
+    earlier = {t.alias for t in old.convention} | _recorded_aliases(metadata.get(RECORD_KEY))
+    stale = {a for a in earlier if a not in names or a in restored}
     out = {k: v for k, v in metadata.items() if k != RECORD_KEY and k not in stale}
     out.setdefault("format", "pt")
     for tie in ties:
         if tie.transform == "identity":
             out[tie.alias] = tie.source
     if ties:
-        import json
-
         out[RECORD_KEY] = json.dumps(
-            {"version": 1, "ties": [t.to_json() for t in ties]}, separators=(",", ":")
+            {"version": RECORD_VERSION, "ties": [t.to_json() for t in ties]}, separators=(",", ":")
         )
     return out
+
+
+def _recorded_aliases(raw: Any) -> set[str]:
+    """Aliases named by a (possibly unreadable) tiecli record."""
+    try:
+        doc = json.loads(raw) if isinstance(raw, str) else {}
+        return {str(t.get("alias")) for t in doc.get("ties", []) if isinstance(t, dict)}
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        return set()
 
 
 def _recorded(t: Tie, before: dict[str, RecordedTie]) -> RecordedTie:
@@ -183,7 +189,7 @@ def plan_dedupe(
             kept.append((t, "drift: the copies differ"))
         elif not t.source_stored:
             kept.append((t, "source not stored: this is the only copy"))
-        elif not to_safetensors and _other_file(ckpt, t):
+        elif not to_safetensors and t.across_files:
             kept.append(
                 (t, "source in another shard: a pickle can share storage only within one file")
             )
@@ -209,12 +215,14 @@ def plan_dedupe(
         if t.source in ckpt.entries and (t.alias in gone or t.alias not in ckpt.entries)
     ]
     record.sort(key=lambda r: (r.source, r.alias))  # stable across runs: dedupe is idempotent
+    stays_pickle = ckpt.format.startswith("pytorch") and not to_safetensors
+    if stays_pickle:
+        record = []  # a pickle keeps no metadata: aliasing itself is its record
     checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone]
-    checks += [
-        Check(t.source, ckpt.entries[t.alias], t.transform, proven=_proven(t)) for t in removed
-    ]
+    checks += [Check(t.source, ckpt.entries[t.alias], t.transform) for t in removed]
     plan = Plan("dedupe", [], None, checks, removed=removed, kept=kept, record=record)
-    if ckpt.format.startswith("pytorch") and not to_safetensors:
+    plan.pickle_output = stays_pickle
+    if stays_pickle:
         plan.pickle_views = {
             t.alias: (t.source, t.transform) for t in report.ties if _in_storage(t, ckpt)
         }
@@ -243,22 +251,13 @@ def plan_untie(ckpt: Checkpoint, report: TieReport) -> Plan:
             checks.append(Check(t.source, alias, t.transform))
             restored.append(t)
     plan = Plan("untie", [], None, checks, restored=restored)
-    if ckpt.format.startswith("pytorch"):
+    plan.pickle_output = ckpt.format.startswith("pytorch")
+    if plan.pickle_output:
         for t in restored:
             made, origin = (t.alias, t.source) if t.source_stored else (t.source, t.alias)
             plan.pickle_copies[made] = (origin, t.transform)
     _fill_files(plan, ckpt, keep=lambda n: True, extra=extra)
     return plan
-
-
-def _proven(t: Tie) -> bool:
-    return t.drift is None and bool({"value", "transposed", "storage"} & set(t.evidence))
-
-
-def _other_file(ckpt: Checkpoint, t: Tie) -> bool:
-    if not ckpt.format.startswith("pytorch"):
-        return False
-    return ckpt.entries[t.alias].file != ckpt.entries[t.source].file
 
 
 def _in_storage(t: Tie, ckpt: Checkpoint) -> bool:
@@ -277,7 +276,8 @@ def _fill_files(plan: Plan, ckpt: Checkpoint, keep: Any, extra: dict[str, list[O
         if keep(name):
             by_file[entry.file].append(OutTensor(name, entry))
         by_file[entry.file].extend(extra.get(name, []))
-    meta = record_metadata(ckpt.metadata, names_after, plan.record)
+    made = frozenset(t.alias if t.source_stored else t.source for t in plan.restored)
+    meta = record_metadata(ckpt.metadata, names_after, plan.record, restored=made)
     if sharded:
         plan.index_metadata = meta
     for f, tensors in by_file.items():

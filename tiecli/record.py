@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .dtypes import BITS, itemsize
+
 RECORD_KEY = "tiecli"
 RECORD_VERSION = 1
 TRANSFORMS = ("identity", "transpose")
@@ -138,6 +140,16 @@ def _read_own(raw: Any, shapes: Mapping[str, tuple[tuple[int, ...], str]], rec: 
             )
         elif source not in shapes:
             bad(f"alias {alias!r} points to source {source!r}, which is not stored", alias, source)
+        elif (
+            tie.transform == "transpose"
+            and shapes[source][1] in BITS
+            and itemsize(shapes[source][1]) is None
+        ):
+            bad(
+                f"alias {alias!r}: a transpose of {source!r} needs whole-byte elements, not {shapes[source][1]}",
+                alias,
+                source,
+            )
         elif tie.transform == "transpose" and len(shapes[source][0]) != 2:
             bad(
                 f"alias {alias!r}: transpose of {source!r} needs a 2-D source, not shape {list(shapes[source][0])}",

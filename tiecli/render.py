@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from typing import Any
 
@@ -22,8 +23,20 @@ def human_bytes(n: int) -> str:
 
 def print_json(result: Any) -> None:
     sys.stdout.write(
-        json.dumps(result.to_dict(), indent=2, allow_nan=False, default=_json_default) + "\n"
+        json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False, default=_json_default)
+        + "\n"
     )
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: such numbers (a drift involving NaN) become null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -65,15 +65,19 @@ def execute(
     staging = Staging()
     try:
         if output is None:
-            clean_leftovers(src_folder)
+            ours = {p.name for p in ckpt.weight_files} | {f.name for f in plan.files}
+            ours |= (
+                {ckpt.index_path.name, "model.safetensors.index.json"} if ckpt.index_path else set()
+            )
+            clean_leftovers(src_folder, ours)
             if not plan.changes(ckpt) and not (to_safetensors and pickled):
                 return Written(ckpt.path, False, [])
             written = _in_place(ckpt, plan, staging, as_safetensors, src_folder, progress)
         elif folder_like:
-            clean_leftovers(output.parent)
+            clean_leftovers(output.parent, {output.name})
             written = _to_folder(ckpt, plan, staging, as_safetensors, src_folder, output, progress)
         else:
-            clean_leftovers(output.parent)
+            clean_leftovers(output.parent, {output.name})
             with output_errors(output):
                 tmp = staging.file(output)
                 _write_one(ckpt, plan, plan.files[0], tmp, as_safetensors, progress)
@@ -109,8 +113,11 @@ def _check_output(ckpt: Checkpoint, output: Path, force: bool, folder_like: bool
     target = output.resolve()
     if target in inputs or ckpt.path.resolve() == target:
         raise UsageError("is the input itself; leave out -o to rewrite in place", output)
-    if folder_like and any(target in p.parents for p in inputs):
-        raise UsageError("lies inside the input checkpoint", output)
+    if any(target in p.parents for p in inputs):
+        raise UsageError("contains the input checkpoint; choose an output beside it", output)
+    src_folder = ckpt.folder or (ckpt.index_path.parent if ckpt.index_path else None)
+    if folder_like and src_folder is not None and src_folder.resolve() in target.parents:
+        raise UsageError("lies inside the input folder; choose an output beside it", output)
     if output.exists() or output.is_symlink():
         if not force:
             raise OutputError("already exists; pass --force to replace it", output)
@@ -131,10 +138,28 @@ def _in_place(
     temps: dict[Path, FilePlan] = {}
     finals: list[Path] = []
     index_tmp = None
+    converting = as_safetensors and ckpt.format.startswith("pytorch")
+    if converting:
+        # Never replace another checkpoint: an existing index, a single file, or a shard
+        # some index names. Shards no index names are leftovers of an interrupted run.
+        from .formats import indexes_in
+
+        named = {s for _index, shards in indexes_in(folder) for s in shards}
+        new_names = [f.name for f in plan.files]
+        if ckpt.index_path is not None:
+            new_names.append("model.safetensors.index.json")
+        for name in new_names:
+            sharded_orphan = ckpt.index_path is not None and name not in named
+            if (folder / name).exists() and not (sharded_orphan and name.endswith(".safetensors")):
+                raise OutputError(
+                    f"would be replaced by the converted {ckpt.weight_files[0].name}; "
+                    "move it away or use -o",
+                    folder / name,
+                )
     with output_errors(folder):
         if ckpt.index_path is not None:
             index_final = ckpt.index_path
-            if as_safetensors and ckpt.format.startswith("pytorch"):
+            if converting:
                 index_final = folder / "model.safetensors.index.json"
             # Removing names: the new index is valid with old shards and new, so it
             # goes first; adding names: old shards lack them, so it goes last. A
@@ -160,14 +185,8 @@ def _in_place(
         else:
             f = plan.files[0]
             final = ckpt.weight_files[0]
-            if as_safetensors and ckpt.format == "pytorch":
+            if converting:
                 final = final.parent / f.name
-                if final.exists():
-                    raise OutputError(
-                        f"would be replaced by the converted {ckpt.weight_files[0].name}; "
-                        "move it away or use -o",
-                        final,
-                    )
             tmp = staging.file(final)
             _write_one(ckpt, plan, f, tmp, as_safetensors, progress)
             temps[tmp] = f
@@ -315,9 +334,9 @@ def _fsync_all(paths: list[Path]) -> None:
 def _compare(
     plan: Plan, out: dict[str, Entry], untouched: set[str], shown: Path, progress: Progress
 ) -> None:
-    todo = [c for c in plan.checks if c.out not in untouched and not c.proven]
+    todo = [c for c in plan.checks if c.out not in untouched]
     with progress.task("verifying", sum(2 * c.input.nbytes for c in todo)) as bar:
-        for check in todo:  # others: their file was left as it is, or proven equal already
+        for check in todo:  # the others' files were left as they are
             _check_one(check, out, shown, bar)
 
 

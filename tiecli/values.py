@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -145,8 +145,8 @@ def _same_mapped(a: Entry, b: Entry, progress: Progress) -> bool:
 def _equal_transposed(a: Entry, b: Entry) -> bool:
     import numpy as np
 
-    if len(a.shape) != 2 or a.shape != b.shape[::-1]:
-        return False
+    if len(a.shape) != 2 or a.shape != b.shape[::-1] or itemsize(a.dtype) is None:
+        return False  # sub-byte elements are never compared transposed
     if sample(a) != sample_transposed(b):
         return False
     x, y = a.blob.array(a.dtype, a.shape), b.blob.array(b.dtype, b.shape)
@@ -166,14 +166,29 @@ class Difference:
     max_abs_diff: float | None  # None when values cannot be decoded (sub-byte types)
 
 
-def difference(a: Entry, b: Entry) -> Difference:
-    """How two same-shaped tensors differ, streamed chunk by chunk."""
+def _transposed_pairs(a: Entry, b: Entry) -> Iterator[tuple[bytes, bytes]]:
+    """Row blocks of ``a`` beside the same blocks of ``b``ᵀ, as bytes."""
+    import numpy as np
+
+    x, y = a.blob.array(a.dtype, a.shape), b.blob.array(b.dtype, b.shape)
+    rows = max(1, CHUNK // max(1, a.nbytes // max(1, a.shape[0])))
+    for r in range(0, a.shape[0], rows):
+        yield x[r : r + rows].tobytes(), np.ascontiguousarray(y[:, r : r + rows].T).tobytes()
+
+
+def difference(a: Entry, b: Entry, transform: str = "identity") -> Difference:
+    """How ``a`` differs from ``b`` (or from ``b``ᵀ), streamed piece by piece."""
     import numpy as np
 
     size = itemsize(a.dtype)
     differing, worst = 0, 0.0
     decodable = True
-    for x, y in zip(a.chunks(), b.chunks(), strict=False):
+    pieces = (
+        _transposed_pairs(a, b)
+        if transform == "transpose"
+        else zip(a.chunks(), b.chunks(), strict=False)
+    )
+    for x, y in pieces:
         if x == y:
             continue
         if size is None:

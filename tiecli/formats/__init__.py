@@ -209,7 +209,7 @@ def checkpoint_roots(paths: list[Path]) -> list[Path]:
         if p.is_file() and not p.name.endswith(INDEX_SUFFIX):
             folder = p.parent
             if folder not in index_cache:
-                index_cache[folder] = _indexes_in(folder)
+                index_cache[folder] = indexes_in(folder)
             for index, shards in index_cache[folder]:
                 if p.name in shards:
                     root = index
@@ -219,7 +219,7 @@ def checkpoint_roots(paths: list[Path]) -> list[Path]:
     return list(roots.values())
 
 
-def _indexes_in(folder: Path) -> list[tuple[Path, set[str]]]:
+def indexes_in(folder: Path) -> list[tuple[Path, set[str]]]:
     out = []
     for f in sorted(folder.glob("*" + INDEX_SUFFIX)):
         try:

@@ -56,6 +56,13 @@ class PickleFile:
             )
         return out
 
+    def holds_more_than_tensors(self) -> bool:
+        """Whether anything but the state dict's tensors is in the file (epoch, optimizer...)."""
+        import torch
+
+        extra_top = self.nested_key is not None and len(self.top) > 1
+        return extra_top or any(not isinstance(v, torch.Tensor) for v in self.state_dict.values())
+
     def close(self) -> None:
         self.top = self.state_dict = None  # type: ignore[assignment]
 

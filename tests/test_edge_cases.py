@@ -1,0 +1,176 @@
+"""Edge cases where a careless rewrite would lose data or a report would mislead."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import fixture_path
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+import tiecli
+from tiecli.cli import app
+
+runner = CliRunner()
+
+
+def test_tensor_equal_to_a_drifted_copy_keeps_its_values(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    enc, dec = torch.randn(64, 32, generator=g), torch.randn(64, 32, generator=g)
+    path = tmp_path / "m.safetensors"
+    save_file(
+        {"enc.w": enc, "dec.w": dec, "copy.w": dec.clone()}, path, metadata={"dec.w": "enc.w"}
+    )
+    ties = {t.alias: t for t in tiecli.inspect(path).ties}
+    assert ties["dec.w"].drift is not None
+    assert (ties["copy.w"].source, ties["copy.w"].kind) == ("dec.w", "duplicate")
+    tiecli.dedupe(path, by_value=True, min_bytes=0)
+    loaded = tiecli.load(path)
+    assert torch.equal(loaded["copy.w"], dec) and torch.equal(loaded["enc.w"], enc)
+
+
+def test_dedupe_keeps_the_record_of_a_drifted_tie(tmp_path: Path) -> None:
+    a = torch.randn(16, 8)
+    b = a.clone()
+    b[0, 0] += 1
+    path = tmp_path / "m.safetensors"
+    save_file({"enc.w": a, "dec.w": b}, path, metadata={"format": "pt", "dec.w": "enc.w"})
+    assert tiecli.dedupe(path).removed == []
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata().get("dec.w") == "enc.w"
+    r = runner.invoke(app, ["verify", str(path)])
+    assert r.exit_code == 1 and "drift" in r.stdout
+
+
+@pytest.mark.parametrize("command", ["dedupe", "untie"])
+def test_unreadable_record_is_never_rewritten_over(tmp_path: Path, command: str) -> None:
+    path = tmp_path / "m.safetensors"
+    record = json.dumps({"version": 2, "ties": [{"alias": "head.w", "source": "emb.w"}]})
+    save_file({"emb.w": torch.randn(8, 4)}, path, metadata={"format": "pt", "tiecli": record})
+    before = path.read_bytes()
+    r = runner.invoke(app, [command, str(path)])
+    assert r.exit_code == 2
+    assert r.stderr.startswith(f"Error: {path}: its tie record cannot be read")
+    assert path.read_bytes() == before
+
+
+def test_converting_a_training_checkpoint_in_place_is_refused(tmp_path: Path) -> None:
+    sd = {"w": torch.randn(4, 4), "lm_head.weight": torch.randn(4, 4)}
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": sd, "epoch": 3, "optimizer_states": [{"lr": 0.1}]}, ckpt)
+    before = ckpt.read_bytes()
+    r = runner.invoke(app, ["dedupe", str(ckpt), "--to", "safetensors"])
+    assert r.exit_code == 1 and "-o" in r.stderr and "epoch" in r.stderr
+    assert ckpt.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "last.ckpt"
+    ]
+    r = runner.invoke(
+        app, ["dedupe", str(ckpt), "--to", "safetensors", "-o", str(tmp_path / "w.safetensors")]
+    )
+    assert r.exit_code == 0 and ckpt.read_bytes() == before
+    assert set(load_file(tmp_path / "w.safetensors")) == set(sd)
+
+
+def test_pickle_dedupe_in_place_is_idempotent(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(fixture_path("gpt2", "bin"), folder)
+    sd = torch.load(folder / "pytorch_model.bin", weights_only=True)
+    del sd["lm_head.weight"]  # as save_pretrained writes it: the declared alias absent
+    torch.save(sd, folder / "pytorch_model.bin")
+    inode = (folder / "pytorch_model.bin").stat().st_ino
+    for _ in range(2):
+        result = tiecli.dedupe(folder)
+        assert result.changed is False and result.record == []
+    assert (folder / "pytorch_model.bin").stat().st_ino == inode
+
+
+def test_pickle_shards_across_files_point_to_the_conversion(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    sd = load_file(fixture_path("gpt2", "full") / "model.safetensors")
+    first = {n: t for n, t in sd.items() if n != "lm_head.weight"}
+    torch.save(first, folder / "pytorch_model-00001-of-00002.bin")
+    torch.save(
+        {"lm_head.weight": sd["lm_head.weight"]}, folder / "pytorch_model-00002-of-00002.bin"
+    )
+    weight_map = {n: "pytorch_model-00001-of-00002.bin" for n in first}
+    weight_map["lm_head.weight"] = "pytorch_model-00002-of-00002.bin"
+    (folder / "pytorch_model.bin.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map})
+    )
+    shutil.copy(fixture_path("gpt2", "full") / "config.json", folder)
+    assert tiecli.inspect(folder).dedupable_bytes == 0  # a pickle cannot share across files
+    r = runner.invoke(app, ["verify", "--require-deduped", "--json", str(folder)])
+    (p,) = json.loads(r.stdout)["problems"]
+    assert r.exit_code == 1 and p["message"].endswith("--to safetensors")
+
+
+def test_nan_in_a_drift_keeps_json_valid(tmp_path: Path) -> None:
+    a = torch.randn(8, 4)
+    b = a.clone()
+    b[1, 1] = float("nan")
+    path = tmp_path / "m.safetensors"
+    save_file({"enc.w": a, "dec.w": b}, path, metadata={"dec.w": "enc.w"})
+    r = runner.invoke(app, ["inspect", "--json", str(path)])
+    assert r.exit_code == 0
+    (tie,) = json.loads(r.stdout)["ties"]
+    assert tie["drift"]["differing_elements"] == 1 and tie["drift"]["max_abs_diff"] is None
+
+
+def test_weights_that_do_not_fit_the_config_fail_the_forward_cleanly(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    shutil.copytree(fixture_path("gpt2", "hf"), folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["vocab_size"] = 80
+    (folder / "config.json").write_text(json.dumps(cfg))
+    r = runner.invoke(app, ["verify", "--forward", "--device", "cpu", "--json", str(folder)])
+    assert r.exit_code == 1 and "Traceback" not in r.stderr
+    codes = [p["code"] for p in json.loads(r.stdout)["problems"]]
+    assert "forward-failed" in codes
+
+
+def _raw(path: Path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    header, data = {}, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {
+            "dtype": dtype,
+            "shape": shape,
+            "data_offsets": [len(data), len(data) + len(raw)],
+        }
+        data += raw
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    path.write_bytes(struct.pack("<Q", len(h)) + h + data)
+
+
+def test_sub_byte_elements_are_never_compared_transposed(tmp_path: Path) -> None:
+    path = tmp_path / "f4.safetensors"
+    _raw(
+        path,
+        {
+            "model.embed_tokens.weight": ("F4", [8, 4], bytes(range(16))),
+            "lm_head.weight": ("F4", [4, 8], bytes(range(16))),
+        },
+    )
+    r = runner.invoke(app, ["inspect", "--json", str(path)])
+    assert r.exit_code == 0, r.stderr
+
+
+def test_transposed_drift_counts_the_differing_elements(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    shutil.copy(fixture_path("llama-tied", "full") / "config.json", folder)
+    sd = load_file(fixture_path("llama-tied", "full") / "model.safetensors")
+    head = sd["model.embed_tokens.weight"].t().contiguous()
+    head[2, 3] += 0.5
+    sd["lm_head.weight"] = head
+    save_file(sd, folder / "model.safetensors")
+    (tie,) = tiecli.inspect(folder, use_transformers=False).ties
+    assert tie.transform == "transpose" and tie.drift is not None
+    assert tie.drift.differing == 1 and tie.drift.max_abs_diff == pytest.approx(0.5, abs=1e-6)
