@@ -68,6 +68,7 @@ class ForwardReport:
             "parameters": self.stats.parameters,
             "unique_parameter_bytes": self.stats.unique_bytes,
             "tie_unaware_bytes": self.stats.untied_bytes,
+            "shared_ties": self.stats.shared_ties,
             "load_seconds": round(self.stats.load_seconds, 4),
             "forward_seconds": round(self.stats.forward_seconds, 4),
         }
@@ -219,12 +220,13 @@ def load_onto(
     """Load the checkpoint at ``path`` into ``model`` on ``device``; (model, problems, stats, ties)."""
     import torch
 
-    from .serialization import load
+    from .serialization import load_opened
 
     started = time.perf_counter()
     with open_checkpoint(path) as ckpt:
-        ties = find_ties(ckpt, use_transformers=use_transformers).ties
-    tensors = load(path, use_transformers=use_transformers)
+        report = find_ties(ckpt, use_transformers=use_transformers)
+        tensors = load_opened(ckpt, report)
+    ties = report.ties
     placed, shared = _place(tensors, ties, device, dtype)
     # assign: the model's parameters become the placed tensors, so ties stay one storage
     try:

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import Staging, output_errors
-from .detect import find_ties
+from .checkpoint import Checkpoint
+from .detect import TieReport, find_ties
 from .errors import TieRecordError, UsageError
 from .formats import open_checkpoint
 from .formats.pytorch import PickleFile
@@ -21,33 +22,37 @@ from .formats.pytorch import PickleFile
 
 def load(path: str | os.PathLike[str], *, use_transformers: bool = True) -> dict[str, Any]:
     """Every tensor of the checkpoint by name, with ties restored (see module doc)."""
+    with open_checkpoint(path) as ckpt:
+        return load_opened(ckpt, find_ties(ckpt, use_transformers=use_transformers))
+
+
+def load_opened(ckpt: Checkpoint, report: TieReport) -> dict[str, Any]:
+    """:func:`load` for a checkpoint already opened and searched for ties."""
     from safetensors import safe_open
 
-    with open_checkpoint(path) as ckpt:
-        report = find_ties(ckpt, use_transformers=use_transformers)
-        bad = [p for p in report.problems if p.code == "bad-record"]
-        if bad:
-            raise TieRecordError(bad[0].message, ckpt.path)
-        tensors: dict[str, Any] = {}
-        pickles = {r.path: r for r in ckpt.readers if isinstance(r, PickleFile)}
-        by_file: dict[Path, list[str]] = {}
-        for name, entry in ckpt.entries.items():
-            assert entry.file is not None
-            by_file.setdefault(entry.file, []).append(name)
-        for file, names in by_file.items():
-            if file in pickles:
-                sd = pickles[file].state_dict
-                tensors.update({n: sd[n] for n in names})
-            else:
-                with safe_open(str(file), framework="pt") as f:
-                    tensors.update({n: f.get_tensor(n) for n in names})
-        tensors = {n: tensors[n] for n in ckpt.entries}  # file order
-        for tie in report.ties:
-            if tie.alias not in tensors and tie.source in tensors:
-                tensors[tie.alias] = _restore(tensors[tie.source], tie.transform, tie.kind)
-            elif tie.source not in tensors and tie.alias in tensors:
-                tensors[tie.source] = _restore(tensors[tie.alias], tie.transform, tie.kind)
-        return tensors
+    bad = [p for p in report.problems if p.code == "bad-record"]
+    if bad:
+        raise TieRecordError(bad[0].message, ckpt.path)
+    tensors: dict[str, Any] = {}
+    pickles = {r.path: r for r in ckpt.readers if isinstance(r, PickleFile)}
+    by_file: dict[Path, list[str]] = {}
+    for name, entry in ckpt.entries.items():
+        assert entry.file is not None
+        by_file.setdefault(entry.file, []).append(name)
+    for file, names in by_file.items():
+        if file in pickles:
+            sd = pickles[file].state_dict
+            tensors.update({n: sd[n] for n in names})
+        else:
+            with safe_open(str(file), framework="pt") as f:
+                tensors.update({n: f.get_tensor(n) for n in names})
+    tensors = {n: tensors[n] for n in ckpt.entries}  # file order
+    for tie in report.ties:
+        if tie.alias not in tensors and tie.source in tensors:
+            tensors[tie.alias] = _restore(tensors[tie.source], tie.transform, tie.kind)
+        elif tie.source not in tensors and tie.alias in tensors:
+            tensors[tie.source] = _restore(tensors[tie.alias], tie.transform, tie.kind)
+    return tensors
 
 
 def _restore(t: Any, transform: str, kind: str) -> Any:

@@ -215,7 +215,6 @@ def difference(a: Entry, b: Entry, transform: str = "identity") -> Difference:
 class ValueMatches:
     groups: list[list[Entry]]  # each: bitwise-equal tensors, in file order
     transposed: list[tuple[Entry, Entry]]  # (x, y) with y == xᵀ, x first in file order
-    constant: set[str]  # names found constant among candidates
 
 
 def find_equal(
@@ -305,4 +304,4 @@ def find_equal(
         if equal(y, x, "transpose"):
             pairs.append((x, y))
     groups.sort(key=lambda g: order[g[0].name])
-    return ValueMatches(groups, pairs, constant)
+    return ValueMatches(groups, pairs)

@@ -16,7 +16,7 @@ from typing import Any
 from ..checkpoint import Checkpoint, Entry
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
 from .pytorch import PICKLE_SUFFIXES, PickleFile
-from .safetensors import SafetensorsFile
+from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
 
 INDEX_SUFFIX = ".index.json"
 # Weight files of a Hugging Face folder, most preferred first.
@@ -88,26 +88,13 @@ def read_json(path: Path, what: str, unique: bool = False) -> Any:
             raw = f.read(64 << 20)
             if f.read(1):
                 raise CheckpointFormatError(f"{what} is larger than 64 MiB", path)
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys if unique else None)
-    except _RepeatedKey as e:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys if unique else None)
+    except RepeatedKey as e:
         raise CheckpointFormatError(f"{what} lists {e.args[0]!r} twice", path) from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise CheckpointFormatError(f"{what} is not valid JSON", path) from None
     except OSError as e:
         raise CheckpointFormatError(f"cannot read {what}: {e.strerror}", path) from None
-
-
-class _RepeatedKey(Exception):
-    pass
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise _RepeatedKey(key)
-        out[key] = value
-    return out
 
 
 def _open_weights(p: Path, shown: Path) -> Checkpoint:

@@ -22,17 +22,18 @@ METADATA_KEY = "__metadata__"
 LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file starts
 
 
-def _reject_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+class RepeatedKey(Exception):
+    """A JSON object that names a key twice (raised by :func:`unique_keys`)."""
+
+
+def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """``json.loads`` hook that refuses repeated keys instead of keeping the last."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise _Duplicate(key)
+            raise RepeatedKey(key)
         out[key] = value
     return out
-
-
-class _Duplicate(Exception):
-    pass
 
 
 class _Repeated(dict):  # type: ignore[type-arg]
@@ -88,7 +89,7 @@ class SafetensorsFile:
             raise CheckpointFormatError(f"cannot open: {e.strerror}", path) from None
         try:
             self.size = os.fstat(self.fd).st_size
-            self.header_size, self.tensors, self.metadata, self.header = self._parse()
+            self.header_size, self.tensors, self.metadata = self._parse()
         except BaseException:
             os.close(self.fd)
             raise
@@ -99,9 +100,7 @@ class SafetensorsFile:
 
     def _parse(
         self,
-    ) -> tuple[
-        int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str], dict[str, Any]
-    ]:
+    ) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
         if self.size == 0:
             raise self._fail("file is empty, not a safetensors file")
         if self.size < 8:
@@ -131,8 +130,8 @@ class SafetensorsFile:
         raw = os.pread(self.fd, n, 8)
         self.bytes_read += 8 + n
         try:
-            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-        except _Duplicate:
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
+        except RepeatedKey:
             raise self._fail(_repeated_key_message(raw.decode("utf-8"))) from None
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise self._fail("header is not valid JSON (not a safetensors file?)") from None
@@ -154,7 +153,7 @@ class SafetensorsFile:
         for (_s0, e0, k0), (s1, _e1, k1) in zip(spans, spans[1:], strict=False):
             if s1 < e0:
                 raise self._fail(f"tensors {k0!r} and {k1!r} overlap in the file")
-        return n, tensors, dict(meta_raw), header
+        return n, tensors, dict(meta_raw)
 
     def _tensor_info(
         self, name: str, info: Any, data_size: int
