@@ -10,7 +10,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .checkpoint import Checkpoint
 from .detect import Problem, Tie, TieReport, find_ties
@@ -18,6 +18,7 @@ from .formats import open_checkpoint
 from .progress import NO_PROGRESS, Progress
 
 PathLike = str | os.PathLike[str]
+R = TypeVar("R", bound="RewriteResult")
 
 
 @dataclass
@@ -150,6 +151,41 @@ class UntieResult(RewriteResult):
         }
 
 
+def _rewrite_fields(
+    ckpt: Checkpoint, report: TieReport, plan: Any, out: Path | None, dry_run: bool
+) -> dict[str, Any]:
+    """The fields every rewrite result has, from the plan."""
+    return {
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "output": str(out) if out else str(ckpt.path),
+        "bytes_before": ckpt.stored_bytes(),
+        "bytes_after": plan.bytes_after,
+        "problems": report.problems,
+        "dry_run": dry_run,
+        "changed": plan.changes(ckpt),
+    }
+
+
+def _carry_out(
+    result: R,
+    ckpt: Checkpoint,
+    plan: Any,
+    out: Path | None,
+    force: bool,
+    to_st: bool,
+    progress: Progress,
+) -> R:
+    """Write the plan (unless a dry run) and note where the output went."""
+    from .rewrite import execute
+
+    if not result.dry_run:
+        written = execute(ckpt, plan, out, force=force, to_safetensors=to_st, progress=progress)
+        result.output = str(written.output)
+        result.changed = written.changed
+    return result
+
+
 def _refuse_unreadable_record(ckpt: Checkpoint, report: TieReport) -> None:
     """A record tiecli cannot read may be the only note of an alias: never rewrite over it."""
     bad = [p for p in report.problems if p.code == "bad-record"]
@@ -183,7 +219,6 @@ def dedupe(
 ) -> DedupeResult:
     """Rewrite with one stored copy per tie plus the tie record (in place without ``output``)."""
     from .plan import plan_dedupe
-    from .rewrite import execute
 
     if to not in (None, "safetensors"):
         from .errors import UsageError
@@ -208,23 +243,13 @@ def dedupe(
             ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st
         )
         result = DedupeResult(
-            path=str(ckpt.path),
-            format=ckpt.format,
-            output=str(out) if out else str(ckpt.path),
-            bytes_before=ckpt.stored_bytes(),
-            bytes_after=plan.bytes_after,
+            **_rewrite_fields(ckpt, report, plan, out, dry_run),
             removed=plan.removed,
             kept=plan.kept,
-            problems=report.problems,
-            dry_run=dry_run,
-            changed=plan.changes(ckpt) or to_st,
             record=[r.to_json() for r in plan.record],
         )
-        if not dry_run:
-            written = execute(ckpt, plan, out, force=force, to_safetensors=to_st, progress=progress)
-            result.output = str(written.output)
-            result.changed = written.changed
-        return result
+        result.changed |= to_st
+        return _carry_out(result, ckpt, plan, out, force, to_st, progress)
 
 
 def untie(
@@ -238,7 +263,6 @@ def untie(
 ) -> UntieResult:
     """Write every alias as its own stored tensor (in place without ``output``)."""
     from .plan import plan_untie
-    from .rewrite import execute
 
     out = Path(output) if output is not None else None
     with open_checkpoint(path) as ckpt:
@@ -246,21 +270,9 @@ def untie(
         _refuse_unreadable_record(ckpt, report)
         plan = plan_untie(ckpt, report)
         result = UntieResult(
-            path=str(ckpt.path),
-            format=ckpt.format,
-            output=str(out) if out else str(ckpt.path),
-            bytes_before=ckpt.stored_bytes(),
-            bytes_after=plan.bytes_after,
-            restored=plan.restored,
-            problems=report.problems,
-            dry_run=dry_run,
-            changed=plan.changes(ckpt),
+            **_rewrite_fields(ckpt, report, plan, out, dry_run), restored=plan.restored
         )
-        if not dry_run:
-            written = execute(ckpt, plan, out, force=force, progress=progress)
-            result.output = str(written.output)
-            result.changed = written.changed
-        return result
+        return _carry_out(result, ckpt, plan, out, force, False, progress)
 
 
 @dataclass
