@@ -21,6 +21,17 @@ PathLike = str | os.PathLike[str]
 R = TypeVar("R", bound="RewriteResult")
 
 
+def _header(result: Any) -> dict[str, Any]:
+    """The fields every command's JSON document starts with."""
+    return {
+        "command": result.command,
+        "path": result.path,
+        "format": result.format,
+        "ok": result.ok,
+        "problems": [p.to_dict() for p in result.problems],
+    }
+
+
 @dataclass
 class InspectResult:
     path: str
@@ -42,12 +53,7 @@ class InspectResult:
         return not any(p.severity == "error" for p in self.problems)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "command": self.command,
-            "path": self.path,
-            "format": self.format,
-            "ok": self.ok,
-            "problems": [p.to_dict() for p in self.problems],
+        return _header(self) | {
             "tensors": self.tensors,
             "bytes": self.bytes,
             "ties": [t.to_dict() for t in self.ties],
@@ -104,12 +110,7 @@ class RewriteResult:
         return True  # drift is reported, but judging is verify's job
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "command": self.command,
-            "path": self.path,
-            "format": self.format,
-            "ok": self.ok,
-            "problems": [p.to_dict() for p in self.problems],
+        return _header(self) | {
             "output": self.output,
             "dry_run": self.dry_run,
             "changed": self.changed,
@@ -330,12 +331,8 @@ class VerifyResult:
         problems = []
         for c in self.checkpoints:
             problems += [p.to_dict() | {"path": c.path} for p in c.problems]
-        d = {
-            "command": self.command,
-            "path": self.path,
-            "format": self.format,
-            "ok": self.ok,
-            "problems": problems,
+        d = _header(self) | {
+            "problems": problems,  # each also names its checkpoint
             "checked": self.checked,
             "strict": self.strict,
             "require_deduped": self.require_deduped,
