@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES, FORMS, MANIFEST, MODELS, TIED_MODELS
+from helpers import FIXTURES, FORMS, JSON_HEADER, MANIFEST, MODELS, TIED_MODELS
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -21,16 +21,7 @@ from tiecli.cli import app
 
 runner = CliRunner()
 
-CUSTOM = [
-    "custom/transposed.safetensors",
-    "custom/transposed.pt",
-    "custom/value-duplicate.safetensors",
-    "custom/no-ties.safetensors",
-    "custom/nested/lightning.ckpt",
-    "custom/nested/fairseq.pt",
-    "custom/nested/deepspeed.pt",
-    "drift",
-]
+CUSTOM = list(MANIFEST["custom"])  # every custom fixture the generator made
 CASES = [f"{m}/{f}" for m in MODELS for f in FORMS] + CUSTOM
 
 
@@ -389,11 +380,7 @@ def test_cli_json_fields(copy_fixture) -> None:
     code, doc = cli("dedupe", x, "-o", x.parent / "d")
     assert code == 0
     for key in (
-        "command",
-        "path",
-        "format",
-        "ok",
-        "problems",
+        *JSON_HEADER,
         "output",
         "bytes_before",
         "bytes_after",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import fixture_path
+from helpers import fixture_path, with_config
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -124,11 +124,7 @@ def test_nan_in_a_drift_keeps_json_valid(tmp_path: Path) -> None:
 
 
 def test_weights_that_do_not_fit_the_config_fail_the_forward_cleanly(tmp_path: Path) -> None:
-    folder = tmp_path / "m"
-    shutil.copytree(fixture_path("gpt2", "hf"), folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    cfg["vocab_size"] = 80
-    (folder / "config.json").write_text(json.dumps(cfg))
+    folder = with_config("gpt2", "hf", tmp_path / "m", vocab_size=80)
     r = runner.invoke(app, ["verify", "--forward", "--device", "cpu", "--json", str(folder)])
     assert r.exit_code == 1 and "Traceback" not in r.stderr
     codes = [p["code"] for p in json.loads(r.stdout)["problems"]]

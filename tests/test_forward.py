@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TIED_MODELS, fixture_path
+from helpers import TIED_MODELS, fixture_path, with_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -195,11 +195,7 @@ def test_transformers_missing_is_a_clear_error(no_transformers) -> None:
 
 
 def test_unknown_architecture_is_a_clear_error(tmp_path: Path) -> None:
-    out = tmp_path / "m"
-    shutil.copytree(fixture_path("gpt2", "hf"), out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["architectures"] = ["NoSuchModelForCausalLM"]
-    (out / "config.json").write_text(json.dumps(cfg))
+    out = with_config("gpt2", "hf", tmp_path / "m", architectures=["NoSuchModelForCausalLM"])
     assert "NoSuchModelForCausalLM" in _err(["--device", "cpu", str(out)])
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES, FORMS, MANIFEST, TIED_MODELS, fixture_path
+from helpers import FIXTURES, FORMS, JSON_HEADER, MANIFEST, TIED_MODELS, fixture_path, with_config
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -259,11 +259,7 @@ def test_source_missing_is_a_warning(tmp_path: Path) -> None:
 
 
 def test_config_mismatch_when_untied_config_lacks_head(tmp_path: Path) -> None:
-    out = tmp_path / "m"
-    shutil.copytree(fixture_path("llama-tied", "hf"), out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["tie_word_embeddings"] = False
-    (out / "config.json").write_text(json.dumps(cfg))
+    out = with_config("llama-tied", "hf", tmp_path / "m", tie_word_embeddings=False)
     result = tiecli.inspect(out)
     assert [p.code for p in result.problems] == ["config-mismatch"]
     assert not result.ok
@@ -306,11 +302,7 @@ def test_cli_json_document() -> None:
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     for key in (
-        "command",
-        "path",
-        "format",
-        "ok",
-        "problems",
+        *JSON_HEADER,
         "tensors",
         "bytes",
         "ties",
@@ -420,11 +412,7 @@ def test_declared_ties_are_cached_and_the_cache_skips_transformers(tmp_path: Pat
     assert ties1 == ties2 and "declared" in ties1
     assert len(list((tmp_path / "cache" / "declared").glob("*.json"))) == 1
     # a changed config is a different entry
-    other = tmp_path / "llama"
-    shutil.copytree(fixture_path("llama-tied", "hf"), other)
-    cfg = json.loads((other / "config.json").read_text())
-    cfg["tie_word_embeddings"] = False
-    (other / "config.json").write_text(json.dumps(cfg))
+    other = with_config("llama-tied", "hf", tmp_path / "llama", tie_word_embeddings=False)
     code2 = code.replace(repr(str(fixture_path("llama-tied", "hf"))), repr(str(other)))
     third = subprocess.run(
         [sys.executable, "-c", code2], capture_output=True, text=True, env=env, check=True

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import FIXTURES, FORMS, MODELS, ROOT, TIED_MODELS, fixture_path
+from helpers import FIXTURES, FORMS, MODELS, ROOT, TIED_MODELS, fixture_path, with_config
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -106,11 +106,7 @@ def test_bad_record_makes_load_fail(tmp_path: Path) -> None:
 
 
 def test_config_mismatch_fails(tmp_path: Path) -> None:
-    out = tmp_path / "m"
-    shutil.copytree(fixture_path("gpt2", "hf"), out)
-    cfg = json.loads((out / "config.json").read_text())
-    cfg["tie_word_embeddings"] = False
-    (out / "config.json").write_text(json.dumps(cfg))
+    out = with_config("gpt2", "hf", tmp_path / "m", tie_word_embeddings=False)
     code, doc = run_verify(str(out))
     assert code == 1 and [p["code"] for p in doc["problems"]] == ["config-mismatch"]
     assert "lm_head.weight" in doc["problems"][0]["tensors"]
