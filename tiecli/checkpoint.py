@@ -60,9 +60,6 @@ class Entry:
         for start in range(0, self.nbytes, size):
             yield self.blob.read(start, min(size, self.nbytes - start))
 
-    def read_all(self) -> bytes:
-        return self.blob.read(0, self.nbytes)
-
 
 @dataclass
 class Checkpoint:
