@@ -181,11 +181,11 @@ def arm(m: pytest.MonkeyPatch, step: str, fault: Fault) -> None:
     # step == "write": the disk fills up half-way through a write
     real_copy, real_write, real_save = st_format._copy_range, st_format._write_all, torch.save
 
-    def copy_range(src, dst, src_off, dst_off, count, progress):
+    def copy_range(src, dst, src_off, dst_off, count, *rest):
         if fault.hit():
-            real_copy(src, dst, src_off, dst_off, count // 2, progress)
+            real_copy(src, dst, src_off, dst_off, count // 2, *rest)
             raise OSError(errno.ENOSPC, "No space left on device")
-        return real_copy(src, dst, src_off, dst_off, count, progress)
+        return real_copy(src, dst, src_off, dst_off, count, *rest)
 
     def write_all(fd, data, offset):
         if fault.hit():

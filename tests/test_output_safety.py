@@ -227,3 +227,94 @@ def test_in_place_rewrite_keeps_file_permissions(tmp_path: Path, command: str) -
     assert r.exit_code == 0, r.stderr
     assert f.stat().st_ino != before  # it was rewritten
     assert (f.stat().st_mode & 0o777) == 0o600
+
+
+def _corrupting_copy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every kernel copy lands one flipped byte in the output, as a bad copy would."""
+    from tiecli.formats import safetensors as st_format
+
+    real = st_format._copy_range
+    calls: list[int] = []
+
+    def copy_range(src, dst, src_off, dst_off, count, *rest):
+        calls.append(count)
+        byte = os.pread(src, 1, src_off)
+        real(src, dst, src_off, dst_off, count, *rest)
+        os.pwrite(dst, bytes([byte[0] ^ 0xFF]), dst_off)
+
+    monkeypatch.setattr(st_format, "_copy_range", copy_range)
+    return calls
+
+
+@pytest.mark.parametrize("form", ["full", "full-sharded"])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_written_bytes_that_differ_are_never_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str, in_place: bool
+) -> None:
+    src = fixture_path("llama-tied", form)
+    ckpt = tmp_path / "in" / src.name
+    if src.is_dir():
+        shutil.copytree(src, ckpt)
+    else:
+        ckpt.parent.mkdir()
+        shutil.copy2(src, ckpt)
+    before = snapshot(tmp_path)
+    calls = _corrupting_copy(monkeypatch)
+    args = ["dedupe", str(ckpt)] + ([] if in_place else ["-o", str(tmp_path / "out")])
+    r = runner.invoke(app, args)
+    assert r.exit_code == 1, r.output
+    line = one_error_line(r)
+    assert "verification failed" in line and "nothing was changed" in line, line
+    assert calls, "the corrupting copy was never used"
+    assert snapshot(tmp_path) == before  # no output, no temporaries, input as it was
+
+
+def test_verification_stops_the_writer_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mismatch found while the file is still being written ends the write there."""
+    import time
+
+    from tiecli.formats import safetensors as st_format
+
+    ckpt = tmp_path / "model.safetensors"
+    shutil.copy2(fixture_path("llama-tied", "full") / "model.safetensors", ckpt)
+    monkeypatch.setattr(st_format, "_COPY_STEP", 1024)  # many small, slow steps
+    real = os.copy_file_range
+    copied: list[int] = []
+
+    def slow_bad_copy(src, dst, count, src_off, dst_off):
+        time.sleep(0.02)
+        n = real(src, dst, count, src_off, dst_off)
+        os.pwrite(dst, bytes([os.pread(src, 1, src_off)[0] ^ 0xFF]), dst_off)
+        copied.append(n)
+        return n
+
+    monkeypatch.setattr(os, "copy_file_range", slow_bad_copy)
+    with pytest.raises(tiecli.TiecliError, match="verification failed"):
+        tiecli.dedupe(ckpt, tmp_path / "out.safetensors")
+    assert 0 < sum(copied) < os.path.getsize(ckpt) // 2, copied
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_pickle_written_wrong_is_never_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    ckpt = tmp_path / "in"
+    shutil.copytree(fixture_path("llama-tied", "bin"), ckpt)
+    before = snapshot(tmp_path)
+    real_save = torch.save
+
+    def bad_save(obj, f, *args, **kw):
+        obj = dict(obj)
+        name = sorted(obj)[0]
+        obj[name] = obj[name].clone() + 1
+        return real_save(obj, f, *args, **kw)
+
+    monkeypatch.setattr(torch, "save", bad_save)
+    r = runner.invoke(app, ["dedupe", str(ckpt), "-o", str(tmp_path / "out")])
+    assert r.exit_code == 1, r.output
+    assert "verification failed" in one_error_line(r)
+    assert snapshot(tmp_path) == before

@@ -7,6 +7,7 @@ rich bar only once work has gone on for about a second.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -37,6 +38,7 @@ class _RichProgress(Progress):
         self._pending = 0
         self._description = ""
         self._total = 0
+        self._lock = threading.Lock()
 
     @contextmanager
     def task(self, description: str, total: int) -> Iterator[Progress]:
@@ -50,6 +52,10 @@ class _RichProgress(Progress):
             self._bar = self._task = None
 
     def advance(self, amount: int) -> None:
+        with self._lock:  # a writer and the reader that follows it both report
+            self._advance(amount)
+
+    def _advance(self, amount: int) -> None:
         if self._bar is None:
             self._pending += amount
             if time.monotonic() - self._started < self.DELAY:

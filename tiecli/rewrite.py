@@ -10,16 +10,17 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from .atomic import Staging, clean_leftovers, fsync_dir, output_errors
 from .checkpoint import Checkpoint, Entry
 from .errors import OutputError, UnsafeChangeError, UsageError
 from .formats.pytorch import PickleFile
-from .formats.safetensors import SafetensorsFile, write_file
+from .formats.safetensors import FileBlob, SafetensorsFile, write_file
 from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
 from .values import equal
@@ -62,6 +63,12 @@ def execute(
         for f in plan.files:
             f.name = safetensors_name(f.name)
 
+    placed = {t.name for f in plan.files for t in f.tensors}
+    for check in plan.checks:
+        if check.out not in placed:
+            raise UnsafeChangeError(
+                f"{check.out!r} would not be written; nothing was changed", ckpt.path
+            )
     staging = Staging()
     try:
         if output is None:
@@ -80,8 +87,7 @@ def execute(
             clean_leftovers(output.parent, {output.name})
             with output_errors(output):
                 tmp = staging.file(output)
-                _write_one(ckpt, plan, plan.files[0], tmp, as_safetensors, progress)
-            _verify(plan, {tmp: plan.files[0]}, as_safetensors, output, progress)
+                _write_one(ckpt, plan, plan.files[0], tmp, as_safetensors, output, progress)
             written = [output]
         with output_errors(output or ckpt.path):
             staging.commit(replace_folder=force)
@@ -135,7 +141,6 @@ def _in_place(
     folder: Path,
     progress: Progress,
 ) -> list[Path]:
-    temps: dict[Path, FilePlan] = {}
     finals: list[Path] = []
     index_tmp = None
     converting = as_safetensors and ckpt.format.startswith("pytorch")
@@ -175,8 +180,7 @@ def _in_place(
                     continue
                 final = folder / f.name
                 tmp = staging.file(final)
-                _write_one(ckpt, plan, f, tmp, as_safetensors, progress)
-                temps[tmp] = f
+                _write_one(ckpt, plan, f, tmp, as_safetensors, ckpt.path, progress)
                 finals.append(final)
             if index_tmp is None:
                 index_tmp = staging.file(index_final)
@@ -188,10 +192,8 @@ def _in_place(
             if converting:
                 final = final.parent / f.name
             tmp = staging.file(final)
-            _write_one(ckpt, plan, f, tmp, as_safetensors, progress)
-            temps[tmp] = f
+            _write_one(ckpt, plan, f, tmp, as_safetensors, ckpt.path, progress)
             finals.append(final)
-    _verify(plan, temps, as_safetensors, ckpt.path, progress)
     return finals
 
 
@@ -214,7 +216,6 @@ def _to_folder(
     output: Path,
     progress: Progress,
 ) -> list[Path]:
-    temps: dict[Path, FilePlan] = {}
     with output_errors(output):
         tmpdir = staging.folder(output)
         skip = {p.resolve() for p in ckpt.weight_files}
@@ -223,16 +224,13 @@ def _to_folder(
         if ckpt.folder is not None or ckpt.index_path is not None:
             _copy_other_files(src_folder, tmpdir, skip)
         for f in plan.files:
-            tmp = tmpdir / f.name
-            _write_one(ckpt, plan, f, tmp, as_safetensors, progress)
-            temps[tmp] = f
+            _write_one(ckpt, plan, f, tmpdir / f.name, as_safetensors, output, progress)
         if ckpt.index_path is not None:
             name = ckpt.index_path.name
             if as_safetensors and ckpt.format.startswith("pytorch"):
                 name = "model.safetensors.index.json"
             _write_index(tmpdir / name, plan)
         fsync_dir(tmpdir)
-    _verify(plan, temps, as_safetensors, output, progress)
     return [output / f.name for f in plan.files]
 
 
@@ -265,13 +263,104 @@ def _write_index(path: Path, plan: Plan) -> None:
 
 
 def _write_one(
-    ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, as_safetensors: bool, progress: Progress
+    ckpt: Checkpoint,
+    plan: Plan,
+    f: FilePlan,
+    tmp: Path,
+    as_safetensors: bool,
+    shown: Path,
+    progress: Progress,
 ) -> None:
-    if as_safetensors:
-        with progress.task(f"writing {f.name}", sum(t.nbytes for t in f.tensors)) as bar:
-            write_file(tmp, f.tensors, f.metadata, bar)
-    else:
+    """Write one output file, fsync it, and compare every tensor in it with the input."""
+    names = {t.name for t in f.tensors}
+    checks = [c for c in plan.checks if c.out in names]
+    if not as_safetensors:
         _write_pickle(ckpt, plan, f, tmp)
+        _verify_pickle(tmp, checks, shown, progress)
+        return
+    total = sum(t.nbytes for t in f.tensors) + sum(2 * c.input.nbytes for c in checks)
+    mark = _Mark()
+    with progress.task(f"writing {f.name}", total) as bar, ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(_write_synced, tmp, f, bar, mark)
+        try:
+            _follow(tmp, checks, mark, shown, bar)
+        except BaseException:
+            mark.stop()
+            raise
+        finally:
+            done = wait([writing]).done
+        assert done
+        with output_errors(shown):
+            writing.result()
+
+
+class _Stopped(Exception):
+    """The reader gave up; the writer stops at its next step."""
+
+
+class _Mark:
+    """How far a writer has got, shared with the reader that follows it."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._pos = 0
+        self._ended = False  # the writer finished or failed
+        self._stopped = False  # the reader wants the writer to stop
+
+    def reached(self, pos: int) -> None:
+        with self._cond:
+            if self._stopped:
+                raise _Stopped
+            self._pos = pos
+            self._cond.notify_all()
+
+    def end(self) -> None:
+        with self._cond:
+            self._ended = True
+            self._cond.notify_all()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopped = True
+
+    def wait(self, pos: int) -> bool:
+        """Wait until the first ``pos`` bytes are written; False if they never will be."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pos >= pos or self._ended)
+            return self._pos >= pos
+
+
+def _write_synced(tmp: Path, f: FilePlan, bar: Progress, mark: _Mark) -> None:
+    try:
+        write_file(tmp, f.tensors, f.metadata, bar, mark.reached)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        mark.end()
+
+
+def _follow(tmp: Path, checks: list[Check], mark: _Mark, shown: Path, bar: Progress) -> None:
+    """Compare each written tensor with the input as soon as the writer is past it.
+
+    Returns early when the writer fails (its error is the one to report)."""
+    if not mark.wait(8):
+        return
+    reader = SafetensorsFile(tmp)
+    try:
+        out = {e.name: e for e in reader.entries()}
+        if not mark.wait(reader.data_start):
+            return
+        placed = [(_start(out[c.out]) if c.out in out else -1, i) for i, c in enumerate(checks)]
+        for start, i in sorted(placed):
+            check = checks[i]
+            if start >= 0 and not mark.wait(reader.data_start + start + check.input.nbytes):
+                return
+            _check_one(check, out, shown, bar)
+    finally:
+        reader.close()
 
 
 def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path) -> None:
@@ -298,46 +387,20 @@ def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path) -> None:
         os.fsync(out.fileno())
 
 
-def _verify(
-    plan: Plan, temps: dict[Path, FilePlan], as_safetensors: bool, shown: Path, progress: Progress
-) -> None:
-    """Every output tensor equals the input tensor it stands for, bit for bit."""
-    readers: list[Any] = []
+def _start(e: Entry) -> int:
+    return cast(FileBlob, e.blob).start
+
+
+def _verify_pickle(tmp: Path, checks: list[Check], shown: Path, progress: Progress) -> None:
+    """Every tensor of a written pickle equals the input tensor it stands for, bit for bit."""
+    reader = PickleFile(tmp)
     try:
-        out: dict[str, Entry] = {}
-        for tmp in temps:
-            reader: Any = SafetensorsFile(tmp) if as_safetensors else PickleFile(tmp)
-            readers.append(reader)
-            out.update({e.name: e for e in reader.entries()})
-        written = {t.name for f in temps.values() for t in f.tensors}
-        untouched = {t.name for f in plan.files for t in f.tensors} - written
-        with ThreadPoolExecutor(1) as pool:
-            # the data reaches the disk while we compare what the page cache holds
-            synced = pool.submit(_fsync_all, list(temps))
-            _compare(plan, out, untouched, shown, progress)
-            with output_errors(shown):
-                synced.result()
+        out = {e.name: e for e in reader.entries()}
+        with progress.task("verifying", sum(2 * c.input.nbytes for c in checks)) as bar:
+            for check in checks:
+                _check_one(check, out, shown, bar)
     finally:
-        for r in readers:
-            r.close()
-
-
-def _fsync_all(paths: list[Path]) -> None:
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def _compare(
-    plan: Plan, out: dict[str, Entry], untouched: set[str], shown: Path, progress: Progress
-) -> None:
-    todo = [c for c in plan.checks if c.out not in untouched]
-    with progress.task("verifying", sum(2 * c.input.nbytes for c in todo)) as bar:
-        for check in todo:  # the others' files were left as they are
-            _check_one(check, out, shown, bar)
+        reader.close()
 
 
 def _check_one(check: Check, out: dict[str, Entry], shown: Path, bar: Progress) -> None:

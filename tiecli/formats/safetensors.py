@@ -10,6 +10,7 @@ import math
 import mmap
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -313,26 +314,37 @@ def encode_header(
     return struct.pack("<Q", len(raw)) + raw
 
 
-def write_file(path: Path, items: list[Any], metadata: dict[str, str], progress: Any) -> None:
+def write_file(
+    path: Path,
+    items: list[Any],
+    metadata: dict[str, str],
+    progress: Any,
+    reached: Callable[[int], None] | None = None,
+) -> None:
     """Write a safetensors file of ``items`` (each with name, dtype, shape, nbytes,
     entry and transform), copying byte ranges in the kernel where it can.
 
-    The caller fsyncs the file (verification overlaps with the sync)."""
+    The file gets its full size first, so a reader can parse the header while the
+    data is still being written; ``reached(n)`` says the first ``n`` bytes are in.
+    The caller fsyncs the file."""
     head = encode_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
+    reached = reached or (lambda n: None)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
+        os.ftruncate(fd, len(head) + sum(i.nbytes for i in items))
         pos = _write_all(fd, head, 0)
-        runs = _runs(items)
-        for run in runs:
+        reached(pos)
+        for run in _runs(items):
             if isinstance(run, tuple):
                 src, start, nbytes = run
-                _copy_range(src.fd, fd, src.data_start + start, pos, nbytes, progress)
+                _copy_range(src.fd, fd, src.data_start + start, pos, nbytes, progress, reached)
                 pos += nbytes
             else:
                 for chunk in run.chunks():
                     _write_all(fd, chunk, pos)
                     pos += len(chunk)
                     progress.advance(len(chunk))
+                    reached(pos)
     finally:
         os.close(fd)
 
@@ -353,10 +365,18 @@ def _runs(items: list[Any]) -> list[Any]:
     return runs
 
 
-_COPY_STEP = 64 << 20
+_COPY_STEP = 32 << 20  # small enough for a follower to start early, large enough to cost nothing
 
 
-def _copy_range(src: int, dst: int, src_off: int, dst_off: int, count: int, progress: Any) -> None:
+def _copy_range(
+    src: int,
+    dst: int,
+    src_off: int,
+    dst_off: int,
+    count: int,
+    progress: Any,
+    reached: Callable[[int], None],
+) -> None:
     copy = getattr(os, "copy_file_range", None)
     while count > 0:
         step = min(count, _COPY_STEP)
@@ -377,6 +397,7 @@ def _copy_range(src: int, dst: int, src_off: int, dst_off: int, count: int, prog
         dst_off += n
         count -= n
         progress.advance(n)
+        reached(dst_off)
 
 
 def _write_all(fd: int, data: bytes | memoryview, offset: int) -> int:
