@@ -489,7 +489,8 @@ def test_fifty_kills_per_command_corrupt_nothing(command: str, tmp_path: Path) -
         if i % 2 == 0:
             time.sleep(rng.uniform(0.0, duration))  # anywhere in the run
         elif _wait_for_temporary(proc, x) is not None:  # once writing has begun
-            time.sleep(rng.uniform(0.0, max(0.0, duration - writing_after)))
+            # writing is a short stretch of the run: aim at its start
+            time.sleep(rng.uniform(0.0, max(0.0, duration - writing_after) / 8))
         killed_running += proc.poll() is None
         proc.send_signal(signal.SIGKILL)
         proc.communicate()

@@ -170,3 +170,97 @@ def test_transposed_drift_counts_the_differing_elements(tmp_path: Path) -> None:
     (tie,) = tiecli.inspect(folder, use_transformers=False).ties
     assert tie.transform == "transpose" and tie.drift is not None
     assert tie.drift.differing == 1 and tie.drift.max_abs_diff == pytest.approx(0.5, abs=1e-6)
+
+
+@pytest.mark.parametrize("use_memcmp", [True, False])
+def test_mapped_comparison_with_and_without_the_c_library(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, use_memcmp: bool
+) -> None:
+    """Equal, and unequal at the first, a middle and the last byte, across window edges."""
+    from tiecli import values
+    from tiecli.formats.safetensors import SafetensorsFile
+
+    if not use_memcmp:
+        monkeypatch.setattr(values, "_MEMCMP", [None])
+    monkeypatch.setattr(values, "CHUNK", 4096 + 24)  # pieces that straddle page boundaries
+    n = 3 * 4096 + 7  # not a multiple of 8: the numpy path has a tail
+    base = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    for where in (None, 0, n // 2, n - 1):
+        other = bytearray(base)
+        if where is not None:
+            other[where] ^= 0x01
+        path = tmp_path / f"t{where}.safetensors"
+        save_file(
+            {
+                "a": torch.frombuffer(bytearray(base), dtype=torch.uint8),
+                "b": torch.frombuffer(other, dtype=torch.uint8),
+            },
+            str(path),
+        )
+        f = SafetensorsFile(path)
+        try:
+            e = {x.name: x for x in f.entries()}
+            assert values.same_bytes(e["a"], e["b"]) is (where is None), where
+        finally:
+            f.close()
+
+
+def _drift_where_samples_miss(folder: Path) -> float:
+    """Change the stored lm_head at one element the 8 samples do not look at."""
+    from tiecli.values import _positions
+
+    for f in folder.glob("*.safetensors"):
+        tensors = load_file(f)
+        if "lm_head.weight" in tensors:
+            head = tensors["lm_head.weight"].clone()
+            flat = head.view(-1)
+            spot = next(i for i in range(flat.numel()) if i not in _positions(flat.numel()))
+            flat[spot] += 1.0
+            tensors["lm_head.weight"] = head
+            with safe_open(str(f), "pt") as h:
+                meta = h.metadata()
+            save_file(tensors, str(f), metadata=meta)
+            return float(head.view(-1)[spot])
+    raise AssertionError("no lm_head stored")
+
+
+@pytest.mark.parametrize("form", ["full", "full-sharded"])
+@pytest.mark.parametrize("in_place", [True, False])
+def test_drift_the_samples_miss_is_kept_not_deduped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str, in_place: bool
+) -> None:
+    """dedupe takes ties as equal from samples; the full comparison while verifying
+    finds the difference, and the run starts over deciding every tie exactly."""
+    from tiecli import api, detect
+
+    monkeypatch.setattr(detect, "SAMPLED_FROM", 0)  # sample even these small tensors
+    wrong: list[bool] = []
+    real = api._assumption_wrong
+    monkeypatch.setattr(api, "_assumption_wrong", lambda *a: wrong.append(real(*a)) or wrong[-1])
+    ckpt = shutil.copytree(fixture_path("llama-tied", form), tmp_path / "in")
+    _drift_where_samples_miss(ckpt)
+    before = tiecli.load(ckpt)
+
+    out = None if in_place else tmp_path / "out"
+    r = tiecli.dedupe(ckpt, out)
+    assert wrong == [True]  # the first, sampled attempt was refused by its verification
+    assert r.removed == [] and [t.alias for t, _why in r.kept] == ["lm_head.weight"]
+    assert [p.code for p in r.problems] == ["drift"]
+    after = tiecli.load(out or ckpt)
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_sampled_ties_that_hold_are_deduped_in_one_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tiecli import api, detect
+
+    monkeypatch.setattr(detect, "SAMPLED_FROM", 0)
+    monkeypatch.setattr(api, "_assumption_wrong", lambda *a: pytest.fail("no retry expected"))
+    ckpt = shutil.copytree(fixture_path("llama-tied", "full-sharded"), tmp_path / "in")
+    with tiecli.api.open_checkpoint(ckpt) as opened:
+        report = detect.find_ties(opened, sampled=True)
+    assert report.assumed == [("lm_head.weight", "model.embed_tokens.weight", "identity")]
+    r = tiecli.dedupe(ckpt)
+    assert [t.alias for t in r.removed] == ["lm_head.weight"]

@@ -318,3 +318,51 @@ def test_pickle_written_wrong_is_never_kept(
     assert r.exit_code == 1, r.output
     assert "verification failed" in one_error_line(r)
     assert snapshot(tmp_path) == before
+
+
+def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Names of the files and folders fsynced from now on."""
+    real = os.fsync
+    synced: list[str] = []
+
+    def fsync(fd):
+        synced.append(os.path.basename(os.readlink(f"/proc/self/fd/{fd}")))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+@pytest.mark.parametrize("form", ["full", "full-sharded"])
+def test_what_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
+    """Replacing anything is durable first; a new -o output is durable on request."""
+    from tiecli.formats import safetensors as st_format
+
+    src = fixture_path("llama-tied", form)
+    started: list[int] = []
+    real_start = st_format._start_writeback
+    monkeypatch.setattr(
+        st_format, "_start_writeback", lambda *a: (started.append(a[2]), real_start(*a))[1]
+    )
+    synced = _record_fsyncs(monkeypatch)
+
+    tiecli.dedupe(src, tmp_path / "new")
+    assert synced == [] and started == []  # like cp: nothing forced to disk
+
+    tiecli.dedupe(src, tmp_path / "synced", fsync=True)
+    assert any(".tiecli-tmp" in n for n in synced) and started, synced
+    assert "synced" in synced or tmp_path.name in synced  # the folder holding the rename
+
+    synced.clear()
+    started.clear()
+    tiecli.dedupe(src, tmp_path / "new", force=True)  # replaces an output: durable
+    assert synced and started
+
+    ckpt = tmp_path / "in"
+    shutil.copytree(src, ckpt)
+    synced.clear()
+    tiecli.dedupe(ckpt)  # in place: every new file synced before its rename
+    written = {p.name for p in ckpt.iterdir() if p.name.endswith((".safetensors", ".json"))}
+    changed = {n.removeprefix(".").removesuffix(".tiecli-tmp") for n in synced if "tmp" in n}
+    assert changed and changed <= written and "in" in synced, synced

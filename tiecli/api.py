@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from .checkpoint import Checkpoint
 from .detect import Problem, Tie, TieReport, find_ties
+from .errors import UnsafeChangeError
 from .formats import open_checkpoint
 from .progress import NO_PROGRESS, Progress
 
@@ -175,13 +176,16 @@ def _carry_out(
     out: Path | None,
     force: bool,
     to_st: bool,
+    fsync: bool,
     progress: Progress,
 ) -> R:
     """Write the plan (unless a dry run) and note where the output went."""
     from .rewrite import execute
 
     if not result.dry_run:
-        written = execute(ckpt, plan, out, force=force, to_safetensors=to_st, progress=progress)
+        written = execute(
+            ckpt, plan, out, force=force, to_safetensors=to_st, fsync=fsync, progress=progress
+        )
         result.output = str(written.output)
         result.changed = written.changed
     return result
@@ -215,42 +219,74 @@ def dedupe(
     dry_run: bool = False,
     to: str | None = None,
     force: bool = False,
+    fsync: bool = False,
     use_transformers: bool = True,
     progress: Progress = NO_PROGRESS,
 ) -> DedupeResult:
     """Rewrite with one stored copy per tie plus the tie record (in place without ``output``)."""
-    from .plan import plan_dedupe
-
     if to not in (None, "safetensors"):
         from .errors import UsageError
 
         raise UsageError(f"--to {to!r}: the only conversion is --to safetensors")
     out = Path(output) if output is not None else None
     with open_checkpoint(path) as ckpt:
-        report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
-        _refuse_unreadable_record(ckpt, report)
-        to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
-        if to_st and out is None and _pickle_has_more(ckpt):
-            from .errors import UnsafeChangeError
-
-            raise UnsafeChangeError(
-                f"holds more than tensors (under {ckpt.nested_key!r} or beside them: epoch, "
-                "optimizer state...), which safetensors cannot keep; converting in place would "
-                "delete them",
-                ckpt.path,
-                hint="write the conversion elsewhere with -o",
+        # Ties are taken as equal from their samples; the verification of the rewrite
+        # compares every removed alias in full. A dry run writes nothing, so it reads all.
+        report = find_ties(
+            ckpt, use_transformers=use_transformers, progress=progress, sampled=not dry_run
+        )
+        try:
+            return _dedupe(
+                ckpt, report, out, by_value, min_bytes, dry_run, to, force, fsync, progress
             )
-        plan = plan_dedupe(
-            ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st
+        except UnsafeChangeError:
+            if not any(_assumption_wrong(ckpt, a) for a in report.assumed):
+                raise
+        # a tie equal in its samples but not in full: decide every tie exactly and start over
+        report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
+        return _dedupe(ckpt, report, out, by_value, min_bytes, dry_run, to, force, fsync, progress)
+
+
+def _assumption_wrong(ckpt: Checkpoint, assumed: tuple[str, str, str]) -> bool:
+    from .values import equal
+
+    alias, source, transform = assumed
+    return not equal(ckpt.entries[alias], ckpt.entries[source], transform)
+
+
+def _dedupe(
+    ckpt: Checkpoint,
+    report: TieReport,
+    out: Path | None,
+    by_value: bool,
+    min_bytes: int,
+    dry_run: bool,
+    to: str | None,
+    force: bool,
+    fsync: bool,
+    progress: Progress,
+) -> DedupeResult:
+    from .plan import plan_dedupe
+
+    _refuse_unreadable_record(ckpt, report)
+    to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
+    if to_st and out is None and _pickle_has_more(ckpt):
+        raise UnsafeChangeError(
+            f"holds more than tensors (under {ckpt.nested_key!r} or beside them: epoch, "
+            "optimizer state...), which safetensors cannot keep; converting in place would "
+            "delete them",
+            ckpt.path,
+            hint="write the conversion elsewhere with -o",
         )
-        result = DedupeResult(
-            **_rewrite_fields(ckpt, report, plan, out, dry_run),
-            removed=plan.removed,
-            kept=plan.kept,
-            record=[r.to_json() for r in plan.record],
-        )
-        result.changed |= to_st
-        return _carry_out(result, ckpt, plan, out, force, to_st, progress)
+    plan = plan_dedupe(ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st)
+    result = DedupeResult(
+        **_rewrite_fields(ckpt, report, plan, out, dry_run),
+        removed=plan.removed,
+        kept=plan.kept,
+        record=[r.to_json() for r in plan.record],
+    )
+    result.changed |= to_st
+    return _carry_out(result, ckpt, plan, out, force, to_st, fsync, progress)
 
 
 def untie(
@@ -259,6 +295,7 @@ def untie(
     *,
     dry_run: bool = False,
     force: bool = False,
+    fsync: bool = False,
     use_transformers: bool = True,
     progress: Progress = NO_PROGRESS,
 ) -> UntieResult:
@@ -273,7 +310,7 @@ def untie(
         result = UntieResult(
             **_rewrite_fields(ckpt, report, plan, out, dry_run), restored=plan.restored
         )
-        return _carry_out(result, ckpt, plan, out, force, False, progress)
+        return _carry_out(result, ckpt, plan, out, force, False, fsync, progress)
 
 
 @dataclass

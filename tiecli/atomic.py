@@ -78,8 +78,9 @@ def output_errors(path: Path) -> Iterator[None]:
 class Staging:
     """Temporary files and folders that become their targets on :meth:`commit`."""
 
-    def __init__(self) -> None:
+    def __init__(self, durable: bool = True) -> None:
         self.pending: list[tuple[Path, Path]] = []  # (temporary, final), in rename order
+        self.durable = durable  # sync the folders after renaming
 
     def file(self, final: Path) -> Path:
         tmp = temp_name(final)
@@ -104,7 +105,7 @@ class Staging:
         """
         for done, (tmp, final) in enumerate(self.pending):
             try:
-                self._rename(tmp, final, replace_folder)
+                self._rename(tmp, final, replace_folder, self.durable)
             except OSError as e:
                 if done == 0 or isinstance(e, OutputError):
                     raise
@@ -117,12 +118,13 @@ class Staging:
         self.pending.clear()
 
     @staticmethod
-    def _rename(tmp: Path, final: Path, replace_folder: bool) -> None:
+    def _rename(tmp: Path, final: Path, replace_folder: bool, durable: bool) -> None:
         if not tmp.is_dir():
             with contextlib.suppress(FileNotFoundError):  # keep the replaced file's permissions
                 os.chmod(tmp, stat.S_IMODE(os.stat(final).st_mode))
             os.replace(tmp, final)
-            fsync_dir(final.parent)
+            if durable:
+                fsync_dir(final.parent)
             return
         old = None
         if final.exists():
@@ -138,7 +140,8 @@ class Staging:
             if old is not None:  # put the replaced folder back
                 os.replace(old, final)
             raise
-        fsync_dir(final.parent)
+        if durable:
+            fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
 

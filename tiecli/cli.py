@@ -105,6 +105,14 @@ OutOpt = Annotated[
     ),
 ]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+FsyncOpt = Annotated[
+    bool,
+    typer.Option(
+        "--fsync",
+        help="Make a new -o output durable (fsync) before exiting. In-place rewrites and "
+        "replaced outputs are always fsynced before the rename.",
+    ),
+]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Show the plan; write nothing.")]
 
 
@@ -130,6 +138,7 @@ def dedupe(
         ),
     ] = None,
     force: ForceOpt = False,
+    fsync: FsyncOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -146,6 +155,7 @@ def dedupe(
         dry_run=dry_run,
         to=to,
         force=force,
+        fsync=fsync,
         progress=console_progress(quiet),
     )
     _emit(result, json_out, render_dedupe)
@@ -157,6 +167,7 @@ def untie(
     output: OutOpt = None,
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
+    fsync: FsyncOpt = False,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -165,7 +176,14 @@ def untie(
     from .progress import console_progress
     from .render import render_untie
 
-    result = run(path, output, dry_run=dry_run, force=force, progress=console_progress(quiet))
+    result = run(
+        path,
+        output,
+        dry_run=dry_run,
+        force=force,
+        fsync=fsync,
+        progress=console_progress(quiet),
+    )
     _emit(result, json_out, render_untie)
 
 

@@ -17,7 +17,7 @@ from .dtypes import itemsize
 from .patterns import pattern_ties, table
 from .progress import NO_PROGRESS, Progress
 from .record import read_record
-from .values import difference, equal, find_equal
+from .values import difference, equal, find_equal, same_samples
 
 EVIDENCE_ORDER = ("metadata", "declared", "pattern", "storage", "value", "transposed")
 STRUCTURAL = frozenset({"metadata", "declared", "pattern", "storage"})
@@ -100,6 +100,9 @@ class TieReport:
     ties: list[Tie]
     problems: list[Problem]
     declared_by: str | None = None  # "transformers (<class>)" | "pattern table" | None
+    # (alias, source, transform) found equal by their samples alone; empty unless
+    # find_ties(sampled=True). Whoever acts on these must compare them in full.
+    assumed: list[tuple[str, str, str]] = field(default_factory=list)
 
     @property
     def dedupable_bytes(self) -> int:
@@ -115,9 +118,16 @@ class _Claim:
     duplicate: bool = False  # a recorded duplicate: metadata evidence, but not a tie by design
 
 
+SAMPLED_FROM = 1 << 20  # bytes: smaller tensors are always compared whole
+
+
 class _Finder:
-    def __init__(self, ckpt: Checkpoint, use_transformers: bool, progress: Progress):
+    def __init__(
+        self, ckpt: Checkpoint, use_transformers: bool, progress: Progress, sampled: bool = False
+    ):
         self.ckpt = ckpt
+        self.sampled = sampled
+        self.assumed: list[tuple[str, str, str]] = []
         self.entries = ckpt.entries
         self.order = {name: i for i, name in enumerate(ckpt.entries)}
         self.use_transformers = use_transformers
@@ -226,7 +236,13 @@ class _Finder:
         key = (alias, source, transform)
         if key not in self._equal_cache:
             a, s = self.entries[alias], self.entries[source]
-            self._equal_cache[key] = equal(a, s, transform)
+            if self.sampled and a.nbytes >= SAMPLED_FROM:
+                same = same_samples(a, s, transform)
+                if same:
+                    self.assumed.append(key)
+            else:
+                same = equal(a, s, transform)
+            self._equal_cache[key] = same
         return self._equal_cache[key]
 
     # -- assembling -----------------------------------------------------
@@ -461,9 +477,19 @@ def _transforms_from(adj: dict[str, list[tuple[str, str]]], source: str) -> dict
 
 
 def find_ties(
-    ckpt: Checkpoint, *, use_transformers: bool = True, progress: Progress = NO_PROGRESS
+    ckpt: Checkpoint,
+    *,
+    use_transformers: bool = True,
+    progress: Progress = NO_PROGRESS,
+    sampled: bool = False,
 ) -> TieReport:
-    f = _Finder(ckpt, use_transformers, progress)
+    """Every tie of ``ckpt`` with its evidence, and the problems found.
+
+    ``sampled``: a large alias and its source count as equal when their sampled
+    elements are, without reading them whole (listed in ``assumed``). Only for a
+    caller that compares them in full afterwards, as a rewrite's verification does.
+    """
+    f = _Finder(ckpt, use_transformers, progress, sampled)
     f.from_record()
     f.from_architecture()
     f.from_storage()
@@ -474,4 +500,4 @@ def find_ties(
         key=lambda t: (f.order.get(t.source, 1 << 30), f.order.get(t.alias, 1 << 30), t.alias)
     )
     f.report_problems(ties)
-    return TieReport(ties, f.problems, f.declared_by)
+    return TieReport(ties, f.problems, f.declared_by, f.assumed)

@@ -48,8 +48,17 @@ def execute(
     *,
     force: bool = False,
     to_safetensors: bool = False,
+    fsync: bool = False,
     progress: Progress,
 ) -> Written:
+    """Write ``plan``, verify it, and put it in place.
+
+    Durability: whatever replaces an existing file (in place, or ``-o`` over an
+    existing output) is fsynced before the rename, so a power cut leaves the old
+    or the new, never neither. A new ``-o`` output is as durable as ``cp``'s: in
+    the page cache, on disk within the kernel's writeback delay; ``fsync=True``
+    syncs it before returning.
+    """
     pickled = ckpt.format.startswith("pytorch")
     as_safetensors = not pickled or to_safetensors
     folder_like = ckpt.folder is not None or ckpt.index_path is not None
@@ -69,7 +78,8 @@ def execute(
             raise UnsafeChangeError(
                 f"{check.out!r} would not be written; nothing was changed", ckpt.path
             )
-    staging = Staging()
+    durable = fsync or output is None or output.exists() or output.is_symlink()
+    staging = Staging(durable)
     try:
         if output is None:
             ours = {p.name for p in ckpt.weight_files} | {f.name for f in plan.files}
@@ -82,12 +92,16 @@ def execute(
             written = _in_place(ckpt, plan, staging, as_safetensors, src_folder, progress)
         elif folder_like:
             clean_leftovers(output.parent, {output.name})
-            written = _to_folder(ckpt, plan, staging, as_safetensors, src_folder, output, progress)
+            written = _to_folder(
+                ckpt, plan, staging, as_safetensors, src_folder, output, progress, durable
+            )
         else:
             clean_leftovers(output.parent, {output.name})
             with output_errors(output):
                 tmp = staging.file(output)
-                _write_one(ckpt, plan, plan.files[0], tmp, as_safetensors, output, progress)
+                _write_one(
+                    ckpt, plan, plan.files[0], tmp, as_safetensors, output, progress, durable
+                )
             written = [output]
         with output_errors(output or ckpt.path):
             staging.commit(replace_folder=force)
@@ -177,14 +191,15 @@ def _in_place(
                     and f.source.name == f.name
                     and not _file_changes(ckpt, plan, f)
                 ):
+                    _check_kept(ckpt, plan, f, progress)
                     continue
                 final = folder / f.name
                 tmp = staging.file(final)
-                _write_one(ckpt, plan, f, tmp, as_safetensors, ckpt.path, progress)
+                _write_one(ckpt, plan, f, tmp, as_safetensors, ckpt.path, progress, True)
                 finals.append(final)
             if index_tmp is None:
                 index_tmp = staging.file(index_final)
-            _write_index(index_tmp, plan)
+            _write_index(index_tmp, plan, True)
             finals.append(index_final)
         else:
             f = plan.files[0]
@@ -192,9 +207,19 @@ def _in_place(
             if converting:
                 final = final.parent / f.name
             tmp = staging.file(final)
-            _write_one(ckpt, plan, f, tmp, as_safetensors, ckpt.path, progress)
+            _write_one(ckpt, plan, f, tmp, as_safetensors, ckpt.path, progress, True)
             finals.append(final)
     return finals
+
+
+def _check_kept(ckpt: Checkpoint, plan: Plan, f: FilePlan, progress: Progress) -> None:
+    """A file left as it is still stands in for what the plan removes elsewhere: a
+    shard kept whole may hold the source of an alias dropped from another one."""
+    names = {t.name for t in f.tensors}
+    checks = [c for c in plan.checks if c.out in names and c.input is not ckpt.entries[c.out]]
+    with progress.task("verifying", sum(2 * c.input.nbytes for c in checks)) as bar:
+        for check in checks:
+            _check_one(check, ckpt.entries, ckpt.path, bar)
 
 
 def _file_changes(ckpt: Checkpoint, plan: Plan, f: FilePlan) -> bool:
@@ -215,6 +240,7 @@ def _to_folder(
     src_folder: Path,
     output: Path,
     progress: Progress,
+    durable: bool,
 ) -> list[Path]:
     with output_errors(output):
         tmpdir = staging.folder(output)
@@ -224,13 +250,14 @@ def _to_folder(
         if ckpt.folder is not None or ckpt.index_path is not None:
             _copy_other_files(src_folder, tmpdir, skip)
         for f in plan.files:
-            _write_one(ckpt, plan, f, tmpdir / f.name, as_safetensors, output, progress)
+            _write_one(ckpt, plan, f, tmpdir / f.name, as_safetensors, output, progress, durable)
         if ckpt.index_path is not None:
             name = ckpt.index_path.name
             if as_safetensors and ckpt.format.startswith("pytorch"):
                 name = "model.safetensors.index.json"
-            _write_index(tmpdir / name, plan)
-        fsync_dir(tmpdir)
+            _write_index(tmpdir / name, plan, durable)
+        if durable:
+            fsync_dir(tmpdir)
     return [output / f.name for f in plan.files]
 
 
@@ -244,7 +271,7 @@ def _copy_other_files(src: Path, dst: Path, skip: set[Path]) -> None:
             shutil.copy2(item, dst / item.name, follow_symlinks=False)
 
 
-def _write_index(path: Path, plan: Plan) -> None:
+def _write_index(path: Path, plan: Plan, durable: bool) -> None:
     weight_map = {t.name: f.name for f in plan.files for t in f.tensors}
     meta = dict(plan.index_metadata or {})
     meta.pop("format", None)
@@ -257,7 +284,8 @@ def _write_index(path: Path, plan: Plan) -> None:
         while view:
             n = os.write(fd, view)
             view = view[n:]
-        os.fsync(fd)
+        if durable:
+            os.fsync(fd)
     finally:
         os.close(fd)
 
@@ -270,18 +298,20 @@ def _write_one(
     as_safetensors: bool,
     shown: Path,
     progress: Progress,
+    durable: bool,
 ) -> None:
-    """Write one output file, fsync it, and compare every tensor in it with the input."""
+    """Write one output file, compare every tensor in it with the input, and (when
+    ``durable``) fsync it; the disk starts on the bytes while the copy goes on."""
     names = {t.name for t in f.tensors}
     checks = [c for c in plan.checks if c.out in names]
     if not as_safetensors:
-        _write_pickle(ckpt, plan, f, tmp)
+        _write_pickle(ckpt, plan, f, tmp, durable)
         _verify_pickle(tmp, checks, shown, progress)
         return
     total = sum(t.nbytes for t in f.tensors) + sum(2 * c.input.nbytes for c in checks)
     mark = _Mark()
     with progress.task(f"writing {f.name}", total) as bar, ThreadPoolExecutor(1) as pool:
-        writing = pool.submit(_write_synced, tmp, f, bar, mark)
+        writing = pool.submit(_write_synced, tmp, f, bar, mark, durable)
         try:
             _follow(tmp, checks, mark, shown, bar)
         except BaseException:
@@ -330,14 +360,15 @@ class _Mark:
             return self._pos >= pos
 
 
-def _write_synced(tmp: Path, f: FilePlan, bar: Progress, mark: _Mark) -> None:
+def _write_synced(tmp: Path, f: FilePlan, bar: Progress, mark: _Mark, durable: bool) -> None:
     try:
-        write_file(tmp, f.tensors, f.metadata, bar, mark.reached)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_file(tmp, f.tensors, f.metadata, bar, mark.reached, writeback=durable)
+        if durable:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
     finally:
         mark.end()
 
@@ -363,7 +394,7 @@ def _follow(tmp: Path, checks: list[Check], mark: _Mark, shown: Path, bar: Progr
         reader.close()
 
 
-def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path) -> None:
+def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, durable: bool) -> None:
     import torch
 
     reader = next(r for r in ckpt.readers if isinstance(r, PickleFile) and r.path == f.source)
@@ -384,7 +415,8 @@ def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path) -> None:
     with open(tmp, "xb") as out:
         torch.save(top, out)
         out.flush()
-        os.fsync(out.fileno())
+        if durable:
+            os.fsync(out.fileno())
 
 
 def _start(e: Entry) -> int:

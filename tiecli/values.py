@@ -96,6 +96,17 @@ def equal(
     return same_bytes(a, b, progress)
 
 
+def same_samples(a: Entry, b: Entry, transform: str = "identity") -> bool:
+    """What :func:`equal` would say from the sampled elements alone (no whole reads)."""
+    if a.dtype != b.dtype:
+        return False
+    if transform == "transpose":
+        if len(a.shape) != 2 or a.shape != b.shape[::-1] or itemsize(a.dtype) is None:
+            return False
+        return sample(a) == sample_transposed(b)
+    return a.shape == b.shape and sample(a) == sample(b)
+
+
 def same_bytes(a: Entry, b: Entry, progress: Progress = NO_PROGRESS) -> bool:
     """Whether two tensors hold the same bytes: both read into reused buffers, memcmp'd."""
     n = a.nbytes
@@ -122,17 +133,12 @@ def _same_mapped(a: Entry, b: Entry, progress: Progress) -> bool:
     No bytes are copied to user space, and each piece is unmapped once compared,
     so the resident size stays flat however large the tensors are.
     """
-    import numpy as np
-
     n = a.nbytes
     for offset in range(0, n, CHUNK):
         k = min(CHUNK, n - offset)
         (map_a, at_a), (map_b, at_b) = a.blob.window(offset, k), b.blob.window(offset, k)  # type: ignore[attr-defined]
         try:
-            x = np.frombuffer(map_a, np.uint8, k, at_a)
-            y = np.frombuffer(map_b, np.uint8, k, at_b)
-            same = _same_memory(x, y)
-            del x, y
+            same = _same_memory(map_a, at_a, map_b, at_b, k)
         finally:
             map_a.close()
             map_b.close()
@@ -142,21 +148,33 @@ def _same_mapped(a: Entry, b: Entry, progress: Progress) -> bool:
     return True
 
 
-def _same_memory(x: Any, y: Any) -> bool:
-    """Whether two equally long uint8 arrays hold the same bytes.
+def _same_memory(map_a: Any, at_a: int, map_b: Any, at_b: int, k: int) -> bool:
+    """Whether ``k`` bytes of two mappings are the same.
 
     C ``memcmp`` where the C library can be reached (it runs without the GIL, so a
-    writer thread keeps going meanwhile); numpy on 8-byte words otherwise.
+    writer thread keeps going meanwhile, and needs no numpy import); numpy on
+    8-byte words otherwise.
     """
     memcmp = _memcmp()
     if memcmp is not None:
-        return bool(memcmp(x.ctypes.data, y.ctypes.data, x.size) == 0)
+        import ctypes
+
+        x = (ctypes.c_char * k).from_buffer(map_a, at_a)
+        y = (ctypes.c_char * k).from_buffer(map_b, at_b)
+        try:
+            return bool(memcmp(x, y, k) == 0)
+        finally:
+            del x, y  # the mappings cannot close while these hold them
     import numpy as np
 
-    whole = x.size - x.size % 8
-    if not np.array_equal(x[:whole].view(np.uint64), y[:whole].view(np.uint64)):
-        return False
-    return bool(np.array_equal(x[whole:], y[whole:]))
+    whole = k - k % 8
+    u, v = np.frombuffer(map_a, np.uint8, k, at_a), np.frombuffer(map_b, np.uint8, k, at_b)
+    try:
+        if not np.array_equal(u[:whole].view(np.uint64), v[:whole].view(np.uint64)):
+            return False
+        return bool(np.array_equal(u[whole:], v[whole:]))
+    finally:
+        del u, v
 
 
 _MEMCMP: list[Any] = []
@@ -164,15 +182,16 @@ _MEMCMP: list[Any] = []
 
 def _memcmp() -> Any:
     if not _MEMCMP:
+        fn = None
         try:
             import ctypes
 
             fn = ctypes.CDLL(None).memcmp
             fn.restype = ctypes.c_int
             fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-            _MEMCMP.append(fn)
         except (OSError, AttributeError):
-            _MEMCMP.append(None)
+            fn = None
+        _MEMCMP.append(fn)
     return _MEMCMP[0]
 
 
