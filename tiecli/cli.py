@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 
 from . import __version__
@@ -81,6 +80,8 @@ def _emit(result: Any, json_out: bool, render: Any) -> None:
     if json_out:
         print_json(result)
     else:
+        from rich.console import Console
+
         render(result, Console(soft_wrap=False))
 
 

@@ -23,7 +23,7 @@ from .formats.pytorch import PickleFile
 from .formats.safetensors import FileBlob, SafetensorsFile, write_file
 from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
-from .values import equal
+from .values import equal, same_bytes
 
 
 @dataclass
@@ -353,11 +353,16 @@ class _Mark:
         with self._cond:
             self._stopped = True
 
-    def wait(self, pos: int) -> bool:
-        """Wait until the first ``pos`` bytes are written; False if they never will be."""
+    def ready(self, pos: int) -> None:
+        """Return once the first ``pos`` bytes are written; raise if they never will be."""
         with self._cond:
             self._cond.wait_for(lambda: self._pos >= pos or self._ended)
-            return self._pos >= pos
+            if self._pos < pos:
+                raise _WriterEnded
+
+
+class _WriterEnded(Exception):
+    """The writer finished or failed before writing what the reader waits for."""
 
 
 def _write_synced(tmp: Path, f: FilePlan, bar: Progress, mark: _Mark, durable: bool) -> None:
@@ -374,24 +379,41 @@ def _write_synced(tmp: Path, f: FilePlan, bar: Progress, mark: _Mark, durable: b
 
 
 def _follow(tmp: Path, checks: list[Check], mark: _Mark, shown: Path, bar: Progress) -> None:
-    """Compare each written tensor with the input as soon as the writer is past it.
+    """Compare what the writer has written with the input, a piece behind it.
 
     Returns early when the writer fails (its error is the one to report)."""
-    if not mark.wait(8):
+    try:
+        mark.ready(8)
+        reader = SafetensorsFile(tmp)
+    except _WriterEnded:
         return
-    reader = SafetensorsFile(tmp)
     try:
         out = {e.name: e for e in reader.entries()}
-        if not mark.wait(reader.data_start):
-            return
+        mark.ready(reader.data_start)
         placed = [(_start(out[c.out]) if c.out in out else -1, i) for i, c in enumerate(checks)]
         for start, i in sorted(placed):
-            check = checks[i]
-            if start >= 0 and not mark.wait(reader.data_start + start + check.input.nbytes):
-                return
-            _check_one(check, out, shown, bar)
+            check, got = checks[i], out.get(checks[i].out)
+            if got is None or not _written_equal(got, check, mark, reader.data_start + start, bar):
+                raise UnsafeChangeError(
+                    f"verification failed: written {check.out!r} does not equal the input's "
+                    f"{check.input.name!r}; nothing was changed",
+                    shown,
+                )
+    except _WriterEnded:
+        return
     finally:
         reader.close()
+
+
+def _written_equal(got: Entry, check: Check, mark: _Mark, at: int, bar: Progress) -> bool:
+    """``got`` (at byte ``at`` of the file being written) equals what ``check`` wants."""
+    want = check.input
+    if check.transform != "identity":
+        mark.ready(at + got.nbytes)
+        return equal(got, want, check.transform, bar)
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return False
+    return same_bytes(got, want, bar, lambda end: mark.ready(at + end))
 
 
 def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, durable: bool) -> None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,18 +107,28 @@ def same_samples(a: Entry, b: Entry, transform: str = "identity") -> bool:
     return a.shape == b.shape and sample(a) == sample(b)
 
 
-def same_bytes(a: Entry, b: Entry, progress: Progress = NO_PROGRESS) -> bool:
-    """Whether two tensors hold the same bytes: both read into reused buffers, memcmp'd."""
+def same_bytes(
+    a: Entry,
+    b: Entry,
+    progress: Progress = NO_PROGRESS,
+    ready: Callable[[int], None] | None = None,
+) -> bool:
+    """Whether two tensors hold the same bytes, compared piece by piece.
+
+    ``ready(end)``, when given, is called before each piece and returns once the
+    first ``end`` bytes of ``a`` may be read (``a`` is still being written)."""
     n = a.nbytes
     if n != b.nbytes:
         return False
     if hasattr(a.blob, "window") and hasattr(b.blob, "window"):
-        return _same_mapped(a, b, progress)
+        return _same_mapped(a, b, progress, ready)
     step = min(CHUNK, n) or 1
     buf_a, buf_b = bytearray(step), bytearray(step)
     view_a, view_b = memoryview(buf_a), memoryview(buf_b)
     for offset in range(0, n, step):
         k = min(step, n - offset)
+        if ready is not None:
+            ready(offset + k)
         a.blob.readinto(offset, view_a[:k])
         b.blob.readinto(offset, view_b[:k])
         progress.advance(2 * k)
@@ -127,7 +137,9 @@ def same_bytes(a: Entry, b: Entry, progress: Progress = NO_PROGRESS) -> bool:
     return True
 
 
-def _same_mapped(a: Entry, b: Entry, progress: Progress) -> bool:
+def _same_mapped(
+    a: Entry, b: Entry, progress: Progress, ready: Callable[[int], None] | None
+) -> bool:
     """Compare two file-backed tensors through short-lived mappings, piece by piece.
 
     No bytes are copied to user space, and each piece is unmapped once compared,
@@ -136,6 +148,8 @@ def _same_mapped(a: Entry, b: Entry, progress: Progress) -> bool:
     n = a.nbytes
     for offset in range(0, n, CHUNK):
         k = min(CHUNK, n - offset)
+        if ready is not None:
+            ready(offset + k)
         (map_a, at_a), (map_b, at_b) = a.blob.window(offset, k), b.blob.window(offset, k)  # type: ignore[attr-defined]
         try:
             same = _same_memory(map_a, at_a, map_b, at_b, k)
