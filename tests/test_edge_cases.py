@@ -264,3 +264,32 @@ def test_sampled_ties_that_hold_are_deduped_in_one_pass(
     assert report.assumed == [("lm_head.weight", "model.embed_tokens.weight", "identity")]
     r = tiecli.dedupe(ckpt)
     assert [t.alias for t in r.removed] == ["lm_head.weight"]
+
+
+def test_copied_ranges_keep_their_offset_within_a_page(tmp_path: Path) -> None:
+    """The header is padded so the largest copied range is page-aligned as in its source."""
+    g = torch.Generator().manual_seed(5)
+    embed = torch.randn(1024, 1024, generator=g)  # 4 MiB
+    sd = {
+        "model.embed_tokens.weight": embed,
+        "lm_head.weight": embed.clone(),
+        "model.layers.0.mlp.weight": torch.randn(2048, 1024, generator=g),  # the largest run
+        "model.norm.weight": torch.randn(1024, generator=g),
+    }
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    save_file(sd, str(src))
+
+    def data_at(path: Path, name: str) -> int:
+        raw = path.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        assert n % 8 == 0
+        return 8 + n + json.loads(raw[8 : 8 + n])[name]["data_offsets"][0]
+
+    r = tiecli.dedupe(src, out)
+    assert [t.alias for t in r.removed] == ["lm_head.weight"]
+    before = {n: data_at(src, n) for n in ("model.layers.0.mlp.weight", "model.norm.weight")}
+    after = {n: data_at(out, n) for n in before}
+    assert all(after[n] % 4096 == before[n] % 4096 for n in before), (before, after)
+    loaded = load_file(str(out))
+    assert all(torch.equal(loaded[k], sd[k]) for k in loaded) and "lm_head.weight" not in loaded
+    assert out.stat().st_size < src.stat().st_size - embed.nbytes + 2 * 4096

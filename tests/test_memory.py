@@ -95,7 +95,8 @@ def test_dedupe_peak_memory_is_far_below_checkpoint_size(tmp_path: Path) -> None
     doc = json.loads(out)
     assert doc["removed"] == ["lm_head.weight"], err
     assert doc["bytes_saved"] == lm_head_bytes
-    assert path.stat().st_size < size - lm_head_bytes + 4096
+    # the tie record, and up to a page of header padding that keeps copies page-aligned
+    assert path.stat().st_size < size - lm_head_bytes + 2 * 4096
     print(
         f"\npeak RSS {rss / 1e6:.1f} MB for a {size / 1e6:.1f} MB checkpoint ({rss / size:.0%}); "
         f"{baseline / 1e6:.1f} MB for a tiny one"

@@ -313,7 +313,7 @@ def _write_one(
     with progress.task(f"writing {f.name}", total) as bar, ThreadPoolExecutor(1) as pool:
         writing = pool.submit(_write_synced, tmp, f, bar, mark, durable)
         try:
-            _follow(tmp, checks, mark, shown, bar)
+            _follow(tmp, checks, ckpt.entries, mark, shown, bar)
         except BaseException:
             mark.stop()
             raise
@@ -378,10 +378,25 @@ def _write_synced(tmp: Path, f: FilePlan, bar: Progress, mark: _Mark, durable: b
         mark.end()
 
 
-def _follow(tmp: Path, checks: list[Check], mark: _Mark, shown: Path, bar: Progress) -> None:
+def _follow(
+    tmp: Path,
+    checks: list[Check],
+    inputs: dict[str, Entry],
+    mark: _Mark,
+    shown: Path,
+    bar: Progress,
+) -> None:
     """Compare what the writer has written with the input, a piece behind it.
 
-    Returns early when the writer fails (its error is the one to report)."""
+    A removed alias is compared with its source *in the input*: that needs no
+    written byte, so it runs first, while the writer gets ahead; the written
+    source is compared with the input's source as well, and equality is
+    transitive. Returns early when the writer fails (its error is the one to report).
+    """
+    direct = {c.out for c in checks if c.transform == "identity" and c.input is inputs.get(c.out)}
+    early = [c for c in checks if c.out in direct and c.input is not inputs.get(c.out)]
+    for check in early:
+        _check_one(check, inputs, shown, bar)
     try:
         mark.ready(8)
         reader = SafetensorsFile(tmp)
@@ -390,9 +405,10 @@ def _follow(tmp: Path, checks: list[Check], mark: _Mark, shown: Path, bar: Progr
     try:
         out = {e.name: e for e in reader.entries()}
         mark.ready(reader.data_start)
-        placed = [(_start(out[c.out]) if c.out in out else -1, i) for i, c in enumerate(checks)]
+        rest = [c for c in checks if not any(c is e for e in early)]
+        placed = [(_start(out[c.out]) if c.out in out else -1, i) for i, c in enumerate(rest)]
         for start, i in sorted(placed):
-            check, got = checks[i], out.get(checks[i].out)
+            check, got = rest[i], out.get(rest[i].out)
             if got is None or not _written_equal(got, check, mark, reader.data_start + start, bar):
                 raise UnsafeChangeError(
                     f"verification failed: written {check.out!r} does not equal the input's "

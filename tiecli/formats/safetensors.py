@@ -296,9 +296,10 @@ class FileBlob:
 
 
 def encode_header(
-    tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str]
+    tensors: list[tuple[str, str, tuple[int, ...], int]], metadata: dict[str, str], pad: int = 0
 ) -> bytes:
-    """The 8-byte length plus JSON header, padded with spaces to 8-byte alignment."""
+    """The 8-byte length plus JSON header, padded with spaces to 8-byte alignment
+    and then ``pad`` (a multiple of 8) spaces more."""
     header: dict[str, Any] = {}
     if metadata:
         header[METADATA_KEY] = metadata
@@ -311,7 +312,7 @@ def encode_header(
         }
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    raw += b" " * (-len(raw) % 8)
+    raw += b" " * (-len(raw) % 8 + pad)
     return struct.pack("<Q", len(raw)) + raw
 
 
@@ -330,14 +331,17 @@ def write_file(
     data is still being written; ``reached(n)`` says the first ``n`` bytes are in.
     With ``writeback`` the disk is asked to start on each piece as soon as it is
     copied, for the caller's fsync to find little left to do."""
-    head = encode_header([(i.name, i.dtype, i.shape, i.nbytes) for i in items], metadata)
+    listed = [(i.name, i.dtype, i.shape, i.nbytes) for i in items]
+    runs = _runs(items)
+    head = encode_header(listed, metadata)
+    head = encode_header(listed, metadata, _page_pad(len(head), runs))
     reached = reached or (lambda n: None)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, len(head) + sum(i.nbytes for i in items))
         pos = _write_all(fd, head, 0)
         reached(pos)
-        for run in _runs(items):
+        for run in runs:
             if isinstance(run, tuple):
                 src, start, nbytes = run
                 _copy_range(
@@ -352,6 +356,27 @@ def write_file(
                     reached(pos)
     finally:
         os.close(fd)
+
+
+def _page_pad(head_size: int, runs: list[Any]) -> int:
+    """Spaces to add to the header so the largest copied range lands at the same
+    offset within a page as it has in its source: the kernel then copies whole
+    pages (a range shifted within the page copies about 20% slower)."""
+    pos, best = head_size, None
+    for run in runs:
+        size = run[2] if isinstance(run, tuple) else run.nbytes
+        if isinstance(run, tuple) and (best is None or size > best[0]):
+            src, start, _n = run
+            best = (size, src.data_start + start - pos)
+        pos += size
+    if best is None or best[0] < PAD_FROM:
+        return 0  # nothing worth up to 4 KiB of spaces
+    pad = best[1] % PAGE
+    return pad if pad % 8 == 0 else 0  # the header must stay a multiple of 8 bytes
+
+
+PAGE = 4096
+PAD_FROM = 1 << 20  # bytes of the largest copied range
 
 
 def _runs(items: list[Any]) -> list[Any]:
