@@ -484,7 +484,18 @@ class Case:
     samples: list[Sample] = field(default_factory=list)
 
 
-def run_cases(cases: list[Case], repeat: int, scratch: Path, log: Callable[[str], None]) -> None:
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+
+
+def drop_caches() -> None:
+    """Empty the page cache (root only): the next run reads everything from disk."""
+    os.sync()
+    DROP_CACHES.write_text("3\n")
+
+
+def run_cases(
+    cases: list[Case], repeat: int, scratch: Path, log: Callable[[str], None], cold: bool = False
+) -> None:
     """Round-robin over the cases `repeat` times, so drift hits every row alike."""
     for r in range(repeat):
         for c in cases:
@@ -493,6 +504,8 @@ def run_cases(cases: list[Case], repeat: int, scratch: Path, log: Callable[[str]
             if c.fresh is not None:
                 copy_any(*c.fresh)
             os.sync()  # flush dirty pages of earlier runs (untimed); page cache stays warm
+            if cold:
+                drop_caches()
             s = measure(c.argv, scratch)
             c.samples.append(s)
             if s.rc != 0:
@@ -567,6 +580,12 @@ def variant_cases(variant: str, inp: Path, scratch: Path, deduped: Path) -> list
             "tiecli dedupe -o",
             T + ["dedupe", str(inp), "-o", str(o("dedupe")), "-q"],
             out=o("dedupe"),
+        ),
+        Case(
+            "dedupe_fsync",
+            "tiecli dedupe -o --fsync",
+            T + ["dedupe", str(inp), "-o", str(o("dedupe_fsync")), "--fsync", "-q"],
+            out=o("dedupe_fsync"),
         ),
     ]
     if variant != "hf":
@@ -802,12 +821,23 @@ def check_targets(results: dict) -> list[tuple[bool, str]]:
                 f >= 5,
                 f"{tag} single-file dedupe ≥ 5× faster than the transformers round trip: {f:.2f}×",
             )
-        for key, what in (("dedupe", "dedupe -o"), ("dedupe_inplace", "dedupe in place")):
+        for key, what in (
+            ("dedupe", "dedupe -o"),
+            ("dedupe_fsync", "dedupe -o --fsync"),
+            ("dedupe_inplace", "dedupe in place"),
+        ):
             r, cps = row(size, "single", key), row(size, "single", "cp_sync")
             if r and cps:
                 f = r["median_s"] / cps["median_s"]
                 add(f <= 1.25, f"{tag} single: {what} ≤ 1.25× cp + sync: {f:.2f}×")
-        for key in ("dedupe", "dedupe_inplace", "untie", "verify_deduped", "verify_original"):
+        for key in (
+            "dedupe",
+            "dedupe_fsync",
+            "dedupe_inplace",
+            "untie",
+            "verify_deduped",
+            "verify_original",
+        ):
             r = row(size, "single", key)
             if r:
                 add(
@@ -888,7 +918,17 @@ def main(argv: list[str] | None = None) -> int:
         "--keep", action="store_true", help="keep generated checkpoints (and reuse them next run)"
     )
     ap.add_argument("--strict", action="store_true", help="exit 1 when a target FAILs")
+    ap.add_argument(
+        "--cold",
+        action="store_true",
+        help="drop the page cache before every timed run (root only): disk-bound figures",
+    )
     a = ap.parse_args(argv)
+    if a.cold:
+        try:
+            drop_caches()
+        except OSError as e:
+            ap.error(f"--cold needs to write {DROP_CACHES} (run as root): {e.strerror}")
 
     sizes = [s.strip() for s in a.sizes.split(",") if s.strip()]
     for s in sizes:
@@ -926,7 +966,7 @@ def main(argv: list[str] | None = None) -> int:
         created.append(scratch)
         log("\n== startup ==")
         cases = startup_cases()
-        run_cases(cases, a.repeat, scratch, log)
+        run_cases(cases, a.repeat, scratch, log, a.cold)
         rows = [summarize(c, None) for c in cases]
         results["startup"] = {"rows": rows}
         md_sections.append("### startup (no checkpoint)\n\n" + table(rows))
@@ -982,7 +1022,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{a.repeat} round(s)"
                     )
                     cases = variant_cases(variant, inp, vscratch, deduped)
-                    run_cases(cases, a.repeat, vscratch, log)
+                    run_cases(cases, a.repeat, vscratch, log, a.cold)
                     after = {
                         p: (p.stat().st_size, p.stat().st_mtime_ns) for p in before if p.exists()
                     }
@@ -1014,10 +1054,16 @@ def main(argv: list[str] | None = None) -> int:
     print("\n== targets (SPEC §9) ==")
     print("\n".join(check_lines))
 
+    cache = (
+        "The page cache is **dropped before every timed run** (`--cold`): inputs, and Python "
+        "itself, come from disk"
+        if a.cold
+        else "Inputs are read once before timing and stay **page-cache warm** "
+        "(nothing is dropped from the cache)"
+    )
     notes = (
         "Method: every row runs as a subprocess; rows are timed round-robin, "
-        f"{a.repeat} round(s). Inputs are read once before timing and stay **page-cache warm** "
-        "(nothing is dropped from the cache); `sync` runs, untimed, before every timed run so no "
+        f"{a.repeat} round(s). {cache}; `sync` runs, untimed, before every timed run so no "
         "run pays for an earlier run's dirty pages. Destructive runs get a fresh copy of the input "
         "first (copy not timed); outputs are deleted between runs (not timed). "
         "`× cp` = median / median of plain `cp` of the same file(s) in the same run (`cp` does not "
@@ -1030,7 +1076,8 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         "# tiecli benchmark results",
         "",
-        f"Generated by `python benchmarks/bench.py --sizes {','.join(sizes)} --repeat {a.repeat}` on {m['date']}.",
+        f"Generated by `python benchmarks/bench.py --sizes {','.join(sizes)} --repeat {a.repeat}"
+        f"{' --cold' if a.cold else ''}` on {m['date']}.",
         "",
         "## Machine",
         "",
