@@ -57,6 +57,15 @@ def _sharded_pickle(x: Path) -> Path:
     return x
 
 
+def _cloned_head_pickle(x: Path) -> Path:
+    """A .bin whose head is a stored copy of the embedding: deduped without torch."""
+    x.mkdir(parents=True)
+    sd = torch.load(FIXTURES / "llama-tied/bin/pytorch_model.bin", weights_only=True)
+    sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+    torch.save(sd, x / "pytorch_model.bin")
+    return x / "pytorch_model.bin"
+
+
 def _copy(rel: str, file: str | None = None):
     def make(x: Path) -> Path:
         shutil.copytree(FIXTURES / rel, x)
@@ -82,6 +91,7 @@ TARGETS = {
     "untie-file": ("untie", {}, _copy("gpt2/hf", "model.safetensors"), "gpt2"),
     "untie-recorded-sharded": ("untie", {}, _deduped("bert-mlm/full-sharded"), "bert-mlm"),
     "untie-pickle": ("untie", {}, _copy("llama-tied/bin", "pytorch_model.bin"), "llama-tied"),
+    "dedupe-pickle": ("dedupe", {}, _cloned_head_pickle, "llama-tied"),
     "convert-sharded-pickle": ("dedupe", {"to": "safetensors"}, _sharded_pickle, "gpt2"),
 }
 

@@ -230,19 +230,19 @@ def test_in_place_rewrite_keeps_file_permissions(tmp_path: Path, command: str) -
 
 
 def _corrupting_copy(monkeypatch: pytest.MonkeyPatch) -> list[int]:
-    """Every kernel copy lands one flipped byte in the output, as a bad copy would."""
-    from tiecli.formats import safetensors as st_format
-
-    real = st_format._copy_range
+    """Every kernel copy lands one flipped byte in the output, as a bad copy would
+    (flipped before the copy returns: a reader following the writer sees it)."""
+    real = os.copy_file_range
     calls: list[int] = []
 
-    def copy_range(src, dst, src_off, dst_off, count, *rest):
-        calls.append(count)
-        byte = os.pread(src, 1, src_off)
-        real(src, dst, src_off, dst_off, count, *rest)
-        os.pwrite(dst, bytes([byte[0] ^ 0xFF]), dst_off)
+    def copy_file_range(src, dst, count, src_off=None, dst_off=None):
+        n = real(src, dst, count, src_off, dst_off)
+        if n > 0:
+            os.pwrite(dst, bytes([os.pread(src, 1, src_off)[0] ^ 0xFF]), dst_off)
+            calls.append(n)
+        return n
 
-    monkeypatch.setattr(st_format, "_copy_range", copy_range)
+    monkeypatch.setattr(os, "copy_file_range", copy_file_range)
     return calls
 
 
@@ -297,26 +297,48 @@ def test_verification_stops_the_writer_early(
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
 
+def _cloned_head_bin(folder: Path) -> Path:
+    import torch
+
+    folder.mkdir()
+    sd = torch.load(fixture_path("llama-tied", "bin") / "pytorch_model.bin", weights_only=True)
+    sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+    torch.save(sd, folder / "pytorch_model.bin")
+    return folder
+
+
+@pytest.mark.parametrize("path", ["torch-free", "torch"])
 def test_pickle_written_wrong_is_never_kept(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     import torch
 
-    ckpt = tmp_path / "in"
-    shutil.copytree(fixture_path("llama-tied", "bin"), ckpt)
+    ckpt = _cloned_head_bin(tmp_path / "in")
     before = snapshot(tmp_path)
-    real_save = torch.save
+    if path == "torch-free":
+        from tiecli.formats import torchzip
 
-    def bad_save(obj, f, *args, **kw):
-        obj = dict(obj)
-        name = sorted(obj)[0]
-        obj[name] = obj[name].clone() + 1
-        return real_save(obj, f, *args, **kw)
+        monkeypatch.setattr(torchzip, "_COPY_FROM", 0)  # every record copied in the kernel
+        calls = _corrupting_copy(monkeypatch)
+    else:
+        from tiecli import formats
 
-    monkeypatch.setattr(torch, "save", bad_save)
+        monkeypatch.setattr(formats, "open_torchzip", lambda *a: None)  # torch reads, saves
+        real_save = torch.save
+        calls = []
+
+        def bad_save(obj, f, *args, **kw):
+            calls.append(1)
+            obj = dict(obj)
+            name = sorted(obj)[0]
+            obj[name] = obj[name].clone() + 1
+            return real_save(obj, f, *args, **kw)
+
+        monkeypatch.setattr(torch, "save", bad_save)
     r = runner.invoke(app, ["dedupe", str(ckpt), "-o", str(tmp_path / "out")])
     assert r.exit_code == 1, r.output
     assert "verification failed" in one_error_line(r)
+    assert calls
     assert snapshot(tmp_path) == before
 
 

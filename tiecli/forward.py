@@ -223,7 +223,7 @@ def load_onto(
     from .serialization import load_opened
 
     started = time.perf_counter()
-    with open_checkpoint(path) as ckpt:
+    with open_checkpoint(path, torch_free=False) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers)
         tensors = load_opened(ckpt, report)
     ties = report.ties

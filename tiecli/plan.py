@@ -227,6 +227,8 @@ def plan_dedupe(
             t.alias: (t.source, t.transform) for t in report.ties if _in_storage(t, ckpt)
         }
         plan.pickle_views |= {t.alias: (t.source, t.transform) for t in removed}
+        # a pickle still holds each alias (as a view of its source): read it back too
+        plan.checks += [Check(a, ckpt.entries[a]) for a in plan.pickle_views if a in gone]
     _fill_files(plan, ckpt, keep=lambda n: n not in gone, extra={})
     return plan
 

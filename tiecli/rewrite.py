@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,13 @@ from typing import Any, cast
 
 from .atomic import Staging, clean_leftovers, fsync_dir, output_errors
 from .checkpoint import Checkpoint, Entry
-from .errors import OutputError, UnsafeChangeError, UsageError
+from .errors import CheckpointFormatError, OutputError, UnsafeChangeError, UsageError
+from .formats import safetensors as st_format
 from .formats.pytorch import PickleFile
 from .formats.safetensors import FileBlob, SafetensorsFile, write_file
+from .formats.torchzip import Declined, TorchZip, open_torchzip, write_shared
 from .plan import Check, FilePlan, Plan, stale_copies
-from .progress import Progress
+from .progress import NO_PROGRESS, Progress
 from .values import equal, same_bytes
 
 
@@ -73,6 +76,8 @@ def execute(
             f.name = safetensors_name(f.name)
 
     placed = {t.name for f in plan.files for t in f.tensors}
+    if not as_safetensors:
+        placed |= set(plan.pickle_views)  # kept in the pickle, as views
     for check in plan.checks:
         if check.out not in placed:
             raise UnsafeChangeError(
@@ -273,6 +278,10 @@ def _copy_other_files(src: Path, dst: Path, skip: set[Path]) -> None:
 
 def _write_index(path: Path, plan: Plan, durable: bool) -> None:
     weight_map = {t.name: f.name for f in plan.files for t in f.tensors}
+    if plan.pickle_output:  # an alias a pickle keeps as a view lives in its source's shard
+        weight_map |= {
+            a: weight_map[s] for a, (s, _t) in plan.pickle_views.items() if s in weight_map
+        }
     meta = dict(plan.index_metadata or {})
     meta.pop("format", None)
     meta["total_size"] = plan.bytes_after
@@ -303,6 +312,8 @@ def _write_one(
     """Write one output file, compare every tensor in it with the input, and (when
     ``durable``) fsync it; the disk starts on the bytes while the copy goes on."""
     names = {t.name for t in f.tensors}
+    if not as_safetensors:  # a pickle keeps its aliases, as views of their sources
+        names |= {a for a, (s, _t) in plan.pickle_views.items() if s in names}
     checks = [c for c in plan.checks if c.out in names]
     if not as_safetensors:
         _write_pickle(ckpt, plan, f, tmp, durable)
@@ -399,7 +410,7 @@ def _follow(
         _check_one(check, inputs, shown, bar)
     try:
         mark.ready(8)
-        reader = SafetensorsFile(tmp)
+        reader = _read_back(tmp, shown, lambda: SafetensorsFile(tmp))
     except _WriterEnded:
         return
     try:
@@ -433,9 +444,46 @@ def _written_equal(got: Entry, check: Check, mark: _Mark, at: int, bar: Progress
 
 
 def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, durable: bool) -> None:
+    reader = next(r for r in ckpt.readers if r.path == f.source)
+    views = plan.pickle_views
+    if (
+        isinstance(reader, TorchZip)
+        and not plan.pickle_copies
+        and all(t == "identity" for _s, t in views.values())
+    ):
+        try:
+            write_shared(reader, {a: s for a, (s, _t) in views.items()}, tmp, _copy)
+        except Declined:  # too large for a plain zip: torch writes zip64
+            tmp.unlink()
+        else:
+            _sync_file(tmp, durable)
+            return
+    if isinstance(reader, TorchZip):
+        with_torch = PickleFile(reader.path)
+        try:
+            _save_with_torch(with_torch, plan, tmp, durable)
+        finally:
+            with_torch.close()
+    else:
+        _save_with_torch(reader, plan, tmp, durable)
+
+
+def _copy(src: int, dst: int, src_off: int, dst_off: int, count: int) -> None:
+    st_format._copy_range(src, dst, src_off, dst_off, count, NO_PROGRESS, lambda n: None)
+
+
+def _sync_file(path: Path, durable: bool) -> None:
+    if durable:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _save_with_torch(reader: PickleFile, plan: Plan, tmp: Path, durable: bool) -> None:
     import torch
 
-    reader = next(r for r in ckpt.readers if isinstance(r, PickleFile) and r.path == f.source)
     new: dict[str, Any] = dict(reader.state_dict)
     for name, (src, transform) in plan.pickle_views.items():
         if name in new and src in new:
@@ -457,13 +505,25 @@ def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, durable:
             os.fsync(out.fileno())
 
 
+def _read_back(tmp: Path, shown: Path, open_it: Callable[[], Any]) -> Any:
+    """Open a file just written; one that cannot be read back failed verification."""
+    try:
+        return open_it()
+    except CheckpointFormatError as e:
+        raise UnsafeChangeError(
+            f"verification failed: the written {tmp.name} cannot be read back ({e.message}); "
+            "nothing was changed",
+            shown,
+        ) from None
+
+
 def _start(e: Entry) -> int:
     return cast(FileBlob, e.blob).start
 
 
 def _verify_pickle(tmp: Path, checks: list[Check], shown: Path, progress: Progress) -> None:
     """Every tensor of a written pickle equals the input tensor it stands for, bit for bit."""
-    reader = PickleFile(tmp)
+    reader: Any = _read_back(tmp, shown, lambda: open_torchzip(tmp) or PickleFile(tmp))
     try:
         out = {e.name: e for e in reader.entries()}
         with progress.task("verifying", sum(2 * c.input.nbytes for c in checks)) as bar:

@@ -22,7 +22,7 @@ from .formats.pytorch import PickleFile
 
 def load(path: str | os.PathLike[str], *, use_transformers: bool = True) -> dict[str, Any]:
     """Every tensor of the checkpoint by name, with ties restored (see module doc)."""
-    with open_checkpoint(path) as ckpt:
+    with open_checkpoint(path, torch_free=False) as ckpt:
         return load_opened(ckpt, find_ties(ckpt, use_transformers=use_transformers))
 
 

@@ -17,6 +17,7 @@ from ..checkpoint import Checkpoint, Entry
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
 from .pytorch import PICKLE_SUFFIXES, PickleFile
 from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
+from .torchzip import TorchZip, open_torchzip
 
 INDEX_SUFFIX = ".index.json"
 # Weight files of a Hugging Face folder, most preferred first.
@@ -28,17 +29,21 @@ FOLDER_PREFERENCE = (
 )
 
 
-def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
-    """Open ``path`` lazily: headers and pickle structure only, no tensor bytes."""
+def open_checkpoint(path: str | os.PathLike[str], *, torch_free: bool = True) -> Checkpoint:
+    """Open ``path`` lazily: headers and pickle structure only, no tensor bytes.
+
+    ``torch_free``: read PyTorch zip checkpoints without torch where they allow it
+    (a flat dict of dense tensors); ``False`` for callers that want torch tensors.
+    """
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError("no such file or folder", p)
     if p.is_dir():
         weights = find_weights(p)
-        ckpt = _open_weights(weights, shown=p)
+        ckpt = _open_weights(weights, p, torch_free)
         ckpt.folder = p
     else:
-        ckpt = _open_weights(p, shown=p)
+        ckpt = _open_weights(p, p, torch_free)
     cfg_path = (p if p.is_dir() else p.parent) / "config.json"
     if cfg_path.is_file():
         try:
@@ -97,18 +102,26 @@ def read_json(path: Path, what: str, unique: bool = False) -> Any:
         raise CheckpointFormatError(f"cannot read {what}: {e.strerror}", path) from None
 
 
-def _open_weights(p: Path, shown: Path) -> Checkpoint:
+def _open_weights(p: Path, shown: Path, torch_free: bool) -> Checkpoint:
     name = p.name
     if name.endswith(INDEX_SUFFIX):
-        return _open_index(p, shown)
+        return _open_index(p, shown, torch_free)
     if p.suffix == ".safetensors":
         return _single(SafetensorsFile(p), "safetensors", shown)
     if p.suffix in PICKLE_SUFFIXES:
-        return _single_pickle(PickleFile(p), shown)
+        return _single_pickle(_pickle_reader(p, 0, torch_free), shown)
     # Unknown extension: sniff.
     if zipfile.is_zipfile(p):
-        return _single_pickle(PickleFile(p), shown)
+        return _single_pickle(_pickle_reader(p, 0, torch_free), shown)
     return _single(SafetensorsFile(p), "safetensors", shown)
+
+
+def _pickle_reader(p: Path, number: int, torch_free: bool) -> PickleFile | TorchZip:
+    if torch_free:
+        fast = open_torchzip(p, number)
+        if fast is not None:
+            return fast
+    return PickleFile(p, number)
 
 
 def _single(f: SafetensorsFile, fmt: str, shown: Path) -> Checkpoint:
@@ -116,7 +129,7 @@ def _single(f: SafetensorsFile, fmt: str, shown: Path) -> Checkpoint:
     return Checkpoint(shown, fmt, entries, [f.path], metadata=dict(f.metadata), readers=[f])
 
 
-def _single_pickle(f: PickleFile, shown: Path) -> Checkpoint:
+def _single_pickle(f: PickleFile | TorchZip, shown: Path) -> Checkpoint:
     entries = {e.name: e for e in f.entries()}
     ckpt = Checkpoint(shown, "pytorch", entries, [f.path], nested_key=f.nested_key, readers=[f])
     if f.nested_key:
@@ -124,7 +137,7 @@ def _single_pickle(f: PickleFile, shown: Path) -> Checkpoint:
     return ckpt
 
 
-def _open_index(index: Path, shown: Path) -> Checkpoint:
+def _open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
     doc = read_json(index, what="index", unique=True)
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CheckpointFormatError("index has no 'weight_map' object", index)
@@ -150,7 +163,7 @@ def _open_index(index: Path, shown: Path) -> Checkpoint:
             reader: Any = (
                 SafetensorsFile(shard_path, number)
                 if shard.endswith(".safetensors")
-                else PickleFile(shard_path, number)
+                else _pickle_reader(shard_path, number, torch_free)
             )
             readers.append(reader)
             files[shard] = {e.name: e for e in reader.entries()}
@@ -167,7 +180,7 @@ def _open_index(index: Path, shown: Path) -> Checkpoint:
         for r in readers:
             getattr(r, "close", lambda: None)()
         raise
-    pickled = any(isinstance(r, PickleFile) for r in readers)
+    pickled = any(isinstance(r, (PickleFile, TorchZip)) for r in readers)
     fmt = "pytorch-sharded" if pickled else "safetensors-sharded"
     paths = [index.parent / s for s in shard_names]
     return Checkpoint(

@@ -1,0 +1,160 @@
+"""PyTorch zip checkpoints read and deduped without torch, laid out as torch lays them out."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import fixture_path
+
+import tiecli
+from tiecli.formats.torchzip import dumps, open_torchzip
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+MODELS = json.loads((FIXTURES / "MANIFEST.json").read_text())["models"]
+
+
+def _data_pkl(path: Path) -> bytes:
+    with zipfile.ZipFile(path) as z:
+        return z.read(next(n for n in z.namelist() if n.endswith("/data.pkl")))
+
+
+@pytest.mark.parametrize("model", sorted(MODELS))
+def test_the_pickle_is_written_back_byte_for_byte(model: str) -> None:
+    path = fixture_path(model, "bin") / "pytorch_model.bin"
+    reader = open_torchzip(path)
+    assert reader is not None
+    try:
+        assert dumps(reader.top) == _data_pkl(path)
+        torch_sd = torch.load(path, weights_only=True)
+        entries = {e.name: e for e in reader.entries()}
+        assert list(entries) == list(torch_sd)
+        for name, t in torch_sd.items():
+            e = entries[name]
+            assert e.shape == tuple(t.shape)
+            raw = t.contiguous().view(torch.uint8).numpy().tobytes() if t.numel() else b""
+            assert e.blob.read(0, e.nbytes) == raw, name
+    finally:
+        reader.close()
+
+
+def _head_first(folder: Path, head_first: bool) -> Path:
+    """A .bin whose lm_head is a stored copy of the embedding (before it, or after)."""
+    folder.mkdir(parents=True)
+    sd = torch.load(fixture_path("llama-tied", "bin") / "pytorch_model.bin", weights_only=True)
+    head = sd.pop("lm_head.weight").clone()
+    sd = ({"lm_head.weight": head} | sd) if head_first else (sd | {"lm_head.weight": head})
+    torch.save(sd, folder / "pytorch_model.bin")
+    return folder / "pytorch_model.bin"
+
+
+@pytest.mark.parametrize("head_first", [False, True])
+def test_dedupe_of_a_bin_needs_no_torch_and_torch_reads_the_result(
+    tmp_path: Path, head_first: bool
+) -> None:
+    src = _head_first(tmp_path / "in", head_first)
+    out = tmp_path / "out.bin"
+    code = (
+        "import sys, tiecli\n"
+        f"r = tiecli.dedupe({str(src)!r}, {str(out)!r})\n"
+        "assert [t.alias for t in r.removed] == ['lm_head.weight'], r.removed\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+    before = torch.load(src, weights_only=True)
+    after = torch.load(out, weights_only=True, mmap=True)
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert after["lm_head.weight"].data_ptr() == after["model.embed_tokens.weight"].data_ptr()
+    assert out.stat().st_size < src.stat().st_size - before["lm_head.weight"].nbytes + 1024
+    # torch computes record offsets from its own layout (format version 1): they must agree
+    env = dict(os.environ, TORCH_SERIALIZATION_DEBUG="1")
+    check = f"import torch; torch.load({str(out)!r}, weights_only=True, map_location='meta')"
+    subprocess.run([sys.executable, "-c", check], check=True, env=env, timeout=120)
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
+    reader = torch._C.PyTorchFileReader(str(out))
+    storages = [n for n in reader.get_all_records() if n.startswith("data/")]
+    assert sorted(int(n[5:]) for n in storages) == list(range(len(storages)))
+    assert all(reader.get_record_offset(n) % 64 == 0 for n in storages)
+    assert not tiecli.dedupe(out).changed  # idempotent
+
+
+def test_inspect_of_a_bin_needs_no_torch(tmp_path: Path) -> None:
+    src = _head_first(tmp_path / "in", False)
+    code = (
+        "import sys, tiecli\n"
+        f"r = tiecli.inspect({str(src)!r})\n"
+        "assert [t.alias for t in r.ties] == ['lm_head.weight'], r.ties\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def _strided(folder: Path) -> Path:
+    folder.mkdir()
+    w = torch.randn(8, 4)
+    torch.save({"w": w, "wt": w.t()}, folder / "m.pt")
+    return folder / "m.pt"
+
+
+def _not_only_tensors(folder: Path) -> Path:
+    folder.mkdir()
+    torch.save({"w": torch.randn(4), "step": 3}, folder / "m.pt")
+    return folder / "m.pt"
+
+
+def _deflated(folder: Path) -> Path:
+    folder.mkdir()
+    plain = folder / "plain.pt"
+    torch.save({"w": torch.randn(64)}, plain)
+    packed = folder / "m.pt"
+    with zipfile.ZipFile(plain) as z, zipfile.ZipFile(packed, "w", zipfile.ZIP_DEFLATED) as o:
+        for info in z.infolist():
+            o.writestr(info.filename, z.read(info.filename))
+    plain.unlink()
+    return packed
+
+
+def _nested(folder: Path) -> Path:
+    return FIXTURES / "custom" / "nested" / "lightning.ckpt"
+
+
+@pytest.mark.parametrize("make", [_strided, _not_only_tensors, _deflated, _nested])
+def test_what_torch_must_read_is_left_to_torch(tmp_path: Path, make) -> None:
+    """Declined by the torch-free reader; read (or refused) through torch as before."""
+    path = make(tmp_path / "x")
+    assert open_torchzip(path) is None
+    try:
+        report = tiecli.inspect(path)
+    except tiecli.TiecliError as e:  # torch's reader may refuse it: with its own message
+        assert e.exit_code == 2
+    else:
+        assert report.tensors > 0
+
+
+def test_sharded_bins_are_deduped_within_each_shard(tmp_path: Path) -> None:
+    folder = tmp_path / "x"
+    folder.mkdir()
+    sd = torch.load(fixture_path("llama-tied", "bin") / "pytorch_model.bin", weights_only=True)
+    sd["lm_head.weight"] = sd["lm_head.weight"].clone()
+    names = list(sd)
+    shards = {
+        "pytorch_model-00001-of-00002.bin": names[:3] + ["lm_head.weight"],
+        "pytorch_model-00002-of-00002.bin": [n for n in names[3:] if n != "lm_head.weight"],
+    }
+    for file, part in shards.items():
+        torch.save({n: sd[n] for n in part}, folder / file)
+    index = {"metadata": {}, "weight_map": {n: f for f, p in shards.items() for n in p}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    r = tiecli.dedupe(folder, tmp_path / "out")
+    assert [t.alias for t in r.removed] == ["lm_head.weight"]
+    loaded = tiecli.load(tmp_path / "out")
+    assert all(torch.equal(loaded[n], sd[n]) for n in sd)

@@ -1,0 +1,457 @@
+"""PyTorch zip checkpoints read and rewritten without importing torch.
+
+A ``torch.save`` file is a zip archive of stored (uncompressed) records: a
+pickle, ``data.pkl``, that names each tensor's storage by key, and one record
+``data/<key>`` per storage holding its raw bytes. For the common case, a flat
+``{name: tensor}`` dict of dense, contiguous CPU tensors, everything tiecli
+needs is in those bytes: the pickle is read with placeholders instead of
+torch's classes (nothing it names is imported or called), and a rewrite copies
+the storage records byte for byte, in the kernel, next to a new pickle.
+
+Anything else (nested checkpoints, other objects, views with strides, zip64,
+compression, a damaged archive) is declined: the reader returns ``None`` and
+the caller falls back to :class:`~tiecli.formats.pytorch.PickleFile`, which
+loads through torch and gives the errors.
+"""
+
+from __future__ import annotations
+
+import io
+import mmap
+import os
+import pickle
+import struct
+import zipfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..checkpoint import Entry
+from ..dtypes import itemsize
+from . import safetensors as st
+from .safetensors import FileBlob
+
+# Storage classes torch pickles, and the element type each holds.
+STORAGE_DTYPES = {
+    "FloatStorage": "F32",
+    "DoubleStorage": "F64",
+    "HalfStorage": "F16",
+    "BFloat16Storage": "BF16",
+    "LongStorage": "I64",
+    "IntStorage": "I32",
+    "ShortStorage": "I16",
+    "CharStorage": "I8",
+    "ByteStorage": "U8",
+    "BoolStorage": "BOOL",
+}
+_REBUILD = ("torch._utils", "_rebuild_tensor_v2")
+_ORDERED_DICT = ("collections", "OrderedDict")
+ALIGN = 64  # torch aligns every record's data to 64 bytes
+_ZIP64_LIMIT = 0xFFFFFFFF
+
+
+class Declined(Exception):
+    """Not a file this reader handles; the torch-based reader takes over."""
+
+
+# -- the pickle, with placeholders ----------------------------------------------
+
+
+class _Global:
+    """A class or function the pickle names; never imported."""
+
+    def __init__(self, module: str, name: str):
+        self.module, self.name = module, name
+
+    def key(self) -> tuple[str, str]:
+        return (self.module, self.name)
+
+    def __call__(self, *args: Any) -> _Call:
+        return _Call(self, args)
+
+
+class _Call:
+    """What calling a :class:`_Global` would have returned: kept as the call."""
+
+    def __init__(self, func: _Global, args: tuple[Any, ...]):
+        self.func, self.args = func, args
+        self.state: Any = None
+        self.items: dict[Any, Any] = {}
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.items[key] = value
+
+    def __setstate__(self, state: Any) -> None:
+        self.state = state
+
+    def with_items(self, items: dict[Any, Any]) -> _Call:
+        new = _Call(self.func, self.args)
+        new.state, new.items = self.state, items
+        return new
+
+
+class _Storage:
+    """A storage the pickle refers to by key (its bytes are the record data/<key>)."""
+
+    def __init__(self, pid: tuple[Any, ...]):
+        self.pid = pid
+        self.kind: _Global = pid[1]
+        self.key: str = pid[2]
+        self.numel: int = pid[4]
+
+
+class _Unpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in (_REBUILD, _ORDERED_DICT) or (
+            module == "torch" and name in STORAGE_DTYPES
+        ):
+            return _Global(module, name)
+        raise Declined(f"names {module}.{name}")
+
+    def persistent_load(self, pid: Any) -> Any:
+        if not (
+            isinstance(pid, tuple)
+            and len(pid) == 5
+            and pid[0] == "storage"
+            and isinstance(pid[1], _Global)
+            and pid[1].module == "torch"
+            and isinstance(pid[2], str)
+            and pid[3] == "cpu"
+            and type(pid[4]) is int
+            and pid[4] >= 0
+        ):
+            raise Declined("a storage reference of another shape")
+        return _Storage(pid)
+
+
+class _Pickler(pickle._Pickler):  # type: ignore[misc,name-defined]
+    """Writes placeholders back as the globals, calls and storages they stand for."""
+
+    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
+
+    def persistent_id(self, obj: Any) -> Any:
+        return obj.pid if isinstance(obj, _Storage) else None
+
+    def _save_global(self, obj: _Global) -> None:
+        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())  # type: ignore[attr-defined]
+        self.memoize(obj)  # type: ignore[attr-defined]
+
+    def _save_call(self, obj: _Call) -> None:
+        self.save_reduce(  # type: ignore[attr-defined]
+            obj.func,
+            obj.args,
+            obj.state,
+            None,
+            iter(obj.items.items()) if obj.items else None,
+            obj=obj,
+        )
+
+    dispatch[_Global] = _save_global  # type: ignore[assignment]
+    dispatch[_Call] = _save_call  # type: ignore[assignment]
+
+
+def dumps(top: Any) -> bytes:
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(top)
+    return buf.getvalue()
+
+
+# -- the archive -----------------------------------------------------------------
+
+
+class _Record:
+    __slots__ = ("name", "start", "size", "crc")
+
+    def __init__(self, name: str, start: int, size: int, crc: int):
+        self.name, self.start, self.size, self.crc = name, start, size, crc
+
+
+def _records(path: Path, fd: int, file_size: int) -> list[_Record]:
+    out = []
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on damaged bytes
+        raise Declined("unreadable archive") from e
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
+            raise Declined("compressed or encrypted record")
+        if max(info.header_offset, info.file_size, file_size) >= _ZIP64_LIMIT:
+            raise Declined("zip64")
+        local = os.pread(fd, 30, info.header_offset)
+        if len(local) < 30 or local[:4] != b"PK\x03\x04":
+            raise Declined("bad local header")
+        name_len, extra_len = struct.unpack("<HH", local[26:30])
+        start = info.header_offset + 30 + name_len + extra_len
+        if start + info.file_size > file_size:
+            raise Declined("record past the end")
+        out.append(_Record(info.filename, start, info.file_size, info.CRC))
+    return out
+
+
+class TorchZip:
+    """A flat state dict of a PyTorch zip checkpoint, read without torch.
+
+    Offers what :class:`~tiecli.formats.safetensors.SafetensorsFile` offers its
+    blobs (``fd``, ``pread``, ``preadinto``, ``window`` through :class:`FileBlob`),
+    with tensors addressed from the start of the file (``data_start`` is 0).
+    """
+
+    data_start = 0
+    nested_key: str | None = None  # only flat state dicts are read here
+
+    def __init__(self, path: Path, file_number: int = 0):
+        self.path = path
+        self.file_number = file_number
+        self.bytes_read = 0
+        self.fd = os.open(path, os.O_RDONLY)
+        self._mmap: mmap.mmap | None = None
+        try:
+            self.size = os.fstat(self.fd).st_size
+            self.records = _records(path, self.fd, self.size)
+            self._parse()
+        except BaseException:
+            os.close(self.fd)
+            raise
+
+    def _parse(self) -> None:
+        pkl = [r for r in self.records if r.name.endswith("/data.pkl")]
+        if len(pkl) != 1:
+            raise Declined("no single data.pkl")
+        self.prefix = pkl[0].name[: -len("data.pkl")]
+        by_name = {r.name: r for r in self.records}
+        order = by_name.get(self.prefix + "byteorder")
+        if order is not None and self.pread(order.start, order.size) != b"little":
+            raise Declined("big-endian")
+        raw = self.pread(pkl[0].start, pkl[0].size)
+        if zlib.crc32(raw) != pkl[0].crc:
+            raise Declined("data.pkl fails its checksum")
+        try:
+            top = _Unpickler(io.BytesIO(raw)).load()
+        except Declined:
+            raise
+        except Exception as e:  # noqa: BLE001 - damaged pickles fail in many ways
+            raise Declined("unreadable pickle") from e
+        if isinstance(top, _Call) and top.func.key() == _ORDERED_DICT and not top.args:
+            items = top.items
+        elif isinstance(top, dict):
+            items = top
+        else:
+            raise Declined("not a flat state dict")
+        if not items or not all(isinstance(k, str) for k in items):
+            raise Declined("not a flat state dict")
+        self.top = top
+        self.items: dict[str, _Call] = dict(items)
+        self.storage_records: dict[str, _Record] = {}
+        self._entries = [self._entry(name, call, by_name) for name, call in items.items()]
+
+    def _entry(self, name: str, call: Any, by_name: dict[str, _Record]) -> Entry:
+        if not (isinstance(call, _Call) and call.func.key() == _REBUILD and call.state is None):
+            raise Declined(f"{name!r} is not a plain tensor")
+        args = call.args
+        if len(args) not in (6, 7) or not isinstance(args[0], _Storage):
+            raise Declined(f"{name!r}: unexpected rebuild arguments")
+        storage, offset, shape, stride, requires_grad, hooks = args[:6]
+        ints = (shape, stride)
+        if (
+            type(offset) is not int
+            or offset < 0
+            or not all(
+                isinstance(t, tuple) and all(type(i) is int and i >= 0 for i in t) for t in ints
+            )
+            or len(shape) != len(stride)
+            or not isinstance(requires_grad, bool)
+            or not (isinstance(hooks, _Call) and hooks.func.key() == _ORDERED_DICT)
+            or hooks.items
+            or hooks.args
+            or (len(args) == 7 and args[6] not in (None, {}))
+        ):
+            raise Declined(f"{name!r}: unexpected rebuild arguments")
+        dtype = STORAGE_DTYPES.get(storage.kind.name)
+        size = itemsize(dtype) if dtype else None
+        if dtype is None or size is None:
+            raise Declined(f"{name!r}: storage {storage.kind.name}")
+        if stride != _contiguous(shape):
+            raise Declined(f"{name!r} is a strided view")
+        record = by_name.get(f"{self.prefix}data/{storage.key}")
+        numel = 1
+        for d in shape:
+            numel *= d
+        if record is None or storage.numel * size > record.size or offset + numel > storage.numel:
+            raise Declined(f"{name!r}: storage out of its record")
+        self.storage_records[storage.key] = record
+        start = record.start + offset * size
+        return Entry(
+            name,
+            dtype,
+            shape,
+            numel * size,
+            FileBlob(self, start, numel * size),  # type: ignore[arg-type]
+            storage=((self.file_number << 33) + record.start, storage.numel * size),
+            view=(offset * size, stride),
+            file=self.path,
+        )
+
+    def entries(self) -> list[Entry]:
+        return list(self._entries)
+
+    # -- byte access, as SafetensorsFile offers it ---------------------------------
+
+    def pread(self, offset: int, size: int) -> bytes:
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise OSError(5, f"short read at byte {offset} of {self.path}")
+        return data
+
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        n = os.preadv(self.fd, [view], offset)
+        if n != len(view):
+            raise OSError(5, f"short read at byte {offset} of {self.path}")
+
+    def view(self) -> mmap.mmap:
+        if self._mmap is None:
+            self._mmap = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:
+                pass
+            self._mmap = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for d in reversed(shape):
+        strides.append(step)
+        step *= max(d, 1)
+    return tuple(reversed(strides))
+
+
+def open_torchzip(path: Path, file_number: int = 0) -> TorchZip | None:
+    """The torch-free reader for ``path``, or None where torch must do the reading."""
+    try:
+        return TorchZip(path, file_number)
+    except (Declined, OSError, ValueError, struct.error):
+        return None
+
+
+# -- writing -----------------------------------------------------------------------
+
+
+def write_shared(
+    src: TorchZip,
+    shared: dict[str, str],
+    path: Path,
+    copy: Callable[[int, int, int, int, int], None],
+) -> None:
+    """Write ``src`` to ``path`` with each ``alias`` of ``shared`` saved as its source
+    tensor itself (one storage, as ``torch.save`` writes a tensor kept twice).
+
+    The archive is laid out as ``torch.save`` lays it out, since torch computes
+    record offsets from that layout rather than reading them: storages numbered
+    in the order the pickle first names them, each record's data aligned to 64
+    bytes and followed by a data descriptor. Storage records nothing refers to
+    any more are left out; the others are copied byte for byte with
+    ``copy(src_fd, dst_fd, src_offset, dst_offset, size)``.
+    """
+    items = dict(src.items)
+    for alias, source in shared.items():
+        if alias in items and source in items:
+            items[alias] = items[source]
+    renamed: dict[str, _Storage] = {}  # old key -> the storage under its new key
+    calls: dict[int, _Call] = {}
+    for name, call in items.items():
+        if id(call) not in calls:
+            old = call.args[0]
+            if old.key not in renamed:
+                pid = (*old.pid[:2], str(len(renamed)), *old.pid[3:])
+                renamed[old.key] = _Storage(pid)
+            new = _Call(call.func, (renamed[old.key], *call.args[1:]))
+            calls[id(call)] = new
+        items[name] = calls[id(call)]
+    top = src.top.with_items(items) if isinstance(src.top, _Call) else items
+    pkl = dumps(top)
+
+    storage_names = {src.prefix + "data/" + k for k in src.storage_records}
+    before = [r for r in src.records if r.name not in storage_names]
+    first = next(
+        (i for i, r in enumerate(src.records) if r.name in storage_names), len(src.records)
+    )
+    head = [r for r in before if src.records.index(r) < first]
+    tail = [r for r in before if src.records.index(r) >= first]
+    order: list[tuple[str, _Record]] = [(r.name, r) for r in head]
+    order += [
+        (src.prefix + "data/" + new.key, src.storage_records[old]) for old, new in renamed.items()
+    ]
+    order += [(r.name, r) for r in tail]
+
+    central = []
+    pending = bytearray()  # small pieces, written together before each kernel copy
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        pos = 0  # where pending starts
+        for name_text, record in order:
+            data = pkl if record.name == src.prefix + "data.pkl" else None
+            size = len(data) if data is not None else record.size
+            crc = zlib.crc32(data) if data is not None else record.crc
+            raw = name_text.encode()
+            at = pos + len(pending)
+            pad = -(at + 30 + len(raw) + 4) % ALIGN
+            extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
+            # sizes and checksum follow the data, in a descriptor (flag bit 3), as torch writes
+            pending += struct.pack(
+                "<IHHHHHIIIHH", 0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(raw), len(extra)
+            )
+            pending += raw + extra
+            central.append((raw, crc, size, at))
+            if data is None and size >= _COPY_FROM:
+                pos += st._write_all(fd, bytes(pending), pos)
+                pending.clear()
+                copy(src.fd, fd, record.start, pos, size)
+                pos += size
+            else:
+                pending += data if data is not None else src.pread(record.start, size)
+            pending += struct.pack("<IIII", 0x08074B50, crc, size, size)
+        start = pos + len(pending)
+        for raw, crc, size, offset in central:
+            pending += struct.pack(
+                "<IHHHHHHIIIHHHHHII",
+                0x02014B50,
+                0,
+                0,
+                _FLAGS,
+                0,
+                0,
+                0,
+                crc,
+                size,
+                size,
+                len(raw),
+                0,
+                0,
+                0,
+                0,
+                0,
+                offset,
+            )
+            pending += raw
+        end = pos + len(pending)
+        if end >= _ZIP64_LIMIT:
+            raise Declined("output would need zip64")
+        pending += struct.pack(
+            "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), end - start, start, 0
+        )
+        st._write_all(fd, bytes(pending), pos)
+    finally:
+        os.close(fd)
+
+
+_COPY_FROM = 1 << 20  # records this large are copied in the kernel; smaller ones read
+_FLAGS = 0x808  # data descriptor follows the data; names are UTF-8
