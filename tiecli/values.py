@@ -8,7 +8,6 @@ survive the samples.
 
 from __future__ import annotations
 
-import hashlib
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -60,6 +59,8 @@ class Digest:
 def digest(e: Entry, progress: Progress = NO_PROGRESS) -> Digest:
     """A strong hash of the whole tensor and whether all its elements are equal."""
     size = itemsize(e.dtype) or 1
+    import hashlib  # here: its import costs more than most runs spend hashing
+
     h = hashlib.blake2b(digest_size=20)
     h.update(f"{e.dtype}{e.shape}".encode())
     first = b""
