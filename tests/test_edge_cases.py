@@ -293,3 +293,37 @@ def test_copied_ranges_keep_their_offset_within_a_page(tmp_path: Path) -> None:
     loaded = load_file(str(out))
     assert all(torch.equal(loaded[k], sd[k]) for k in loaded) and "lm_head.weight" not in loaded
     assert out.stat().st_size < src.stat().st_size - embed.nbytes + 2 * 4096
+
+
+def test_a_kept_tie_taken_as_equal_from_samples_is_decided_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tie kept for another reason (its source in another pickle shard) is never
+    verified: dedupe must not report it on the strength of its samples."""
+    from tiecli import detect
+    from tiecli.values import _positions
+
+    monkeypatch.setattr(detect, "SAMPLED_FROM", 0)
+    folder = tmp_path / "x"
+    folder.mkdir()
+    sd = load_file(fixture_path("llama-tied", "full") / "model.safetensors")
+    head = sd["model.embed_tokens.weight"].clone()
+    flat = head.view(-1)
+    flat[next(i for i in range(flat.numel()) if i not in _positions(flat.numel()))] += 1
+    shards = {
+        "pytorch_model-00001-of-00002.bin": {
+            "model.embed_tokens.weight": sd["model.embed_tokens.weight"]
+        },
+        "pytorch_model-00002-of-00002.bin": {"lm_head.weight": head},
+    }
+    for file, part in shards.items():
+        torch.save(part, folder / file)
+    index = {"metadata": {}, "weight_map": {n: f for f, p in shards.items() for n in p}}
+    (folder / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    (folder / "config.json").write_text(
+        (fixture_path("llama-tied", "full") / "config.json").read_text()
+    )
+    r = tiecli.dedupe(folder, tmp_path / "out")
+    assert r.removed == []
+    assert [p.code for p in r.problems] == ["drift"]
+    assert r.kept[0][0].drift is not None

@@ -380,6 +380,8 @@ def test_what_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: 
     started.clear()
     tiecli.dedupe(src, tmp_path / "new", force=True)  # replaces an output: durable
     assert synced and started
+    if form == "full":  # the folder's other files too, before the old folder goes
+        assert "config.json" in synced, synced
 
     ckpt = tmp_path / "in"
     shutil.copytree(src, ckpt)
@@ -388,3 +390,23 @@ def test_what_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: 
     written = {p.name for p in ckpt.iterdir() if p.name.endswith((".safetensors", ".json"))}
     changed = {n.removeprefix(".").removesuffix(".tiecli-tmp") for n in synced if "tmp" in n}
     assert changed and changed <= written and "in" in synced, synced
+
+
+def test_a_writer_that_ends_short_fails_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The file is sized before it is written: a copy that stops early without an error
+    leaves zeros a reader would accept as data. The follower must notice."""
+    from tiecli.formats import safetensors as st_format
+
+    real = st_format._copy_range
+
+    def half(src, dst, src_off, dst_off, count, *rest):
+        return real(src, dst, src_off, dst_off, count // 2, *rest)
+
+    monkeypatch.setattr(st_format, "_copy_range", half)
+    src = fixture_path("llama-tied", "full") / "model.safetensors"
+    with pytest.raises(tiecli.TiecliError, match="verification failed") as e:
+        tiecli.dedupe(src, tmp_path / "out.safetensors")
+    assert e.value.exit_code == 1
+    assert list(tmp_path.iterdir()) == []

@@ -158,3 +158,43 @@ def test_sharded_bins_are_deduped_within_each_shard(tmp_path: Path) -> None:
     assert [t.alias for t in r.removed] == ["lm_head.weight"]
     loaded = tiecli.load(tmp_path / "out")
     assert all(torch.equal(loaded[n], sd[n]) for n in sd)
+
+
+def test_a_state_dicts_metadata_is_kept_and_other_state_is_left_to_torch(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.Embedding(64, 32), torch.nn.Linear(32, 64, bias=False))
+    sd = model.state_dict()  # an OrderedDict with _metadata, as torch.save pickles it
+    assert hasattr(sd, "_metadata")
+    src = tmp_path / "plain.bin"
+    torch.save(sd, src)
+    assert open_torchzip(src) is not None
+    out = tmp_path / "out.bin"
+    tiecli.dedupe(src, out)
+    assert torch.load(out, weights_only=True)._metadata == sd._metadata
+
+    sd.extra = torch.randn(3)  # a tensor in the dict's state: not a flat state dict
+    hidden = tmp_path / "hidden.bin"
+    torch.save(sd, hidden)
+    assert open_torchzip(hidden) is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"\x80\x02ctorch\nFloatStorage\n}X\x04\x00\x00\x00nameX\x05\x00\x00\x00Int8Ssb.",
+        b"\x80\x02ccollections\nOrderedDict\n)R}X\x01\x00\x00\x00aK\x01sb.",
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n)R}X\x01\x00\x00\x00aK\x01sb.",
+        b"\x80\x02cos\nsystem\nX\x04\x00\x00\x00trueI0\n\x85R.",
+    ],
+)
+def test_the_placeholder_unpickler_declines_what_torch_refuses(raw: bytes) -> None:
+    """State on a class, a storage or a tensor call, and any other global: declined."""
+    import io
+
+    from tiecli.formats.torchzip import Declined, _Unpickler
+
+    try:
+        top = _Unpickler(io.BytesIO(raw)).load()
+    except Declined:
+        return
+    # an OrderedDict may carry state (its _metadata): the reader then checks what it is
+    assert raw.startswith(b"\x80\x02ccollections"), top

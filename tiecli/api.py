@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from .checkpoint import Checkpoint
 from .detect import Problem, Tie, TieReport, find_ties
-from .errors import UnsafeChangeError
+from .errors import UnsafeChangeError, VerificationError
 from .formats import open_checkpoint
 from .progress import NO_PROGRESS, Progress
 
@@ -239,12 +239,18 @@ def dedupe(
             return _dedupe(
                 ckpt, report, out, by_value, min_bytes, dry_run, to, force, fsync, progress
             )
-        except UnsafeChangeError:
+        except _KeptUnchecked:
+            pass  # a tie kept for another reason is reported as it is: decide it exactly
+        except VerificationError:
             if not any(_assumption_wrong(ckpt, a) for a in report.assumed):
                 raise
         # a tie equal in its samples but not in full: decide every tie exactly and start over
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         return _dedupe(ckpt, report, out, by_value, min_bytes, dry_run, to, force, fsync, progress)
+
+
+class _KeptUnchecked(Exception):
+    """A tie taken as equal from its samples would be kept, where nothing compares it."""
 
 
 def _assumption_wrong(ckpt: Checkpoint, assumed: tuple[str, str, str]) -> bool:
@@ -279,6 +285,10 @@ def _dedupe(
             hint="write the conversion elsewhere with -o",
         )
     plan = plan_dedupe(ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st)
+    if report.assumed:
+        assumed = set(report.assumed)
+        if any((t.alias, t.source, t.transform) in assumed for t, _why in plan.kept):
+            raise _KeptUnchecked  # nothing verifies a kept tie: its drift must be exact
     result = DedupeResult(
         **_rewrite_fields(ckpt, report, plan, out, dry_run),
         removed=plan.removed,

@@ -1,9 +1,9 @@
 """Writing beside the target and renaming into place, so nothing is half-written.
 
 New files are written under hidden temporary names in the target's folder,
-fsynced, verified by the caller, then renamed over their targets. A run killed
-at any moment leaves the old files intact plus temporaries, which the next run
-in that folder removes.
+verified by the caller (and fsynced by it when they replace anything), then
+renamed over their targets. A run killed at any moment leaves the old files
+intact plus temporaries, which the next run in that folder removes.
 """
 
 from __future__ import annotations

@@ -72,6 +72,10 @@ class UnsafeChangeError(TiecliError, RuntimeError):
     exit_code = 1
 
 
+class VerificationError(UnsafeChangeError):
+    """What was written does not read back as the input; nothing was renamed into place."""
+
+
 class TieError(TiecliError, ValueError):
     """A live model's ties are broken or drifted (raised by ``check_model``)."""
 

@@ -19,13 +19,19 @@ from typing import Any, cast
 
 from .atomic import Staging, clean_leftovers, fsync_dir, output_errors
 from .checkpoint import Checkpoint, Entry
-from .errors import CheckpointFormatError, OutputError, UnsafeChangeError, UsageError
+from .errors import (
+    CheckpointFormatError,
+    OutputError,
+    UnsafeChangeError,
+    UsageError,
+    VerificationError,
+)
 from .formats import safetensors as st_format
 from .formats.pytorch import PickleFile
 from .formats.safetensors import FileBlob, SafetensorsFile, write_file
 from .formats.torchzip import Declined, TorchZip, open_torchzip, write_shared
 from .plan import Check, FilePlan, Plan, stale_copies
-from .progress import NO_PROGRESS, Progress
+from .progress import Progress
 from .values import equal, same_bytes
 
 
@@ -253,7 +259,7 @@ def _to_folder(
         if ckpt.index_path:
             skip.add(ckpt.index_path.resolve())
         if ckpt.folder is not None or ckpt.index_path is not None:
-            _copy_other_files(src_folder, tmpdir, skip)
+            _copy_other_files(src_folder, tmpdir, skip, durable)
         for f in plan.files:
             _write_one(ckpt, plan, f, tmpdir / f.name, as_safetensors, output, progress, durable)
         if ckpt.index_path is not None:
@@ -266,7 +272,7 @@ def _to_folder(
     return [output / f.name for f in plan.files]
 
 
-def _copy_other_files(src: Path, dst: Path, skip: set[Path]) -> None:
+def _copy_other_files(src: Path, dst: Path, skip: set[Path], durable: bool) -> None:
     for item in sorted(src.iterdir()):
         if item.resolve() in skip or item.name.endswith((".tiecli-tmp", ".tiecli-old")):
             continue
@@ -274,6 +280,14 @@ def _copy_other_files(src: Path, dst: Path, skip: set[Path]) -> None:
             shutil.copytree(item, dst / item.name, symlinks=True)
         else:
             shutil.copy2(item, dst / item.name, follow_symlinks=False)
+    if durable:  # the folder replaces one: all of it reaches the disk first
+        for folder, dirs, files in os.walk(dst):
+            for name in files:
+                path = Path(folder) / name
+                if not path.is_symlink():
+                    _sync_file(path, True)
+            for name in dirs:
+                fsync_dir(Path(folder) / name)
 
 
 def _write_index(path: Path, plan: Plan, durable: bool) -> None:
@@ -316,7 +330,8 @@ def _write_one(
         names |= {a for a, (s, _t) in plan.pickle_views.items() if s in names}
     checks = [c for c in plan.checks if c.out in names]
     if not as_safetensors:
-        _write_pickle(ckpt, plan, f, tmp, durable)
+        with progress.task(f"writing {f.name}", sum(t.nbytes for t in f.tensors)) as bar:
+            _write_pickle(ckpt, plan, f, tmp, durable, bar)
         _verify_pickle(tmp, checks, shown, progress)
         return
     total = sum(t.nbytes for t in f.tensors) + sum(2 * c.input.nbytes for c in checks)
@@ -324,7 +339,7 @@ def _write_one(
     with progress.task(f"writing {f.name}", total) as bar, ThreadPoolExecutor(1) as pool:
         writing = pool.submit(_write_synced, tmp, f, bar, mark, durable)
         try:
-            _follow(tmp, checks, ckpt.entries, mark, shown, bar)
+            followed = _follow(tmp, checks, ckpt.entries, mark, shown, bar)
         except BaseException:
             mark.stop()
             raise
@@ -333,6 +348,10 @@ def _write_one(
         assert done
         with output_errors(shown):
             writing.result()
+        if not followed:  # the writer ended without error, short of what was checked
+            raise VerificationError(
+                f"verification failed: {tmp.name} was written short; nothing was changed", shown
+            )
 
 
 class _Stopped(Exception):
@@ -396,13 +415,14 @@ def _follow(
     mark: _Mark,
     shown: Path,
     bar: Progress,
-) -> None:
+) -> bool:
     """Compare what the writer has written with the input, a piece behind it.
 
     A removed alias is compared with its source *in the input*: that needs no
     written byte, so it runs first, while the writer gets ahead; the written
     source is compared with the input's source as well, and equality is
-    transitive. Returns early when the writer fails (its error is the one to report).
+    transitive. Returns False, early, when the writer ends before writing what is to
+    be compared (its error, if it failed, is the one to report).
     """
     direct = {c.out for c in checks if c.transform == "identity" and c.input is inputs.get(c.out)}
     early = [c for c in checks if c.out in direct and c.input is not inputs.get(c.out)]
@@ -412,7 +432,7 @@ def _follow(
         mark.ready(8)
         reader = _read_back(tmp, shown, lambda: SafetensorsFile(tmp))
     except _WriterEnded:
-        return
+        return False
     try:
         out = {e.name: e for e in reader.entries()}
         mark.ready(reader.data_start)
@@ -421,15 +441,16 @@ def _follow(
         for start, i in sorted(placed):
             check, got = rest[i], out.get(rest[i].out)
             if got is None or not _written_equal(got, check, mark, reader.data_start + start, bar):
-                raise UnsafeChangeError(
+                raise VerificationError(
                     f"verification failed: written {check.out!r} does not equal the input's "
                     f"{check.input.name!r}; nothing was changed",
                     shown,
                 )
     except _WriterEnded:
-        return
+        return False
     finally:
         reader.close()
+    return True
 
 
 def _written_equal(got: Entry, check: Check, mark: _Mark, at: int, bar: Progress) -> bool:
@@ -443,7 +464,9 @@ def _written_equal(got: Entry, check: Check, mark: _Mark, at: int, bar: Progress
     return same_bytes(got, want, bar, lambda end: mark.ready(at + end))
 
 
-def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, durable: bool) -> None:
+def _write_pickle(
+    ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, durable: bool, bar: Progress
+) -> None:
     reader = next(r for r in ckpt.readers if r.path == f.source)
     views = plan.pickle_views
     if (
@@ -452,7 +475,14 @@ def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, durable:
         and all(t == "identity" for _s, t in views.values())
     ):
         try:
-            write_shared(reader, {a: s for a, (s, _t) in views.items()}, tmp, _copy)
+            write_shared(
+                reader,
+                {a: s for a, (s, _t) in views.items()},
+                tmp,
+                lambda src, dst, at, to, n: st_format._copy_range(
+                    src, dst, at, to, n, bar, lambda _n: None
+                ),
+            )
         except Declined:  # too large for a plain zip: torch writes zip64
             tmp.unlink()
         else:
@@ -466,10 +496,6 @@ def _write_pickle(ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, durable:
             with_torch.close()
     else:
         _save_with_torch(reader, plan, tmp, durable)
-
-
-def _copy(src: int, dst: int, src_off: int, dst_off: int, count: int) -> None:
-    st_format._copy_range(src, dst, src_off, dst_off, count, NO_PROGRESS, lambda n: None)
 
 
 def _sync_file(path: Path, durable: bool) -> None:
@@ -510,7 +536,7 @@ def _read_back(tmp: Path, shown: Path, open_it: Callable[[], Any]) -> Any:
     try:
         return open_it()
     except CheckpointFormatError as e:
-        raise UnsafeChangeError(
+        raise VerificationError(
             f"verification failed: the written {tmp.name} cannot be read back ({e.message}); "
             "nothing was changed",
             shown,
@@ -536,7 +562,7 @@ def _verify_pickle(tmp: Path, checks: list[Check], shown: Path, progress: Progre
 def _check_one(check: Check, out: dict[str, Entry], shown: Path, bar: Progress) -> None:
     got = out.get(check.out)
     if got is None or not equal(got, check.input, check.transform, bar):
-        raise UnsafeChangeError(
+        raise VerificationError(
             f"verification failed: written {check.out!r} does not equal the input's "
             f"{check.input.name!r}; nothing was changed",
             shown,

@@ -61,6 +61,8 @@ class Declined(Exception):
 class _Global:
     """A class or function the pickle names; never imported."""
 
+    __slots__ = ("module", "name")
+
     def __init__(self, module: str, name: str):
         self.module, self.name = module, name
 
@@ -70,9 +72,18 @@ class _Global:
     def __call__(self, *args: Any) -> _Call:
         return _Call(self, args)
 
+    def __setstate__(self, state: Any) -> None:
+        raise Declined("state set on a class")  # torch's loader refuses it too
+
 
 class _Call:
-    """What calling a :class:`_Global` would have returned: kept as the call."""
+    """What calling a :class:`_Global` would have returned: kept as the call.
+
+    Only an ``OrderedDict`` takes items (SETITEMS) and state (BUILD, its
+    ``_metadata``), as torch's weights-only loader allows; anything else declines.
+    """
+
+    __slots__ = ("func", "args", "state", "items")
 
     def __init__(self, func: _Global, args: tuple[Any, ...]):
         self.func, self.args = func, args
@@ -80,9 +91,13 @@ class _Call:
         self.items: dict[Any, Any] = {}
 
     def __setitem__(self, key: Any, value: Any) -> None:
+        if self.func.key() != _ORDERED_DICT:
+            raise Declined("items set on something else than a dict")
         self.items[key] = value
 
     def __setstate__(self, state: Any) -> None:
+        if self.func.key() != _ORDERED_DICT:
+            raise Declined("state set on something else than a dict")
         self.state = state
 
     def with_items(self, items: dict[Any, Any]) -> _Call:
@@ -94,11 +109,31 @@ class _Call:
 class _Storage:
     """A storage the pickle refers to by key (its bytes are the record data/<key>)."""
 
+    __slots__ = ("pid", "kind", "key", "numel")
+
     def __init__(self, pid: tuple[Any, ...]):
         self.pid = pid
         self.kind: _Global = pid[1]
         self.key: str = pid[2]
         self.numel: int = pid[4]
+
+    def __setstate__(self, state: Any) -> None:
+        raise Declined("state set on a storage")
+
+
+def _holds_tensors(obj: Any) -> bool:
+    """Whether a storage or tensor is anywhere inside ``obj``."""
+    if isinstance(obj, _Storage):
+        return True
+    if isinstance(obj, _Call):
+        return obj.func.key() != _ORDERED_DICT or any(
+            _holds_tensors(x) for x in (obj.args, obj.state, *obj.items.items())
+        )
+    if isinstance(obj, dict):
+        return any(_holds_tensors(k) or _holds_tensors(v) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return any(_holds_tensors(x) for x in obj)
+    return False
 
 
 class _Unpickler(pickle.Unpickler):
@@ -174,6 +209,11 @@ def _records(path: Path, fd: int, file_size: int) -> list[_Record]:
             infos = z.infolist()
     except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on damaged bytes
         raise Declined("unreadable archive") from e
+    if len(infos) > 0xFFFF:
+        raise Declined("zip64 (too many records)")
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        raise Declined("a record name twice")
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
             raise Declined("compressed or encrypted record")
@@ -235,6 +275,14 @@ class TorchZip:
             raise Declined("unreadable pickle") from e
         if isinstance(top, _Call) and top.func.key() == _ORDERED_DICT and not top.args:
             items = top.items
+            # state_dict()'s ``_metadata`` (module versions) is kept as it is; a tensor
+            # hidden in the dict's state would escape both the rewrite and its check
+            if top.state is not None and (
+                not isinstance(top.state, dict)
+                or set(top.state) != {"_metadata"}
+                or _holds_tensors(top.state)
+            ):
+                raise Declined("state beside the state dict")
         elif isinstance(top, dict):
             items = top
         else:
@@ -299,15 +347,20 @@ class TorchZip:
     # -- byte access, as SafetensorsFile offers it ---------------------------------
 
     def pread(self, offset: int, size: int) -> bytes:
+        self.bytes_read += size
         data = os.pread(self.fd, size, offset)
         if len(data) != size:
             raise OSError(5, f"short read at byte {offset} of {self.path}")
         return data
 
     def preadinto(self, offset: int, view: memoryview) -> None:
-        n = os.preadv(self.fd, [view], offset)
-        if n != len(view):
-            raise OSError(5, f"short read at byte {offset} of {self.path}")
+        done = 0
+        while done < len(view):
+            n = os.preadv(self.fd, [view[done:]], offset + done)
+            if n <= 0:
+                raise OSError(5, f"short read at byte {offset + done} of {self.path}")
+            done += n
+        self.bytes_read += done
 
     def view(self) -> mmap.mmap:
         if self._mmap is None:
@@ -338,7 +391,7 @@ def open_torchzip(path: Path, file_number: int = 0) -> TorchZip | None:
     """The torch-free reader for ``path``, or None where torch must do the reading."""
     try:
         return TorchZip(path, file_number)
-    except (Declined, OSError, ValueError, struct.error):
+    except Exception:  # noqa: BLE001 - whatever goes wrong here, torch's reader decides
         return None
 
 
@@ -355,7 +408,8 @@ def write_shared(
     tensor itself (one storage, as ``torch.save`` writes a tensor kept twice).
 
     The archive is laid out as ``torch.save`` lays it out, since torch computes
-    record offsets from that layout rather than reading them: storages numbered
+    record offsets from that layout instead of reading them when it loads onto the
+    ``meta`` device (and when configured to for any load): storages numbered
     in the order the pickle first names them, each record's data aligned to 64
     bytes and followed by a data descriptor. Storage records nothing refers to
     any more are left out; the others are copied byte for byte with
@@ -379,7 +433,9 @@ def write_shared(
     top = src.top.with_items(items) if isinstance(src.top, _Call) else items
     pkl = dumps(top)
 
-    storage_names = {src.prefix + "data/" + k for k in src.storage_records}
+    # every data/ record is a storage: those the new pickle names are written under their
+    # new keys, the others (aliases' copies, records nothing named) are left out
+    storage_names = {r.name for r in src.records if r.name.startswith(src.prefix + "data/")}
     before = [r for r in src.records if r.name not in storage_names]
     first = next(
         (i for i, r in enumerate(src.records) if r.name in storage_names), len(src.records)
@@ -443,7 +499,7 @@ def write_shared(
             )
             pending += raw
         end = pos + len(pending)
-        if end >= _ZIP64_LIMIT:
+        if end >= _ZIP64_LIMIT or len(central) > 0xFFFF:
             raise Declined("output would need zip64")
         pending += struct.pack(
             "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), end - start, start, 0
