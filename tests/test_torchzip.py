@@ -60,13 +60,7 @@ def test_dedupe_of_a_bin_needs_no_torch_and_torch_reads_the_result(
 ) -> None:
     src = _head_first(tmp_path / "in", head_first)
     out = tmp_path / "out.bin"
-    code = (
-        "import sys, tiecli\n"
-        f"r = tiecli.dedupe({str(src)!r}, {str(out)!r})\n"
-        "assert [t.alias for t in r.removed] == ['lm_head.weight'], r.removed\n"
-        "assert 'torch' not in sys.modules, 'torch was imported'\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    _without_torch(f"tiecli.dedupe({str(src)!r}, {str(out)!r}).removed")
 
     before = torch.load(src, weights_only=True)
     after = torch.load(out, weights_only=True, mmap=True)
@@ -89,10 +83,16 @@ def test_dedupe_of_a_bin_needs_no_torch_and_torch_reads_the_result(
 
 def test_inspect_of_a_bin_needs_no_torch(tmp_path: Path) -> None:
     src = _head_first(tmp_path / "in", False)
+    _without_torch(f"tiecli.inspect({str(src)!r}).ties")
+
+
+def _without_torch(ties: str) -> None:
+    """Run ``ties`` (an expression giving a list of ties) in a fresh interpreter: the
+    head must be its only alias, and torch must never have been imported."""
     code = (
         "import sys, tiecli\n"
-        f"r = tiecli.inspect({str(src)!r})\n"
-        "assert [t.alias for t in r.ties] == ['lm_head.weight'], r.ties\n"
+        f"ties = {ties}\n"
+        "assert [t.alias for t in ties] == ['lm_head.weight'], ties\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -398,12 +398,7 @@ class _WriterEnded(Exception):
 def _write_synced(tmp: Path, f: FilePlan, bar: Progress, mark: _Mark, durable: bool) -> None:
     try:
         write_file(tmp, f.tensors, f.metadata, bar, mark.reached, writeback=durable)
-        if durable:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+        _sync_file(tmp, durable)
     finally:
         mark.end()
 

@@ -203,13 +203,10 @@ class SafetensorsFile:
         return data
 
     def preadinto(self, offset: int, view: memoryview) -> None:
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise self._fail(f"short read at byte {offset + done} (file changed or truncated?)")
-            done += n
-        self.bytes_read += len(view)
+        done = fill(self.fd, view, offset)
+        if done < len(view):
+            raise self._fail(f"short read at byte {offset + done} (file changed or truncated?)")
+        self.bytes_read += done
 
     def view(self) -> mmap.mmap:
         if self._mmap is None:
@@ -243,6 +240,17 @@ class SafetensorsFile:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+def fill(fd: int, view: memoryview, offset: int) -> int:
+    """Read into ``view`` from ``offset`` until it is full or the file ends; bytes read."""
+    done = 0
+    while done < len(view):
+        n = os.preadv(fd, [view[done:]], offset + done)
+        if n <= 0:
+            break
+        done += n
+    return done
 
 
 class FileBlob:

@@ -354,12 +354,9 @@ class TorchZip:
         return data
 
     def preadinto(self, offset: int, view: memoryview) -> None:
-        done = 0
-        while done < len(view):
-            n = os.preadv(self.fd, [view[done:]], offset + done)
-            if n <= 0:
-                raise OSError(5, f"short read at byte {offset + done} of {self.path}")
-            done += n
+        done = st.fill(self.fd, view, offset)
+        if done < len(view):
+            raise OSError(5, f"short read at byte {offset + done} of {self.path}")
         self.bytes_read += done
 
     def view(self) -> mmap.mmap:
