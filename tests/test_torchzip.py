@@ -198,3 +198,29 @@ def test_the_placeholder_unpickler_declines_what_torch_refuses(raw: bytes) -> No
         return
     # an OrderedDict may carry state (its _metadata): the reader then checks what it is
     assert raw.startswith(b"\x80\x02ccollections"), top
+
+
+def test_a_pickle_that_names_the_wrong_storage_fails_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every record is copied intact, but the written pickle swaps two same-shaped
+    tensors: the read-back must notice, though no byte of any record differs."""
+    from tiecli.formats import torchzip
+
+    src = _head_first(tmp_path / "in", False)
+    sd = torch.load(src, weights_only=True)
+    shape = sd["model.layers.0.self_attn.q_proj.weight"].shape
+    a, b = [n for n in sd if sd[n].shape == shape][:2]
+    assert not torch.equal(sd[a], sd[b])
+    real = torchzip.dumps
+
+    def swapped(top):
+        items = dict(top.items)
+        items[a], items[b] = items[b], items[a]
+        return real(top.with_items(items))
+
+    monkeypatch.setattr(torchzip, "dumps", swapped)
+    with pytest.raises(tiecli.TiecliError, match="verification failed") as e:
+        tiecli.dedupe(src, tmp_path / "out.bin")
+    assert e.value.exit_code == 1
+    assert not (tmp_path / "out.bin").exists()

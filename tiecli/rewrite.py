@@ -330,8 +330,17 @@ def _write_one(
         names |= {a for a, (s, _t) in plan.pickle_views.items() if s in names}
     checks = [c for c in plan.checks if c.out in names]
     if not as_safetensors:
-        with progress.task(f"writing {f.name}", sum(t.nbytes for t in f.tensors)) as bar:
-            _write_pickle(ckpt, plan, f, tmp, durable, bar)
+        reader = next(r for r in ckpt.readers if r.path == f.source)
+        if _zip_shareable(reader, plan) and _write_zip(
+            ckpt, plan, reader, tmp, f.name, checks, shown, progress, durable
+        ):
+            return
+        with_torch = PickleFile(reader.path) if isinstance(reader, TorchZip) else reader
+        try:
+            _save_with_torch(with_torch, plan, tmp, durable)
+        finally:
+            if with_torch is not reader:
+                with_torch.close()
         _verify_pickle(tmp, checks, shown, progress)
         return
     total = sum(t.nbytes for t in f.tensors) + sum(2 * c.input.nbytes for c in checks)
@@ -382,6 +391,16 @@ class _Mark:
     def stop(self) -> None:
         with self._cond:
             self._stopped = True
+
+    def poke(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def until(self, done: Callable[[], bool]) -> bool:
+        """Wait until ``done()`` or the writer ends; whether ``done()``."""
+        with self._cond:
+            self._cond.wait_for(lambda: done() or self._ended)
+            return done()
 
     def ready(self, pos: int) -> None:
         """Return once the first ``pos`` bytes are written; raise if they never will be."""
@@ -459,38 +478,180 @@ def _written_equal(got: Entry, check: Check, mark: _Mark, at: int, bar: Progress
     return same_bytes(got, want, bar, lambda end: mark.ready(at + end))
 
 
-def _write_pickle(
-    ckpt: Checkpoint, plan: Plan, f: FilePlan, tmp: Path, durable: bool, bar: Progress
-) -> None:
-    reader = next(r for r in ckpt.readers if r.path == f.source)
-    views = plan.pickle_views
-    if (
+def _zip_shareable(reader: Any, plan: Plan) -> bool:
+    """Whether torch can be left out: a zip read without it, aliases shared as they are."""
+    return (
         isinstance(reader, TorchZip)
         and not plan.pickle_copies
-        and all(t == "identity" for _s, t in views.values())
-    ):
+        and all(t == "identity" for _s, t in plan.pickle_views.values())
+    )
+
+
+def _write_zip(
+    ckpt: Checkpoint,
+    plan: Plan,
+    reader: TorchZip,
+    tmp: Path,
+    name: str,
+    checks: list[Check],
+    shown: Path,
+    progress: Progress,
+    durable: bool,
+) -> bool:
+    """Rewrite a torch zip without torch, comparing each record copied from the input
+    while the next is written, then the tensors the written pickle names.
+
+    False (and nothing left behind) when the archive would need zip64."""
+    shared = {a: s for a, (s, _t) in plan.pickle_views.items()}
+    mark = _Mark()
+    placed: list[tuple[int, int, int]] = []  # (output offset, size, input offset)
+
+    def place(at: int, size: int, src_at: int) -> None:
+        placed.append((at, size, src_at))
+        mark.poke()
+
+    def write(bar: Progress) -> None:
         try:
             write_shared(
                 reader,
-                {a: s for a, (s, _t) in views.items()},
+                shared,
                 tmp,
                 lambda src, dst, at, to, n: st_format._copy_range(
-                    src, dst, at, to, n, bar, lambda _n: None
+                    src, dst, at, to, n, bar, mark.reached
                 ),
+                place,
+                mark.reached,
             )
-        except Declined:  # too large for a plain zip: torch writes zip64
-            tmp.unlink()
-        else:
             _sync_file(tmp, durable)
-            return
-    if isinstance(reader, TorchZip):
-        with_torch = PickleFile(reader.path)
-        try:
-            _save_with_torch(with_torch, plan, tmp, durable)
         finally:
-            with_torch.close()
-    else:
-        _save_with_torch(reader, plan, tmp, durable)
+            mark.end()
+
+    total = 2 * reader.size  # about: what is copied, and compared
+    with progress.task(f"writing {name}", total) as bar, ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(write, bar)
+        try:
+            compared, pairs = _follow_zip(
+                tmp, reader, placed, checks, ckpt.entries, mark, shown, bar
+            )
+        except BaseException:
+            mark.stop()
+            raise
+        finally:
+            wait([writing])
+        try:
+            with output_errors(shown):
+                writing.result()
+        except Declined:
+            tmp.unlink()
+            return False
+    _check_zip(tmp, reader, checks, compared, pairs, shown, progress)
+    return True
+
+
+def _follow_zip(
+    tmp: Path,
+    reader: TorchZip,
+    placed: list[tuple[int, int, int]],
+    checks: list[Check],
+    inputs: dict[str, Entry],
+    mark: _Mark,
+    shown: Path,
+    bar: Progress,
+) -> tuple[list[tuple[int, int, int]], set[tuple[int, int]]]:
+    """Compare each record written from the input with its input bytes, as soon as it is
+    in; first, each alias with its source in the input (that needs nothing written).
+
+    Returns the records found equal and the (source, alias) input offsets found equal."""
+    pairs: set[tuple[int, int]] = set()
+    for check in checks:
+        source = inputs.get(check.out)
+        if source is not None and source is not check.input:
+            _check_one(check, inputs, shown, bar)
+            pairs.add((_start(source), _start(check.input)))
+    compared: list[tuple[int, int, int]] = []
+    if not mark.until(lambda: bool(placed)):  # the file exists once a record is placed
+        return compared, pairs
+    out = _RawFile(tmp)
+    try:
+        while mark.until(lambda: len(placed) > len(compared)):
+            at, size, src_at = placed[len(compared)]
+            mark.ready(at + size)
+            if not same_bytes(_span(out, at, size), _span(reader, src_at, size), bar):
+                raise VerificationError(
+                    f"verification failed: {tmp.name} differs from the input at byte {at}; "
+                    "nothing was changed",
+                    shown,
+                )
+            compared.append((at, size, src_at))
+    except _WriterEnded:
+        pass  # the writer's error, if any, is the one to report; what is left is read below
+    finally:
+        out.close()
+    return compared, pairs
+
+
+def _check_zip(
+    tmp: Path,
+    reader: TorchZip,
+    checks: list[Check],
+    compared: list[tuple[int, int, int]],
+    pairs: set[tuple[int, int]],
+    shown: Path,
+    progress: Progress,
+) -> None:
+    """Read the written archive back and check every tensor it names: one that lies in
+    a record compared while writing, at the place its input tensor has in the input
+    record (or at its source's place, an alias compared with it), is equal; any other
+    is compared in full."""
+    written: Any = _read_back(tmp, shown, lambda: open_torchzip(tmp) or PickleFile(tmp))
+    try:
+        out = {e.name: e for e in written.entries()}
+        left = []
+        for check in checks:
+            got, want = out.get(check.out), check.input
+            if (
+                got is not None
+                and isinstance(written, TorchZip)
+                and check.transform == "identity"
+                and (got.dtype, got.shape) == (want.dtype, want.shape)
+                and cast(FileBlob, want.blob).file is cast(Any, reader)
+            ):
+                at = _copied_from(_start(got), got.nbytes, compared)
+                if at is not None and (at == _start(want) or (at, _start(want)) in pairs):
+                    continue
+            left.append(check)
+        with progress.task("verifying", sum(2 * c.input.nbytes for c in left)) as bar:
+            for check in left:
+                _check_one(check, out, shown, bar)
+    finally:
+        written.close()
+
+
+def _copied_from(start: int, size: int, compared: list[tuple[int, int, int]]) -> int | None:
+    """Where in the input the ``size`` bytes written at ``start`` were compared equal to."""
+    for at, n, src_at in compared:
+        if at <= start and start + size <= at + n:
+            return src_at + (start - at)
+    return None
+
+
+class _RawFile:
+    """A file being written, read the way :class:`FileBlob` reads a checkpoint's file."""
+
+    data_start = 0
+    file_number = 0
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        self.bytes_read = 0
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _span(file: Any, start: int, size: int) -> Entry:
+    """``size`` bytes at ``start`` of ``file``, as an entry to compare."""
+    return Entry("", "U8", (size,), size, FileBlob(file, start, size))
 
 
 def _sync_file(path: Path, durable: bool) -> None:

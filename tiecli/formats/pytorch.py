@@ -1,7 +1,9 @@
-"""Reading PyTorch zip checkpoints (.bin/.pt/.pth/.ckpt) safely and lazily.
+"""Reading PyTorch zip checkpoints (.bin/.pt/.pth/.ckpt) safely and lazily, with torch.
 
 Only ``torch.load(weights_only=True, mmap=True)`` is ever used: a pickle that
-needs anything beyond tensors and plain containers is refused, never run.
+needs anything beyond tensors and plain containers is refused, never run. Flat
+state dicts are usually read without torch first (:mod:`.torchzip`); this
+reader takes what that one declines, and every load that wants torch tensors.
 """
 
 from __future__ import annotations

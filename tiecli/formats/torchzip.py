@@ -400,9 +400,16 @@ def write_shared(
     shared: dict[str, str],
     path: Path,
     copy: Callable[[int, int, int, int, int], None],
+    placed: Callable[[int, int, int], None] = lambda at, n, src_at: None,
+    reached: Callable[[int], None] = lambda n: None,
 ) -> None:
     """Write ``src`` to ``path`` with each ``alias`` of ``shared`` saved as its source
     tensor itself (one storage, as ``torch.save`` writes a tensor kept twice).
+
+    ``placed(at, size, src_at)`` says where each record taken from ``src`` goes
+    (``size`` bytes at ``at``, copied from ``src_at``) before it is written, and
+    ``reached(n)`` that the first ``n`` bytes of the file are written: a reader
+    can compare each record as soon as it is in.
 
     The archive is laid out as ``torch.save`` lays it out, since torch computes
     record offsets from that layout instead of reading them when it loads onto the
@@ -464,11 +471,15 @@ def write_shared(
             )
             pending += raw + extra
             central.append((raw, crc, size, at))
+            if data is None:
+                placed(at + 30 + len(raw) + len(extra), size, record.start)
             if data is None and size >= _COPY_FROM:
                 pos += st._write_all(fd, bytes(pending), pos)
                 pending.clear()
+                reached(pos)
                 copy(src.fd, fd, record.start, pos, size)
                 pos += size
+                reached(pos)
             else:
                 pending += data if data is not None else src.pread(record.start, size)
             pending += struct.pack("<IIII", 0x08074B50, crc, size, size)
@@ -501,7 +512,8 @@ def write_shared(
         pending += struct.pack(
             "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), end - start, start, 0
         )
-        st._write_all(fd, bytes(pending), pos)
+        pos += st._write_all(fd, bytes(pending), pos)
+        reached(pos)
     finally:
         os.close(fd)
 
