@@ -224,3 +224,31 @@ def test_a_pickle_that_names_the_wrong_storage_fails_verification(
         tiecli.dedupe(src, tmp_path / "out.bin")
     assert e.value.exit_code == 1
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_large_records_keep_their_offset_within_a_page(tmp_path: Path) -> None:
+    """Spaces after the pickle's STOP move every record so the largest one lands where
+    it sat within a page in the input; torch reads the file as it reads its own."""
+    g = torch.Generator().manual_seed(3)
+    embed = torch.randn(1024, 1024, generator=g)  # 4 MiB
+    sd = {
+        "model.embed_tokens.weight": embed,
+        "model.norm.weight": torch.randn(1024, generator=g),
+        "lm_head.weight": embed.clone(),
+    }
+    src, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    torch.save(sd, src)
+    assert [t.alias for t in tiecli.dedupe(src, out).removed] == ["lm_head.weight"]
+    before, after = (torch._C.PyTorchFileReader(str(p)) for p in (src, out))
+    assert after.get_record_offset("data/0") % 4096 == before.get_record_offset("data/0") % 4096
+    assert _data_pkl(out).rstrip(b" ").endswith(b".")  # the pickle, then the padding
+    env = dict(os.environ, TORCH_SERIALIZATION_DEBUG="1")
+    check = (
+        f"import torch; torch.load({str(out)!r}, weights_only=True, map_location='meta'); "
+        f"sd = torch.load({str(out)!r}, weights_only=True, mmap=True); "
+        "assert sd['lm_head.weight'].data_ptr() == sd['model.embed_tokens.weight'].data_ptr()"
+    )
+    subprocess.run([sys.executable, "-c", check], check=True, env=env, timeout=120)
+    loaded = torch.load(out, weights_only=True)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert not tiecli.dedupe(out).changed

@@ -452,6 +452,7 @@ def write_shared(
     ]
     order += [(r.name, r) for r in tail]
 
+    pkl += b" " * _page_pad(src, order, pkl)
     central = []
     pending = bytearray()  # small pieces, written together before each kernel copy
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
@@ -519,4 +520,27 @@ def write_shared(
 
 
 _COPY_FROM = 1 << 20  # records this large are copied in the kernel; smaller ones read
+
+
+def _page_pad(src: TorchZip, order: list[tuple[str, _Record]], pkl: bytes) -> int:
+    """Spaces to add after the pickle's STOP (unpicklers stop there) so that the largest
+    record copied lands at the same offset within a page as in ``src``: the kernel then
+    copies whole pages. Every later record moves by the same multiple of 64 bytes, so
+    the layout stays the one torch computes."""
+    pos, places = 0, []
+    for name, record in order:
+        size = len(pkl) if record.name == src.prefix + "data.pkl" else record.size
+        start = pos + 30 + len(name.encode()) + 4
+        start += -start % ALIGN
+        places.append((record, start))
+        pos = start + size + 16
+    copied = [(r.size, r.start - at) for r, at in places if r.name != src.prefix + "data.pkl"]
+    first = next(i for i, (r, _at) in enumerate(places) if r.name == src.prefix + "data.pkl")
+    if not copied or first != 0:
+        return 0
+    size, shift = max(copied)
+    pad = shift % st.PAGE
+    return pad if size >= st.PAD_FROM and pad % ALIGN == 0 else 0
+
+
 _FLAGS = 0x808  # data descriptor follows the data; names are UTF-8
