@@ -410,3 +410,18 @@ def test_a_writer_that_ends_short_fails_verification(
         tiecli.dedupe(src, tmp_path / "out.safetensors")
     assert e.value.exit_code == 1
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc")
+def test_save_syncs_only_what_replaces_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    synced = _record_fsyncs(monkeypatch)
+    sd = {"w": torch.randn(4, 4)}
+    target = tmp_path / "m.safetensors"
+    tiecli.save(sd, target)
+    assert synced == []  # a new file: as durable as save_file's
+    tiecli.save(sd, target)
+    assert ".m.safetensors.tiecli-tmp" in synced and tmp_path.name in synced, synced

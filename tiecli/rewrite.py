@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
-from .atomic import Staging, clean_leftovers, fsync_dir, output_errors
+from .atomic import Staging, clean_leftovers, fsync_dir, fsync_file, output_errors
 from .checkpoint import Checkpoint, Entry
 from .errors import (
     CheckpointFormatError,
@@ -656,11 +656,7 @@ def _span(file: Any, start: int, size: int) -> Entry:
 
 def _sync_file(path: Path, durable: bool) -> None:
     if durable:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_file(path)
 
 
 def _save_with_torch(reader: PickleFile, plan: Plan, tmp: Path, durable: bool) -> None:

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .atomic import Staging, output_errors
+from .atomic import Staging, fsync_file, output_errors
 from .checkpoint import Checkpoint
 from .detect import TieReport, find_ties
 from .errors import TieRecordError, UsageError
@@ -118,11 +118,14 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
         dict(metadata or {}), set(kept), sorted(ties, key=lambda r: (r.source, r.alias))
     )
     target = Path(path)
-    staging = Staging()
+    replacing = target.exists()  # then durable before the rename, as every rewrite is
+    staging = Staging(durable=replacing)
     try:
         with output_errors(target):
             tmp = staging.file(target)
             save_file(kept, str(tmp), metadata={k: str(v) for k, v in meta.items()})
+            if replacing:
+                fsync_file(tmp)
             staging.commit()
     except BaseException:
         staging.abort()
