@@ -15,7 +15,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 from .atomic import Staging, clean_leftovers, fsync_dir, fsync_file, output_errors
 from .checkpoint import Checkpoint, Entry
@@ -33,6 +33,8 @@ from .formats.torchzip import Declined, TorchZip, open_torchzip, write_shared
 from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
 from .values import equal, same_bytes
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -228,9 +230,7 @@ def _check_kept(ckpt: Checkpoint, plan: Plan, f: FilePlan, progress: Progress) -
     shard kept whole may hold the source of an alias dropped from another one."""
     names = {t.name for t in f.tensors}
     checks = [c for c in plan.checks if c.out in names and c.input is not ckpt.entries[c.out]]
-    with progress.task("verifying", sum(2 * c.input.nbytes for c in checks)) as bar:
-        for check in checks:
-            _check_one(check, ckpt.entries, ckpt.path, bar)
+    _check_all(checks, ckpt.entries, ckpt.path, progress)
 
 
 def _file_changes(ckpt: Checkpoint, plan: Plan, f: FilePlan) -> bool:
@@ -285,7 +285,7 @@ def _copy_other_files(src: Path, dst: Path, skip: set[Path], durable: bool) -> N
             for name in files:
                 path = Path(folder) / name
                 if not path.is_symlink():
-                    _sync_file(path, True)
+                    fsync_file(path)
             for name in dirs:
                 fsync_dir(Path(folder) / name)
 
@@ -345,22 +345,43 @@ def _write_one(
         return
     total = sum(t.nbytes for t in f.tensors) + sum(2 * c.input.nbytes for c in checks)
     mark = _Mark()
-    with progress.task(f"writing {f.name}", total) as bar, ThreadPoolExecutor(1) as pool:
-        writing = pool.submit(_write_synced, tmp, f, bar, mark, durable)
+    with progress.task(f"writing {f.name}", total) as bar:
+        followed = _beside(
+            mark,
+            shown,
+            lambda: _write_synced(tmp, f, bar, mark, durable),
+            lambda: _follow(tmp, checks, ckpt.entries, mark, shown, bar),
+        )
+    if not followed:  # the writer ended without error, short of what was checked
+        raise VerificationError(
+            f"verification failed: {tmp.name} was written short; nothing was changed", shown
+        )
+
+
+def _beside(mark: _Mark, shown: Path, write: Callable[[], None], follow: Callable[[], T]) -> T:
+    """Run ``write`` in a thread while ``follow`` reads behind it here, through ``mark``.
+
+    A follower that fails stops the writer; otherwise the writer's error, if any, is
+    raised once it has ended (an OS error as an OutputError about ``shown``)."""
+
+    def run() -> None:
         try:
-            followed = _follow(tmp, checks, ckpt.entries, mark, shown, bar)
+            write()
+        finally:
+            mark.end()
+
+    with ThreadPoolExecutor(1) as pool:
+        writing = pool.submit(run)
+        try:
+            followed = follow()
         except BaseException:
             mark.stop()
             raise
         finally:
-            done = wait([writing]).done
-        assert done
+            wait([writing])
         with output_errors(shown):
             writing.result()
-        if not followed:  # the writer ended without error, short of what was checked
-            raise VerificationError(
-                f"verification failed: {tmp.name} was written short; nothing was changed", shown
-            )
+    return followed
 
 
 class _Stopped(Exception):
@@ -415,11 +436,8 @@ class _WriterEnded(Exception):
 
 
 def _write_synced(tmp: Path, f: FilePlan, bar: Progress, mark: _Mark, durable: bool) -> None:
-    try:
-        write_file(tmp, f.tensors, f.metadata, bar, mark.reached, writeback=durable)
-        _sync_file(tmp, durable)
-    finally:
-        mark.end()
+    write_file(tmp, f.tensors, f.metadata, bar, mark.reached, writeback=durable)
+    _sync_file(tmp, durable)
 
 
 def _follow(
@@ -455,11 +473,7 @@ def _follow(
         for start, i in sorted(placed):
             check, got = rest[i], out.get(rest[i].out)
             if got is None or not _written_equal(got, check, mark, reader.data_start + start, bar):
-                raise VerificationError(
-                    f"verification failed: written {check.out!r} does not equal the input's "
-                    f"{check.input.name!r}; nothing was changed",
-                    shown,
-                )
+                raise _mismatch(check, shown)
     except _WriterEnded:
         return False
     finally:
@@ -511,36 +525,27 @@ def _write_zip(
         mark.poke()
 
     def write(bar: Progress) -> None:
-        try:
-            write_shared(
-                reader,
-                shared,
-                tmp,
-                lambda src, dst, at, to, n: st_format._copy_range(
-                    src, dst, at, to, n, bar, mark.reached
-                ),
-                place,
-                mark.reached,
-            )
-            _sync_file(tmp, durable)
-        finally:
-            mark.end()
+        write_shared(
+            reader,
+            shared,
+            tmp,
+            lambda src, dst, at, to, n: st_format._copy_range(
+                src, dst, at, to, n, bar, mark.reached
+            ),
+            place,
+            mark.reached,
+        )
+        _sync_file(tmp, durable)
 
     total = 2 * reader.size  # about: what is copied, and compared
-    with progress.task(f"writing {name}", total) as bar, ThreadPoolExecutor(1) as pool:
-        writing = pool.submit(write, bar)
+    with progress.task(f"writing {name}", total) as bar:
         try:
-            compared, pairs = _follow_zip(
-                tmp, reader, placed, checks, ckpt.entries, mark, shown, bar
+            compared, pairs = _beside(
+                mark,
+                shown,
+                lambda: write(bar),
+                lambda: _follow_zip(tmp, reader, placed, checks, ckpt.entries, mark, shown, bar),
             )
-        except BaseException:
-            mark.stop()
-            raise
-        finally:
-            wait([writing])
-        try:
-            with output_errors(shown):
-                writing.result()
         except Declined:
             tmp.unlink()
             return False
@@ -620,9 +625,7 @@ def _check_zip(
                 if at is not None and (at == _start(want) or (at, _start(want)) in pairs):
                     continue
             left.append(check)
-        with progress.task("verifying", sum(2 * c.input.nbytes for c in left)) as bar:
-            for check in left:
-                _check_one(check, out, shown, bar)
+        _check_all(left, out, shown, progress)
     finally:
         written.close()
 
@@ -703,19 +706,26 @@ def _verify_pickle(tmp: Path, checks: list[Check], shown: Path, progress: Progre
     """Every tensor of a written pickle equals the input tensor it stands for, bit for bit."""
     reader: Any = _read_back(tmp, shown, lambda: open_torchzip(tmp) or PickleFile(tmp))
     try:
-        out = {e.name: e for e in reader.entries()}
-        with progress.task("verifying", sum(2 * c.input.nbytes for c in checks)) as bar:
-            for check in checks:
-                _check_one(check, out, shown, bar)
+        _check_all(checks, {e.name: e for e in reader.entries()}, shown, progress)
     finally:
         reader.close()
+
+
+def _check_all(checks: list[Check], out: dict[str, Entry], shown: Path, progress: Progress) -> None:
+    with progress.task("verifying", sum(2 * c.input.nbytes for c in checks)) as bar:
+        for check in checks:
+            _check_one(check, out, shown, bar)
 
 
 def _check_one(check: Check, out: dict[str, Entry], shown: Path, bar: Progress) -> None:
     got = out.get(check.out)
     if got is None or not equal(got, check.input, check.transform, bar):
-        raise VerificationError(
-            f"verification failed: written {check.out!r} does not equal the input's "
-            f"{check.input.name!r}; nothing was changed",
-            shown,
-        )
+        raise _mismatch(check, shown)
+
+
+def _mismatch(check: Check, shown: Path) -> VerificationError:
+    return VerificationError(
+        f"verification failed: written {check.out!r} does not equal the input's "
+        f"{check.input.name!r}; nothing was changed",
+        shown,
+    )
