@@ -85,15 +85,13 @@ def is_constant(e: Entry) -> bool:
 def equal(
     a: Entry, b: Entry, transform: str = "identity", progress: Progress = NO_PROGRESS
 ) -> bool:
-    """Bitwise equality of ``a`` and ``b`` (``transpose``: ``a`` equals ``b``ᵀ)."""
-    if a.dtype != b.dtype:
+    """Bitwise equality of ``a`` and ``b`` (``transpose``: ``a`` equals ``b``ᵀ).
+
+    The sampled elements are compared first; whole tensors only when they agree."""
+    if not same_samples(a, b, transform):
         return False
     if transform == "transpose":
         return _equal_transposed(a, b)
-    if a.shape != b.shape:
-        return False
-    if sample(a) != sample(b):
-        return False
     return same_bytes(a, b, progress)
 
 
@@ -103,7 +101,7 @@ def same_samples(a: Entry, b: Entry, transform: str = "identity") -> bool:
         return False
     if transform == "transpose":
         if len(a.shape) != 2 or a.shape != b.shape[::-1] or itemsize(a.dtype) is None:
-            return False
+            return False  # sub-byte elements are never compared transposed
         return sample(a) == sample_transposed(b)
     return a.shape == b.shape and sample(a) == sample(b)
 
@@ -211,12 +209,9 @@ def _memcmp() -> Any:
 
 
 def _equal_transposed(a: Entry, b: Entry) -> bool:
+    """``a`` equals ``b``ᵀ, element by element (shapes already known to fit)."""
     import numpy as np
 
-    if len(a.shape) != 2 or a.shape != b.shape[::-1] or itemsize(a.dtype) is None:
-        return False  # sub-byte elements are never compared transposed
-    if sample(a) != sample_transposed(b):
-        return False
     x, y = a.blob.array(a.dtype, a.shape), b.blob.array(b.dtype, b.shape)
     if x is None or y is None:
         return False
