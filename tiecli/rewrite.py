@@ -28,7 +28,7 @@ from .errors import (
 )
 from .formats import safetensors as st_format
 from .formats.pytorch import PickleFile
-from .formats.safetensors import FileBlob, SafetensorsFile, write_file
+from .formats.safetensors import ByteFile, FileBlob, SafetensorsFile, write_file
 from .formats.torchzip import Declined, TorchZip, open_torchzip, write_shared
 from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
@@ -576,7 +576,7 @@ def _follow_zip(
     compared: list[tuple[int, int, int]] = []
     if not mark.until(lambda: bool(placed)):  # the file exists once a record is placed
         return compared, pairs
-    out = _RawFile(tmp)
+    out = ByteFile(tmp)
     try:
         while mark.until(lambda: len(placed) > len(compared)):
             at, size, src_at = placed[len(compared)]
@@ -636,20 +636,6 @@ def _copied_from(start: int, size: int, compared: list[tuple[int, int, int]]) ->
         if at <= start and start + size <= at + n:
             return src_at + (start - at)
     return None
-
-
-class _RawFile:
-    """A file being written, read the way :class:`FileBlob` reads a checkpoint's file."""
-
-    data_start = 0
-    file_number = 0
-
-    def __init__(self, path: Path):
-        self.fd = os.open(path, os.O_RDONLY)
-        self.bytes_read = 0
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def _span(file: Any, start: int, size: int) -> Entry:

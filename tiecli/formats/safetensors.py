@@ -72,22 +72,66 @@ def _repeated_key_message(text: str) -> str:
     return "header repeats a key inside a tensor entry"
 
 
-class SafetensorsFile:
-    """One open safetensors file: parsed header plus positioned reads."""
+class ByteFile:
+    """An open file as :class:`FileBlob` reads it: positioned reads that fail on a
+    short read, one lazy whole-file mapping, and a count of the bytes read.
+    Offsets a blob gives are relative to ``data_start``."""
 
-    def __init__(self, path: Path, file_number: int = 0):
+    data_start = 0
+
+    def __init__(self, path: Path, file_number: int = 0, fd: int | None = None):
         self.path = path
         self.file_number = file_number
         self.bytes_read = 0
         self._mmap: mmap.mmap | None = None
+        self.fd = os.open(path, os.O_RDONLY) if fd is None else fd
+
+    def _short_read(self, offset: int) -> Exception:
+        return OSError(5, f"short read at byte {offset} of {self.path}")
+
+    def pread(self, offset: int, size: int) -> bytes:
+        data = os.pread(self.fd, size, offset)
+        if len(data) != size:
+            raise self._short_read(offset)
+        self.bytes_read += size
+        return data
+
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        done = fill(self.fd, view, offset)
+        if done < len(view):
+            raise self._short_read(offset + done)
+        self.bytes_read += done
+
+    def view(self) -> mmap.mmap:
+        if self._mmap is None:
+            self._mmap = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
+        return self._mmap
+
+    def close(self) -> None:
+        if self._mmap is not None:
+            try:
+                self._mmap.close()
+            except BufferError:  # a numpy view still points into it; the GC will unmap
+                pass
+            self._mmap = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class SafetensorsFile(ByteFile):
+    """One open safetensors file: parsed header plus positioned reads."""
+
+    def __init__(self, path: Path, file_number: int = 0):
         try:
-            self.fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise CheckpointNotFoundError("no such file", path) from None
         except IsADirectoryError:
             raise CheckpointFormatError("is a folder, expected a .safetensors file", path) from None
         except OSError as e:
             raise CheckpointFormatError(f"cannot open: {e.strerror}", path) from None
+        super().__init__(path, file_number, fd)
         try:
             self.size = os.fstat(self.fd).st_size
             self.header_size, self.tensors, self.metadata = self._parse()
@@ -98,6 +142,9 @@ class SafetensorsFile:
 
     def _fail(self, what: str) -> CheckpointFormatError:
         return CheckpointFormatError(what, self.path)
+
+    def _short_read(self, offset: int) -> Exception:
+        return self._fail(f"short read at byte {offset} (file changed or truncated?)")
 
     def _parse(
         self,
@@ -195,24 +242,6 @@ class SafetensorsFile:
 
     # -- byte access -------------------------------------------------------
 
-    def pread(self, offset: int, size: int) -> bytes:
-        data = os.pread(self.fd, size, offset)
-        if len(data) != size:
-            raise self._fail(f"short read at byte {offset} (file changed or truncated?)")
-        self.bytes_read += size
-        return data
-
-    def preadinto(self, offset: int, view: memoryview) -> None:
-        done = fill(self.fd, view, offset)
-        if done < len(view):
-            raise self._fail(f"short read at byte {offset + done} (file changed or truncated?)")
-        self.bytes_read += done
-
-    def view(self) -> mmap.mmap:
-        if self._mmap is None:
-            self._mmap = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-        return self._mmap
-
     def entries(self) -> list[Entry]:
         out = []
         for name, (dtype, shape, start, end) in sorted(
@@ -229,17 +258,6 @@ class SafetensorsFile:
                 )
             )
         return out
-
-    def close(self) -> None:
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:  # a numpy view still points into it; the GC will unmap
-                pass
-            self._mmap = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 def fill(fd: int, view: memoryview, offset: int) -> int:
@@ -258,7 +276,7 @@ class FileBlob:
 
     __slots__ = ("file", "start", "nbytes")
 
-    def __init__(self, file: SafetensorsFile, start: int, nbytes: int):
+    def __init__(self, file: ByteFile, start: int, nbytes: int):
         self.file = file
         self.start = start
         self.nbytes = nbytes

@@ -17,7 +17,6 @@ loads through torch and gives the errors.
 from __future__ import annotations
 
 import io
-import mmap
 import os
 import pickle
 import struct
@@ -230,23 +229,14 @@ def _records(path: Path, fd: int, file_size: int) -> list[_Record]:
     return out
 
 
-class TorchZip:
-    """A flat state dict of a PyTorch zip checkpoint, read without torch.
+class TorchZip(st.ByteFile):
+    """A flat state dict of a PyTorch zip checkpoint, read without torch; its tensors'
+    blobs are addressed from the start of the file."""
 
-    Offers what :class:`~tiecli.formats.safetensors.SafetensorsFile` offers its
-    blobs (``fd``, ``pread``, ``preadinto``, ``window`` through :class:`FileBlob`),
-    with tensors addressed from the start of the file (``data_start`` is 0).
-    """
-
-    data_start = 0
     nested_key: str | None = None  # only flat state dicts are read here
 
     def __init__(self, path: Path, file_number: int = 0):
-        self.path = path
-        self.file_number = file_number
-        self.bytes_read = 0
-        self.fd = os.open(path, os.O_RDONLY)
-        self._mmap: mmap.mmap | None = None
+        super().__init__(path, file_number)
         try:
             self.size = os.fstat(self.fd).st_size
             self.records = _records(path, self.fd, self.size)
@@ -335,7 +325,7 @@ class TorchZip:
             dtype,
             shape,
             numel * size,
-            FileBlob(self, start, numel * size),  # type: ignore[arg-type]
+            FileBlob(self, start, numel * size),
             storage=((self.file_number << 33) + record.start, storage.numel * size),
             view=(offset * size, stride),
             file=self.path,
@@ -343,37 +333,6 @@ class TorchZip:
 
     def entries(self) -> list[Entry]:
         return list(self._entries)
-
-    # -- byte access, as SafetensorsFile offers it ---------------------------------
-
-    def pread(self, offset: int, size: int) -> bytes:
-        self.bytes_read += size
-        data = os.pread(self.fd, size, offset)
-        if len(data) != size:
-            raise OSError(5, f"short read at byte {offset} of {self.path}")
-        return data
-
-    def preadinto(self, offset: int, view: memoryview) -> None:
-        done = st.fill(self.fd, view, offset)
-        if done < len(view):
-            raise OSError(5, f"short read at byte {offset + done} of {self.path}")
-        self.bytes_read += done
-
-    def view(self) -> mmap.mmap:
-        if self._mmap is None:
-            self._mmap = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-        return self._mmap
-
-    def close(self) -> None:
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:
-                pass
-            self._mmap = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
 
 
 def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
