@@ -8,7 +8,6 @@ reader takes what that one declines, and every load that wants torch tensors.
 
 from __future__ import annotations
 
-import struct
 import warnings
 import zipfile
 from pathlib import Path
@@ -18,6 +17,7 @@ from ..checkpoint import Entry
 from ..dtypes import TORCH_TO_CODE, uint_view
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafePickleError
 from .safetensors import LFS_POINTER
+from .torchzip import data_start
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Where training frameworks nest the state dict, in the order tried.
@@ -248,20 +248,14 @@ def _not_zip(path: Path, head: bytes) -> CheckpointFormatError:
 
 def _data_records(z: zipfile.ZipFile, infos: list[zipfile.ZipInfo]) -> dict[int, int]:
     """``{data offset: size}`` of the uncompressed tensor records of a torch zip."""
-    out: dict[int, int] = {}
-    fp = z.fp
-    if fp is None:
-        return out
-    for info in infos:
-        if "/data/" not in info.filename or info.compress_type != zipfile.ZIP_STORED:
-            continue
-        fp.seek(info.header_offset)
-        local = fp.read(30)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            raise zipfile.BadZipFile(f"bad local header for {info.filename}")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        out[info.header_offset + 30 + name_len + extra_len] = info.file_size
-    return out
+    if z.fp is None:
+        return {}
+    fd = z.fp.fileno()
+    return {
+        data_start(fd, info): info.file_size
+        for info in infos
+        if "/data/" in info.filename and info.compress_type == zipfile.ZIP_STORED
+    }
 
 
 def _check_tensors(path: Path, state_dict: dict[str, Any]) -> None:

@@ -201,6 +201,16 @@ class _Record:
         self.name, self.start, self.size, self.crc = name, start, size, crc
 
 
+def data_start(fd: int, info: zipfile.ZipInfo) -> int:
+    """Where a record's data starts: after its local header, name and extra field
+    (which the central directory does not give)."""
+    local = os.pread(fd, 30, info.header_offset)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {info.filename}")
+    name_len, extra_len = struct.unpack("<HH", local[26:30])
+    return int(info.header_offset) + 30 + name_len + extra_len
+
+
 def _records(path: Path, fd: int, file_size: int) -> list[_Record]:
     out = []
     try:
@@ -218,11 +228,10 @@ def _records(path: Path, fd: int, file_size: int) -> list[_Record]:
             raise Declined("compressed or encrypted record")
         if max(info.header_offset, info.file_size, file_size) >= _ZIP64_LIMIT:
             raise Declined("zip64")
-        local = os.pread(fd, 30, info.header_offset)
-        if len(local) < 30 or local[:4] != b"PK\x03\x04":
-            raise Declined("bad local header")
-        name_len, extra_len = struct.unpack("<HH", local[26:30])
-        start = info.header_offset + 30 + name_len + extra_len
+        try:
+            start = data_start(fd, info)
+        except zipfile.BadZipFile as e:
+            raise Declined("bad local header") from e
         if start + info.file_size > file_size:
             raise Declined("record past the end")
         out.append(_Record(info.filename, start, info.file_size, info.CRC))
