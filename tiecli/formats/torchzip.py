@@ -408,13 +408,11 @@ def write_shared(
     # every data/ record is a storage: those the new pickle names are written under their
     # new keys, the others (aliases' copies, records nothing named) are left out
     storage_names = {r.name for r in src.records if r.name.startswith(src.prefix + "data/")}
-    before = [r for r in src.records if r.name not in storage_names]
     first = next(
         (i for i, r in enumerate(src.records) if r.name in storage_names), len(src.records)
     )
-    head = [r for r in before if src.records.index(r) < first]
-    tail = [r for r in before if src.records.index(r) >= first]
-    order: list[tuple[str, _Record]] = [(r.name, r) for r in head]
+    tail = [r for r in src.records[first:] if r.name not in storage_names]
+    order: list[tuple[str, _Record]] = [(r.name, r) for r in src.records[:first]]
     order += [
         (src.prefix + "data/" + new.key, src.storage_records[old]) for old, new in renamed.items()
     ]
@@ -432,7 +430,7 @@ def write_shared(
             crc = zlib.crc32(data) if data is not None else record.crc
             raw = name_text.encode()
             at = pos + len(pending)
-            pad = -(at + 30 + len(raw) + 4) % ALIGN
+            pad = _padding(at, raw)
             extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
             # sizes and checksum follow the data, in a descriptor (flag bit 3), as torch writes
             pending += struct.pack(
@@ -490,6 +488,13 @@ def write_shared(
 _COPY_FROM = 1 << 20  # records this large are copied in the kernel; smaller ones read
 
 
+def _padding(at: int, raw: bytes) -> int:
+    """Bytes of "FB" padding that put the data of record ``raw`` (its local header at
+    ``at``, the extra field's own 4 bytes included) on a 64-byte boundary, as torch
+    writes it and computes it."""
+    return -(at + 30 + len(raw) + 4) % ALIGN
+
+
 def _page_pad(src: TorchZip, order: list[tuple[str, _Record]], pkl: bytes) -> int:
     """Spaces to add after the pickle's STOP (unpicklers stop there) so that the largest
     record copied lands at the same offset within a page as in ``src``: the kernel then
@@ -498,10 +503,10 @@ def _page_pad(src: TorchZip, order: list[tuple[str, _Record]], pkl: bytes) -> in
     pos, places = 0, []
     for name, record in order:
         size = len(pkl) if record.name == src.prefix + "data.pkl" else record.size
-        start = pos + 30 + len(name.encode()) + 4
-        start += -start % ALIGN
+        raw = name.encode()
+        start = pos + 30 + len(raw) + 4 + _padding(pos, raw)
         places.append((record, start))
-        pos = start + size + 16
+        pos = start + size + 16  # the data descriptor
     copied = [(r.size, r.start - at) for r, at in places if r.name != src.prefix + "data.pkl"]
     first = next(i for i, (r, _at) in enumerate(places) if r.name == src.prefix + "data.pkl")
     if not copied or first != 0:
