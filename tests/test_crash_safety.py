@@ -305,14 +305,24 @@ def test_next_run_removes_leftovers_even_with_nothing_to_do(command: str, tmp_pa
     assert tree(x) == before
 
 
-@pytest.mark.parametrize("at", [0, 1])
-def test_failed_forced_replace_keeps_the_old_output(at: int, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("step", ["exchange", "aside", "in"])
+def test_failed_forced_replace_keeps_the_old_output(step: str, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
     tiecli.untie(FIXTURES / "t5/hf", out)
     before = tree(out)
-    fault = Fault(at)  # 0: moving the old output aside, 1: moving the new one in
     with monkeypatch.context() as m:
-        arm(m, "rename", fault)
+        if step == "exchange":  # one atomic swap, where the system has it
+            fault = Fault(0)
+
+            def exchange(a: Path, b: Path) -> bool:
+                fault.hit()
+                raise OSError(errno.EIO, "injected exchange failure")
+
+            m.setattr(tiecli.atomic, "exchange", exchange)
+        else:  # two renames: the old output aside, then the new one in
+            m.setattr(tiecli.atomic, "exchange", lambda a, b: False)
+            fault = Fault(0 if step == "aside" else 1)
+            arm(m, "rename", fault)
         with pytest.raises(tiecli.OutputError, match="nothing was changed"):
             tiecli.dedupe(FIXTURES / "t5/full", out, force=True)
     assert fault.fired

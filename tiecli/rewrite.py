@@ -52,6 +52,32 @@ def safetensors_name(name: str) -> str:
     return stem + ".safetensors"
 
 
+def lock_targets(path: Path, output: Path | None, to_safetensors: bool) -> list[Path]:
+    """What a rewrite of ``path`` replaces, known before opening it: the files to lock.
+
+    In place: the weight file or index a folder resolves to (its shards go with
+    it), and the converted name with ``--to safetensors``; with ``-o``: the output.
+    """
+    from .errors import TiecliError
+    from .formats import INDEX_SUFFIX, find_weights
+
+    if output is not None:
+        return [output]
+    if path.is_dir():
+        try:
+            path = find_weights(path)
+        except TiecliError:
+            return []  # opening it reports the same error
+    elif not path.exists():
+        return []
+    targets = [path]
+    if to_safetensors:
+        index = path.name.endswith(INDEX_SUFFIX)
+        name = "model.safetensors.index.json" if index else safetensors_name(path.name)
+        targets.append(path.parent / name)
+    return targets
+
+
 def execute(
     ckpt: Checkpoint,
     plan: Plan,
@@ -78,6 +104,8 @@ def execute(
     )
 
     if output is not None:
+        # a replaced output an interrupted run moved aside goes back first
+        clean_leftovers(output.parent, {output.name})
         _check_output(ckpt, output, force, folder_like)
     if as_safetensors and pickled:
         for f in plan.files:
@@ -104,12 +132,10 @@ def execute(
                 return Written(ckpt.path, False, [])
             written = _in_place(ckpt, plan, staging, as_safetensors, src_folder, progress)
         elif folder_like:
-            clean_leftovers(output.parent, {output.name})
             written = _to_folder(
                 ckpt, plan, staging, as_safetensors, src_folder, output, progress, durable
             )
         else:
-            clean_leftovers(output.parent, {output.name})
             with output_errors(output):
                 tmp = staging.file(output)
                 _write_one(
@@ -212,7 +238,7 @@ def _in_place(
                 finals.append(final)
             if index_tmp is None:
                 index_tmp = staging.file(index_final)
-            _write_index(index_tmp, plan, True)
+            _write_index(index_tmp, plan, ckpt.index_path, True)
             finals.append(index_final)
         else:
             f = plan.files[0]
@@ -266,7 +292,7 @@ def _to_folder(
             name = ckpt.index_path.name
             if as_safetensors and ckpt.format.startswith("pytorch"):
                 name = "model.safetensors.index.json"
-            _write_index(tmpdir / name, plan, durable)
+            _write_index(tmpdir / name, plan, ckpt.index_path, durable)
         if durable:
             fsync_dir(tmpdir)
     return [output / f.name for f in plan.files]
@@ -290,16 +316,25 @@ def _copy_other_files(src: Path, dst: Path, skip: set[Path], durable: bool) -> N
                 fsync_dir(Path(folder) / name)
 
 
-def _write_index(path: Path, plan: Plan, durable: bool) -> None:
+def _write_index(path: Path, plan: Plan, original: Path, durable: bool) -> None:
+    """The new index: the original's document with its ``weight_map`` and ``metadata``
+    replaced; every other key (``quantization_config``...) and metadata entry kept."""
+    from .formats import read_json
+
     weight_map = {t.name: f.name for f in plan.files for t in f.tensors}
     if plan.pickle_output:  # an alias a pickle keeps as a view lives in its source's shard
         weight_map |= {
             a: weight_map[s] for a, (s, _t) in plan.pickle_views.items() if s in weight_map
         }
+    before = read_json(original, what="index")
+    before = before if isinstance(before, dict) else {}
+    old_meta = before.get("metadata")
+    old_meta = old_meta if isinstance(old_meta, dict) else {}
     meta = dict(plan.index_metadata or {})
-    meta.pop("format", None)
+    if "format" not in old_meta:  # a shard's "format": "pt", not the index's
+        meta.pop("format", None)
     meta["total_size"] = plan.bytes_after
-    doc = {"metadata": meta, "weight_map": weight_map}
+    doc = dict(before) | {"metadata": meta, "weight_map": weight_map}
     data = (json.dumps(doc, indent=2) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
