@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHUNK, Checkpoint, Entry
-from .detect import Tie, TieReport
+from .detect import Tie, TieReport, declared
 from .record import RECORD_KEY, RECORD_VERSION, RecordedTie, read_record
 
 
@@ -182,6 +182,10 @@ def plan_dedupe(
 ) -> Plan:
     removed: list[Tie] = []
     kept: list[tuple[Tie, str]] = []
+    stays_pickle = ckpt.format.startswith("pytorch") and not to_safetensors
+    # A name dropped from a file a config describes comes back in transformers only
+    # when the architecture ties it (a pickle keeps every name, as a view).
+    loader_restores = report.architecture is None or stays_pickle
     for t in report.ties:
         if not t.stored:
             continue
@@ -199,6 +203,9 @@ def plan_dedupe(
             kept.append((t, "duplicate by value only (use --by-value)"))
         elif t.bytes < min_bytes:
             kept.append((t, f"duplicate smaller than --min-bytes ({min_bytes})"))
+        elif not loader_restores and not declared(t):
+            why = f"transformers would not restore it: not a tie of {report.architecture}"
+            kept.append((t, why))
         else:
             removed.append(t)
     if to_safetensors:
@@ -215,7 +222,6 @@ def plan_dedupe(
         if t.source in ckpt.entries and (t.alias in gone or t.alias not in ckpt.entries)
     ]
     record.sort(key=lambda r: (r.source, r.alias))  # stable across runs: dedupe is idempotent
-    stays_pickle = ckpt.format.startswith("pytorch") and not to_safetensors
     if stays_pickle:
         record = []  # a pickle keeps no metadata: aliasing itself is its record
     checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone]
