@@ -143,6 +143,8 @@ def test_a_held_lock_refuses_at_once_and_a_stale_one_is_taken_over(tmp_path: Pat
     finally:
         os.close(fd)  # as a killed holder: the lock file stays, nobody holds it
     assert lock.exists()
+    r = runner.invoke(app, ["dedupe", str(x), "-o", str(tmp_path / "out")])  # not copied
+    assert r.exit_code == 0 and sorted(tree(tmp_path / "out")) == sorted(before), r.output
     r = runner.invoke(app, ["dedupe", str(x), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["removed"] == ["lm_head.weight"]

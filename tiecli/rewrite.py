@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from .atomic import Staging, clean_leftovers, fsync_dir, fsync_file, output_errors
+from .atomic import LOCK_SUFFIX, Staging, clean_leftovers, fsync_dir, fsync_file, output_errors
 from .checkpoint import Checkpoint, Entry
 from .errors import (
     CheckpointFormatError,
@@ -284,6 +284,8 @@ def _to_folder(
         skip = {p.resolve() for p in ckpt.weight_files}
         if ckpt.index_path:
             skip.add(ckpt.index_path.resolve())
+        # a lock another run holds (or a killed one left) on the input is not the model's
+        skip |= {p.resolve() for p in src_folder.glob(".*" + LOCK_SUFFIX)}
         if ckpt.folder is not None or ckpt.index_path is not None:
             _copy_other_files(src_folder, tmpdir, skip, durable)
         for f in plan.files:
