@@ -48,31 +48,37 @@ def error_line(r) -> str:
 
 # -- two runs at once ------------------------------------------------------------
 
-SLOW_RUN = """
-import sys, time
+HELD_RUN = """
+import os, sys, time
 import tiecli.formats.safetensors as st
 
+go = sys.argv.pop(1)
 real_copy, real_write = st._copy_range, st._write_all
 
-def slow_copy(*a, **k):
-    time.sleep(0.15)
+def wait():  # the writer stops until the test lets it go on
+    deadline = time.monotonic() + 60
+    while not os.path.exists(go) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+def held_copy(*a, **k):
+    wait()
     return real_copy(*a, **k)
 
-def slow_write(*a, **k):
-    time.sleep(0.15)
+def held_write(*a, **k):
+    wait()
     return real_write(*a, **k)
 
-st._copy_range, st._write_all = slow_copy, slow_write
+st._copy_range, st._write_all = held_copy, held_write
 from tiecli.cli import main
 sys.argv = ["tiecli", *sys.argv[1:]]
 main()
 """
 
 
-def _slow_run(*args: str) -> subprocess.Popen:
-    """A real tiecli process whose writer crawls, so that another can start meanwhile."""
+def _held_run(go: Path, *args: str) -> subprocess.Popen:
+    """A real tiecli process whose writer waits for ``go`` to exist before each write."""
     return subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SLOW_RUN), *args, "--json", "-q"],
+        [sys.executable, "-c", textwrap.dedent(HELD_RUN), str(go), *args, "--json", "-q"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -89,7 +95,8 @@ def _wait_for(proc: subprocess.Popen, folder: Path, suffix: str) -> None:
 def test_second_in_place_run_is_refused_and_the_first_finishes(tmp_path: Path) -> None:
     x = shutil.copytree(FIXTURES / "t5/full-sharded", tmp_path / "x")
     original = tiecli.load(x)
-    first = _slow_run("dedupe", str(x))
+    go = tmp_path / "go"
+    first = _held_run(go, "dedupe", str(x))
     _wait_for(first, x, ".tiecli-tmp")
     temporaries = {p.name for p in x.iterdir() if p.name.endswith(".tiecli-tmp")}
 
@@ -105,7 +112,9 @@ def test_second_in_place_run_is_refused_and_the_first_finishes(tmp_path: Path) -
     assert runner.invoke(app, ["verify", str(x), "--json"]).exit_code == 0
     # the refused runs left the first one's temporaries alone
     assert temporaries <= {p.name for p in x.iterdir()}
+    assert first.poll() is None
 
+    go.touch()
     out, err = first.communicate(timeout=60)
     assert first.returncode == 0, err.decode()
     assert sorted(json.loads(out)["removed"]) == sorted(MANIFEST["models"]["t5"]["ties"])
@@ -118,14 +127,17 @@ def test_second_in_place_run_is_refused_and_the_first_finishes(tmp_path: Path) -
 
 def test_second_run_to_the_same_output_is_refused(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    first = _slow_run("dedupe", str(FIXTURES / "t5/full-sharded"), "-o", str(out))
+    go = tmp_path / "go"
+    first = _held_run(go, "dedupe", str(FIXTURES / "t5/full-sharded"), "-o", str(out))
     _wait_for(first, tmp_path, ".tiecli-tmp")
     r = runner.invoke(app, ["untie", str(FIXTURES / "t5/hf"), "-o", str(out), "--force", "--json"])
     assert r.exit_code == 2 and "another tiecli" in error_line(r), r.output
+    assert first.poll() is None
+    go.touch()
     _, err = first.communicate(timeout=60)
     assert first.returncode == 0, err.decode()
     assert tiecli.verify(out, require_deduped=True).ok
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "out"]
 
 
 def test_a_held_lock_refuses_at_once_and_a_stale_one_is_taken_over(tmp_path: Path) -> None:
