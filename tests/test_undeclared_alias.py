@@ -100,3 +100,32 @@ def test_verify_flags_an_absent_alias_the_architecture_does_not_declare(
     tiecli.untie(bare)  # the fix it names
     assert tiecli.verify(bare).ok
     assert torch.equal(_load_up(bare), want)
+
+
+def test_conversion_writes_an_undeclared_shared_storage_alias_as_a_copy(tmp_path: Path) -> None:
+    """A pickle whose gate and up projections are one tensor: safetensors cannot share it,
+    and transformers would not restore the dropped name, so it is written on its own."""
+    model = _model_with_incidental_duplicate(tmp_path / "m")
+    want = model.model.layers[0].mlp.up_proj.weight.detach().clone()
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    shutil.copy2(tmp_path / "m" / "config.json", pickled)
+    sd = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    sd[UP] = sd[GATE]  # one storage under two names, as torch.save keeps it
+    torch.save(sd, pickled / "pytorch_model.bin")
+
+    out = tmp_path / "out"
+    r = runner.invoke(
+        app, ["dedupe", str(pickled), "--to", "safetensors", "-o", str(out), "--json"]
+    )
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert UP not in doc["removed"]
+    [kept] = [k for k in doc["kept"] if k["alias"] == UP]
+    assert "transformers would not restore it" in kept["reason"]
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert UP in f.keys() and torch.equal(f.get_tensor(UP), want)
+    assert tiecli.verify(out).ok
+    assert torch.equal(_load_up(out), want)

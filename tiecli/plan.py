@@ -208,10 +208,22 @@ def plan_dedupe(
             kept.append((t, why))
         else:
             removed.append(t)
+    copies: dict[str, list[OutTensor]] = {}  # shared-storage aliases written on their own
     if to_safetensors:
         # safetensors cannot store two names over one storage: a pickle's
-        # shared-storage aliases leave the file and go into the record
-        removed += [t for t in report.ties if _in_storage(t, ckpt) and t.drift is None]
+        # shared-storage aliases leave the file and go into the record, unless the
+        # loader would not restore them: those are written as copies of their source
+        for t in report.ties:
+            if not _in_storage(t, ckpt) or t.drift is not None:
+                continue
+            if loader_restores or declared(t):
+                removed.append(t)
+            else:
+                src = ckpt.entries[t.source]
+                copies.setdefault(t.source, []).append(OutTensor(t.alias, src, t.transform))
+                why = f"transformers would not restore it: not a tie of {report.architecture}"
+                kept.append((t, why + "; written as its own copy"))
+    copied = {o.name for outs in copies.values() for o in outs}
     gone = {t.alias for t in removed}
     # The record: every alias absent from the output whose source is stored.
     shapes = {n: (e.shape, e.dtype) for n, e in ckpt.entries.items()}
@@ -224,8 +236,9 @@ def plan_dedupe(
     record.sort(key=lambda r: (r.source, r.alias))  # stable across runs: dedupe is idempotent
     if stays_pickle:
         record = []  # a pickle keeps no metadata: aliasing itself is its record
-    checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone]
+    checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone | copied]
     checks += [Check(t.source, ckpt.entries[t.alias], t.transform) for t in removed]
+    checks += [Check(o.name, o.entry, o.transform) for outs in copies.values() for o in outs]
     plan = Plan("dedupe", [], None, checks, removed=removed, kept=kept, record=record)
     plan.pickle_output = stays_pickle
     if stays_pickle:
@@ -235,7 +248,7 @@ def plan_dedupe(
         plan.pickle_views |= {t.alias: (t.source, t.transform) for t in removed}
         # a pickle still holds each alias (as a view of its source): read it back too
         plan.checks += [Check(a, ckpt.entries[a]) for a in plan.pickle_views if a in gone]
-    _fill_files(plan, ckpt, keep=lambda n: n not in gone, extra={})
+    _fill_files(plan, ckpt, keep=lambda n: n not in gone | copied, extra=copies)
     return plan
 
 
