@@ -40,6 +40,10 @@ def tree(folder: Path) -> dict[str, str]:
     }
 
 
+def unlocked(files: dict[str, str]) -> dict[str, str]:
+    return {n: h for n, h in files.items() if not n.endswith(".tiecli.lock")}
+
+
 def error_line(r) -> str:
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
@@ -133,11 +137,20 @@ def test_second_run_to_the_same_output_is_refused(tmp_path: Path) -> None:
     r = runner.invoke(app, ["untie", str(FIXTURES / "t5/hf"), "-o", str(out), "--force", "--json"])
     assert r.exit_code == 2 and "another tiecli" in error_line(r), r.output
     assert first.poll() is None
+    # nor is a run rewriting in place the checkpoint that the output replaces
+    shutil.copytree(FIXTURES / "t5/hf", tmp_path / "other")
+    tiecli.untie(tmp_path / "other", out := tmp_path / "other-out")
+    second = _held_run(go, "dedupe", str(out))
+    _wait_for(second, out, ".tiecli-tmp")
+    r = runner.invoke(app, ["dedupe", str(tmp_path / "other"), "-o", str(out), "--force"])
+    assert r.exit_code == 2 and "another tiecli" in error_line(r), r.output
+    assert first.poll() is None and second.poll() is None
     go.touch()
+    assert second.wait(timeout=60) == 0
     _, err = first.communicate(timeout=60)
     assert first.returncode == 0, err.decode()
     assert tiecli.verify(out, require_deduped=True).ok
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "out"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["go", "other", "other-out", "out"]
 
 
 def test_a_held_lock_refuses_at_once_and_a_stale_one_is_taken_over(tmp_path: Path) -> None:
@@ -352,15 +365,17 @@ def test_forced_replace_killed_midway_keeps_an_output(when: str, tmp_path: Path)
     if when == "between":
         assert not out.exists()
         saved = [q for q in aside if q.name.endswith(".tiecli-old")]
-        assert len(saved) == 1 and tree(saved[0]) == old  # the old output, whole
+        # the old output, whole (with the lock the killed run held on it: empty, not held)
+        assert len(saved) == 1 and unlocked(tree(saved[0])) == old
         # the next run, even one that fails, puts it back first
         r = runner.invoke(app, ["dedupe", str(new_source), "-o", str(out)])
         assert r.exit_code == 2 and "--force" in error_line(r)
-        assert tree(out) == old
+        assert unlocked(tree(out)) == old
     else:  # one swap: the new output is in place, the old one waits to be removed
         assert out.is_dir() and tree(out) != old
         assert tiecli.verify(out, require_deduped=True).ok
     assert [q for q in tmp_path.iterdir() if q.name.endswith(".tiecli-old")] == []
     tiecli.dedupe(new_source, out, force=True)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["out"]
+    assert unlocked(tree(out)) == tree(out)
     assert tiecli.verify(out, require_deduped=True).ok

@@ -56,18 +56,25 @@ def lock_targets(path: Path, output: Path | None, to_safetensors: bool) -> list[
     """What a rewrite of ``path`` replaces, known before opening it: the files to lock.
 
     In place: the weight file or index a folder resolves to (its shards go with
-    it), and the converted name with ``--to safetensors``; with ``-o``: the output.
+    it), and the converted name with ``--to safetensors``; with ``-o``: the output,
+    and when it is a checkpoint folder, what an in-place run on it would lock.
     """
     from .errors import TiecliError
     from .formats import INDEX_SUFFIX, find_weights
 
-    if output is not None:
-        return [output]
-    if path.is_dir():
+    def weights(folder: Path) -> list[Path]:
         try:
-            path = find_weights(path)
+            return [find_weights(folder)]
         except TiecliError:
             return []  # opening it reports the same error
+
+    if output is not None:
+        return [output, *(weights(output) if output.is_dir() else [])]
+    if path.is_dir():
+        found = weights(path)
+        if not found:
+            return []
+        path = found[0]
     elif not path.exists():
         return []
     targets = [path]
