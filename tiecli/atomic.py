@@ -83,7 +83,8 @@ def clean_leftovers(folder: Path, targets: set[str]) -> list[Path]:
         p = folder / name
         final = folder / target
         with contextlib.suppress(OSError):
-            if kind == "old" and not (final.exists() or final.is_symlink()):
+            missing = not (final.exists() or final.is_symlink())
+            if kind == "old" and missing and not p.is_symlink():
                 os.replace(p, final)  # the replaced output, put back where it was
                 fsync_dir(folder)
                 continue
