@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .errors import TiecliError
+from .terminal import printable
 
 
 class _Group(TyperGroup):
@@ -25,7 +26,7 @@ class _Group(TyperGroup):
         except TiecliError as e:
             if _debug():
                 raise
-            typer.echo(f"Error: {e.one_line()}", err=True)
+            typer.echo(f"Error: {printable(e.one_line())}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("Error: interrupted", err=True)
