@@ -75,8 +75,12 @@ def _root(
 
 
 def _emit(result: Any, json_out: bool, render: Any) -> None:
-    """One JSON document, or the human rendering, on stdout."""
+    """One JSON document, or the human rendering, on stdout; warnings on stderr."""
     from .render import print_json
+
+    for skipped in getattr(result, "not_copied", []):
+        line = f"{skipped['path']}: not copied to the output: {skipped['reason']}"
+        typer.echo(f"Warning: {printable(line)}", err=True)
 
     if json_out:
         print_json(result)
