@@ -107,6 +107,8 @@ class RewriteResult:
     dry_run: bool = False
     changed: bool = True
     command: str = ""
+    # other files of the folder that -o left out, with the reason (links out of it...)
+    not_copied: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -119,6 +121,7 @@ class RewriteResult:
             "changed": self.changed,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
+            "not_copied": self.not_copied,
         }
 
 
@@ -190,6 +193,7 @@ def _carry_out(
         )
         result.output = str(written.output)
         result.changed = written.changed
+        result.not_copied = [{"path": str(p), "reason": why} for p, why in written.not_copied]
     return result
 
 

@@ -165,9 +165,12 @@ class _Finder:
         cfg = self.ckpt.config
         declared = None
         if cfg is not None and self.use_transformers and self.ckpt.config_path is not None:
-            from .declared import declared_ties
+            from .declared import Budget, declared_ties
 
-            declared = declared_ties(self.ckpt.config_path.parent)
+            budget = Budget(len(self.entries), sum(e.nbytes for e in self.entries.values()))
+            declared, why = declared_ties(self.ckpt.config_path.parent, budget)
+            if why is not None:
+                self.ckpt.notes.append(f"{why}: ties come from the pattern table")
         if declared is not None:
             self.declared_by = f"transformers ({declared.architecture})"
             self.architecture = declared.architecture or "its architecture"

@@ -13,7 +13,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -42,6 +42,7 @@ class Written:
     output: Path
     changed: bool  # False when an in-place run found nothing to change
     files: list[Path]
+    not_copied: list[tuple[Path, str]] = field(default_factory=list)  # other files left out
 
 
 def safetensors_name(name: str) -> str:
@@ -128,6 +129,7 @@ def execute(
             )
     durable = fsync or output is None or output.exists() or output.is_symlink()
     staging = Staging(durable)
+    not_copied: list[tuple[Path, str]] = []
     try:
         if output is None:
             ours = {p.name for p in ckpt.weight_files} | {f.name for f in plan.files}
@@ -139,7 +141,7 @@ def execute(
                 return Written(ckpt.path, False, [])
             written = _in_place(ckpt, plan, staging, as_safetensors, src_folder, progress)
         elif folder_like:
-            written = _to_folder(
+            written, not_copied = _to_folder(
                 ckpt, plan, staging, as_safetensors, src_folder, output, progress, durable
             )
         else:
@@ -160,7 +162,7 @@ def execute(
                 old.unlink()
         fsync_dir(src_folder)
     final = output if output is not None else _final_path(ckpt, written)
-    return Written(final, True, written)
+    return Written(final, True, written, not_copied)
 
 
 def _final_path(ckpt: Checkpoint, written: list[Path]) -> Path:
@@ -285,7 +287,9 @@ def _to_folder(
     output: Path,
     progress: Progress,
     durable: bool,
-) -> list[Path]:
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The written files, and the other files of the folder left out (with the reason)."""
+    not_copied: list[tuple[Path, str]] = []
     with output_errors(output):
         tmpdir = staging.folder(output)
         skip = {p.resolve() for p in ckpt.weight_files}
@@ -294,7 +298,7 @@ def _to_folder(
         # a lock another run holds (or a killed one left) on the input is not the model's
         skip |= {p.resolve() for p in src_folder.glob(".*" + LOCK_SUFFIX)}
         if ckpt.folder is not None or ckpt.index_path is not None:
-            _copy_other_files(src_folder, tmpdir, skip, durable)
+            _copy_other_files(src_folder, tmpdir, skip, durable, not_copied)
         for f in plan.files:
             _write_one(ckpt, plan, f, tmpdir / f.name, as_safetensors, output, progress, durable)
         if ckpt.index_path is not None:
@@ -304,17 +308,21 @@ def _to_folder(
             _write_index(tmpdir / name, plan, ckpt.index_path, durable)
         if durable:
             fsync_dir(tmpdir)
-    return [output / f.name for f in plan.files]
+    return [output / f.name for f in plan.files], not_copied
 
 
-def _copy_other_files(src: Path, dst: Path, skip: set[Path], durable: bool) -> None:
-    for item in sorted(src.iterdir()):
-        if item.resolve() in skip or item.name.endswith((".tiecli-tmp", ".tiecli-old")):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name, symlinks=True)
-        else:
-            shutil.copy2(item, dst / item.name, follow_symlinks=False)
+def _copy_other_files(
+    src: Path, dst: Path, skip: set[Path], durable: bool, not_copied: list[tuple[Path, str]]
+) -> None:
+    """Copy the folder's other files (tokenizer, generation config...) into ``dst``.
+
+    The folder is untrusted: nothing is followed out of it. Files and folders are
+    copied; a link is copied as a (relative) link when it leads to a file or folder
+    inside ``src``, and a blob of the Hugging Face cache ``src`` is a snapshot of is
+    copied as the file it is. Links leading out of ``src``, broken links and loops,
+    and fifos, sockets and devices (never opened: a fifo would hang the run) are
+    not copied, and each is added to ``not_copied`` with the reason."""
+    _copy_tree(src, src, dst, skip, not_copied)
     if durable:  # the folder replaces one: all of it reaches the disk first
         for folder, dirs, files in os.walk(dst):
             for name in files:
@@ -322,7 +330,45 @@ def _copy_other_files(src: Path, dst: Path, skip: set[Path], durable: bool) -> N
                 if not path.is_symlink():
                     fsync_file(path)
             for name in dirs:
-                fsync_dir(Path(folder) / name)
+                if not (Path(folder) / name).is_symlink():
+                    fsync_dir(Path(folder) / name)
+
+
+def _copy_tree(
+    root: Path, src: Path, dst: Path, skip: set[Path], not_copied: list[tuple[Path, str]]
+) -> None:
+    import stat
+
+    from .formats.confine import BROKEN, OUTSIDE, belongs, is_cache_blob, resolved
+
+    for item in sorted(src.iterdir()):
+        if item.name.endswith((".tiecli-tmp", ".tiecli-old")):
+            continue
+        mode = item.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            (dst / item.name).mkdir()
+            _copy_tree(root, item, dst / item.name, skip, not_copied)
+            shutil.copystat(item, dst / item.name)
+        elif stat.S_ISREG(mode):
+            if item.resolve() not in skip:
+                shutil.copy2(item, dst / item.name, follow_symlinks=False)
+        elif not stat.S_ISLNK(mode):
+            not_copied.append((item, "a fifo, socket or device, not a regular file"))
+        elif (real := resolved(item)) is None:
+            not_copied.append((item, BROKEN.removeprefix("is ")))
+        elif real in skip:
+            continue  # another name of a weight file: the rewrite writes those
+        elif not belongs(root, real):
+            not_copied.append((item, OUTSIDE.removeprefix("is ")))
+        elif not (stat.S_ISREG(target := real.stat().st_mode) or stat.S_ISDIR(target)):
+            not_copied.append((item, "a symbolic link to a fifo, socket or device"))
+        elif is_cache_blob(root.resolve(), real):
+            if stat.S_ISREG(target):  # the cache's storage of the folder's own file
+                shutil.copy2(real, dst / item.name)
+            else:
+                not_copied.append((item, OUTSIDE.removeprefix("is ")))
+        else:  # inside the folder: the same link, relative, so the copy stays self-contained
+            os.symlink(os.path.relpath(real, item.parent.resolve()), dst / item.name)
 
 
 def _write_index(path: Path, plan: Plan, original: Path, durable: bool) -> None:
