@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, MANIFEST
+from helpers import FIXTURES, MANIFEST, sharded_pickle
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -218,25 +218,6 @@ def test_cleanup_removes_only_leftovers_whose_writer_is_gone(tmp_path: Path) -> 
 # -- a shard is part of its checkpoint ---------------------------------------------
 
 
-def _sharded_pickle(x: Path) -> Path:
-    import torch
-
-    x.mkdir()
-    sd = load_file(FIXTURES / "gpt2/full/model.safetensors")
-    shutil.copy2(FIXTURES / "gpt2/full/config.json", x)
-    pair = ("transformer.wte.weight", "lm_head.weight")
-    shards = {
-        "pytorch_model-00001-of-00002.bin": {n: t for n, t in sd.items() if n not in pair},
-        "pytorch_model-00002-of-00002.bin": {n: sd[n] for n in pair},
-    }
-    weight_map = {}
-    for name, part in shards.items():
-        torch.save(part, x / name)
-        weight_map |= {n: name for n in part}
-    (x / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    return x
-
-
 @pytest.mark.parametrize(
     "args",
     [["dedupe"], ["untie"], ["dedupe", "--dry-run"], ["dedupe", "--to", "safetensors"]],
@@ -245,7 +226,7 @@ def test_a_shard_alone_is_refused_with_the_command_that_works(
     args: list[str], tmp_path: Path
 ) -> None:
     if "--to" in args:
-        x = _sharded_pickle(tmp_path / "x")
+        x = sharded_pickle(tmp_path / "x")
         index, shard = x / "pytorch_model.bin.index.json", x / "pytorch_model-00002-of-00002.bin"
     else:
         source = "t5/full-sharded" if args[0] == "dedupe" else "t5/hf-sharded"

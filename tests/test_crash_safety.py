@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES, MANIFEST
+from helpers import FIXTURES, MANIFEST, sharded_pickle
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -33,28 +33,6 @@ import tiecli.atomic
 import tiecli.formats.safetensors as st_format
 
 # -- what is interrupted -------------------------------------------------------
-
-
-def _sharded_pickle(x: Path) -> Path:
-    """gpt2 as two .bin shards with an index; the tied pair stored twice in one shard."""
-    x.mkdir(parents=True)
-    shutil.copy2(FIXTURES / "gpt2/full/config.json", x)
-    sd = load_file(FIXTURES / "gpt2/full/model.safetensors")
-    pair = ("transformer.wte.weight", "lm_head.weight")
-    shards = {
-        "pytorch_model-00001-of-00002.bin": {n: t for n, t in sd.items() if n not in pair},
-        "pytorch_model-00002-of-00002.bin": {n: sd[n] for n in pair},
-    }
-    weight_map = {}
-    for name, part in shards.items():
-        torch.save(part, x / name)
-        weight_map |= {n: name for n in part}
-    index = {
-        "metadata": {"total_size": sum(t.nbytes for t in sd.values())},
-        "weight_map": weight_map,
-    }
-    (x / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    return x
 
 
 def _cloned_head_pickle(x: Path) -> Path:
@@ -92,7 +70,7 @@ TARGETS = {
     "untie-recorded-sharded": ("untie", {}, _deduped("bert-mlm/full-sharded"), "bert-mlm"),
     "untie-pickle": ("untie", {}, _copy("llama-tied/bin", "pytorch_model.bin"), "llama-tied"),
     "dedupe-pickle": ("dedupe", {}, _cloned_head_pickle, "llama-tied"),
-    "convert-sharded-pickle": ("dedupe", {"to": "safetensors"}, _sharded_pickle, "gpt2"),
+    "convert-sharded-pickle": ("dedupe", {"to": "safetensors"}, sharded_pickle, "gpt2"),
 }
 
 
