@@ -10,16 +10,18 @@ a reference checkpoint the outputs must be bit-identical (or within ``atol``).
 from __future__ import annotations
 
 import importlib
+import inspect
 import math
+import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
 from .detect import Problem, Tie, find_ties
-from .errors import CheckpointFormatError, MissingDependencyError, UsageError
+from .errors import CheckpointFormatError, MissingDependencyError, TiecliError, UsageError
 from .formats import open_checkpoint
 from .guard import declared_module_ties
 from .progress import NO_PROGRESS, Progress
@@ -158,16 +160,56 @@ def _from_config(ckpt: Checkpoint) -> Any:
     assert ckpt.config_path is not None
     model = build_meta_model(ckpt.config_path.parent, real_buffers=True)
     if model is None:
-        import transformers
-
-        archs = (ckpt.config or {}).get("architectures") or ["(none named)"]
-        raise CheckpointFormatError(
-            f"config.json names architecture {', '.join(map(str, archs))}, which transformers "
-            f"{transformers.__version__} cannot build",
-            ckpt.config_path,
-            hint="upgrade transformers or pass --model module:function",
-        )
+        raise _why_not_built(ckpt.config_path, ckpt.config or {})
     return model
+
+
+def _why_not_built(config_path: Path, config: dict[str, Any]) -> Exception:
+    """Why transformers built no model: the config it refused, the class it could not make.
+
+    An architecture transformers does not know is a bad input (exit 2); a
+    config it cannot read, or a class that raises while it is built, is a
+    failed forward check naming the class and the cause.
+    """
+    import torch
+    import transformers
+
+    from .declared import _quiet
+
+    version = transformers.__version__
+    archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    named = ", ".join(archs) or "(none named)"
+    with _quiet():
+        try:
+            cfg = transformers.AutoConfig.from_pretrained(
+                str(config_path.parent), local_files_only=True
+            )
+        except Exception as e:  # noqa: BLE001 - whatever transformers refuses, said in one line
+            return _BuildFailed(
+                archs[0] if archs else "(unknown)",
+                f"transformers {version} cannot read config.json: {_cause(e)}",
+            )
+        cls = next(
+            (
+                getattr(transformers, a)
+                for a in archs
+                if a.isidentifier() and hasattr(transformers, a)
+            ),
+            None,
+        )
+        if cls is not None:
+            try:
+                with torch.device("meta"):  # nothing allocated: only the error is wanted
+                    cls._from_config(cfg)
+            except Exception as e:  # noqa: BLE001 - the model code's own error, said in one line
+                return _BuildFailed(
+                    cls.__name__, f"building it from config.json raised {_cause(e)}"
+                )
+    return CheckpointFormatError(
+        f"config.json names architecture {named}, which transformers {version} cannot build",
+        config_path,
+        hint="upgrade transformers or pass --model module:function",
+    )
 
 
 def build_model(ckpt: Checkpoint, model_spec: str | None) -> tuple[Any, Any]:
@@ -188,7 +230,9 @@ def build_model(ckpt: Checkpoint, model_spec: str | None) -> tuple[Any, Any]:
 def _place(
     tensors: dict[str, Any], ties: list[Tie], device: Any, dtype: Any
 ) -> tuple[dict[str, Any], int]:
-    """Tensors on ``device``: each source moved once, tied aliases as views of it."""
+    """Tensors on ``device``: each source copied once, tied aliases as views of it."""
+    import torch
+
     alias_of = {
         t.alias: t for t in ties if t.kind == "tied" and t.drift is None and t.source in tensors
     }
@@ -196,10 +240,13 @@ def _place(
     for name, t in tensors.items():
         if name in alias_of:
             continue
-        t = t.to(device)
-        if dtype is not None and t.is_floating_point():
-            t = t.to(dtype)
-        placed[name] = t.contiguous()
+        # Always a fresh allocation on the device, never a view of the file's mapping:
+        # the allocator aligns it the same way whatever the tensor's offset in the file,
+        # so equal weights run through the same kernels and give equal outputs.
+        to = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        placed[name] = t.to(
+            device=device, dtype=to, copy=True, memory_format=torch.contiguous_format
+        )
     shared = 0
     for name, tie in alias_of.items():
         if name not in tensors:
@@ -214,6 +261,70 @@ class _LoadFailed(Exception):
     pass
 
 
+class _BuildFailed(_LoadFailed):
+    def __init__(self, architecture: str, message: str):
+        super().__init__(message)
+        self.architecture = architecture
+
+
+def _cause(e: BaseException) -> str:
+    """``Type: first line of the message``, for a problem that stays one line."""
+    text = str(e).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _debug() -> bool:
+    """``--debug`` or ``TIECLI_DEBUG=1``: let the model's exception through, traceback and all."""
+    return os.environ.get("TIECLI_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
+
+
+def _model_names(model: Any, names: list[str]) -> tuple[dict[str, str], list[str]]:
+    """``{name in the file: name in the model}``, renamed as transformers' loader does.
+
+    transformers 5 saves composite models under their original names
+    (``language_model.model.embed_tokens.weight``) and renames them on loading
+    (``model.language_model.embed_tokens.weight``); the same renaming is
+    applied here. The second list names tensors that transformers would
+    convert (merge, split or permute), which a plain load cannot do.
+    """
+    same = {n: n for n in names}
+    try:
+        from transformers import PreTrainedModel
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            WeightRenaming,
+            rename_source_key,
+        )
+    except ImportError:  # transformers 4, or none: names are used as they are
+        return same, []
+    if not isinstance(model, PreTrainedModel):
+        return same, []
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    wanted = model.state_dict()
+    prefix = model.base_model_prefix
+    mapping: dict[str, str] = {}
+    converted: list[str] = []
+    for name in names:
+        new, pattern = rename_source_key(name, renamings, converters, prefix, wanted)
+        if new not in wanted and name in wanted:
+            new, pattern = name, None
+        if pattern is not None:
+            converted.append(name)
+        mapping[name] = new
+    return mapping, converted
+
+
+def _renamed(ties: list[Tie], mapping: dict[str, str]) -> list[Tie]:
+    return [
+        replace(t, alias=mapping.get(t.alias, t.alias), source=mapping.get(t.source, t.source))
+        for t in ties
+    ]
+
+
 def load_onto(
     model: Any, path: Path, device: Any, dtype: Any, use_transformers: bool
 ) -> tuple[Any, list[str], RunStats, list[Tie]]:
@@ -226,8 +337,22 @@ def load_onto(
     with open_checkpoint(path, torch_free=False) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers)
         tensors = load_opened(ckpt, report)
-    ties = report.ties
-    placed, shared = _place(tensors, ties, device, dtype)
+    placed, shared = _place(tensors, report.ties, device, dtype)
+    mapping, converted = _model_names(model, list(placed))
+    if converted:
+        raise _LoadFailed(
+            f"{len(converted)} tensor(s) need transformers' weight conversion on loading, "
+            f"which verify --forward does not apply: {', '.join(converted[:4])}"
+            + (" ..." if len(converted) > 4 else "")
+        )
+    ties = _renamed(report.ties, mapping)
+    placed = {mapping[n]: t for n, t in placed.items()}
+    # ties the architecture declares whose alias the file leaves out (transformers 5
+    # saves them so): the alias is the source's storage, as transformers ties it
+    for alias, source in declared_module_ties(model).items():
+        if alias not in placed and source in placed:
+            placed[alias] = placed[source]
+            shared += 1
     # assign: the model's parameters become the placed tensors, so ties stay one storage
     try:
         result = model.load_state_dict(placed, strict=False, assign=True)
@@ -293,7 +418,104 @@ def ties_on_device(model: Any, ties: list[Tie], extra: dict[str, str]) -> list[P
 # -- running ------------------------------------------------------------------
 
 
+def _special_ids(config: Any) -> set[int]:
+    """Token ids the config (and its text, vision, audio sub-configs) names.
+
+    Image, video and audio placeholders (``image_token_id``,
+    ``image_token_index``, ``boi_token_index`` ...) make a multimodal model
+    expect features the input does not carry; the seeded input avoids them all.
+    """
+    ids: set[int] = set()
+    seen: set[int] = set()
+
+    def walk(c: Any) -> None:
+        if id(c) in seen:
+            return
+        seen.add(id(c))
+        for key, value in vars(c).items():
+            if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+                walk(value)
+            elif "token_id" in key or "token_index" in key:
+                values = value if isinstance(value, (list, tuple)) else [value]
+                ids.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
+
+    walk(config)
+    return ids
+
+
+def _vocab_size(model: Any, config: Any) -> int | None:
+    """Rows of the model's input embeddings; else the text config's vocabulary."""
+    get = getattr(model, "get_input_embeddings", None)
+    if callable(get):
+        try:
+            emb = get()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        rows = getattr(emb, "num_embeddings", None)
+        if isinstance(rows, int) and rows > 0:
+            return rows
+    if config is not None:
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        for c in (text, config):
+            vocab = getattr(c, "vocab_size", None)
+            if isinstance(vocab, int) and vocab > 0:
+                return vocab
+    return None
+
+
+def _token_ids(vocab: int, avoid: set[int], shape: tuple[int, int], g: Any) -> Any:
+    """Seeded ids below ``vocab``, none of them in ``avoid``."""
+    import torch
+
+    allowed = torch.ones(vocab, dtype=torch.bool)
+    allowed[[i for i in avoid if 0 <= i < vocab]] = False
+    pool = allowed.nonzero().flatten()
+    if not len(pool):
+        pool = torch.arange(vocab)
+    return pool[torch.randint(0, len(pool), shape, generator=g)]
+
+
+def _required(model: Any) -> set[str]:
+    """Names of ``forward``'s arguments that have no default."""
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        return set()
+    return {
+        p.name
+        for p in params
+        if p.default is inspect.Parameter.empty
+        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+
+
+def _accepts(model: Any, name: str) -> bool:
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def _pixel_values(config: Any, g: Any) -> Any:
+    """Seeded images of the size the vision config expects."""
+    import torch
+
+    vision = getattr(config, "vision_config", None) or config
+    size = getattr(vision, "image_size", None) or 224
+    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
+    channels = getattr(vision, "num_channels", None) or 3
+    return torch.rand((BATCH, channels, h, w), generator=g)
+
+
 def example_input(model: Any, example: Any, device: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The seeded input: the one ``--model`` returned, else token ids the model accepts.
+
+    Ids come from the input embeddings' vocabulary (a composite config has none
+    at the top level) and avoid every special token the config names, so that a
+    multimodal model runs on text alone; an argument ``forward`` cannot do
+    without (BLIP's ``pixel_values``) gets a seeded value of the configured size.
+    """
     import torch
 
     g = torch.Generator().manual_seed(0)
@@ -304,7 +526,7 @@ def example_input(model: Any, example: Any, device: Any) -> tuple[tuple[Any, ...
             return tuple(v.to(device) if torch.is_tensor(v) else v for v in example), {}
         return (example.to(device),), {}
     config = getattr(model, "config", None)
-    vocab = getattr(config, "vocab_size", None) if config is not None else None
+    vocab = _vocab_size(model, config)
     if vocab is None:
         emb = next((m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
         if emb is None:
@@ -312,16 +534,22 @@ def example_input(model: Any, example: Any, device: Any) -> tuple[tuple[Any, ...
                 "cannot make an input for this model; let --model return (module, example_input)"
             )
         vocab = emb.num_embeddings
-    ids = torch.randint(0, vocab, (BATCH, SEQ), generator=g).to(device)
+    avoid = _special_ids(config) if config is not None else set()
+    ids = _token_ids(vocab, avoid, (BATCH, SEQ), g)
     if config is None:
-        return (ids,), {}
-    kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        return (ids.to(device),), {}
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if _accepts(model, "attention_mask"):
+        kwargs["attention_mask"] = torch.ones_like(ids)
     if getattr(config, "is_encoder_decoder", False):
         start = getattr(config, "decoder_start_token_id", None) or 0
-        dec = torch.randint(0, vocab, (BATCH, SEQ), generator=g).to(device)
+        dec = _token_ids(vocab, avoid, (BATCH, SEQ), g)
         dec[:, 0] = start
         kwargs["decoder_input_ids"] = dec
-    return (), kwargs
+    if "pixel_values" in _required(model):
+        dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
+        kwargs["pixel_values"] = _pixel_values(config, g).to(dtype)
+    return (), {k: v.to(device) for k, v in kwargs.items()}
 
 
 def _float_outputs(out: Any) -> list[Any]:
@@ -384,27 +612,26 @@ def forward_check(
     tdtype = getattr(torch, dtype) if dtype else None
 
     def one(p: Path) -> tuple[list[Any] | None, ForwardReport]:
-        with open_checkpoint(p) as ckpt:
-            model, example = build_model(ckpt, model_spec)
-        arch = type(model).__name__
+        arch = "(not built)"
+        stats = RunStats()
         problems: list[Problem] = []
+        outputs: list[Any] | None = None
+        finite = False
+        stage = "building the model"
         try:
+            with open_checkpoint(p) as ckpt:
+                model, example = build_model(ckpt, model_spec)
+            arch = type(model).__name__
+            stage = "loading the weights"
             with progress.task(f"loading {p.name} on {dev}", 1) as bar:
                 model, load_problems, stats, ties = load_onto(
                     model, p, dev, tdtype, use_transformers
                 )
                 bar.advance(1)
-        except _LoadFailed as e:
-            failed = Problem("forward-failed", "error", f"{p}: {e}")
-            return None, ForwardReport(
-                str(dev), _device_name(dev), arch, RunStats(), False, False, problems=[failed]
-            )
-        for msg in load_problems:
-            problems.append(Problem("forward-failed", "error", f"{p}: {msg}"))
-        problems += ties_on_device(model, ties, declared_module_ties(model))
-        outputs: list[Any] | None = None
-        finite = False
-        try:
+            for msg in load_problems:
+                problems.append(Problem("forward-failed", "error", f"{p}: {msg}"))
+            problems += ties_on_device(model, ties, declared_module_ties(model))
+            stage = "the forward pass"
             with progress.task(f"forward pass on {dev}", 1) as bar:
                 outputs, stats.forward_seconds = run_forward(model, example, dev)
                 bar.advance(1)
@@ -417,10 +644,20 @@ def forward_check(
                 )
             elif not finite:
                 problems.append(Problem("forward-failed", "error", f"{p}: outputs hold NaN or Inf"))
-        except (RuntimeError, ValueError, TypeError, IndexError) as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            del model
+        except _BuildFailed as e:
+            arch = e.architecture
+            problems.append(Problem("forward-failed", "error", f"{p}: {arch}: {e}"))
+        except _LoadFailed as e:
+            problems.append(Problem("forward-failed", "error", f"{p}: {e}"))
+        except TiecliError:
+            raise  # a bad input or option: one Error line, exit 2
+        except Exception as e:  # noqa: BLE001 - the model's code can raise anything
+            if _debug():
+                raise
+            outputs = None
             problems.append(
-                Problem("forward-failed", "error", f"{p}: forward pass raised: {first}")
+                Problem("forward-failed", "error", f"{p}: {arch}: {stage} raised {_cause(e)}")
             )
         report = ForwardReport(
             device=str(dev),
@@ -431,7 +668,6 @@ def forward_check(
             ties_shared_on_device=not any(pr.code == "tie-broken-on-device" for pr in problems),
             problems=problems,
         )
-        del model
         return outputs, report
 
     outputs, report = one(path)
