@@ -269,9 +269,10 @@ class _BuildFailed(_LoadFailed):
 
 def _cause(e: BaseException) -> str:
     """``Type: first line of the message``, for a problem that stays one line."""
-    text = str(e).strip()
-    first = text.splitlines()[0].strip() if text else ""
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+    text = " ".join(str(e).split())
+    if len(text) > 300:
+        text = text[:297] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _debug() -> bool:
