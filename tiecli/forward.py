@@ -302,7 +302,10 @@ def _model_names(model: Any, names: list[str]) -> tuple[dict[str, str], list[str
         return same, []
     if not isinstance(model, PreTrainedModel):
         return same, []
-    transforms = get_model_conversion_mapping(model)
+    try:
+        transforms = get_model_conversion_mapping(model)
+    except (AttributeError, TypeError, ValueError):  # a transformers whose API differs
+        return same, []
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
     wanted = model.state_dict()
