@@ -135,6 +135,31 @@ def test_a_model_that_needs_images_gets_them(tmp_path: Path) -> None:
     model = build_meta_model(path, real_buffers=True)
     _, kwargs = example_input(model, None, torch.device("cpu"))
     assert kwargs["pixel_values"].shape == (2, 3, 16, 16)
+    assert not set(kwargs["input_ids"].flatten().tolist()) & {tiny_models.IMG}
+
+
+def test_image_placeholders_lead_the_ids_when_the_image_is_required(tmp_path: Path) -> None:
+    from tiecli.declared import build_meta_model
+    from tiecli.forward import example_input
+
+    path = tiny_models.build("blip_2", tmp_path / "blip_2")
+    model = build_meta_model(path, real_buffers=True)
+    _, kwargs = example_input(model, None, torch.device("cpu"))
+    ids = kwargs["input_ids"]
+    assert kwargs["pixel_values"].shape == (2, 3, 16, 16)
+    assert (ids[:, :4] == tiny_models.IMG).all() and not (ids[:, 4:] == tiny_models.IMG).any()
+    assert kwargs["attention_mask"].shape == ids.shape
+
+
+def test_a_speech_model_gets_audio_features(tmp_path: Path) -> None:
+    from tiecli.declared import build_meta_model
+    from tiecli.forward import example_input
+
+    path = tiny_models.build("whisper", tmp_path / "whisper")
+    model = build_meta_model(path, real_buffers=True)
+    _, kwargs = example_input(model, None, torch.device("cpu"))
+    assert kwargs["input_features"].shape == (2, 16, 32)  # mel bins × 2 × encoder positions
+    assert "input_ids" not in kwargs and kwargs["decoder_input_ids"][:, 0].tolist() == [3, 3]
 
 
 # -- never a traceback ------------------------------------------------------------

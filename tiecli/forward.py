@@ -542,18 +542,66 @@ def example_input(model: Any, example: Any, device: Any) -> tuple[tuple[Any, ...
     ids = _token_ids(vocab, avoid, (BATCH, SEQ), g)
     if config is None:
         return (ids.to(device),), {}
-    kwargs: dict[str, Any] = {"input_ids": ids}
-    if _accepts(model, "attention_mask"):
-        kwargs["attention_mask"] = torch.ones_like(ids)
+    dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
+    main = getattr(model, "main_input_name", "input_ids")
+    required = _required(model)
+    kwargs: dict[str, Any] = {}
+    if main == "input_ids" or _names(model, "input_ids"):
+        image = _image_tokens(config) if "pixel_values" in required else None
+        if image is not None:  # the image's placeholders first, as a processor writes them
+            token, count = image
+            ids = torch.cat([torch.full((BATCH, count), token, dtype=ids.dtype), ids], dim=1)
+        kwargs["input_ids"] = ids
+        if _accepts(model, "attention_mask"):
+            kwargs["attention_mask"] = torch.ones_like(ids)
     if getattr(config, "is_encoder_decoder", False):
         start = getattr(config, "decoder_start_token_id", None) or 0
         dec = _token_ids(vocab, avoid, (BATCH, SEQ), g)
         dec[:, 0] = start
         kwargs["decoder_input_ids"] = dec
-    if "pixel_values" in _required(model):
-        dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
+    if "pixel_values" in required or main == "pixel_values":
         kwargs["pixel_values"] = _pixel_values(config, g).to(dtype)
+    if "input_features" in required or main == "input_features":
+        features = _input_features(config, g)
+        if features is None:
+            raise UsageError(
+                "cannot make audio features for this model; "
+                "let --model return (module, example_input)"
+            )
+        kwargs["input_features"] = features.to(dtype)
     return (), {k: v.to(device) for k, v in kwargs.items()}
+
+
+def _names(model: Any, name: str) -> bool:
+    """``forward`` names the argument (not only through ``**kwargs``)."""
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _image_tokens(config: Any) -> tuple[int, int] | None:
+    """(image token id, placeholders per image) when the config names both."""
+    token = getattr(config, "image_token_id", None)
+    if not isinstance(token, int):
+        token = getattr(config, "image_token_index", None)
+    for key in ("num_query_tokens", "image_seq_length", "mm_tokens_per_image"):
+        count = getattr(config, key, None)
+        if isinstance(token, int) and isinstance(count, int) and 0 < count <= 4096:
+            return token, count
+    return None
+
+
+def _input_features(config: Any, g: Any) -> Any:
+    """Seeded log-mel features shaped as a Whisper-style encoder expects them."""
+    import torch
+
+    bins = getattr(config, "num_mel_bins", None)
+    positions = getattr(config, "max_source_positions", None)
+    if not isinstance(bins, int) or not isinstance(positions, int):
+        return None
+    # two convolutions, the second with stride 2: frames = 2 × encoder positions
+    return torch.randn((BATCH, bins, 2 * positions), generator=g)
 
 
 def _float_outputs(out: Any) -> list[Any]:
