@@ -25,7 +25,7 @@ import tiecli
 from tiecli.cli import app
 
 runner = CliRunner()
-FAST = {"llava", "blip", "switch_transformers", "qwen2_5_omni_thinker"}
+FAST = {"llava", "blip", "switch_transformers", "qwen2_5_omni_thinker", "mixtral"}
 MODELS = [
     pytest.param(name, marks=() if name in FAST else pytest.mark.slow) for name in tiny_models.NAMES
 ]
@@ -68,6 +68,30 @@ def test_tiny_model_deduped_and_perturbed(name: str, tmp_path: Path) -> None:
     assert code == 1, (changed, doc)
     assert doc["forward"]["outputs_equal"] is False and doc["forward"]["max_abs_diff"] > 0
     assert [p["code"] for p in doc["problems"]] == ["forward-mismatch"]
+
+
+@pytest.mark.parametrize("name", ["llava", "mixtral"])
+def test_loaded_model_is_what_transformers_loads(name: str, tmp_path: Path) -> None:
+    # composite names renamed, the tied head filled from the embeddings, experts merged:
+    # the model that runs is the one transformers' from_pretrained gives
+    import transformers
+
+    from tiecli.declared import build_meta_model
+    from tiecli.forward import _float_outputs, example_input, load_onto
+
+    path = tiny_models.build(name, tmp_path / name)
+    model = build_meta_model(path, real_buffers=True)
+    model, problems, stats, _ = load_onto(model, path, torch.device("cpu"), None, True)
+    assert problems == [] and stats.shared_ties >= 1
+    reference = getattr(transformers, type(model).__name__).from_pretrained(path).eval()
+    args, kwargs = example_input(model, None, torch.device("cpu"))
+    with torch.inference_mode():
+        ours, theirs = _float_outputs(model(*args, **kwargs)), _float_outputs(reference(**kwargs))
+    assert len(ours) == len(theirs)
+    for a, b in zip(
+        ours, theirs, strict=True
+    ):  # within rounding: theirs sit where the file put them
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
 
 
 # -- the same weights at other file offsets ----------------------------------

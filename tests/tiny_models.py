@@ -352,6 +352,11 @@ def _specs() -> dict[str, tuple[str, str, dict[str, Any]]]:
                 "decoder_start_token_id": 0,
             },
         ),
+        "mixtral": (  # saved one tensor per expert, merged by transformers on loading
+            "MixtralConfig",
+            "MixtralForCausalLM",
+            _llama(model_type="mixtral", num_local_experts=4, num_experts_per_tok=2),
+        ),
         "qwen2_5_omni_thinker": (
             "Qwen2_5OmniThinkerConfig",
             "Qwen2_5OmniThinkerForConditionalGeneration",

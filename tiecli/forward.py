@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+from copy import deepcopy
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -280,46 +281,60 @@ def _debug() -> bool:
     return os.environ.get("TIECLI_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
 
 
-def _model_names(model: Any, names: list[str]) -> tuple[dict[str, str], list[str]]:
-    """``{name in the file: name in the model}``, renamed as transformers' loader does.
+def _to_model(model: Any, placed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The placed tensors under the model's names, converted as transformers' loader does.
 
     transformers 5 saves composite models under their original names
-    (``language_model.model.embed_tokens.weight``) and renames them on loading
-    (``model.language_model.embed_tokens.weight``); the same renaming is
-    applied here. The second list names tensors that transformers would
-    convert (merge, split or permute), which a plain load cannot do.
+    (``language_model.model.embed_tokens.weight``) and mixture-of-experts
+    layers one tensor per expert; loading renames the first and merges the
+    second (``WeightConverter``: stack, concatenate, split). The same renaming
+    and conversions are applied here, with the loader's own code. Returns the
+    tensors and ``{name in the file: name in the model}``.
     """
-    same = {n: n for n in names}
+    import torch
+
+    same = {n: n for n in placed}
     try:
         from transformers import PreTrainedModel
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import (
             WeightConverter,
             WeightRenaming,
+            dot_natural_key,
             rename_source_key,
         )
     except ImportError:  # transformers 4, or none: names are used as they are
-        return same, []
+        return placed, same
     if not isinstance(model, PreTrainedModel):
-        return same, []
+        return placed, same
     try:
         transforms = get_model_conversion_mapping(model)
     except (AttributeError, TypeError, ValueError):  # a transformers whose API differs
-        return same, []
+        return placed, same
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {k: c for c in converters for k in c.source_patterns}
     wanted = model.state_dict()
     prefix = model.base_model_prefix
+    out: dict[str, Any] = {}
     mapping: dict[str, str] = {}
-    converted: list[str] = []
-    for name in names:
+    pending: dict[str, Any] = {}  # model name -> its converter, collecting the file's tensors
+    for name in sorted(placed, key=dot_natural_key):  # experts in order, as transformers reads
         new, pattern = rename_source_key(name, renamings, converters, prefix, wanted)
         if new not in wanted and name in wanted:
             new, pattern = name, None
-        if pattern is not None:
-            converted.append(name)
         mapping[name] = new
-    return mapping, converted
+        if pattern is None:
+            out[new] = placed[name]
+            continue
+        if new not in pending:
+            pending[new] = deepcopy(by_pattern[pattern])
+        pending[new].add_tensor(new, name, pattern, lambda t=placed[name]: t)
+    for target, converter in pending.items():
+        for full, t in converter.convert(target, model=model, config=model.config).items():
+            # a merged tensor is a new allocation; a split one a view into it: copy both alike
+            out[full] = t.clone(memory_format=torch.contiguous_format)
+    return out, mapping
 
 
 def _renamed(ties: list[Tie], mapping: dict[str, str]) -> list[Tie]:
@@ -342,15 +357,8 @@ def load_onto(
         report = find_ties(ckpt, use_transformers=use_transformers)
         tensors = load_opened(ckpt, report)
     placed, shared = _place(tensors, report.ties, device, dtype)
-    mapping, converted = _model_names(model, list(placed))
-    if converted:
-        raise _LoadFailed(
-            f"{len(converted)} tensor(s) need transformers' weight conversion on loading, "
-            f"which verify --forward does not apply: {', '.join(converted[:4])}"
-            + (" ..." if len(converted) > 4 else "")
-        )
+    placed, mapping = _to_model(model, placed)
     ties = _renamed(report.ties, mapping)
-    placed = {mapping[n]: t for n, t in placed.items()}
     # ties the architecture declares whose alias the file leaves out (transformers 5
     # saves them so): the alias is the source's storage, as transformers ties it
     for alias, source in declared_module_ties(model).items():
