@@ -156,61 +156,34 @@ def _from_config(ckpt: Checkpoint) -> Any:
             ckpt.path,
             hint="pip install 'tiecli[hf]', or pass --model module:function",
         ) from None
-    from .declared import build_meta_model
+    from .declared import Budget, BuildRefused
+    from .declared import build_model as build_from_config
 
     assert ckpt.config_path is not None
-    model = build_meta_model(ckpt.config_path.parent, real_buffers=True)
-    if model is None:
-        raise _why_not_built(ckpt.config_path, ckpt.config or {})
-    return model
+    # bounded by the checkpoint, offline, without the folder's code: as detection builds it
+    budget = Budget(len(ckpt.entries), sum(e.nbytes for e in ckpt.entries.values()))
+    try:
+        return build_from_config(ckpt.config_path.parent, real_buffers=True, budget=budget)
+    except BuildRefused as e:
+        raise _not_built(ckpt, str(e)) from None
 
 
-def _why_not_built(config_path: Path, config: dict[str, Any]) -> Exception:
-    """Why transformers built no model: the config it refused, the class it could not make.
-
-    An architecture transformers does not know is a bad input (exit 2); a
-    config it cannot read, or a class that raises while it is built, is a
-    failed forward check naming the class and the cause.
-    """
-    import torch
+def _not_built(ckpt: Checkpoint, why: str) -> Exception:
+    """Why no model: an architecture transformers lacks is a bad input (exit 2); a config it
+    refuses, or a class that raises while it is built, a failed check naming the class."""
     import transformers
 
-    from .declared import _quiet
-
-    version = transformers.__version__
+    config = ckpt.config or {}
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
-    named = ", ".join(archs) or "(none named)"
-    with _quiet():
-        try:
-            cfg = transformers.AutoConfig.from_pretrained(
-                str(config_path.parent), local_files_only=True
-            )
-        except Exception as e:  # noqa: BLE001 - whatever transformers refuses, said in one line
-            return _BuildFailed(
-                archs[0] if archs else "(unknown)",
-                f"transformers {version} cannot read config.json: {_cause(e)}",
-            )
-        cls = next(
-            (
-                getattr(transformers, a)
-                for a in archs
-                if a.isidentifier() and hasattr(transformers, a)
-            ),
-            None,
+    known = [a for a in archs if a.isidentifier() and hasattr(transformers, a)]
+    if not known:
+        return CheckpointFormatError(
+            f"config.json names architecture {', '.join(archs) or '(none named)'}, which "
+            f"transformers {transformers.__version__} cannot build ({why})",
+            ckpt.config_path,
+            hint="upgrade transformers or pass --model module:function",
         )
-        if cls is not None:
-            try:
-                with torch.device("meta"):  # nothing allocated: only the error is wanted
-                    cls._from_config(cfg)
-            except Exception as e:  # noqa: BLE001 - the model code's own error, said in one line
-                return _BuildFailed(
-                    cls.__name__, f"building it from config.json raised {_cause(e)}"
-                )
-    return CheckpointFormatError(
-        f"config.json names architecture {named}, which transformers {version} cannot build",
-        config_path,
-        hint="upgrade transformers or pass --model module:function",
-    )
+    return _BuildFailed(known[0], why)
 
 
 def build_model(ckpt: Checkpoint, model_spec: str | None) -> tuple[Any, Any]:
