@@ -234,3 +234,26 @@ def test_every_fixture_model_fits_its_own_budget() -> None:
                     form,
                     result.notes,
                 )
+
+
+@pytest.mark.parametrize(
+    ("model", "changes", "why"),
+    [
+        ("gpt2", {"n_layer": 100_000}, "does not fit the checkpoint"),
+        # position_ids and token_type_ids buffers: 1.6 GB computed for a 16 KB checkpoint
+        ("bert-mlm", {"max_position_embeddings": 100_000_000}, "bytes of buffers"),
+    ],
+    ids=["layers", "positions"],
+)
+def test_the_forward_proof_refuses_a_config_far_larger_than_its_checkpoint(
+    tmp_path: Path, model: str, changes: dict, why: str
+) -> None:
+    folder = with_config(model, "hf", tmp_path / "m", **changes)
+    started = time.perf_counter()
+    proc = _run(
+        ["verify", str(folder), "--forward", "--device", "cpu", "--json"], tmp_path / "c", stdin=""
+    )
+    assert time.perf_counter() - started < 60
+    assert proc.returncode == 1, proc.stderr
+    failed = [p for p in json.loads(proc.stdout)["problems"] if p["code"] == "forward-failed"]
+    assert failed and why in failed[0]["message"]
