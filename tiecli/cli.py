@@ -6,8 +6,6 @@ code here, in :class:`_Group`, the single place that does it.
 
 from __future__ import annotations
 
-import os
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import TiecliError
+from .errors import TiecliError, debugging
 from .terminal import printable
 
 
@@ -24,17 +22,13 @@ class _Group(TyperGroup):
         try:
             return super().invoke(ctx)
         except TiecliError as e:
-            if _debug():
+            if debugging():
                 raise
             typer.echo(f"Error: {printable(e.one_line())}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("Error: interrupted", err=True)
             raise typer.Exit(130) from None
-
-
-def _debug() -> bool:
-    return os.environ.get("TIECLI_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
 
 
 app = typer.Typer(

@@ -10,6 +10,12 @@ package rewords them.
 from __future__ import annotations
 
 import os
+import sys
+
+
+def debugging() -> bool:
+    """``--debug`` or ``TIECLI_DEBUG=1``: let exceptions through, tracebacks and all."""
+    return os.environ.get("TIECLI_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
 
 
 class TiecliError(Exception):

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-import os
 import sys
 import time
 from copy import deepcopy
@@ -22,7 +21,13 @@ from typing import Any
 
 from .checkpoint import Checkpoint
 from .detect import Problem, Tie, find_ties
-from .errors import CheckpointFormatError, MissingDependencyError, TiecliError, UsageError
+from .errors import (
+    CheckpointFormatError,
+    MissingDependencyError,
+    TiecliError,
+    UsageError,
+    debugging,
+)
 from .formats import open_checkpoint
 from .guard import declared_module_ties
 from .progress import NO_PROGRESS, Progress
@@ -247,11 +252,6 @@ def _cause(e: BaseException) -> str:
     if len(text) > 300:
         text = text[:297] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
-
-
-def _debug() -> bool:
-    """``--debug`` or ``TIECLI_DEBUG=1``: let the model's exception through, traceback and all."""
-    return os.environ.get("TIECLI_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
 
 
 def _to_model(model: Any, placed: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -686,7 +686,7 @@ def forward_check(
         except TiecliError:
             raise  # a bad input or option: one Error line, exit 2
         except Exception as e:  # noqa: BLE001 - the model's code can raise anything
-            if _debug():
+            if debugging():
                 raise
             outputs = None
             problems.append(
