@@ -46,7 +46,9 @@ STORAGE_DTYPES = {
 }
 _REBUILD = ("torch._utils", "_rebuild_tensor_v2")
 _ORDERED_DICT = ("collections", "OrderedDict")
-ALIGN = 64  # torch aligns every record's data to 64 bytes
+ALIGN = 64  # torch aligns every record's data to 64 bytes unless the file records another
+# The largest alignment a rewrite can honour: its padding lives in a 16-bit extra field.
+MAX_ALIGN = 1 << 15
 _ZIP64_LIMIT = 0xFFFFFFFF
 
 
@@ -263,6 +265,15 @@ class TorchZip(st.ByteFile):
         order = by_name.get(self.prefix + "byteorder")
         if order is not None and self.pread(order.start, order.size) != b"little":
             raise Declined("big-endian")
+        # torch.save records a non-default storage alignment, and torch computes record
+        # offsets from it when it loads (``calculate_storage_offsets``): a rewrite keeps it
+        self.alignment = ALIGN
+        recorded = by_name.get(self.prefix + ".storage_alignment")
+        if recorded is not None:
+            text = self.pread(recorded.start, min(recorded.size, 16))
+            if recorded.size > 16 or not text.isdigit() or not 0 < int(text) <= MAX_ALIGN:
+                raise Declined("a storage alignment this writer cannot keep")
+            self.alignment = int(text)
         raw = self.pread(pkl[0].start, pkl[0].size)
         if zlib.crc32(raw) != pkl[0].crc:
             raise Declined("data.pkl fails its checksum")
@@ -382,8 +393,9 @@ def write_shared(
     The archive is laid out as ``torch.save`` lays it out, since torch computes
     record offsets from that layout instead of reading them when it loads onto the
     ``meta`` device (and when configured to for any load): storages numbered
-    in the order the pickle first names them, each record's data aligned to 64
-    bytes and followed by a data descriptor. Storage records nothing refers to
+    in the order the pickle first names them, each record's data aligned as the
+    source records it (64 bytes unless ``.storage_alignment`` says otherwise)
+    and followed by a data descriptor. Storage records nothing refers to
     any more are left out; the others are copied byte for byte with
     ``copy(src_fd, dst_fd, src_offset, dst_offset, size)``.
     """
@@ -430,7 +442,7 @@ def write_shared(
             crc = zlib.crc32(data) if data is not None else record.crc
             raw = name_text.encode()
             at = pos + len(pending)
-            pad = _padding(at, raw)
+            pad = _padding(at, raw, src.alignment)
             extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
             # sizes and checksum follow the data, in a descriptor (flag bit 3), as torch writes
             pending += struct.pack(
@@ -488,23 +500,23 @@ def write_shared(
 _COPY_FROM = 1 << 20  # records this large are copied in the kernel; smaller ones read
 
 
-def _padding(at: int, raw: bytes) -> int:
+def _padding(at: int, raw: bytes, alignment: int) -> int:
     """Bytes of "FB" padding that put the data of record ``raw`` (its local header at
-    ``at``, the extra field's own 4 bytes included) on a 64-byte boundary, as torch
-    writes it and computes it."""
-    return -(at + 30 + len(raw) + 4) % ALIGN
+    ``at``, the extra field's own 4 bytes included) on an ``alignment``-byte boundary,
+    as torch writes it and computes it."""
+    return -(at + 30 + len(raw) + 4) % alignment
 
 
 def _page_pad(src: TorchZip, order: list[tuple[str, _Record]], pkl: bytes) -> int:
     """Spaces to add after the pickle's STOP (unpicklers stop there) so that the largest
     record copied lands at the same offset within a page as in ``src``: the kernel then
-    copies whole pages. Every later record moves by the same multiple of 64 bytes, so
-    the layout stays the one torch computes."""
+    copies whole pages. Every later record moves by the same multiple of the alignment,
+    so the layout stays the one torch computes."""
     pos, places = 0, []
     for name, record in order:
         size = len(pkl) if record.name == src.prefix + "data.pkl" else record.size
         raw = name.encode()
-        start = pos + 30 + len(raw) + 4 + _padding(pos, raw)
+        start = pos + 30 + len(raw) + 4 + _padding(pos, raw, src.alignment)
         places.append((record, start))
         pos = start + size + 16  # the data descriptor
     copied = [(r.size, r.start - at) for r, at in places if r.name != src.prefix + "data.pkl"]
@@ -513,7 +525,7 @@ def _page_pad(src: TorchZip, order: list[tuple[str, _Record]], pkl: bytes) -> in
         return 0
     size, shift = max(copied)
     pad = shift % st.PAGE
-    return pad if size >= st.PAD_FROM and pad % ALIGN == 0 else 0
+    return pad if size >= st.PAD_FROM and pad % src.alignment == 0 else 0
 
 
 _FLAGS = 0x808  # data descriptor follows the data; names are UTF-8

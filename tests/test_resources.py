@@ -1,0 +1,115 @@
+"""Hostile files get bounded memory, time and open files, and never a traceback.
+
+Each test builds its input: a pickle that unpacks to more than tiecli reads, a tie
+record far larger than its file, a payload nested thousands of levels deep, a stray
+index beside a file, hundreds of shards under a small limit on open files, a storage
+named as two types, archives saved with a non-default storage alignment.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tiecli.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TIECLI_DEBUG", raising=False)
+
+
+def _one_error(result, path: Path) -> str:  # type: ignore[no-untyped-def]
+    """The single ``Error: <path>: ...`` line of a refused command."""
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: "), result.stderr
+    return lines[0]
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.iterdir())
+        if p.is_file()
+    }
+
+
+def _safetensors(path: Path, tensors: dict[str, bytes], metadata: dict[str, str]) -> None:
+    """A safetensors file of F32 vectors, written by hand (no library checks it)."""
+    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
+    offset, data = 0, b""
+    for name, raw in tensors.items():
+        header[name] = {
+            "dtype": "F32",
+            "shape": [len(raw) // 4],
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        offset += len(raw)
+        data += raw
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + data)
+
+
+# -- a non-default storage alignment -------------------------------------------------------
+
+
+@pytest.mark.parametrize("alignment", [4096, 128])
+def test_a_rewrite_keeps_the_recorded_storage_alignment(
+    tmp_path: Path, alignment: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torch computes where each storage starts from the alignment the file records
+    (``calculate_storage_offsets``, and always on the ``meta`` device): the rewrite
+    lays records out with that alignment, not 64 bytes."""
+    from torch.utils.serialization import config
+
+    embed = torch.arange(12.0).reshape(3, 4)
+    sd = {
+        "model.embed_tokens.weight": embed,
+        "steps": torch.arange(5, dtype=torch.int16),
+        "lm_head.weight": embed.clone(),
+        "norm.weight": torch.ones(7, dtype=torch.bfloat16),
+    }
+    path = tmp_path / "model.pt"
+    with config.patch({"save.storage_alignment": alignment}):
+        torch.save(sd, path)
+    out = tmp_path / "out.pt"
+    result = runner.invoke(
+        app, ["dedupe", "--by-value", "--min-bytes", "0", str(path), "-o", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    with zipfile.ZipFile(out) as z:
+        assert z.read("model/.storage_alignment") == str(alignment).encode()
+        for info in z.infolist():
+            if "/data/" in info.filename:
+                with open(out, "rb") as f:
+                    f.seek(info.header_offset + 26)
+                    name_len, extra_len = struct.unpack("<HH", f.read(4))
+                start = info.header_offset + 30 + name_len + extra_len
+                assert start % alignment == 0, info.filename
+
+    monkeypatch.setenv("TORCH_SERIALIZATION_DEBUG", "1")  # torch checks its computed offsets
+    for mmap in (False, True):
+        for calculate in (False, True):
+            with config.patch({"load.calculate_storage_offsets": calculate}):
+                got = torch.load(out, weights_only=True, mmap=mmap)
+            assert set(got) == set(sd)
+            for name, t in sd.items():
+                assert torch.equal(got[name], t), (name, mmap, calculate)
+            assert got["lm_head.weight"].data_ptr() == got["model.embed_tokens.weight"].data_ptr()
