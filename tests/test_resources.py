@@ -67,6 +67,47 @@ def _safetensors(path: Path, tensors: dict[str, bytes], metadata: dict[str, str]
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
+# -- a storage named as two types ---------------------------------------------------------
+
+
+def test_a_storage_named_as_two_types_is_read_as_torch_reads_it(tmp_path: Path) -> None:
+    """``b`` names ``a``'s float32 storage as a HalfStorage: torch keeps the first
+    reference's type, so ``b`` is ``a`` itself, and so is it for tiecli."""
+    from tiecli.formats.torchzip import _Storage, dumps, open_torchzip
+
+    src = tmp_path / "src.pt"
+    torch.save({"a": torch.arange(4.0), "b": torch.arange(4, dtype=torch.float16)}, src)
+    reader = open_torchzip(src)
+    assert reader is not None
+    try:
+        b = reader.items["b"]
+        pid = b.args[0].pid
+        b.args = (_Storage((pid[0], pid[1], "0", "cpu", 4)), *b.args[1:])
+        pkl = dumps(reader.top)
+    finally:
+        reader.close()
+    path = tmp_path / "m.pt"
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(path, "w") as zout:
+        for info in zin.infolist():
+            if not info.filename.endswith("/data/1"):
+                data = pkl if info.filename.endswith("/data.pkl") else zin.read(info)
+                zout.writestr(info.filename, data)
+    want = torch.load(path, weights_only=True)
+    assert want["b"].dtype == torch.float32
+
+    doc = json.loads(runner.invoke(app, ["inspect", str(path), "--json"]).stdout)
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["dedupe", str(path), "--to", "safetensors", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    import tiecli
+
+    got = tiecli.load(out)
+    assert set(got) == set(want)
+    for name, t in want.items():
+        assert got[name].dtype == t.dtype and torch.equal(got[name], t), name
+    assert [(t["alias"], t["source"]) for t in doc["ties"]] == [("b", "a")]
+
+
 # -- a non-default storage alignment -------------------------------------------------------
 
 

@@ -302,6 +302,7 @@ class TorchZip(st.ByteFile):
         self.top = top
         self.items: dict[str, _Call] = dict(items)
         self.storage_records: dict[str, _Record] = {}
+        self._storages: dict[str, _Storage] = {}
         self._entries = [self._entry(name, call, by_name) for name, call in items.items()]
 
     def _entry(self, name: str, call: Any, by_name: dict[str, _Record]) -> Entry:
@@ -338,6 +339,11 @@ class TorchZip(st.ByteFile):
             numel *= d
         if record is None or storage.numel * size > record.size or offset + numel > storage.numel:
             raise Declined(f"{name!r}: storage out of its record")
+        # torch keeps the class and size of a key's first reference for all later ones;
+        # a key named as two storages is read as torch reads it, by torch
+        first = self._storages.setdefault(storage.key, storage)
+        if (first.kind.name, first.numel) != (storage.kind.name, storage.numel):
+            raise Declined(f"{name!r}: storage {storage.key!r} named with two types or sizes")
         self.storage_records[storage.key] = record
         start = record.start + offset * size
         return Entry(
