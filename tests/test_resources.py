@@ -67,6 +67,42 @@ def _safetensors(path: Path, tensors: dict[str, bytes], metadata: dict[str, str]
     path.write_bytes(struct.pack("<Q", len(text)) + text + data)
 
 
+# -- pickles that unpack to more than tiecli reads --------------------------------
+
+
+@pytest.mark.parametrize("compression", [zipfile.ZIP_DEFLATED, zipfile.ZIP_STORED])
+def test_a_pickle_larger_than_the_cap_is_refused_before_it_is_read(
+    tmp_path: Path, compression: int
+) -> None:
+    """80 MiB of data.pkl (a valid pickle, then zeros after its STOP): deflated it is an
+    82 KiB file that torch would unpack whole. Both readers refuse it from the zip's
+    directory alone."""
+    src = tmp_path / "plain.pt"
+    torch.save({"w": torch.ones(4)}, src)
+    with zipfile.ZipFile(src) as z:
+        records = [(i.filename, z.read(i)) for i in z.infolist()]
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(bomb, "w") as z:
+        for name, data in records:
+            if not name.endswith("/data.pkl"):
+                z.writestr(name, data)
+                continue
+            info = zipfile.ZipInfo(name)
+            info.compress_type = compression
+            with z.open(info, "w") as f:
+                f.write(data)
+                zeros = bytes(1 << 20)
+                for _ in range(80):
+                    f.write(zeros)
+    if compression == zipfile.ZIP_DEFLATED:
+        assert bomb.stat().st_size < 1 << 20
+    before = _digest(tmp_path)
+    for command in ("inspect", "verify", "dedupe", "untie"):
+        line = _one_error(runner.invoke(app, [command, str(bomb)]), bomb)
+        assert "data.pkl unpacks to 83886" in line and "64 MiB" in line, line
+    assert _digest(tmp_path) == before
+
+
 # -- a storage named as two types ---------------------------------------------------------
 
 

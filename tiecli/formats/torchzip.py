@@ -50,6 +50,10 @@ ALIGN = 64  # torch aligns every record's data to 64 bytes unless the file recor
 # The largest alignment a rewrite can honour: its padding lives in a 16-bit extra field.
 MAX_ALIGN = 1 << 15
 _ZIP64_LIMIT = 0xFFFFFFFF
+# The largest pickle record read (unpacked): a state dict's pickle takes about 200
+# bytes a tensor, so this is some 300,000 tensors; a compressed record can unpack
+# to far more than its file's size, and unpickling takes several times its size.
+MAX_PICKLE = 64 << 20
 
 
 class Declined(Exception):
@@ -274,6 +278,8 @@ class TorchZip(st.ByteFile):
             if recorded.size > 16 or not text.isdigit() or not 0 < int(text) <= MAX_ALIGN:
                 raise Declined("a storage alignment this writer cannot keep")
             self.alignment = int(text)
+        if pkl[0].size > MAX_PICKLE:
+            raise Declined("data.pkl too large")  # the torch-based reader says so
         raw = self.pread(pkl[0].start, pkl[0].size)
         if zlib.crc32(raw) != pkl[0].crc:
             raise Declined("data.pkl fails its checksum")
