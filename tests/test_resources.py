@@ -103,6 +103,50 @@ def test_a_pickle_larger_than_the_cap_is_refused_before_it_is_read(
     assert _digest(tmp_path) == before
 
 
+# -- a tie record far larger than its file -----------------------------------------
+
+
+@pytest.mark.parametrize("form", ["tiecli", "convention"])
+def test_a_record_far_larger_than_the_file_is_a_bad_record(tmp_path: Path, form: str) -> None:
+    """20,000 aliases of the one tensor a file stores: the record is refused as a
+    whole, so neither validation nor the human table sees 20,000 entries."""
+    n = 20_000
+    if form == "tiecli":
+        ties = [{"alias": f"a.{i}", "source": "w"} for i in range(n)]
+        metadata = {"tiecli": json.dumps({"version": 1, "ties": ties})}
+    else:
+        metadata = {f"a.{i}": "w" for i in range(n)}
+    path = tmp_path / "model.safetensors"
+    _safetensors(path, {"w": struct.pack("<4f", 1, 2, 3, 4)}, metadata)
+
+    result = runner.invoke(app, ["inspect", str(path), "--json"])
+    doc = json.loads(result.stdout)
+    assert doc["ties"] == []
+    bad = [p for p in doc["problems"] if p["code"] == "bad-record"]
+    assert len(bad) == 1 and "more than can be true (at most 1028)" in bad[0]["message"]
+
+    start = time.monotonic()
+    human = runner.invoke(app, ["inspect", str(path)], terminal_width=100)
+    assert "bad-record" in human.stdout and "a.19999" not in human.stdout
+    assert time.monotonic() - start < 5
+    line = _one_error(runner.invoke(app, ["dedupe", str(path)]), path)
+    assert "record" in line
+
+
+def test_a_record_within_the_cap_is_read(tmp_path: Path) -> None:
+    """Several aliases of one source are true of a small file (T5 names its embedding
+    three more times): the cap leaves room for them."""
+    ties = [{"alias": f"a.{i}", "source": "w"} for i in range(1028)]
+    path = tmp_path / "model.safetensors"
+    _safetensors(
+        path,
+        {"w": struct.pack("<4f", 1, 2, 3, 4)},
+        {"tiecli": json.dumps({"version": 1, "ties": ties})},
+    )
+    doc = json.loads(runner.invoke(app, ["inspect", str(path), "--json"]).stdout)
+    assert doc["problems"] == [] and len(doc["ties"]) == 1028
+
+
 # -- a storage named as two types ---------------------------------------------------------
 
 
