@@ -147,6 +147,70 @@ def test_a_record_within_the_cap_is_read(tmp_path: Path) -> None:
     assert doc["problems"] == [] and len(doc["ties"]) == 1028
 
 
+# -- deep nesting and stray indexes --------------------------------------------------
+
+
+def _deep_checkpoint(path: Path, shared: bool) -> None:
+    """A Lightning-style checkpoint with a list nested 5,000 levels deep beside the
+    state dict, whose embedding and head are equal copies (or one shared storage)."""
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    embed = torch.arange(16.0).reshape(4, 4)
+    head = embed if shared else embed.clone()
+    sd = {"model.embed_tokens.weight": embed, "lm_head.weight": head}
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)  # torch.save recurses once per level too
+    try:
+        torch.save({"state_dict": sd, "epoch": 3, "junk": deep}, path)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+@pytest.mark.parametrize(("args", "shared"), [(["dedupe", "--by-value"], False), (["untie"], True)])
+def test_a_deeply_nested_payload_is_a_clean_error(
+    tmp_path: Path, args: list[str], shared: bool
+) -> None:
+    path = tmp_path / "last.ckpt"
+    _deep_checkpoint(path, shared)
+    before = _digest(tmp_path)
+    inspected = runner.invoke(app, ["inspect", str(path), "--json"])
+    assert inspected.exit_code == 0 and len(json.loads(inspected.stdout)["ties"]) == 1
+    line = _one_error(runner.invoke(app, [*args, str(path)]), path)
+    assert "nests too deeply" in line
+    assert _digest(tmp_path) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def test_a_stray_index_beside_a_file_is_ignored(tmp_path: Path) -> None:
+    """``verify FILE`` looks for an index naming FILE; one that is no index at all
+    (nested 100,000 levels, a folder, a FIFO) names nothing and breaks nothing."""
+    path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(4)}, path)
+    (tmp_path / "junk.index.json").write_text("[" * 100_000)
+    (tmp_path / "dir.index.json").mkdir()
+    os.mkfifo(tmp_path / "pipe.index.json")
+    result = runner.invoke(app, ["verify", str(path), "--json"])
+    assert result.exit_code == 0, result.output
+    assert "Traceback" not in result.output
+    assert json.loads(result.stdout)["ok"] is True
+
+
+def test_a_sibling_index_is_read_under_the_size_cap(tmp_path: Path) -> None:
+    """A sibling index of 65 MiB (sparse: it costs no disk) is not read into memory."""
+    from tiecli.formats import indexes_in
+
+    with open(tmp_path / "huge.index.json", "wb") as f:
+        f.truncate(65 << 20)
+    tracemalloc.start()
+    try:
+        assert indexes_in(tmp_path) == []
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20
+
+
 # -- a storage named as two types ---------------------------------------------------------
 
 

@@ -666,7 +666,14 @@ def _save_with_torch(reader: PickleFile, plan: Plan, tmp: Path, durable: bool) -
     else:
         top = new
     with open(tmp, "xb") as out:
-        torch.save(top, out)
+        try:
+            torch.save(top, out)
+        except RecursionError:  # pickling recurses once per level of nesting
+            raise CheckpointFormatError(
+                "what it holds beside the tensors nests too deeply for torch.save to write it back",
+                reader.path,
+                hint="save the state dict alone: torch.save(checkpoint['state_dict'])",
+            ) from None
         out.flush()
         if durable:
             os.fsync(out.fileno())
