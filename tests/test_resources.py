@@ -211,6 +211,87 @@ def test_a_sibling_index_is_read_under_the_size_cap(tmp_path: Path) -> None:
     assert peak < 8 << 20
 
 
+# -- many shards, few open files --------------------------------------------------------
+
+
+def _many_shards(folder: Path, count: int, fmt: str) -> None:
+    """``count`` one-tensor shards; the embedding in the first equals the head in the
+    last (safetensors) or beside it (pickles share storage only within a file)."""
+    folder.mkdir()
+    weight_map = {}
+    head_in = count - 1 if fmt == "safetensors" else 0
+    for i in range(count):
+        name = f"model-{i + 1:05d}-of-{count:05d}.{fmt}"
+        tensors = {f"model.layers.{i}.weight": torch.full((4,), float(i))}
+        if i == 0:
+            tensors["model.embed_tokens.weight"] = torch.arange(4.0)
+        if i == head_in:
+            tensors["lm_head.weight"] = torch.arange(4.0)
+        if fmt == "safetensors":
+            _safetensors(folder / name, {k: v.numpy().tobytes() for k, v in tensors.items()}, {})
+        else:
+            torch.save(tensors, folder / name)
+        weight_map.update(dict.fromkeys(tensors, name))
+    index = (
+        "model.safetensors.index.json" if fmt == "safetensors" else "pytorch_model.bin.index.json"
+    )
+    (folder / index).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def _limit_files() -> None:
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_three_hundred_shards_under_a_limit_of_256_open_files(tmp_path: Path, fmt: str) -> None:
+    """macOS allows 256 open files by default; a checkpoint of more shards still works."""
+    ckpt = tmp_path / "ckpt"
+    _many_shards(ckpt, 300, fmt)
+
+    def tiecli(*args: str) -> dict[str, object]:
+        cmd = [sys.executable, "-m", "tiecli", *args, "--json"]
+        done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=_limit_files)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    assert tiecli("inspect", str(ckpt))["tensors"] == 302
+    assert tiecli("verify", str(ckpt))["ok"] is True
+    deduped = tiecli(
+        "dedupe", "--by-value", "--min-bytes", "0", str(ckpt), "-o", str(tmp_path / "d")
+    )
+    assert deduped["removed"] and deduped["ok"] is True
+    assert tiecli("untie", str(tmp_path / "d"), "-o", str(tmp_path / "u"))["ok"] is True
+    assert tiecli("dedupe", "--by-value", "--min-bytes", "0", str(ckpt))["ok"] is True
+
+
+def test_a_replaced_file_is_not_read_as_the_one_opened(tmp_path: Path) -> None:
+    """A file closed to make room is opened again by its path; if another file took
+    that path meanwhile, reading it is an error, never the other file's bytes."""
+    from tiecli.formats.safetensors import _OPEN, SafetensorsFile
+
+    paths = []
+    for i in range(3):
+        paths.append(tmp_path / f"{i}.safetensors")
+        _safetensors(paths[-1], {"w": struct.pack("<4f", i, i, i, i)}, {})
+    limit = _OPEN.limit
+    files = []
+    try:
+        _OPEN.limit = 1
+        files = [SafetensorsFile(p) for p in paths]
+        assert files[-1].pread(files[-1].data_start, 4) == struct.pack("<f", 2)
+        assert files[0]._fd < 0  # closed to keep one file open
+        assert files[0].pread(files[0].data_start, 4) == struct.pack("<f", 0)
+        os.replace(paths[2], paths[1])
+        with pytest.raises(Exception, match="replaced while being read"):
+            files[1].pread(files[1].data_start, 4)
+    finally:
+        _OPEN.limit = limit
+        for f in files:
+            f.close()
+
+
 # -- a storage named as two types ---------------------------------------------------------
 
 

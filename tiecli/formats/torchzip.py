@@ -253,11 +253,12 @@ class TorchZip(st.ByteFile):
     def __init__(self, path: Path, file_number: int = 0):
         super().__init__(path, file_number)
         try:
-            self.size = os.fstat(self.fd).st_size
-            self.records = _records(path, self.fd, self.size)
-            self._parse()
+            with self.opened() as fd:
+                self.size = os.fstat(fd).st_size
+                self.records = _records(path, fd, self.size)
+                self._parse()
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
 
     def _parse(self) -> None:
@@ -468,7 +469,8 @@ def write_shared(
                 pos += st._write_all(fd, bytes(pending), pos)
                 pending.clear()
                 reached(pos)
-                copy(src.fd, fd, record.start, pos, size)
+                with src.opened() as src_fd:
+                    copy(src_fd, fd, record.start, pos, size)
                 pos += size
                 reached(pos)
             else:
