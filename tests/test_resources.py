@@ -269,6 +269,7 @@ def test_three_hundred_shards_under_a_limit_of_256_open_files(tmp_path: Path, fm
 def test_a_replaced_file_is_not_read_as_the_one_opened(tmp_path: Path) -> None:
     """A file closed to make room is opened again by its path; if another file took
     that path meanwhile, reading it is an error, never the other file's bytes."""
+    from tiecli.errors import CheckpointFormatError
     from tiecli.formats.safetensors import _OPEN, SafetensorsFile
 
     paths = []
@@ -284,8 +285,14 @@ def test_a_replaced_file_is_not_read_as_the_one_opened(tmp_path: Path) -> None:
         assert files[0]._fd < 0  # closed to keep one file open
         assert files[0].pread(files[0].data_start, 4) == struct.pack("<f", 0)
         os.replace(paths[2], paths[1])
-        with pytest.raises(Exception, match="replaced while being read"):
+        with pytest.raises(CheckpointFormatError, match="removed or replaced while being read"):
             files[1].pread(files[1].data_start, 4)
+        paths[0].unlink()
+        _safetensors(tmp_path / "3.safetensors", {"w": struct.pack("<4f", 3, 3, 3, 3)}, {})
+        files.append(SafetensorsFile(tmp_path / "3.safetensors"))  # 0 closes to make room
+        assert files[0]._fd < 0
+        with pytest.raises(CheckpointFormatError, match="removed or replaced while being read"):
+            files[0].pread(files[0].data_start, 4)
     finally:
         _OPEN.limit = limit
         for f in files:

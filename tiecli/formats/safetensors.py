@@ -167,12 +167,15 @@ class ByteFile:
         return OSError(5, f"short read at byte {offset} of {self.path}")
 
     def _changed(self) -> Exception:
-        return OSError(116, f"{self.path} was replaced while being read")  # ESTALE
+        return CheckpointFormatError("was removed or replaced while being read", self.path)
 
     def _reopen(self) -> None:
         if self._closed:
             raise OSError(9, f"{self.path} is closed")  # EBADF, as a read of a closed fd
-        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            raise self._changed() from None
         st = os.fstat(fd)
         size = getattr(self, "size", None)
         if (st.st_dev, st.st_ino) != self._identity or size not in (None, st.st_size):
@@ -264,9 +267,6 @@ class SafetensorsFile(ByteFile):
 
     def _short_read(self, offset: int) -> Exception:
         return self._fail(f"short read at byte {offset} (file changed or truncated?)")
-
-    def _changed(self) -> Exception:
-        return self._fail("file was replaced while being read")
 
     def _parse(
         self, fd: int
