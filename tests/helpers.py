@@ -30,3 +30,28 @@ def with_config(model: str, form: str, dst: Path, **changes: Any) -> Path:
     cfg.update(changes)
     (dst / "config.json").write_text(json.dumps(cfg))
     return dst
+
+
+def sharded_pickle(x: Path) -> Path:
+    """gpt2 as two .bin shards with an index; the tied pair stored twice in one shard."""
+    import torch
+    from safetensors.torch import load_file
+
+    x.mkdir(parents=True)
+    shutil.copy2(FIXTURES / "gpt2/full/config.json", x)
+    sd = load_file(FIXTURES / "gpt2/full/model.safetensors")
+    pair = ("transformer.wte.weight", "lm_head.weight")
+    shards = {
+        "pytorch_model-00001-of-00002.bin": {n: t for n, t in sd.items() if n not in pair},
+        "pytorch_model-00002-of-00002.bin": {n: sd[n] for n in pair},
+    }
+    weight_map = {}
+    for name, part in shards.items():
+        torch.save(part, x / name)
+        weight_map |= {n: name for n in part}
+    index = {
+        "metadata": {"total_size": sum(t.nbytes for t in sd.values())},
+        "weight_map": weight_map,
+    }
+    (x / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    return x

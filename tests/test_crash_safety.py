@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES, MANIFEST
+from helpers import FIXTURES, MANIFEST, sharded_pickle
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -33,28 +33,6 @@ import tiecli.atomic
 import tiecli.formats.safetensors as st_format
 
 # -- what is interrupted -------------------------------------------------------
-
-
-def _sharded_pickle(x: Path) -> Path:
-    """gpt2 as two .bin shards with an index; the tied pair stored twice in one shard."""
-    x.mkdir(parents=True)
-    shutil.copy2(FIXTURES / "gpt2/full/config.json", x)
-    sd = load_file(FIXTURES / "gpt2/full/model.safetensors")
-    pair = ("transformer.wte.weight", "lm_head.weight")
-    shards = {
-        "pytorch_model-00001-of-00002.bin": {n: t for n, t in sd.items() if n not in pair},
-        "pytorch_model-00002-of-00002.bin": {n: sd[n] for n in pair},
-    }
-    weight_map = {}
-    for name, part in shards.items():
-        torch.save(part, x / name)
-        weight_map |= {n: name for n in part}
-    index = {
-        "metadata": {"total_size": sum(t.nbytes for t in sd.values())},
-        "weight_map": weight_map,
-    }
-    (x / "pytorch_model.bin.index.json").write_text(json.dumps(index))
-    return x
 
 
 def _cloned_head_pickle(x: Path) -> Path:
@@ -92,7 +70,7 @@ TARGETS = {
     "untie-recorded-sharded": ("untie", {}, _deduped("bert-mlm/full-sharded"), "bert-mlm"),
     "untie-pickle": ("untie", {}, _copy("llama-tied/bin", "pytorch_model.bin"), "llama-tied"),
     "dedupe-pickle": ("dedupe", {}, _cloned_head_pickle, "llama-tied"),
-    "convert-sharded-pickle": ("dedupe", {"to": "safetensors"}, _sharded_pickle, "gpt2"),
+    "convert-sharded-pickle": ("dedupe", {"to": "safetensors"}, sharded_pickle, "gpt2"),
 }
 
 
@@ -305,14 +283,24 @@ def test_next_run_removes_leftovers_even_with_nothing_to_do(command: str, tmp_pa
     assert tree(x) == before
 
 
-@pytest.mark.parametrize("at", [0, 1])
-def test_failed_forced_replace_keeps_the_old_output(at: int, tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("step", ["exchange", "aside", "in"])
+def test_failed_forced_replace_keeps_the_old_output(step: str, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
     tiecli.untie(FIXTURES / "t5/hf", out)
     before = tree(out)
-    fault = Fault(at)  # 0: moving the old output aside, 1: moving the new one in
     with monkeypatch.context() as m:
-        arm(m, "rename", fault)
+        if step == "exchange":  # one atomic swap, where the system has it
+            fault = Fault(0)
+
+            def exchange(a: Path, b: Path) -> bool:
+                fault.hit()
+                raise OSError(errno.EIO, "injected exchange failure")
+
+            m.setattr(tiecli.atomic, "exchange", exchange)
+        else:  # two renames: the old output aside, then the new one in
+            m.setattr(tiecli.atomic, "exchange", lambda a, b: False)
+            fault = Fault(0 if step == "aside" else 1)
+            arm(m, "rename", fault)
         with pytest.raises(tiecli.OutputError, match="nothing was changed"):
             tiecli.dedupe(FIXTURES / "t5/full", out, force=True)
     assert fault.fired

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -388,7 +389,7 @@ def test_what_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: 
     synced.clear()
     tiecli.dedupe(ckpt)  # in place: every new file synced before its rename
     written = {p.name for p in ckpt.iterdir() if p.name.endswith((".safetensors", ".json"))}
-    changed = {n.removeprefix(".").removesuffix(".tiecli-tmp") for n in synced if "tmp" in n}
+    changed = {_target_of(n) for n in synced if "tmp" in n}
     assert changed and changed <= written and "in" in synced, synced
 
 
@@ -424,4 +425,12 @@ def test_save_syncs_only_what_replaces_a_file(
     tiecli.save(sd, target)
     assert synced == []  # a new file: as durable as save_file's
     tiecli.save(sd, target)
-    assert ".m.safetensors.tiecli-tmp" in synced and tmp_path.name in synced, synced
+    assert [_target_of(n) for n in synced if "tmp" in n] == ["m.safetensors"], synced
+    assert tmp_path.name in synced, synced
+
+
+def _target_of(temporary: str) -> str:
+    """The file a temporary ``.<name>.<pid>-<random>.tiecli-tmp`` stands for."""
+    m = re.fullmatch(r"\.(.+)\.(\d+)-[0-9a-f]{8}\.tiecli-tmp", temporary)
+    assert m and int(m.group(2)) == os.getpid(), temporary
+    return m.group(1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from .errors import (
+    BusyError,
     CheckpointFormatError,
     CheckpointNotFoundError,
     OutputError,
@@ -35,6 +36,7 @@ _LAZY = {
 }
 
 __all__ = [
+    "BusyError",
     "CheckpointFormatError",
     "CheckpointNotFoundError",
     "OutputError",

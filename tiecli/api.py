@@ -6,8 +6,10 @@ Every command is the same pipeline: open the checkpoint, find its ties, and
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import shlex
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -105,6 +107,8 @@ class RewriteResult:
     dry_run: bool = False
     changed: bool = True
     command: str = ""
+    # other files of the folder that -o left out, with the reason (links out of it...)
+    not_copied: list[dict[str, str]] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -117,6 +121,7 @@ class RewriteResult:
             "changed": self.changed,
             "bytes_before": self.bytes_before,
             "bytes_after": self.bytes_after,
+            "not_copied": self.not_copied,
         }
 
 
@@ -188,6 +193,7 @@ def _carry_out(
         )
         result.output = str(written.output)
         result.changed = written.changed
+        result.not_copied = [{"path": str(p), "reason": why} for p, why in written.not_copied]
     return result
 
 
@@ -201,6 +207,43 @@ def _refuse_unreadable_record(ckpt: Checkpoint, report: TieReport) -> None:
             f"its tie record cannot be read ({bad[0].message}); nothing was changed",
             ckpt.path,
             hint="fix or remove the 'tiecli' metadata entry first",
+        )
+
+
+@contextlib.contextmanager
+def _rewriting(
+    path: Path, out: Path | None, command: str, dry_run: bool, to: str | None
+) -> Iterator[None]:
+    """Refuse what would corrupt a checkpoint, and lock what the rewrite replaces
+    (a dry run writes nothing and takes no lock) for as long as it runs."""
+    if out is None:
+        _refuse_shard(path, command)
+    if dry_run:
+        yield
+        return
+    from .atomic import locked
+    from .rewrite import lock_targets
+
+    with locked(lock_targets(path, out, to == "safetensors"), out or path):
+        yield
+
+
+def _refuse_shard(path: Path, command: str) -> None:
+    """A shard an index names is rewritten with its checkpoint, never alone: the index
+    would go on naming what the shard no longer holds."""
+    from .formats import INDEX_SUFFIX, checkpoint_roots
+
+    if not path.is_file() or path.name.endswith(INDEX_SUFFIX):
+        return
+    root = checkpoint_roots([path])[0]
+    if root != path:
+        from .errors import UsageError
+
+        raise UsageError(
+            f"is a shard of the checkpoint indexed by {root.name}; rewriting it alone would "
+            "leave that index naming tensors the shard no longer holds; nothing was changed",
+            path,
+            hint=f"rewrite the whole checkpoint: tiecli {command} {shlex.quote(str(root))}",
         )
 
 
@@ -229,7 +272,7 @@ def dedupe(
 
         raise UsageError(f"--to {to!r}: the only conversion is --to safetensors")
     out = Path(output) if output is not None else None
-    with open_checkpoint(path) as ckpt:
+    with _rewriting(Path(path), out, "dedupe", dry_run, to), open_checkpoint(path) as ckpt:
         # Ties are taken as equal from their samples; the verification of the rewrite
         # compares every removed alias in full. A dry run writes nothing, so it reads all.
         report = find_ties(
@@ -313,7 +356,7 @@ def untie(
     from .plan import plan_untie
 
     out = Path(output) if output is not None else None
-    with open_checkpoint(path) as ckpt:
+    with _rewriting(Path(path), out, "untie", dry_run, None), open_checkpoint(path) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         _refuse_unreadable_record(ckpt, report)
         plan = plan_untie(ckpt, report)

@@ -16,6 +16,7 @@ from typer.core import TyperGroup
 
 from . import __version__
 from .errors import TiecliError
+from .terminal import printable
 
 
 class _Group(TyperGroup):
@@ -25,7 +26,7 @@ class _Group(TyperGroup):
         except TiecliError as e:
             if _debug():
                 raise
-            typer.echo(f"Error: {e.one_line()}", err=True)
+            typer.echo(f"Error: {printable(e.one_line())}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("Error: interrupted", err=True)
@@ -74,8 +75,12 @@ def _root(
 
 
 def _emit(result: Any, json_out: bool, render: Any) -> None:
-    """One JSON document, or the human rendering, on stdout."""
+    """One JSON document, or the human rendering, on stdout; warnings on stderr."""
     from .render import print_json
+
+    for skipped in getattr(result, "not_copied", []):
+        line = f"{skipped['path']}: not copied to the output: {skipped['reason']}"
+        typer.echo(f"Warning: {printable(line)}", err=True)
 
     if json_out:
         print_json(result)

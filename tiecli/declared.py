@@ -9,10 +9,17 @@ Importing transformers and building a model costs seconds, and the answer
 depends only on the config and the transformers version, so it is cached on
 disk (``$TIECLI_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiecli``, else
 ``~/.cache/tiecli``); a repeated run never imports transformers.
+
+The config is untrusted text from the checkpoint's folder, so the build runs
+offline, never imports the folder's code (``trust_remote_code=False``), never
+asks anything on stdin, and stops once the model outgrows the checkpoint.
+When no model comes of it, the reason becomes a note and detection falls back
+to the pattern table.
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import io
@@ -32,7 +39,8 @@ class Declared:
     architecture: str | None = None
 
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: refusals keep their reason
+CUSTOM_CODE = "config.json asks for custom code (auto_map), which tiecli never runs"
 
 
 def transformers_version() -> str | None:
@@ -70,28 +78,30 @@ def _cache_file(config_dir: Path, tf_version: str) -> Path | None:
     return Path(root) / "declared" / f"{key}.json"
 
 
-def _cache_read(path: Path | None) -> tuple[bool, Declared | None]:
+def _cache_read(path: Path | None) -> tuple[bool, Declared | None, str | None]:
+    """(hit, ties, why none); a cached refusal keeps its reason."""
     if path is None:
-        return False, None
+        return False, None, None
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
         if doc.get("unknown"):
-            return True, None
+            why = doc.get("why")
+            return True, None, why if isinstance(why, str) else None
         ties = doc["ties"]
         if isinstance(ties, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in ties.items()
         ):
-            return True, Declared(dict(ties), doc.get("architecture"))
+            return True, Declared(dict(ties), doc.get("architecture")), None
     except (OSError, ValueError, KeyError, AttributeError):
         pass
-    return False, None
+    return False, None, None
 
 
-def _cache_write(path: Path | None, declared: Declared | None) -> None:
+def _cache_write(path: Path | None, declared: Declared | None, why: str | None) -> None:
     if path is None:
         return
     doc = (
-        {"unknown": True}
+        {"unknown": True, "why": why}
         if declared is None
         else {"architecture": declared.architecture, "ties": declared.ties}
     )
@@ -104,14 +114,18 @@ def _cache_write(path: Path | None, declared: Declared | None) -> None:
 
 @contextlib.contextmanager
 def _quiet() -> Any:
-    """transformers talks on stderr while building models; keep ours clean."""
+    """transformers talks on stderr (and prompts on stdout) while building; keep ours clean."""
     import transformers
 
     level = transformers.logging.get_verbosity()
     transformers.logging.set_verbosity_error()
     logging.disable(logging.WARNING)
     try:
-        with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
+        with (
+            warnings.catch_warnings(),
+            contextlib.redirect_stderr(io.StringIO()),
+            contextlib.redirect_stdout(io.StringIO()),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -119,86 +133,288 @@ def _quiet() -> Any:
         transformers.logging.set_verbosity(level)
 
 
-@contextlib.contextmanager
-def _parameters_on_meta() -> Any:
-    """Parameters go to the meta device as modules register them; buffers stay real.
+@dataclass(frozen=True)
+class Budget:
+    """What the checkpoint holds: a model built from its config must be of its size.
 
-    Buffers a model computes from its config (rotary frequencies, position ids)
-    are then right without loading anything, while no memory or time goes to
-    initialising parameters that the checkpoint replaces.
+    A config is text anyone can edit: ``num_hidden_layers: 100000`` beside a
+    256-byte file would otherwise cost minutes and gigabytes to build. A model
+    whose modules or parameters far outnumber the stored tensors, or whose
+    computed buffers outweigh the weights, cannot be the model of this file.
     """
-    import torch
 
-    original = torch.nn.Module.register_parameter
+    tensors: int
+    nbytes: int
 
-    def register(module: Any, name: str, param: Any) -> None:
-        original(module, name, param)
-        if param is not None and not param.is_meta:
-            p = module._parameters[name]
-            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+    @property
+    def modules(self) -> int:
+        return 16 * self.tensors + 1000
 
-    torch.nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
+    @property
+    def parameters(self) -> int:
+        return 4 * self.tensors + 256
+
+    @property
+    def buffer_bytes(self) -> int:
+        return max(256 << 20, 2 * self.nbytes)
+
+
+class BuildRefused(Exception):
+    """The config was not turned into a model; the message says why (for a note).
+
+    ``by_weights``: the refusal depends on the checkpoint's size, not on the
+    config alone, so it is not cached with the config's answer.
+    """
+
+    def __init__(self, message: str, by_weights: bool = False) -> None:
+        super().__init__(message)
+        self.by_weights = by_weights
+
+
+class _OverBudget(BaseException):
+    """Raised from inside module construction; BaseException so model code cannot swallow it."""
+
+
+class _Prompted(BaseException):
+    """Something asked a question on stdin while building."""
+
+
+def _refuse_prompt(*_args: Any, **_kwargs: Any) -> str:
+    raise _Prompted
+
+
+# What the socket backstop of :func:`_offline` refused, for tests and debugging:
+# offline mode should stop every request before it reaches a socket.
+refused_network: list[str] = []
+
+
+@contextlib.contextmanager
+def _offline() -> Any:
+    """No network, no prompt, while transformers builds a model from an untrusted config.
+
+    Hub helpers are put in offline mode (huggingface_hub reads
+    ``constants.HF_HUB_OFFLINE`` on every request, ``utils/_http.py``), and any
+    socket that still tries to resolve or connect raises; ``input()`` raises
+    instead of asking (transformers' ``resolve_trust_remote_code`` asks
+    "Do you wish to run the custom code?" on stdin), and stdin reads as empty.
+    """
+    import socket
+
+    patches: list[tuple[Any, str, Any]] = []
+
+    def patch(obj: Any, name: str, value: Any) -> None:
+        patches.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    def refuse(*args: Any, **_kwargs: Any) -> Any:
+        refused_network.append(repr(args[:2])[:200])
+        raise OSError("network access is disabled while tiecli reads a local checkpoint")
+
+    try:
+        import huggingface_hub.constants as hub_constants
+
+        patch(hub_constants, "HF_HUB_OFFLINE", True)
+    except ImportError:
+        pass
+    for name in ("getaddrinfo", "create_connection"):
+        patch(socket, name, refuse)
+    for name in ("connect", "connect_ex"):
+        patch(socket.socket, name, refuse)
+    patch(builtins, "input", _refuse_prompt)
+    patch(sys, "stdin", io.StringIO())
     try:
         yield
     finally:
-        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+        for obj, name, value in reversed(patches):
+            setattr(obj, name, value)
 
 
-def build_meta_model(config_dir: Path, real_buffers: bool = False) -> Any:
-    """The model class the config names, its parameters on the meta device; None if unknown.
+@contextlib.contextmanager
+def _bounded(budget: Budget | None, real_buffers: bool) -> Any:
+    """Count modules and parameters as they are made; stop past the budget.
+
+    With ``real_buffers`` parameters go to the meta device as modules register
+    them, while buffers stay real: buffers a model computes from its config
+    (rotary frequencies, position ids) are then right without loading
+    anything, and no time goes to initialising what the checkpoint replaces.
+    """
+    import torch
+
+    module_init = torch.nn.Module.__init__
+    register = torch.nn.Module.register_parameter
+    counts = [0, 0]
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        counts[0] += 1
+        if budget is not None and counts[0] > budget.modules:
+            raise _OverBudget(
+                f"it makes more than {budget.modules} modules for {budget.tensors} stored tensors"
+            )
+        module_init(self, *args, **kwargs)
+
+    def register_parameter(module: Any, name: str, param: Any) -> None:
+        register(module, name, param)
+        if param is None:
+            return
+        counts[1] += 1
+        if budget is not None and counts[1] > budget.parameters:
+            raise _OverBudget(
+                f"it has more than {budget.parameters} parameters for {budget.tensors} "
+                f"stored tensors"
+            )
+        if real_buffers and not param.is_meta:
+            p = module._parameters[name]
+            module._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.__init__ = init  # type: ignore[method-assign]
+    torch.nn.Module.register_parameter = register_parameter  # type: ignore[method-assign,assignment]
+    try:
+        yield
+    finally:
+        torch.nn.Module.__init__ = module_init  # type: ignore[method-assign]
+        torch.nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def _buffer_bytes(model: Any) -> int:
+    return sum(b.numel() * b.element_size() for b in model.buffers())
+
+
+def build_model(config_dir: Path, real_buffers: bool = False, budget: Budget | None = None) -> Any:
+    """The model class ``config_dir/config.json`` names, its parameters on the meta device.
 
     ``real_buffers`` keeps buffers on the CPU with their computed values (for
-    running the model); otherwise everything is on meta.
+    running the model); otherwise everything is on meta. Nothing from the
+    folder is imported (``trust_remote_code=False``), nothing is downloaded,
+    nothing is asked on stdin, and the work is bounded by ``budget``. Raises
+    :class:`BuildRefused` saying why no model was built.
     """
     import torch
     import transformers
 
-    with _quiet():
+    version = transformers.__version__
+    with _quiet(), _offline():
         try:
-            config = transformers.AutoConfig.from_pretrained(str(config_dir), local_files_only=True)
-        except Exception:  # noqa: BLE001 - any config transformers refuses: fall back to patterns
-            return None
+            config = transformers.AutoConfig.from_pretrained(
+                str(config_dir), local_files_only=True, trust_remote_code=False
+            )
+        except _Prompted:
+            raise BuildRefused(CUSTOM_CODE) from None
+        except Exception as e:  # noqa: BLE001 - any config transformers refuses: fall back
+            if "auto_map" in _config_dict(config_dir):
+                raise BuildRefused(CUSTOM_CODE) from None
+            raise BuildRefused(
+                f"transformers {version} cannot read config.json ({_first(e)})"
+            ) from None
+        _no_pretrained_parts(config)
         cls = None
-        for name in getattr(config, "architectures", None) or []:
-            if not isinstance(name, str) or not name.isidentifier():
-                continue
-            cls = getattr(transformers, name, None)
+        names = [n for n in getattr(config, "architectures", None) or [] if isinstance(n, str)]
+        for name in names:
+            if name.isidentifier():
+                cls = getattr(transformers, name, None)
             if cls is not None:
                 break
         if cls is None:
-            return None
-        placement = _parameters_on_meta() if real_buffers else torch.device("meta")
-        with placement:
-            try:
-                return cls._from_config(config)
-            except Exception:  # noqa: BLE001 - a config this transformers cannot build
-                return None
+            named = ", ".join(names) or "no architecture"
+            raise BuildRefused(f"config.json names {named}, which transformers {version} lacks")
+        if real_buffers:
+            # Buffers are computed for real: weigh them on meta first.
+            model = _build(cls, config, budget, torch.device("meta"), real_buffers=False)
+            if budget is not None and _buffer_bytes(model) > budget.buffer_bytes:
+                raise BuildRefused(
+                    f"{cls.__name__} from this config.json computes "
+                    f"{_buffer_bytes(model)} bytes of buffers for {budget.nbytes} bytes of "
+                    f"weights: the config does not describe this checkpoint",
+                    by_weights=True,
+                )
+            return _build(cls, config, budget, contextlib.nullcontext(), real_buffers=True)
+        return _build(cls, config, budget, torch.device("meta"), real_buffers=False)
 
 
-def declared_ties(config_dir: Path) -> Declared | None:
+def _build(cls: Any, config: Any, budget: Budget | None, placement: Any, real_buffers: bool) -> Any:
+    try:
+        with placement, _bounded(budget, real_buffers):
+            return cls._from_config(config)
+    except _OverBudget as e:
+        raise BuildRefused(
+            f"{cls.__name__} from this config.json does not fit the checkpoint: {e}",
+            by_weights=True,
+        ) from None
+    except _Prompted:
+        raise BuildRefused(f"building {cls.__name__} asks to run custom code") from None
+    except Exception as e:  # noqa: BLE001 - a config this transformers cannot build
+        raise BuildRefused(f"transformers cannot build {cls.__name__} ({_first(e)})") from None
+
+
+def _first(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:200] if text else type(e).__name__
+
+
+def _config_dict(config_dir: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads((config_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def _no_pretrained_parts(config: Any) -> None:
+    """Backbones are built from their configs, never fetched (DETR-style ``use_pretrained_backbone``)."""
+    seen: set[int] = set()
+    stack = [config]
+    while stack:
+        c = stack.pop()
+        if id(c) in seen:
+            continue
+        seen.add(id(c))
+        if getattr(c, "use_pretrained_backbone", False):
+            with contextlib.suppress(Exception):
+                c.use_pretrained_backbone = False
+        for value in vars(c).values():
+            if hasattr(value, "to_dict") and hasattr(value, "model_type"):
+                stack.append(value)
+
+
+def build_meta_model(
+    config_dir: Path, real_buffers: bool = False, budget: Budget | None = None
+) -> Any:
+    """:func:`build_model`, or None when no model can be built from the config."""
+    try:
+        return build_model(config_dir, real_buffers, budget)
+    except BuildRefused:
+        return None
+
+
+def declared_ties(
+    config_dir: Path, budget: Budget | None = None
+) -> tuple[Declared | None, str | None]:
     """Ties declared by the architecture in ``config_dir/config.json``.
 
-    None when transformers is not installed or does not know the architecture:
-    detection then falls back to tiecli's pattern table.
+    ``(ties, None)``; or ``(None, why)`` when transformers builds no model from
+    the config, and ``(None, None)`` when it is not installed: detection then
+    falls back to tiecli's pattern table.
     """
     tf_version = transformers_version()
     if tf_version is None:
-        return None
+        return None, None
     cache = _cache_file(config_dir, tf_version)
-    hit, cached = _cache_read(cache)
+    hit, cached, why = _cache_read(cache)
     if hit:
-        return cached
+        return cached, why
     if not transformers_available():
-        return None
-    out = _ask_transformers(config_dir)
-    _cache_write(cache, out)
-    return out
+        return None, None
+    try:
+        out = _ask_transformers(config_dir, budget)
+    except BuildRefused as e:
+        if not e.by_weights:
+            _cache_write(cache, None, str(e))
+        return None, str(e)
+    _cache_write(cache, out, None)
+    return out, None
 
 
-def _ask_transformers(config_dir: Path) -> Declared | None:
-    model = build_meta_model(config_dir)
-    if model is None:
-        return None
+def _ask_transformers(config_dir: Path, budget: Budget | None) -> Declared:
+    model = build_model(config_dir, budget=budget)
     out = Declared(architecture=type(model).__name__)
     expanded = getattr(model, "get_expanded_tied_weights_keys", None)
     if callable(expanded):

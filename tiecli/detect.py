@@ -103,6 +103,10 @@ class TieReport:
     # (alias, source, transform) found equal by their samples alone; empty unless
     # find_ties(sampled=True). Whoever acts on these must compare them in full.
     assumed: list[tuple[str, str, str]] = field(default_factory=list)
+    # With a config.json that transformers or the pattern table interprets: the
+    # architecture (class, or model_type) whose declared ties a loader restores. An
+    # alias absent from the file and not declared by it is initialised randomly.
+    architecture: str | None = None
 
     @property
     def dedupable_bytes(self) -> int:
@@ -135,6 +139,7 @@ class _Finder:
         self.claims: list[_Claim] = []
         self.problems: list[Problem] = []
         self.declared_by: str | None = None
+        self.architecture: str | None = None
         # absent alias -> (source, transform) exactly as the file's record says
         self.recorded: dict[str, tuple[str, str]] = {}
         self._equal_cache: dict[tuple[str, str, str], bool] = {}
@@ -160,11 +165,15 @@ class _Finder:
         cfg = self.ckpt.config
         declared = None
         if cfg is not None and self.use_transformers and self.ckpt.config_path is not None:
-            from .declared import declared_ties
+            from .declared import Budget, declared_ties
 
-            declared = declared_ties(self.ckpt.config_path.parent)
+            budget = Budget(len(self.entries), sum(e.nbytes for e in self.entries.values()))
+            declared, why = declared_ties(self.ckpt.config_path.parent, budget)
+            if why is not None:
+                self.ckpt.notes.append(f"{why}: ties come from the pattern table")
         if declared is not None:
             self.declared_by = f"transformers ({declared.architecture})"
+            self.architecture = declared.architecture or "its architecture"
             for alias, source in declared.ties.items():
                 if alias in self.entries or source in self.entries:
                     self.claims.append(
@@ -174,6 +183,9 @@ class _Finder:
         found = pattern_ties(self.entries, cfg)
         if found:
             self.declared_by = "pattern table"
+        model_type = (cfg or {}).get("model_type")
+        if isinstance(model_type, str) and model_type in table()["model_types"]:
+            self.architecture = f"model_type {model_type!r}"
         for p in found:
             transform = self._shape_transform(p.alias, p.source)
             both = p.alias in self.entries and p.source in self.entries
@@ -395,7 +407,25 @@ class _Finder:
         return ties
 
     def report_problems(self, ties: list[Tie]) -> None:
+        mismatched = {n for p in self.problems if p.code == "config-mismatch" for n in p.tensors}
         for t in ties:
+            if (
+                self.architecture is not None
+                and t.alias not in self.entries
+                and t.source_stored
+                and t.alias not in mismatched
+                and not declared(t)
+            ):
+                self.problems.append(
+                    Problem(
+                        "alias-not-declared",
+                        "error",
+                        f"{t.alias} is absent, recorded as {t.source}, but {self.architecture} "
+                        f"does not tie them: transformers will initialise {t.alias} randomly "
+                        f"on load; fix: tiecli untie {self.ckpt.path}",
+                        [t.alias, t.source],
+                    )
+                )
             if t.drift is not None:
                 d = t.drift
                 diff = (
@@ -424,6 +454,12 @@ class _Finder:
                         [t.source, t.alias],
                     )
                 )
+
+
+def declared(t: Tie) -> bool:
+    """The architecture (transformers, or the pattern table) declares this tie: a loader
+    that knows nothing of tie records still restores the alias."""
+    return "declared" in t.evidence or "pattern" in t.evidence
 
 
 def _owns(e: Entry) -> bool:
@@ -500,4 +536,4 @@ def find_ties(
         key=lambda t: (f.order.get(t.source, 1 << 30), f.order.get(t.alias, 1 << 30), t.alias)
     )
     f.report_problems(ties)
-    return TieReport(ties, f.problems, f.declared_by, f.assumed)
+    return TieReport(ties, f.problems, f.declared_by, f.assumed, f.architecture)

@@ -58,6 +58,10 @@ class OutputError(TiecliError, OSError):
         return self.one_line()
 
 
+class BusyError(OutputError):
+    """Another tiecli is rewriting the same checkpoint or output (its lock is held)."""
+
+
 class MissingDependencyError(TiecliError, ImportError):
     """An optional dependency is needed for this operation."""
 

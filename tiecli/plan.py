@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHUNK, Checkpoint, Entry
-from .detect import Tie, TieReport
+from .detect import Tie, TieReport, declared
 from .record import RECORD_KEY, RECORD_VERSION, RecordedTie, read_record
 
 
@@ -182,6 +182,10 @@ def plan_dedupe(
 ) -> Plan:
     removed: list[Tie] = []
     kept: list[tuple[Tie, str]] = []
+    stays_pickle = ckpt.format.startswith("pytorch") and not to_safetensors
+    # A name dropped from a file a config describes comes back in transformers only
+    # when the architecture ties it (a pickle keeps every name, as a view).
+    loader_restores = report.architecture is None or stays_pickle
     for t in report.ties:
         if not t.stored:
             continue
@@ -199,12 +203,27 @@ def plan_dedupe(
             kept.append((t, "duplicate by value only (use --by-value)"))
         elif t.bytes < min_bytes:
             kept.append((t, f"duplicate smaller than --min-bytes ({min_bytes})"))
+        elif not loader_restores and not declared(t):
+            why = f"transformers would not restore it: not a tie of {report.architecture}"
+            kept.append((t, why))
         else:
             removed.append(t)
+    copies: dict[str, list[OutTensor]] = {}  # shared-storage aliases written on their own
     if to_safetensors:
         # safetensors cannot store two names over one storage: a pickle's
-        # shared-storage aliases leave the file and go into the record
-        removed += [t for t in report.ties if _in_storage(t, ckpt) and t.drift is None]
+        # shared-storage aliases leave the file and go into the record, unless the
+        # loader would not restore them: those are written as copies of their source
+        for t in report.ties:
+            if not _in_storage(t, ckpt) or t.drift is not None:
+                continue
+            if loader_restores or declared(t):
+                removed.append(t)
+            else:
+                src = ckpt.entries[t.source]
+                copies.setdefault(t.source, []).append(OutTensor(t.alias, src, t.transform))
+                why = f"transformers would not restore it: not a tie of {report.architecture}"
+                kept.append((t, why + "; written as its own copy"))
+    copied = {o.name for outs in copies.values() for o in outs}
     gone = {t.alias for t in removed}
     # The record: every alias absent from the output whose source is stored.
     shapes = {n: (e.shape, e.dtype) for n, e in ckpt.entries.items()}
@@ -215,11 +234,11 @@ def plan_dedupe(
         if t.source in ckpt.entries and (t.alias in gone or t.alias not in ckpt.entries)
     ]
     record.sort(key=lambda r: (r.source, r.alias))  # stable across runs: dedupe is idempotent
-    stays_pickle = ckpt.format.startswith("pytorch") and not to_safetensors
     if stays_pickle:
         record = []  # a pickle keeps no metadata: aliasing itself is its record
-    checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone]
+    checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone | copied]
     checks += [Check(t.source, ckpt.entries[t.alias], t.transform) for t in removed]
+    checks += [Check(o.name, o.entry, o.transform) for outs in copies.values() for o in outs]
     plan = Plan("dedupe", [], None, checks, removed=removed, kept=kept, record=record)
     plan.pickle_output = stays_pickle
     if stays_pickle:
@@ -229,7 +248,7 @@ def plan_dedupe(
         plan.pickle_views |= {t.alias: (t.source, t.transform) for t in removed}
         # a pickle still holds each alias (as a view of its source): read it back too
         plan.checks += [Check(a, ckpt.entries[a]) for a in plan.pickle_views if a in gone]
-    _fill_files(plan, ckpt, keep=lambda n: n not in gone, extra={})
+    _fill_files(plan, ckpt, keep=lambda n: n not in gone | copied, extra=copies)
     return plan
 
 

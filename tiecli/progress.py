@@ -80,7 +80,13 @@ class _RichProgress(Progress):
                 transient=True,
             )
             self._bar.start()
-            self._task = self._bar.add_task(self._description, total=self._total)
+            # shard names come from files: never markup, never raw control characters
+            from rich.markup import escape
+
+            from .terminal import printable
+
+            description = escape(printable(self._description))
+            self._task = self._bar.add_task(description, total=self._total)
             amount, self._pending = self._pending, 0
         self._bar.advance(self._task, amount)
 

@@ -11,6 +11,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .terminal import printable
+
+
+def shown(text: object) -> str:
+    """Text from a file (names, paths, messages) as rich prints it literally: control
+    characters spelled out, markup escaped."""
+    return escape(printable(text))
+
 
 def human_bytes(n: int) -> str:
     value = float(n)
@@ -55,11 +63,11 @@ def ties_table(ties: list[Any]) -> Table:
         elif not t.source_stored:
             stored += " [yellow](source absent)[/yellow]"
         table.add_row(
-            escape(t.alias),
-            escape(t.source),
+            shown(t.alias),
+            shown(t.source),
             t.transform,
             t.kind,
-            ", ".join(t.evidence),
+            shown(", ".join(t.evidence)),
             stored,
             human_bytes(t.bytes),
         )
@@ -73,19 +81,19 @@ def problems_table(problems: list[Any]) -> Table:
     table.add_column("message", overflow="fold")
     for p in problems:
         color = "red" if p.severity == "error" else "yellow"
-        table.add_row(f"[{color}]{p.severity}[/{color}]", p.code, escape(p.message))
+        table.add_row(f"[{color}]{p.severity}[/{color}]", shown(p.code), shown(p.message))
     return table
 
 
 def render_inspect(r: Any, console: Console) -> None:
-    console.print(f"[bold]{escape(r.path)}[/bold]  ({r.format})")
+    console.print(f"[bold]{shown(r.path)}[/bold]  ({r.format})")
     if r.nested_key:
-        console.print(f"state dict under key {r.nested_key!r}")
+        console.print(f"state dict under key {shown(repr(r.nested_key))}")
     if r.config:
-        console.print(f"config: {escape(r.config)}")
+        console.print(f"config: {shown(r.config)}")
     console.print(f"tensors: {r.tensors}   stored bytes: {human_bytes(r.bytes)} ({r.bytes})")
     if r.declared_by:
-        console.print(f"architecture ties from: {r.declared_by}")
+        console.print(f"architecture ties from: {shown(r.declared_by)}")
     if r.ties:
         console.print(ties_table(r.ties))
     else:
@@ -101,14 +109,14 @@ def render_inspect(r: Any, console: Console) -> None:
 
 def render_dedupe(r: Any, console: Console) -> None:
     verb = "would remove" if r.dry_run else "removed"
-    console.print(f"[bold]{escape(r.path)}[/bold]  ({r.format})")
+    console.print(f"[bold]{shown(r.path)}[/bold]  ({r.format})")
     if r.removed:
         table = Table(title=f"Aliases {verb}", title_justify="left")
         for col in ("alias", "source", "transform", "kind", "bytes"):
             table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
         for t in r.removed:
             table.add_row(
-                escape(t.alias), escape(t.source), t.transform, t.kind, human_bytes(t.bytes)
+                shown(t.alias), shown(t.source), t.transform, t.kind, human_bytes(t.bytes)
             )
         console.print(table)
     else:
@@ -118,7 +126,7 @@ def render_dedupe(r: Any, console: Console) -> None:
         for col in ("alias", "source", "reason"):
             table.add_column(col, overflow="fold")
         for t, reason in r.kept:
-            table.add_row(escape(t.alias), escape(t.source), escape(reason))
+            table.add_row(shown(t.alias), shown(t.source), shown(reason))
         console.print(table)
     console.print(
         f"bytes: {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)} "
@@ -132,22 +140,22 @@ def _outcome(r: Any, console: Console, unchanged: str) -> None:
     if r.dry_run:
         console.print("dry run: nothing written")
     elif not r.changed:
-        console.print(f"{escape(str(r.output))}: {unchanged}")
+        console.print(f"{shown(str(r.output))}: {unchanged}")
     else:
-        console.print(f"written: {escape(str(r.output))} (verified)")
+        console.print(f"written: {shown(str(r.output))} (verified)")
     if r.problems:
         console.print(problems_table(r.problems))
 
 
 def render_untie(r: Any, console: Console) -> None:
-    console.print(f"[bold]{escape(r.path)}[/bold]  ({r.format})")
+    console.print(f"[bold]{shown(r.path)}[/bold]  ({r.format})")
     if r.restored:
         table = Table(title="Restored" if not r.dry_run else "Would restore", title_justify="left")
         for col in ("name", "from", "transform", "bytes"):
             table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
         for t in r.restored:
             made, origin = (t.alias, t.source) if t.source_stored else (t.source, t.alias)
-            table.add_row(escape(made), escape(origin), t.transform, human_bytes(t.bytes))
+            table.add_row(shown(made), shown(origin), t.transform, human_bytes(t.bytes))
         console.print(table)
     else:
         console.print("nothing to restore: every name is stored")
@@ -157,7 +165,7 @@ def render_untie(r: Any, console: Console) -> None:
 
 def render_forward(f: Any, console: Console) -> None:
     s = f.stats
-    console.print(f"forward: {escape(f.architecture)} on {f.device} ({escape(f.device_name)})")
+    console.print(f"forward: {shown(f.architecture)} on {shown(f.device)} ({shown(f.device_name)})")
     console.print(
         f"  parameters: {s.parameters:,}   on device: {human_bytes(s.unique_bytes)}   "
         f"a tie-unaware load: {human_bytes(s.untied_bytes)}   ties shared on device: "
@@ -170,14 +178,14 @@ def render_forward(f: Any, console: Console) -> None:
     if f.against is not None:
         same = "bit-identical" if f.max_abs_diff == 0 else f"max abs diff {f.max_abs_diff:g}"
         verdict = "equal" if f.outputs_equal else "DIFFERENT"
-        console.print(f"  against {escape(f.against)}: {verdict} ({same})")
+        console.print(f"  against {shown(f.against)}: {verdict} ({same})")
 
 
 def render_verify(r: Any, console: Console) -> None:
     for c in r.checkpoints:
         tied = sum(1 for t in c.ties if t.kind == "tied")
         console.print(
-            f"[bold]{escape(c.path)}[/bold]  ({c.format}): {tied} tie(s), {len(c.problems)} problem(s)"
+            f"[bold]{shown(c.path)}[/bold]  ({c.format}): {tied} tie(s), {len(c.problems)} problem(s)"
         )
         if c.problems:
             console.print(problems_table(c.problems))

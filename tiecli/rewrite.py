@@ -13,11 +13,11 @@ import shutil
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
-from .atomic import Staging, clean_leftovers, fsync_dir, fsync_file, output_errors
+from .atomic import LOCK_SUFFIX, Staging, clean_leftovers, fsync_dir, fsync_file, output_errors
 from .checkpoint import Checkpoint, Entry
 from .errors import (
     CheckpointFormatError,
@@ -42,6 +42,7 @@ class Written:
     output: Path
     changed: bool  # False when an in-place run found nothing to change
     files: list[Path]
+    not_copied: list[tuple[Path, str]] = field(default_factory=list)  # other files left out
 
 
 def safetensors_name(name: str) -> str:
@@ -50,6 +51,39 @@ def safetensors_name(name: str) -> str:
     if stem.startswith("pytorch_model"):
         stem = "model" + stem[len("pytorch_model") :]
     return stem + ".safetensors"
+
+
+def lock_targets(path: Path, output: Path | None, to_safetensors: bool) -> list[Path]:
+    """What a rewrite of ``path`` replaces, known before opening it: the files to lock.
+
+    In place: the weight file or index a folder resolves to (its shards go with
+    it), and the converted name with ``--to safetensors``; with ``-o``: the output,
+    and when it is a checkpoint folder, what an in-place run on it would lock.
+    """
+    from .errors import TiecliError
+    from .formats import INDEX_SUFFIX, find_weights
+
+    def weights(folder: Path) -> list[Path]:
+        try:
+            return [find_weights(folder)]
+        except TiecliError:
+            return []  # opening it reports the same error
+
+    if output is not None:
+        return [output, *(weights(output) if output.is_dir() else [])]
+    if path.is_dir():
+        found = weights(path)
+        if not found:
+            return []
+        path = found[0]
+    elif not path.exists():
+        return []
+    targets = [path]
+    if to_safetensors:
+        index = path.name.endswith(INDEX_SUFFIX)
+        name = "model.safetensors.index.json" if index else safetensors_name(path.name)
+        targets.append(path.parent / name)
+    return targets
 
 
 def execute(
@@ -78,6 +112,8 @@ def execute(
     )
 
     if output is not None:
+        # a replaced output an interrupted run moved aside goes back first
+        clean_leftovers(output.parent, {output.name})
         _check_output(ckpt, output, force, folder_like)
     if as_safetensors and pickled:
         for f in plan.files:
@@ -93,6 +129,7 @@ def execute(
             )
     durable = fsync or output is None or output.exists() or output.is_symlink()
     staging = Staging(durable)
+    not_copied: list[tuple[Path, str]] = []
     try:
         if output is None:
             ours = {p.name for p in ckpt.weight_files} | {f.name for f in plan.files}
@@ -104,12 +141,10 @@ def execute(
                 return Written(ckpt.path, False, [])
             written = _in_place(ckpt, plan, staging, as_safetensors, src_folder, progress)
         elif folder_like:
-            clean_leftovers(output.parent, {output.name})
-            written = _to_folder(
+            written, not_copied = _to_folder(
                 ckpt, plan, staging, as_safetensors, src_folder, output, progress, durable
             )
         else:
-            clean_leftovers(output.parent, {output.name})
             with output_errors(output):
                 tmp = staging.file(output)
                 _write_one(
@@ -127,7 +162,7 @@ def execute(
                 old.unlink()
         fsync_dir(src_folder)
     final = output if output is not None else _final_path(ckpt, written)
-    return Written(final, True, written)
+    return Written(final, True, written, not_copied)
 
 
 def _final_path(ckpt: Checkpoint, written: list[Path]) -> Path:
@@ -212,7 +247,7 @@ def _in_place(
                 finals.append(final)
             if index_tmp is None:
                 index_tmp = staging.file(index_final)
-            _write_index(index_tmp, plan, True)
+            _write_index(index_tmp, plan, ckpt.index_path, True)
             finals.append(index_final)
         else:
             f = plan.files[0]
@@ -252,34 +287,42 @@ def _to_folder(
     output: Path,
     progress: Progress,
     durable: bool,
-) -> list[Path]:
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """The written files, and the other files of the folder left out (with the reason)."""
+    not_copied: list[tuple[Path, str]] = []
     with output_errors(output):
         tmpdir = staging.folder(output)
         skip = {p.resolve() for p in ckpt.weight_files}
         if ckpt.index_path:
             skip.add(ckpt.index_path.resolve())
+        # a lock another run holds (or a killed one left) on the input is not the model's
+        skip |= {p.resolve() for p in src_folder.glob(".*" + LOCK_SUFFIX)}
         if ckpt.folder is not None or ckpt.index_path is not None:
-            _copy_other_files(src_folder, tmpdir, skip, durable)
+            _copy_other_files(src_folder, tmpdir, skip, durable, not_copied)
         for f in plan.files:
             _write_one(ckpt, plan, f, tmpdir / f.name, as_safetensors, output, progress, durable)
         if ckpt.index_path is not None:
             name = ckpt.index_path.name
             if as_safetensors and ckpt.format.startswith("pytorch"):
                 name = "model.safetensors.index.json"
-            _write_index(tmpdir / name, plan, durable)
+            _write_index(tmpdir / name, plan, ckpt.index_path, durable)
         if durable:
             fsync_dir(tmpdir)
-    return [output / f.name for f in plan.files]
+    return [output / f.name for f in plan.files], not_copied
 
 
-def _copy_other_files(src: Path, dst: Path, skip: set[Path], durable: bool) -> None:
-    for item in sorted(src.iterdir()):
-        if item.resolve() in skip or item.name.endswith((".tiecli-tmp", ".tiecli-old")):
-            continue
-        if item.is_dir():
-            shutil.copytree(item, dst / item.name, symlinks=True)
-        else:
-            shutil.copy2(item, dst / item.name, follow_symlinks=False)
+def _copy_other_files(
+    src: Path, dst: Path, skip: set[Path], durable: bool, not_copied: list[tuple[Path, str]]
+) -> None:
+    """Copy the folder's other files (tokenizer, generation config...) into ``dst``.
+
+    The folder is untrusted: nothing is followed out of it. Files and folders are
+    copied; a link is copied as a (relative) link when it leads to a file or folder
+    inside ``src``, and a blob of the Hugging Face cache ``src`` is a snapshot of is
+    copied as the file it is. Links leading out of ``src``, broken links and loops,
+    and fifos, sockets and devices (never opened: a fifo would hang the run) are
+    not copied, and each is added to ``not_copied`` with the reason."""
+    _copy_tree(src, src, dst, skip, not_copied)
     if durable:  # the folder replaces one: all of it reaches the disk first
         for folder, dirs, files in os.walk(dst):
             for name in files:
@@ -287,19 +330,66 @@ def _copy_other_files(src: Path, dst: Path, skip: set[Path], durable: bool) -> N
                 if not path.is_symlink():
                     fsync_file(path)
             for name in dirs:
-                fsync_dir(Path(folder) / name)
+                if not (Path(folder) / name).is_symlink():
+                    fsync_dir(Path(folder) / name)
 
 
-def _write_index(path: Path, plan: Plan, durable: bool) -> None:
+def _copy_tree(
+    root: Path, src: Path, dst: Path, skip: set[Path], not_copied: list[tuple[Path, str]]
+) -> None:
+    import stat
+
+    from .formats.confine import BROKEN, OUTSIDE, belongs, is_cache_blob, resolved
+
+    for item in sorted(src.iterdir()):
+        if item.name.endswith((".tiecli-tmp", ".tiecli-old")):
+            continue
+        mode = item.lstat().st_mode
+        if stat.S_ISDIR(mode):
+            (dst / item.name).mkdir()
+            _copy_tree(root, item, dst / item.name, skip, not_copied)
+            shutil.copystat(item, dst / item.name)
+        elif stat.S_ISREG(mode):
+            if item.resolve() not in skip:
+                shutil.copy2(item, dst / item.name, follow_symlinks=False)
+        elif not stat.S_ISLNK(mode):
+            not_copied.append((item, "a fifo, socket or device, not a regular file"))
+        elif (real := resolved(item)) is None:
+            not_copied.append((item, BROKEN.removeprefix("is ")))
+        elif real in skip:
+            continue  # another name of a weight file: the rewrite writes those
+        elif not belongs(root, real):
+            not_copied.append((item, OUTSIDE.removeprefix("is ")))
+        elif not (stat.S_ISREG(target := real.stat().st_mode) or stat.S_ISDIR(target)):
+            not_copied.append((item, "a symbolic link to a fifo, socket or device"))
+        elif is_cache_blob(root.resolve(), real):
+            if stat.S_ISREG(target):  # the cache's storage of the folder's own file
+                shutil.copy2(real, dst / item.name)
+            else:
+                not_copied.append((item, OUTSIDE.removeprefix("is ")))
+        else:  # inside the folder: the same link, relative, so the copy stays self-contained
+            os.symlink(os.path.relpath(real, item.parent.resolve()), dst / item.name)
+
+
+def _write_index(path: Path, plan: Plan, original: Path, durable: bool) -> None:
+    """The new index: the original's document with its ``weight_map`` and ``metadata``
+    replaced; every other key (``quantization_config``...) and metadata entry kept."""
+    from .formats import read_json
+
     weight_map = {t.name: f.name for f in plan.files for t in f.tensors}
     if plan.pickle_output:  # an alias a pickle keeps as a view lives in its source's shard
         weight_map |= {
             a: weight_map[s] for a, (s, _t) in plan.pickle_views.items() if s in weight_map
         }
+    before = read_json(original, what="index")
+    before = before if isinstance(before, dict) else {}
+    old_meta = before.get("metadata")
+    old_meta = old_meta if isinstance(old_meta, dict) else {}
     meta = dict(plan.index_metadata or {})
-    meta.pop("format", None)
+    if "format" not in old_meta:  # a shard's "format": "pt", not the index's
+        meta.pop("format", None)
     meta["total_size"] = plan.bytes_after
-    doc = {"metadata": meta, "weight_map": weight_map}
+    doc = dict(before) | {"metadata": meta, "weight_map": weight_map}
     data = (json.dumps(doc, indent=2) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..checkpoint import Checkpoint, Entry
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
+from .confine import escapes
 from .pytorch import PICKLE_SUFFIXES, PickleFile
 from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
 from .torchzip import TorchZip, open_torchzip
@@ -41,6 +42,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, torch_free: bool = True) ->
         raise CheckpointNotFoundError("no such file or folder", p)
     if p.is_dir():
         weights = find_weights(p)
+        _refuse_escape(p, weights)
         ckpt = _open_weights(weights, p, torch_free)
         ckpt.folder = p
     else:
@@ -48,6 +50,7 @@ def open_checkpoint(path: str | os.PathLike[str], *, torch_free: bool = True) ->
     cfg_path = (p if p.is_dir() else p.parent) / "config.json"
     if cfg_path.is_file():
         try:
+            _refuse_escape(cfg_path.parent, cfg_path)
             ckpt.config = read_json(cfg_path, what="config.json")
             if not isinstance(ckpt.config, dict):
                 raise CheckpointFormatError("config.json is not a JSON object", cfg_path)
@@ -56,6 +59,18 @@ def open_checkpoint(path: str | os.PathLike[str], *, torch_free: bool = True) ->
             raise
         ckpt.config_path = cfg_path
     return ckpt
+
+
+def _refuse_escape(folder: Path, path: Path) -> None:
+    """A file tiecli found itself (not one the user named) must not lead out of its folder:
+    a downloaded folder's ``model.safetensors -> ~/.ssh/id_ed25519`` is never read."""
+    why = escapes(folder, path)
+    if why is not None:
+        raise CheckpointFormatError(
+            f"{why}; tiecli does not follow it",
+            path,
+            hint="copy the file into the folder, or name it on the command line to read it",
+        )
 
 
 def find_weights(folder: Path) -> Path:
@@ -162,6 +177,13 @@ def _open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
                 raise CheckpointFormatError(
                     f"index names shard {shard!r} outside its folder", index
                 )
+            why = escapes(index.parent, shard_path)
+            if why is not None:
+                raise CheckpointFormatError(
+                    f"index names shard {shard!r}, which {why}; tiecli does not follow it",
+                    index,
+                    hint="copy the shard into the folder",
+                )
             if not shard_path.is_file():
                 what = "is not a file" if shard_path.exists() else "does not exist"
                 raise CheckpointFormatError(f"index names shard {shard!r}, which {what}", index)
@@ -230,8 +252,8 @@ def indexes_in(folder: Path) -> list[tuple[Path, set[str]]]:
     reported when it is itself the checkpoint checked."""
     out = []
     for f in sorted(folder.glob("*" + INDEX_SUFFIX)):
-        if not f.is_file():  # a folder, or a FIFO that would block the read
-            continue
+        if not f.is_file() or escapes(folder, f) is not None:
+            continue  # a fifo would hang the read; a link out of the folder is not ours
         try:
             doc = read_json(f, what="index")
         except CheckpointFormatError:

@@ -174,7 +174,7 @@ def _torch_load(path: Path, **kwargs: Any) -> Any:
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(str(e))
         if detail.startswith("Unsupported operand"):
-            msg = f"data.pkl is damaged or not a pickle ({detail})"
+            msg = "data.pkl is damaged or not a pickle (an unknown opcode)"
             raise CheckpointFormatError(msg, path) from None
         raise UnsafePickleError(
             "refused: unpickling it would need more than tensors and plain containers"
@@ -311,8 +311,8 @@ def _check_storages(path: Path, key: str | None, records: dict[int, int]) -> Non
             continue  # a torch that does not say where the storage lives: nothing to check
         if storage.nbytes() > records[offset]:
             raise CheckpointFormatError(
-                f"tensor {name!r}: its storage needs {storage.nbytes()} bytes but the archive "
-                f"holds {records[offset]} (truncated or damaged file)",
+                f"tensor {name!r}: its storage needs more bytes than its record in the "
+                "archive holds (truncated or damaged file)",
                 path,
             )
 

@@ -9,6 +9,7 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import threading
 from collections import OrderedDict
@@ -141,6 +142,14 @@ class _OpenFiles:
 _OPEN = _OpenFiles()
 
 
+def _dtype_shown(dtype: Any) -> str:
+    """A dtype name worth quoting (a short identifier such as a newer float8 type); any
+    other value of the field is file content, not quoted."""
+    if isinstance(dtype, str) and re.fullmatch(r"[A-Z][A-Z0-9_]{0,15}", dtype):
+        return f" {dtype!r}"
+    return ""
+
+
 class ByteFile:
     """An open file as :class:`FileBlob` reads it: positioned reads that fail on a
     short read, one lazy whole-file mapping, and a count of the bytes read.
@@ -164,7 +173,7 @@ class ByteFile:
         _OPEN.add(self)
 
     def _short_read(self, offset: int) -> Exception:
-        return OSError(5, f"short read at byte {offset} of {self.path}")
+        return OSError(5, f"short read from {self.path} (file changed or truncated?)")
 
     def _changed(self) -> Exception:
         return CheckpointFormatError("was removed or replaced while being read", self.path)
@@ -266,7 +275,7 @@ class SafetensorsFile(ByteFile):
         return CheckpointFormatError(what, self.path)
 
     def _short_read(self, offset: int) -> Exception:
-        return self._fail(f"short read at byte {offset} (file changed or truncated?)")
+        return self._fail("short read (file changed or truncated?)")
 
     def _parse(
         self, fd: int
@@ -288,14 +297,16 @@ class SafetensorsFile(ByteFile):
                 self.path,
                 hint="name it .bin or .pt to read it as one",
             )
+        # Until the header has parsed, the bytes may be anyone's (a link to a secret):
+        # messages quote none of them, only sizes the filesystem reports.
         (n,) = struct.unpack("<Q", head)
         if n > MAX_HEADER:
             raise self._fail(
-                f"header length {n} exceeds the {MAX_HEADER}-byte limit (not a safetensors file?)"
+                f"header length exceeds the {MAX_HEADER >> 20} MiB limit (not a safetensors file?)"
             )
         if 8 + n > self.size:
             raise self._fail(
-                f"header length {n} runs past the end of the {self.size}-byte file (truncated?)"
+                f"header length runs past the end of the file ({self.size}-byte file; truncated?)"
             )
         raw = os.pread(fd, n, 8)
         self.bytes_read += 8 + n
@@ -332,33 +343,35 @@ class SafetensorsFile(ByteFile):
             raise self._fail(f"tensor {name!r}: header entry is not an object")
         dtype = info.get("dtype")
         if not isinstance(dtype, str) or dtype not in BITS:
-            raise self._fail(f"tensor {name!r}: unknown dtype {dtype!r}")
+            raise self._fail(f"tensor {name!r}: unknown dtype{_dtype_shown(dtype)}")
         shape = info.get("shape")
         if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-            raise self._fail(
-                f"tensor {name!r}: shape {shape!r} is not a list of non-negative integers"
-            )
+            raise self._fail(f"tensor {name!r}: shape is not a list of non-negative integers")
         offsets = info.get("data_offsets")
         if (
             not isinstance(offsets, list)
             or len(offsets) != 2
             or not all(type(o) is int for o in offsets)
         ):
-            raise self._fail(f"tensor {name!r}: data_offsets {offsets!r} is not a pair of integers")
+            raise self._fail(f"tensor {name!r}: data_offsets is not a pair of integers")
         start, end = offsets
-        if not 0 <= start <= end <= data_size:
+        if not 0 <= start <= end:
+            raise self._fail(f"tensor {name!r}: data_offsets are negative or end before they start")
+        if end > data_size:
             raise self._fail(
-                f"tensor {name!r}: data_offsets [{start}, {end}] out of range "
-                f"(data section is {data_size} bytes; truncated file?)"
+                f"tensor {name!r}: data_offsets run past the end of the file "
+                f"({self.size}-byte file; truncated?)"
             )
         expected = nbytes_of(dtype, math.prod(shape))
         if expected is None:
             raise self._fail(
-                f"tensor {name!r}: shape {shape} of {dtype} ({BITS[dtype]}-bit elements) does not fill whole bytes"
+                f"tensor {name!r}: its shape does not fill whole bytes of {dtype} "
+                f"({BITS[dtype]}-bit elements)"
             )
         if end - start != expected:
             raise self._fail(
-                f"tensor {name!r}: {end - start} bytes stored but shape {shape} of {dtype} needs {expected}"
+                f"tensor {name!r}: its byte range (data_offsets) does not match "
+                f"its shape and dtype ({dtype})"
             )
         return dtype, tuple(shape), start, end
 
