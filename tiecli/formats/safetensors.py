@@ -124,9 +124,11 @@ class _OpenFiles:
         with self.lock:
             f._users -= 1
 
-    def remove(self, f: ByteFile) -> None:
+    def close(self, f: ByteFile) -> None:
         with self.lock:
             self.files.pop(f, None)
+            f._closed = True
+            f._release()
 
     def _trim(self) -> None:
         if not self.limit:
@@ -240,9 +242,7 @@ class ByteFile:
             return self._mmap
 
     def close(self) -> None:
-        _OPEN.remove(self)
-        self._closed = True
-        self._release()
+        _OPEN.close(self)
 
 
 class SafetensorsFile(ByteFile):
