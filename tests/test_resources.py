@@ -17,6 +17,7 @@ import sys
 import time
 import tracemalloc
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 import pytest
@@ -180,6 +181,47 @@ def test_a_deeply_nested_payload_is_a_clean_error(
     assert "nests too deeply" in line
     assert _digest(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
+
+
+def _state_dict_with_metadata(path: Path, metadata: object, shared: bool) -> None:
+    """A ``model.state_dict()`` as torch.save writes it: an OrderedDict whose
+    ``_metadata`` holds module versions (here ``metadata``)."""
+    embed = torch.arange(16.0).reshape(4, 4)
+    sd = OrderedDict(
+        [("model.embed_tokens.weight", embed), ("lm_head.weight", embed if shared else embed * 1)]
+    )
+    sd._metadata = {"": {"version": 2}, "model": metadata}  # type: ignore[attr-defined]
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(20_000)
+    try:
+        torch.save(sd, path)
+    finally:
+        sys.setrecursionlimit(limit)
+
+
+def test_module_versions_nested_too_deeply_are_a_clean_error(tmp_path: Path) -> None:
+    deep: list[object] = []
+    for _ in range(5000):
+        deep = [deep]
+    path = tmp_path / "model.pt"
+    _state_dict_with_metadata(path, {"version": deep}, shared=False)
+    before = _digest(tmp_path)
+    line = _one_error(runner.invoke(app, ["dedupe", "--by-value", str(path)]), path)
+    assert "nests too deeply" in line
+    assert _digest(tmp_path) == before
+
+
+def test_untie_of_a_pickle_keeps_the_module_versions(tmp_path: Path) -> None:
+    """``load_state_dict`` reads ``_metadata`` to convert old modules' parameters: a
+    pickle rewritten through torch keeps it, and stays an OrderedDict."""
+    path = tmp_path / "model.pt"
+    _state_dict_with_metadata(path, {"version": 1}, shared=True)
+    result = runner.invoke(app, ["untie", str(path)])
+    assert result.exit_code == 0, result.output
+    got = torch.load(path, weights_only=True)
+    assert isinstance(got, OrderedDict)
+    assert got._metadata == {"": {"version": 2}, "model": {"version": 1}}
+    assert got["lm_head.weight"].data_ptr() != got["model.embed_tokens.weight"].data_ptr()
 
 
 def test_a_stray_index_beside_a_file_is_ignored(tmp_path: Path) -> None:
