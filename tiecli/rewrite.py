@@ -7,6 +7,7 @@ has been compared, bit for bit, with the input tensor it stands for.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -741,7 +742,7 @@ def _sync_file(path: Path, durable: bool) -> None:
 def _save_with_torch(reader: PickleFile, plan: Plan, tmp: Path, durable: bool) -> None:
     import torch
 
-    new: dict[str, Any] = dict(reader.state_dict)
+    new: dict[str, Any] = copy.copy(reader.state_dict)  # an OrderedDict keeps its _metadata
     for name, (src, transform) in plan.pickle_views.items():
         if name in new and src in new:
             new[name] = new[src] if transform == "identity" else new[src].t()
@@ -756,7 +757,14 @@ def _save_with_torch(reader: PickleFile, plan: Plan, tmp: Path, durable: bool) -
     else:
         top = new
     with open(tmp, "xb") as out:
-        torch.save(top, out)
+        try:
+            torch.save(top, out)
+        except RecursionError:  # pickling recurses once per level of nesting
+            raise CheckpointFormatError(
+                "what it holds beside the tensors nests too deeply for torch.save to write it back",
+                reader.path,
+                hint="save the state dict alone: torch.save(checkpoint['state_dict'])",
+            ) from None
         out.flush()
         if durable:
             os.fsync(out.fileno())
