@@ -49,6 +49,7 @@ class InspectResult:
     config: str | None = None
     notes: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    remote: dict[str, int] | None = None  # a remote checkpoint: requests and bytes_read
     command: str = "inspect"
 
     @property
@@ -56,21 +57,56 @@ class InspectResult:
         return not any(p.severity == "error" for p in self.problems)
 
     def to_dict(self) -> dict[str, Any]:
-        return _header(self) | {
-            "tensors": self.tensors,
-            "bytes": self.bytes,
-            "ties": [t.to_dict() for t in self.ties],
-            "dedupable_bytes": self.dedupable_bytes,
-            "declared_by": self.declared_by,
-            "nested_key": self.nested_key,
-            "config": self.config,
-            "notes": self.notes,
-        }
+        return (
+            _header(self)
+            | {
+                "tensors": self.tensors,
+                "bytes": self.bytes,
+                "ties": [t.to_dict() for t in self.ties],
+                "dedupable_bytes": self.dedupable_bytes,
+                "declared_by": self.declared_by,
+                "nested_key": self.nested_key,
+                "config": self.config,
+                "notes": self.notes,
+            }
+            | ({"remote": self.remote} if self.remote is not None else {})
+        )
+
+
+def _remote_options(path: PathLike, max_download: int | None, timeout: float | None) -> Any:
+    """Options for reading a URL; None for a local path (nothing remote is imported)."""
+    if not isinstance(path, str) or "://" not in path:
+        return None
+    from .formats.remote import RemoteOptions, is_remote
+
+    if not is_remote(path):
+        return None
+    options = RemoteOptions()
+    if max_download is not None:
+        options.max_download = max_download
+    if timeout is not None:
+        options.timeout = timeout
+    return options
+
+
+def _refuse_remote(path: PathLike, command: str) -> None:
+    """A URL is read, never rewritten."""
+    if _remote_options(path, None, None) is not None:
+        from .errors import UsageError
+        from .formats.remote import shown_url
+
+        raise UsageError(
+            f"is remote; tiecli reads remote checkpoints (inspect, verify) but {command} "
+            "rewrites files and never writes to a remote location; nothing was changed",
+            shown_url(str(path)),
+            hint=f"download it (hf download, or your storage's client), then run tiecli {command} "
+            "on the local copy",
+        )
 
 
 def _inspect_opened(ckpt: Checkpoint, report: TieReport) -> InspectResult:
     return InspectResult(
-        path=str(ckpt.path),
+        path=ckpt.shown,
         format=ckpt.format,
         tensors=len(ckpt.entries),
         bytes=ckpt.stored_bytes(),
@@ -79,17 +115,29 @@ def _inspect_opened(ckpt: Checkpoint, report: TieReport) -> InspectResult:
         problems=report.problems,
         declared_by=report.declared_by,
         nested_key=ckpt.nested_key,
-        config=str(ckpt.config_path) if ckpt.config_path else None,
+        config=ckpt.config_url or (str(ckpt.config_path) if ckpt.config_path else None),
         notes=list(ckpt.notes),
         bytes_read=ckpt.bytes_read,
+        remote=ckpt.remote.to_dict() if ckpt.remote is not None else None,
     )
 
 
 def inspect(
-    path: PathLike, *, use_transformers: bool = True, progress: Progress = NO_PROGRESS
+    path: PathLike,
+    *,
+    use_transformers: bool = True,
+    progress: Progress = NO_PROGRESS,
+    max_download: int | None = None,
+    timeout: float | None = None,
 ) -> InspectResult:
-    """Tensors, ties and problems of the checkpoint at ``path``; changes nothing."""
-    with open_checkpoint(path) as ckpt:
+    """Tensors, ties and problems of the checkpoint at ``path``; changes nothing.
+
+    ``path`` may be a URL (``hf://owner/repo[@revision][/folder]``, ``https://``,
+    any fsspec URL): it is read by ranges, downloading at most ``max_download``
+    bytes of whole tensors to confirm ties, each request given ``timeout`` seconds.
+    """
+    options = _remote_options(path, max_download, timeout)
+    with open_checkpoint(path, remote=options, progress=progress) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         return _inspect_opened(ckpt, report)
 
@@ -267,6 +315,7 @@ def dedupe(
     progress: Progress = NO_PROGRESS,
 ) -> DedupeResult:
     """Rewrite with one stored copy per tie plus the tie record (in place without ``output``)."""
+    _refuse_remote(path, "dedupe")
     if to not in (None, "safetensors"):
         from .errors import UsageError
 
@@ -355,6 +404,7 @@ def untie(
     """Write every alias as its own stored tensor (in place without ``output``)."""
     from .plan import plan_untie
 
+    _refuse_remote(path, "untie")
     out = Path(output) if output is not None else None
     with _rewriting(Path(path), out, "untie", dry_run, None), open_checkpoint(path) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
@@ -372,6 +422,7 @@ class CheckpointVerdict:
     format: str
     ties: list[Tie]
     problems: list[Problem]
+    remote: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -379,7 +430,7 @@ class CheckpointVerdict:
             "format": self.format,
             "ties": [t.to_dict() for t in self.ties],
             "problems": [p.to_dict() for p in self.problems],
-        }
+        } | ({"remote": self.remote} if self.remote is not None else {})
 
 
 @dataclass
@@ -430,6 +481,9 @@ class VerifyResult:
         }
         if self.forward is not None:
             d["forward"] = self.forward.to_dict()
+        remote = [c.remote for c in self.checkpoints if c.remote is not None]
+        if remote:
+            d["remote"] = {k: sum(r[k] for r in remote) for k in ("requests", "bytes_read")}
         return d
 
 
@@ -463,6 +517,8 @@ def verify(
     model: str | None = None,
     use_transformers: bool = True,
     progress: Progress = NO_PROGRESS,
+    max_download: int | None = None,
+    timeout: float | None = None,
 ) -> VerifyResult:
     """Check each checkpoint's ties; ``ok`` is False with every problem listed when not.
 
@@ -474,28 +530,50 @@ def verify(
     from .formats import checkpoint_roots
 
     items: Sequence[PathLike] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
-    given = [Path(p) for p in items]
+    remote = {str(p) for p in items if _remote_options(p, None, None) is not None}
+    given = [Path(p) for p in items if str(p) not in remote]
     if not forward and (
         against is not None or atol is not None or dtype is not None or model is not None
     ):
         raise UsageError("--against, --atol, --dtype and --model go with --forward")
-    roots = checkpoint_roots(given)
+    if forward and remote:
+        raise UsageError(
+            "--forward loads the whole checkpoint; it reads local checkpoints only",
+            hint="download it first, or run verify without --forward on the URL",
+        )
+    roots: list[Path | str] = [
+        *checkpoint_roots(given),
+        *dict.fromkeys(str(p) for p in items if str(p) in remote),
+    ]
     if forward and len(roots) != 1:
         raise UsageError("--forward checks one checkpoint at a time")
     verdicts = []
     for root in roots:
-        with open_checkpoint(root) as ckpt:
+        options = _remote_options(root, max_download, timeout)
+        with open_checkpoint(root, remote=options, progress=progress) as ckpt:
             report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
             problems = list(report.problems)
             if require_deduped:
-                problems += _duplicate_stored(str(ckpt.path), report)
-            verdicts.append(CheckpointVerdict(str(ckpt.path), ckpt.format, report.ties, problems))
+                problems += _duplicate_stored(ckpt.shown, report)
+            verdicts.append(
+                CheckpointVerdict(
+                    ckpt.shown,
+                    ckpt.format,
+                    report.ties,
+                    problems,
+                    ckpt.remote.to_dict() if ckpt.remote is not None else None,
+                )
+            )
     result = VerifyResult(
-        [str(p) for p in given], verdicts, strict=strict, require_deduped=require_deduped
+        [str(p) if str(p) in remote else str(Path(p)) for p in items],
+        verdicts,
+        strict=strict,
+        require_deduped=require_deduped,
     )
     if forward:
         from .forward import forward_check
 
+        assert isinstance(roots[0], Path)
         result.forward = forward_check(
             roots[0],
             device=device,

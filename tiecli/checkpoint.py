@@ -77,6 +77,17 @@ class Checkpoint:
     nested_key: str | None = None  # pickles: the key holding the state dict
     readers: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # A remote checkpoint: the URL shown for it and for its config, what its reads
+    # cost so far (RemoteStats) and the bytes it may still download in full (Budget).
+    url: str | None = None
+    config_url: str | None = None
+    remote: Any = None
+    budget: Any = None
+
+    @property
+    def shown(self) -> str:
+        """How the checkpoint is named in results and messages."""
+        return self.url if self.url is not None else str(self.path)
 
     @property
     def bytes_read(self) -> int:

@@ -42,9 +42,37 @@ app = typer.Typer(
 )
 
 PathArg = Annotated[
-    Path,
+    str,
     typer.Argument(
         help="A .safetensors file, a sharded index or its folder, a .bin/.pt/.pth/.ckpt, or a Hugging Face folder.",
+        show_default=False,
+    ),
+]
+RemotePathArg = Annotated[
+    str,
+    typer.Argument(
+        help="A .safetensors file, a sharded index or its folder, a .bin/.pt/.pth/.ckpt, a Hugging "
+        "Face folder, or a remote one read by ranges: hf://owner/repo[@revision][/folder], "
+        "https://.../model.safetensors or its index, s3://... (any fsspec URL).",
+        show_default=False,
+    ),
+]
+MaxDownloadOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--max-download",
+        min=0,
+        help="Remote paths: bytes of whole tensors to download to confirm ties "
+        "[default: 268435456 (256 MiB)]; beyond it a tie is reported unconfirmed.",
+        show_default=False,
+    ),
+]
+TimeoutOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--timeout",
+        min=0.001,
+        help="Remote paths: seconds to wait for each request [default: 30].",
         show_default=False,
     ),
 ]
@@ -85,13 +113,19 @@ def _emit(result: Any, json_out: bool, render: Any) -> None:
 
 
 @app.command()
-def inspect(path: PathArg, json_out: JsonOpt = False, quiet: QuietOpt = False) -> None:
+def inspect(
+    path: RemotePathArg,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+    max_download: MaxDownloadOpt = None,
+    timeout: TimeoutOpt = None,
+) -> None:
     """List tensors, ties (kind, evidence, transform, bytes) and problems. Always exits 0."""
     from .api import inspect as run
     from .progress import console_progress
     from .render import render_inspect
 
-    result = run(path, progress=console_progress(quiet))
+    result = run(path, progress=console_progress(quiet), max_download=max_download, timeout=timeout)
     _emit(result, json_out, render_inspect)
 
 
@@ -190,9 +224,10 @@ def untie(
 @app.command()
 def verify(
     paths: Annotated[
-        list[Path],
+        list[str],
         typer.Argument(
-            help="Checkpoints to check; the files of one sharded checkpoint are checked once.",
+            help="Checkpoints to check (local, or remote URLs as for inspect); the files of one "
+            "sharded checkpoint are checked once.",
             show_default=False,
         ),
     ],
@@ -251,6 +286,8 @@ def verify(
     ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    max_download: MaxDownloadOpt = None,
+    timeout: TimeoutOpt = None,
 ) -> None:
     """Exit 0 when every checkpoint's ties are consistent, 1 with every problem listed when not."""
     from .api import verify as run
@@ -268,6 +305,8 @@ def verify(
         dtype=dtype,
         model=model,
         progress=console_progress(quiet),
+        max_download=max_download,
+        timeout=timeout,
     )
     _emit(result, json_out, render_verify)
     if not result.ok:

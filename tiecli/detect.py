@@ -17,9 +17,9 @@ from .dtypes import itemsize
 from .patterns import pattern_ties, table
 from .progress import NO_PROGRESS, Progress
 from .record import read_record
-from .values import difference, equal, find_equal, same_samples
+from .values import difference, equal, find_equal, same_samples, sampled_difference
 
-EVIDENCE_ORDER = ("metadata", "declared", "pattern", "storage", "value", "transposed")
+EVIDENCE_ORDER = ("metadata", "declared", "pattern", "storage", "value", "transposed", "sampled")
 STRUCTURAL = frozenset({"metadata", "declared", "pattern", "storage"})
 # Which evidence makes a name the source of its group, strongest first.
 SOURCE_RANK = {"declared": 0, "pattern": 1, "metadata": 2, "storage": 3}
@@ -46,13 +46,17 @@ class Drift:
     max_abs_diff: float | None
     differing: int
     numel: int
+    sampled: bool = False  # from the sampled elements only (remote, over --max-download)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "max_abs_diff": self.max_abs_diff,
             "differing_elements": self.differing,
             "elements": self.numel,
         }
+        if self.sampled:
+            d["sampled"] = True
+        return d
 
 
 @dataclass
@@ -68,6 +72,8 @@ class Tie:
     drift: Drift | None = None
     # pickles: alias and source in different files, which cannot share storage
     across_files: bool = False
+    # equal at the sampled elements, never compared whole (remote, over --max-download)
+    unconfirmed: bool = False
 
     @property
     def duplicated(self) -> bool:
@@ -92,6 +98,8 @@ class Tie:
         }
         if self.drift is not None:
             d["drift"] = self.drift.to_dict()
+        if self.unconfirmed:
+            d["unconfirmed"] = True
         return d
 
 
@@ -132,6 +140,9 @@ class _Finder:
         self.ckpt = ckpt
         self.sampled = sampled
         self.assumed: list[tuple[str, str, str]] = []
+        # remote: bytes that may still be read whole, and pairs equal only by samples
+        self.budget = ckpt.budget
+        self.unconfirmed: set[tuple[str, str, str]] = set()
         self.entries = ckpt.entries
         self.order = {name: i for i, name in enumerate(ckpt.entries)}
         self.use_transformers = use_transformers
@@ -252,6 +263,12 @@ class _Finder:
                 same = same_samples(a, s, transform)
                 if same:
                     self.assumed.append(key)
+            elif self.budget is not None and same_samples(a, s, transform):
+                if self.budget.allows(a.nbytes + s.nbytes):
+                    same = equal(a, s, transform)
+                else:
+                    same = True
+                    self.unconfirmed.add(key)
             else:
                 same = equal(a, s, transform)
             self._equal_cache[key] = same
@@ -330,7 +347,11 @@ class _Finder:
         )
         if a is not None and s is not None and not shared:
             if self._equal(alias, source, transform):
-                ev.add("transposed" if transform == "transpose" else "value")
+                if (alias, source, transform) in self.unconfirmed:
+                    ev.add("sampled")
+                    tie.unconfirmed = True
+                else:
+                    ev.add("transposed" if transform == "transpose" else "value")
             else:
                 tie.drift = self._drift(a, s, transform)
         tie.evidence = [e for e in EVIDENCE_ORDER if e in ev]
@@ -344,6 +365,9 @@ class _Finder:
             or (transform == "transpose" and itemsize(a.dtype) is None)
         ):
             return Drift(None, a.numel, a.numel)  # nothing to compare element by element
+        if self.budget is not None and not self.budget.allows(a.nbytes + s.nbytes):
+            d = sampled_difference(a, s, transform)
+            return Drift(d.max_abs_diff, d.differing, d.numel, sampled=True)
         d = difference(a, s, transform)
         return Drift(d.max_abs_diff, d.differing, d.numel)
 
@@ -371,7 +395,7 @@ class _Finder:
             for n in (t.alias, t.source)
             if n in self.entries
         }
-        matches = find_equal(candidates, self.progress, known)
+        matches = find_equal(candidates, self.progress, known, self.budget)
         adj: dict[str, list[tuple[str, str]]] = defaultdict(list)
         for group in matches.groups:
             for e in group[1:]:
@@ -392,16 +416,24 @@ class _Finder:
             rel = _transforms_from(adj, anchor)
             for name in sorted(component - root_of.keys() - {root}, key=self.order.__getitem__):
                 transform = _compose(rel[name], relation.get(anchor, "identity"))
+                unconfirmed = name in matches.unconfirmed
                 ties.append(
                     Tie(
                         name,
                         root,
                         transform,
                         "duplicate",
-                        ["transposed" if transform == "transpose" else "value"],
+                        [
+                            "sampled"
+                            if unconfirmed
+                            else "transposed"
+                            if transform == "transpose"
+                            else "value"
+                        ],
                         stored=True,
                         bytes=self.entries[name].nbytes,
                         source_stored=root in self.entries,
+                        unconfirmed=unconfirmed,
                     )
                 )
         return ties
@@ -422,7 +454,18 @@ class _Finder:
                         "error",
                         f"{t.alias} is absent, recorded as {t.source}, but {self.architecture} "
                         f"does not tie them: transformers will initialise {t.alias} randomly "
-                        f"on load; fix: tiecli untie {self.ckpt.path}",
+                        f"on load; fix: tiecli untie {self.ckpt.shown}",
+                        [t.alias, t.source],
+                    )
+                )
+            if t.unconfirmed:
+                self.problems.append(
+                    Problem(
+                        "unconfirmed",
+                        "warning",
+                        f"{t.alias} and {t.source} agree at their sampled elements but were not "
+                        f"compared whole: reading them would pass the --max-download budget; "
+                        f"raise --max-download to confirm the tie",
                         [t.alias, t.source],
                     )
                 )
@@ -433,6 +476,8 @@ class _Finder:
                     if d.max_abs_diff is not None
                     else "shapes or dtypes differ"
                 )
+                if d.sampled:
+                    diff += " among sampled elements (over --max-download, not read whole)"
                 self.problems.append(
                     Problem(
                         "drift",

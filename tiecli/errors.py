@@ -68,6 +68,13 @@ class BusyError(OutputError):
     """Another tiecli is rewriting the same checkpoint or output (its lock is held)."""
 
 
+class RemoteError(TiecliError, OSError):
+    """A remote checkpoint cannot be reached or read (network, server, timeout)."""
+
+    def __str__(self) -> str:
+        return self.one_line()
+
+
 class MissingDependencyError(TiecliError, ImportError):
     """An optional dependency is needed for this operation."""
 

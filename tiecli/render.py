@@ -62,6 +62,8 @@ def ties_table(ties: list[Any]) -> Table:
             stored += " [red](drift)[/red]"
         elif not t.source_stored:
             stored += " [yellow](source absent)[/yellow]"
+        elif getattr(t, "unconfirmed", False):
+            stored += " [yellow](unconfirmed)[/yellow]"
         table.add_row(
             shown(t.alias),
             shown(t.source),
@@ -105,6 +107,16 @@ def render_inspect(r: Any, console: Console) -> None:
         console.print(problems_table(r.problems))
     else:
         console.print("problems: none")
+    if r.remote is not None:
+        console.print(remote_line(r.remote))
+
+
+def remote_line(remote: dict[str, int]) -> str:
+    """What reading a remote checkpoint cost."""
+    return (
+        f"remote: {remote['requests']} request(s), "
+        f"{human_bytes(remote['bytes_read'])} ({remote['bytes_read']} bytes) read"
+    )
 
 
 def render_dedupe(r: Any, console: Console) -> None:
@@ -189,6 +201,8 @@ def render_verify(r: Any, console: Console) -> None:
         )
         if c.problems:
             console.print(problems_table(c.problems))
+        if c.remote is not None:
+            console.print("  " + remote_line(c.remote))
     if r.forward is not None:
         render_forward(r.forward, console)
     failing = len(r.failures)

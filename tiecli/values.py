@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .checkpoint import CHUNK, Entry
@@ -274,21 +274,46 @@ def difference(a: Entry, b: Entry, transform: str = "identity") -> Difference:
     return Difference(differing, a.numel, worst if decodable else None)
 
 
+def sampled_difference(a: Entry, b: Entry, transform: str = "identity") -> Difference:
+    """:func:`difference` over the sampled elements only (no whole reads)."""
+    import numpy as np
+
+    x = sample(a)
+    y = sample_transposed(b) if transform == "transpose" else sample(b)
+    size = itemsize(a.dtype)
+    if size is None:
+        return Difference(sum(1 for i, j in zip(x, y, strict=False) if i != j), len(x), None)
+    xs = np.frombuffer(x, dtype=np.uint8).reshape(-1, size)
+    ys = np.frombuffer(y, dtype=np.uint8).reshape(-1, size)
+    mask = (xs != ys).any(axis=1)
+    fx, fy = to_float64(a.dtype, x), to_float64(b.dtype, y)
+    worst = None
+    if fx is not None and fy is not None and mask.any():
+        with np.errstate(invalid="ignore", over="ignore"):
+            worst = float(np.nanmax(np.abs(fx[mask] - fy[mask])))
+    return Difference(int(mask.sum()), len(xs), worst)
+
+
 @dataclass
 class ValueMatches:
     groups: list[list[Entry]]  # each: bitwise-equal tensors, in file order
     transposed: list[tuple[Entry, Entry]]  # (x, y) with y == xᵀ, x first in file order
+    # names whose match rests on sampled elements only (a budget refused the whole read)
+    unconfirmed: set[str] = field(default_factory=set)
 
 
 def find_equal(
     entries: Iterable[Entry],
     progress: Progress = NO_PROGRESS,
     known: dict[str, str] | None = None,
+    budget: Any = None,
 ) -> ValueMatches:
     """Groups of equal tensors and transposed pairs; constant tensors never match.
 
     ``known`` maps names to classes already proven bitwise equal (a confirmed
     tie group): one member per class stands for it, so no pair is read twice.
+    ``budget`` (remote checkpoints): whole reads it refuses are not made; those
+    candidates match by their samples and are listed in ``unconfirmed``.
     """
     known = known or {}
     items = [e for e in entries if e.nbytes > 0 and e.numel > 1]
@@ -329,6 +354,22 @@ def find_equal(
                 classes.add(cls)
         if len(reps) > 1:
             candidates.append(reps)
+    unconfirmed: set[str] = set()
+
+    def refused(g: list[Entry], nbytes: int) -> bool:
+        """Whether the budget refuses reading ``g`` whole."""
+        return budget is not None and not budget.allows(nbytes)
+
+    def by_samples(g: list[Entry]) -> bool:
+        """Unread candidates match by their samples, unless those are all one value
+        (a constant tensor is never a tie)."""
+        if _uniform(sample(g[0]), itemsize(g[0].dtype) or 1):
+            return False
+        unconfirmed.update(e.name for e in g)
+        return True
+
+    unread = [g for g in candidates if refused(g, sum(e.nbytes for e in g))]
+    candidates = [g for g in candidates if not any(g is u for u in unread)]
     pairs_to_compare = [g for g in candidates if len(g) == 2]
     to_hash = {e.name: e for g in candidates if len(g) > 2 for e in g}
     total = sum(e.nbytes for e in to_hash.values()) + sum(2 * g[0].nbytes for g in pairs_to_compare)
@@ -357,9 +398,14 @@ def find_equal(
             sorted(m, key=lambda e: order[e.name]) for m in by_digest.values() if len(m) > 1
         )
 
+    groups.extend(sorted(g, key=lambda e: order[e.name]) for g in unread if by_samples(g))
     pairs = []
     for x, y in transposed_candidates:
         if x.name in constant or y.name in constant:
+            continue
+        if refused([x, y], 2 * x.nbytes):
+            if by_samples([x, y]):
+                pairs.append((x, y))
             continue
         if x.name not in digests and _uniform(sample(x), itemsize(x.dtype) or 1) and is_constant(x):
             constant.add(x.name)
@@ -367,4 +413,4 @@ def find_equal(
         if equal(y, x, "transpose"):
             pairs.append((x, y))
     groups.sort(key=lambda g: order[g[0].name])
-    return ValueMatches(groups, pairs)
+    return ValueMatches(groups, pairs, unconfirmed)

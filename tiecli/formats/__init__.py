@@ -31,12 +31,28 @@ FOLDER_PREFERENCE = (
 )
 
 
-def open_checkpoint(path: str | os.PathLike[str], *, torch_free: bool = True) -> Checkpoint:
+def open_checkpoint(
+    path: str | os.PathLike[str],
+    *,
+    torch_free: bool = True,
+    remote: Any = None,
+    progress: Any = None,
+) -> Checkpoint:
     """Open ``path`` lazily: headers and pickle structure only, no tensor bytes.
 
     ``torch_free``: read PyTorch zip checkpoints without torch where they allow it
     (a flat dict of dense tensors); ``False`` for callers that want torch tensors.
+    A URL (``hf://``, ``https://``, ``s3://``...) is read by ranges with the
+    :class:`~tiecli.formats.remote.RemoteOptions` ``remote``; nothing else ever
+    reaches the network.
     """
+    if isinstance(path, str) and "://" in path:
+        from .remote import is_remote, open_remote
+
+        if is_remote(path):
+            from ..progress import NO_PROGRESS
+
+            return open_remote(path, remote, progress or NO_PROGRESS)
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError("no such file or folder", p)
@@ -157,8 +173,9 @@ def _single_pickle(f: PickleFile | TorchZip, shown: Path) -> Checkpoint:
     return ckpt
 
 
-def _open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
-    doc = read_json(index, what="index", unique=True)
+def index_parts(doc: Any, index: str | Path) -> tuple[dict[str, str], dict[str, Any], list[str]]:
+    """An index document's ``weight_map``, ``metadata`` and shard names, validated:
+    every shard name is a plain file name beside the index."""
     if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
         raise CheckpointFormatError("index has no 'weight_map' object", index)
     weight_map: dict[str, Any] = doc["weight_map"]
@@ -168,15 +185,35 @@ def _open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointFormatError("index 'weight_map' must map tensor names to file names", index)
     shard_names = list(dict.fromkeys(sorted(weight_map.values())))
+    for shard in shard_names:
+        if os.sep in shard or "/" in shard or shard in ("", ".", ".."):
+            raise CheckpointFormatError(f"index names shard {shard!r} outside its folder", index)
+    return weight_map, metadata, shard_names
+
+
+def index_entries(
+    weight_map: dict[str, str], files: dict[str, dict[str, Entry]], index: str | Path
+) -> dict[str, Entry]:
+    """The entries an index maps, in file order, each found in the shard it names."""
+    entries: dict[str, Entry] = {}
+    for name, shard in sorted(weight_map.items(), key=lambda kv: _order(files, kv)):
+        entry = files[shard].get(name)
+        if entry is None:
+            raise CheckpointFormatError(
+                f"index maps tensor {name!r} to {shard!r}, which does not hold it", index
+            )
+        entries[name] = entry
+    return entries
+
+
+def _open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
+    doc = read_json(index, what="index", unique=True)
+    weight_map, metadata, shard_names = index_parts(doc, index)
     readers: list[Any] = []
     try:
         files: dict[str, Any] = {}
         for number, shard in enumerate(shard_names):
             shard_path = index.parent / shard
-            if os.sep in shard or "/" in shard or shard in ("", ".", ".."):
-                raise CheckpointFormatError(
-                    f"index names shard {shard!r} outside its folder", index
-                )
             why = escapes(index.parent, shard_path)
             if why is not None:
                 raise CheckpointFormatError(
@@ -194,15 +231,7 @@ def _open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
             )
             readers.append(reader)
             files[shard] = {e.name: e for e in reader.entries()}
-        entries: dict[str, Entry] = {}
-        ordered = sorted(weight_map.items(), key=lambda kv: _order(files, kv))
-        for name, shard in ordered:
-            entry = files[shard].get(name)
-            if entry is None:
-                raise CheckpointFormatError(
-                    f"index maps tensor {name!r} to {shard!r}, which does not hold it", index
-                )
-            entries[name] = entry
+        entries = index_entries(weight_map, files, index)
     except BaseException:
         for r in readers:
             getattr(r, "close", lambda: None)()

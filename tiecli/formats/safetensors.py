@@ -265,7 +265,9 @@ class SafetensorsFile(ByteFile):
         try:
             with self.opened() as fd:
                 self.size = os.fstat(fd).st_size
-                self.header_size, self.tensors, self.metadata = self._parse(fd)
+                self.header_size, self.tensors, self.metadata = self._parse(
+                    lambda size, offset: os.pread(fd, size, offset)
+                )
         except BaseException:
             self.close()
             raise
@@ -278,14 +280,15 @@ class SafetensorsFile(ByteFile):
         return self._fail("short read (file changed or truncated?)")
 
     def _parse(
-        self, fd: int
+        self, pread: Callable[[int, int], bytes]
     ) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
+        """The header, validated; ``pread(size, offset)`` reads the file (or a remote copy)."""
         if self.size == 0:
             raise self._fail("file is empty, not a safetensors file")
         if self.size < 8:
             raise self._fail(f"file is {self.size} bytes, too short for a safetensors header")
-        head = os.pread(fd, 8, 0)
-        if head == LFS_POINTER[:8] and os.pread(fd, len(LFS_POINTER), 0) == LFS_POINTER:
+        head = pread(8, 0)
+        if head == LFS_POINTER[:8] and pread(len(LFS_POINTER), 0) == LFS_POINTER:
             raise CheckpointFormatError(
                 "is a Git LFS pointer, not the weights",
                 self.path,
@@ -308,7 +311,7 @@ class SafetensorsFile(ByteFile):
             raise self._fail(
                 f"header length runs past the end of the file ({self.size}-byte file; truncated?)"
             )
-        raw = os.pread(fd, n, 8)
+        raw = pread(n, 8)
         self.bytes_read += 8 + n
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
@@ -377,6 +380,9 @@ class SafetensorsFile(ByteFile):
 
     # -- byte access -------------------------------------------------------
 
+    def _blob(self, start: int, nbytes: int) -> Any:
+        return FileBlob(self, start, nbytes)
+
     def entries(self) -> list[Entry]:
         out = []
         for name, (dtype, shape, start, end) in sorted(
@@ -388,7 +394,7 @@ class SafetensorsFile(ByteFile):
                     dtype,
                     shape,
                     end - start,
-                    FileBlob(self, start, end - start),
+                    self._blob(start, end - start),
                     file=self.path,
                 )
             )

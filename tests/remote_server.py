@@ -1,0 +1,227 @@
+"""Servers on 127.0.0.1 for the remote tests: files with HTTP Range support, and the
+few Hub endpoints huggingface_hub's HfFileSystem asks (model info, tree,
+paths-info, resolve). Each counts the requests it answered and the body bytes it sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+SHA = "0123456789abcdef0123456789abcdef01234567"
+
+
+class Counts:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests = 0
+        self.bytes = 0
+        self.ranges: list[str] = []  # the Range headers received
+        self.paths: list[str] = []
+
+    def add(self, path: str, sent: int, range_header: str | None) -> None:
+        """One request answered, with ``sent`` bytes of a successful body."""
+        with self.lock:
+            self.requests += 1
+            self.bytes += sent
+            self.paths.append(path)
+            if range_header:
+                self.ranges.append(range_header)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    # -- plumbing --------------------------------------------------------
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        self.send_response(status)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        # counted before it is sent: the client may be done the moment it has the body
+        sent = len(body) if self.command != "HEAD" and status < 400 else 0
+        self.server.counts.add(self.path, sent, self.headers.get("Range"))
+        if self.command != "HEAD":
+            self.wfile.write(body)  # an error's text is sent, but no client reads it
+
+    def _file(self, path: Path, extra: dict[str, str] | None = None) -> None:
+        if not path.is_file():
+            self._send(404, b"not found: " + bytes(path.name, "utf-8"))
+            return
+        data = path.read_bytes()
+        headers = {"Accept-Ranges": "bytes", **(extra or {})}
+        header = self.headers.get("Range")
+        m = re.fullmatch(r"bytes=(\d+)-(\d*)", header or "")
+        if m and not self.server.ignore_ranges:
+            start = int(m.group(1))
+            end = min(int(m.group(2)) + 1 if m.group(2) else len(data), len(data))
+            if start >= len(data):
+                self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+                return
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
+            self._send(206, data[start:end], headers)
+        else:
+            self._send(200, data, headers)
+
+    def _delay(self) -> None:
+        if self.server.delay:
+            time.sleep(self.server.delay)
+
+    def do_HEAD(self) -> None:  # noqa: N802
+        self.do_GET()
+
+    def do_POST(self) -> None:  # noqa: N802
+        self.do_GET()
+
+
+class FileHandler(_Handler):
+    """Serves ``server.root`` as static files, with single byte ranges."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._delay()
+        if self.server.refuse:
+            self._send(503, b"unavailable <secret server text>")
+            return
+        rel = unquote(urlsplit(self.path).path).lstrip("/")
+        self._file(self.server.root / rel)
+
+
+class HubHandler(_Handler):
+    """The Hub endpoints HfFileSystem uses, for repositories under ``server.root``
+    (``root/owner/name/...``), at one revision ``main`` whose commit is :data:`SHA`."""
+
+    def do_GET(self) -> None:  # noqa: N802
+        self._delay()
+        url = urlsplit(self.path)
+        path = unquote(url.path)
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/revision/([^/]+))?", path)
+        if m:
+            return self._repo_info(m.group(1), m.group(2))
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/([^/]+)(?:/(.*))?", path)
+        if m:
+            return self._tree(m.group(1), m.group(2), m.group(3) or "")
+        m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/paths-info/([^/]+)", path)
+        if m:
+            return self._paths_info(m.group(1), m.group(2))
+        m = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.*)", path)
+        if m:
+            if not self._known(m.group(1), m.group(2)):
+                return None
+            return self._file(
+                self.server.root / m.group(1) / m.group(3),
+                {"X-Repo-Commit": SHA, "ETag": '"etag"'},
+            )
+        self._send(404, b"{}", {"Content-Type": "application/json"})
+        return None
+
+    def _known(self, repo: str, revision: str | None) -> bool:
+        if not (self.server.root / repo).is_dir():
+            self._json(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+            return False
+        if revision not in (None, "main", SHA):
+            self._json(404, {"error": "Invalid rev id"}, {"X-Error-Code": "RevisionNotFound"})
+            return False
+        return True
+
+    def _json(self, status: int, doc: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(
+            status,
+            json.dumps(doc).encode(),
+            {"Content-Type": "application/json", **(headers or {})},
+        )
+
+    def _entry(self, repo: str, rel: str) -> dict[str, Any]:
+        p = self.server.root / repo / rel
+        if p.is_dir():
+            return {"type": "directory", "path": rel, "oid": SHA, "size": 0}
+        data = p.read_bytes()
+        return {
+            "type": "file",
+            "path": rel,
+            "size": len(data),
+            "oid": hashlib.sha1(data).hexdigest(),
+            "lfs": {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 130},
+        }
+
+    def _repo_info(self, repo: str, revision: str | None) -> None:
+        if not self._known(repo, revision):
+            return
+        base = self.server.root / repo
+        siblings = [
+            {"rfilename": str(p.relative_to(base))} for p in sorted(base.rglob("*")) if p.is_file()
+        ]
+        self._json(
+            200, {"id": repo, "modelId": repo, "sha": SHA, "siblings": siblings, "private": False}
+        )
+
+    def _tree(self, repo: str, revision: str, rel: str) -> None:
+        if not self._known(repo, revision):
+            return
+        folder = self.server.root / repo / rel
+        if not folder.is_dir():
+            self._json(404, {"error": "not found"}, {"X-Error-Code": "EntryNotFound"})
+            return
+        base = self.server.root / repo
+        out = [self._entry(repo, str(p.relative_to(base))) for p in sorted(folder.iterdir())]
+        self._json(200, out)
+
+    def _paths_info(self, repo: str, revision: str) -> None:
+        if not self._known(repo, revision):
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(length).decode() if length else ""
+        from urllib.parse import parse_qs
+
+        try:
+            paths = json.loads(body).get("paths", [])
+        except ValueError:
+            paths = parse_qs(body).get("paths", [])
+        out = [self._entry(repo, p) for p in paths if (self.server.root / repo / p).exists()]
+        self._json(200, out)
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that hangs up early (a timeout test) is no error of the server
+
+
+@contextmanager
+def serve(
+    root: Path,
+    hub: bool = False,
+    *,
+    refuse: bool = False,
+    delay: float = 0.0,
+    ignore_ranges: bool = False,
+) -> Iterator[tuple[str, Counts]]:
+    """A server on 127.0.0.1 for ``root``: its base URL and its counts."""
+    server = _Server(("127.0.0.1", 0), HubHandler if hub else FileHandler)
+    server.root = root  # type: ignore[attr-defined]
+    server.counts = Counts()  # type: ignore[attr-defined]
+    server.refuse = refuse  # type: ignore[attr-defined]
+    server.delay = delay  # type: ignore[attr-defined]
+    server.ignore_ranges = ignore_ranges  # type: ignore[attr-defined]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", server.counts  # type: ignore[attr-defined]
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -1,0 +1,383 @@
+"""Remote checkpoints: inspect and verify by range reads, over HTTP and the Hub API.
+
+Every server here runs on 127.0.0.1 in the test (tests/remote_server.py) and
+counts what it answered; nothing reaches the internet.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import FIXTURES
+from remote_server import serve
+from typer.testing import CliRunner
+
+from tiecli.cli import app
+from tiecli.formats.remote import coalesce, shown_url
+
+pytest.importorskip("fsspec")
+pytest.importorskip("aiohttp")
+
+runner = CliRunner()
+WHERE = ("path", "config", "remote", "checked", "checkpoints")  # what names the location
+
+
+def _json(args: list[str]) -> tuple[int, dict[str, Any]]:
+    res = runner.invoke(app, args)
+    assert res.exit_code in (0, 1), res.output
+    return res.exit_code, json.loads(res.stdout)
+
+
+def _same(remote: dict[str, Any], local: dict[str, Any]) -> None:
+    """Equal but for the fields that name where the checkpoint lives."""
+    r = {k: v for k, v in remote.items() if k not in WHERE}
+    loc = {k: v for k, v in local.items() if k not in WHERE}
+    for p in r.get("problems", []) + loc.get("problems", []):
+        p.pop("path", None)
+        p["message"] = p["message"].replace(str(FIXTURES), "").split("fix:")[0]
+    assert r == loc
+
+
+def _safetensors(
+    path: Path, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
+) -> None:
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset, blobs = 0, []
+    for name, a in tensors.items():
+        raw = np.ascontiguousarray(a).tobytes()
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(a.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        offset += len(raw)
+        blobs.append(raw)
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + b"".join(blobs))
+
+
+@pytest.mark.parametrize(
+    "rel",
+    [
+        "gpt2/full/model.safetensors",
+        "gpt2/full-sharded/model.safetensors.index.json",
+        "t5/hf-sharded/model.safetensors.index.json",
+        "llama-untied/full/model.safetensors",
+        "custom/transposed.safetensors",
+        "custom/value-duplicate.safetensors",
+    ],
+)
+def test_inspect_over_http_reports_what_a_local_run_does(rel: str) -> None:
+    with serve(FIXTURES) as (base, counts):
+        _code, remote = _json(["inspect", "--json", f"{base}/{rel}"])
+        served = (counts.requests, counts.bytes)
+    _code, local = _json(["inspect", "--json", str(FIXTURES / rel)])
+    _same(remote, local)
+    assert remote["path"] == f"{base}/{rel}"
+    assert "remote" not in local
+    # what tiecli says it cost is what the server counted
+    assert (remote["remote"]["requests"], remote["remote"]["bytes_read"]) == served
+    if (FIXTURES / rel).with_name("config.json").is_file():
+        assert remote["config"] == f"{base}/{rel.rsplit('/', 1)[0]}/config.json"
+
+
+@pytest.mark.parametrize(
+    ("rel", "flags"),
+    [
+        ("drift/model.safetensors", []),
+        ("gpt2/full-sharded/model.safetensors.index.json", ["--require-deduped"]),
+        ("gpt2/hf/model.safetensors", ["--strict"]),
+    ],
+)
+def test_verify_over_http_judges_as_a_local_run_does(rel: str, flags: list[str]) -> None:
+    with serve(FIXTURES) as (base, counts):
+        code, remote = _json(["verify", "--json", *flags, f"{base}/{rel}"])
+        served = (counts.requests, counts.bytes)
+    local_code, local = _json(["verify", "--json", *flags, str(FIXTURES / rel)])
+    assert code == local_code
+    _same(remote, local)
+    assert remote["checked"] == [f"{base}/{rel}"]
+    assert (remote["remote"]["requests"], remote["remote"]["bytes_read"]) == served
+
+
+def test_verify_checks_local_and_remote_checkpoints_in_one_call() -> None:
+    with serve(FIXTURES) as (base, _counts):
+        code, doc = _json(
+            ["verify", "--json", str(FIXTURES / "gpt2/full"), f"{base}/drift/model.safetensors"]
+        )
+    assert code == 1
+    assert doc["checked"] == [str(FIXTURES / "gpt2/full"), f"{base}/drift/model.safetensors"]
+    assert [p["code"] for p in doc["problems"]] == ["drift"]
+    assert doc["problems"][0]["path"] == f"{base}/drift/model.safetensors"
+
+
+def _large_pair(folder: Path) -> Path:
+    """Two equal 4 MiB tensors nobody declared, plus small others: a value duplicate."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    big = rng.standard_normal((1024, 1024)).astype(np.float32)
+    _safetensors(
+        folder / "model.safetensors",
+        {
+            "a.weight": big,
+            "norm.weight": np.ones(1024, np.float32),
+            "b.weight": big.copy(),
+            "c.weight": rng.standard_normal((1024, 1024)).astype(np.float32),
+        },
+    )
+    return folder / "model.safetensors"
+
+
+def test_a_tie_past_max_download_is_unconfirmed_and_not_downloaded(tmp_path: Path) -> None:
+    path = _large_pair(tmp_path / "m")
+    size = path.stat().st_size
+    with serve(tmp_path) as (base, counts):
+        url = f"{base}/m/model.safetensors"
+        _code, capped = _json(["inspect", "--json", "--max-download", "1000000", url])
+        capped_bytes = counts.bytes
+        _code, full = _json(["inspect", "--json", url])
+    [tie] = capped["ties"]
+    assert (tie["alias"], tie["source"]) == ("b.weight", "a.weight")
+    assert tie["evidence"] == ["sampled"] and tie["unconfirmed"] is True
+    assert [p["code"] for p in capped["problems"]] == ["unconfirmed"]
+    # headers and samples only: far less than one of the two tensors
+    assert capped_bytes == capped["remote"]["bytes_read"] < (1 << 20) // 4
+    [confirmed] = full["ties"]
+    assert confirmed["evidence"] == ["value"] and "unconfirmed" not in confirmed
+    assert full["problems"] == []
+    assert full["remote"]["bytes_read"] >= 2 * (4 << 20)  # the pair, read whole
+    assert full["remote"]["bytes_read"] < size  # c.weight never was
+
+    # verify: an unconfirmed tie is a warning (fails --strict only)
+    with serve(tmp_path) as (base, _counts):
+        url = f"{base}/m/model.safetensors"
+        code, _doc = _json(["verify", "--json", "--max-download", "0", url])
+        strict, _doc = _json(["verify", "--json", "--strict", "--max-download", "0", url])
+    assert (code, strict) == (0, 1)
+
+
+def test_a_drift_past_max_download_is_measured_on_the_samples(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    emb = rng.standard_normal((512, 1024)).astype(np.float32)
+    head = emb + 1.0
+    _safetensors(
+        folder / "model.safetensors",
+        {"model.embed_tokens.weight": emb, "lm_head.weight": head},
+        {"lm_head.weight": "model.embed_tokens.weight"},
+    )
+    with serve(tmp_path) as (base, counts):
+        code, doc = _json(
+            ["verify", "--json", "--max-download", "0", f"{base}/m/model.safetensors"]
+        )
+        served = counts.bytes
+    assert code == 1
+    [tie] = doc["checkpoints"][0]["ties"]
+    assert tie["drift"]["sampled"] is True and tie["drift"]["elements"] == 8
+    assert tie["drift"]["differing_elements"] == 8
+    assert tie["drift"]["max_abs_diff"] == pytest.approx(1.0, abs=1e-5)
+    assert "among sampled elements" in doc["problems"][0]["message"]
+    assert served < 128 << 10  # the first 64 KiB (header) and the samples
+
+
+def test_sampled_elements_are_fetched_in_few_coalesced_requests(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    folder.mkdir()
+    rng = np.random.default_rng(2)
+    # many small same-shaped tensors: their samples lie close and merge into one request
+    small = {f"norms.{i}.w": rng.standard_normal((32, 32)).astype(np.float32) for i in range(200)}
+    # a few large ones: eight requests each at most, and a few bytes per sample
+    large = {f"layers.{i}.w": rng.standard_normal((512, 512)).astype(np.float32) for i in range(10)}
+    _safetensors(folder / "small.safetensors", small)
+    _safetensors(folder / "large.safetensors", large)
+    with serve(tmp_path) as (base, counts):
+        _code, doc = _json(["inspect", "--json", f"{base}/m/small.safetensors"])
+        assert doc["ties"] == [] and doc["tensors"] == 200
+        # a HEAD for the size, the first 64 KiB, all 1600 samples in one request, and
+        # the look for config.json beside it (fsspec tries HEAD, then GET)
+        assert doc["remote"]["requests"] == counts.requests == 5
+        _code, doc = _json(["inspect", "--json", f"{base}/m/large.safetensors"])
+    assert doc["ties"] == []
+    assert doc["remote"]["requests"] <= 2 + 10 * 8
+    size = (folder / "large.safetensors").stat().st_size
+    assert doc["remote"]["bytes_read"] < 0.01 * size
+
+
+def test_coalesce_merges_overlapping_and_nearby_ranges() -> None:
+    ranges = [(100, 104), (0, 4), (2, 8), (20, 30)]
+    assert coalesce(ranges, gap=12) == [(0, 30), (100, 104)]
+    assert coalesce(ranges, gap=11) == [(0, 8), (20, 30), (100, 104)]
+    assert coalesce([(0, 4), (100, 104)], gap=10) == [(0, 4), (100, 104)]
+    assert coalesce([]) == []
+
+
+def _one_error_line(res: Any) -> str:
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("Error: ") and "Traceback" not in res.output
+    return lines[0]
+
+
+def test_a_refusing_server_is_one_line_with_the_url() -> None:
+    with serve(FIXTURES, refuse=True) as (base, _counts):
+        url = f"{base}/gpt2/full/model.safetensors"
+        res = runner.invoke(app, ["inspect", "--json", url])
+        verify = runner.invoke(app, ["verify", url])
+    assert res.exit_code == 2 and verify.exit_code == 2
+    line = _one_error_line(res)
+    assert url in line and "HTTP 503" in line
+    assert "secret" not in res.output  # the server's own text is never shown
+    assert res.stdout == ""
+
+
+def test_a_server_that_does_not_answer_in_time_is_one_line(tmp_path: Path) -> None:
+    with serve(FIXTURES, delay=3.0) as (base, _counts):
+        url = f"{base}/gpt2/full/model.safetensors"
+        started = time.monotonic()
+        res = runner.invoke(app, ["inspect", "--timeout", "0.3", url])
+        took = time.monotonic() - started
+    assert res.exit_code == 2
+    line = _one_error_line(res)
+    assert url in line and "timed out" in line and "--timeout" in line
+    assert took < 2.5
+
+
+def test_nothing_listens_is_one_line() -> None:
+    with serve(FIXTURES) as (base, _counts):
+        pass  # closed: the port refuses connections now
+    res = runner.invoke(app, ["inspect", f"{base}/gpt2/full/model.safetensors"])
+    assert res.exit_code == 2
+    assert f"{base}/gpt2/full/model.safetensors" in _one_error_line(res)
+
+
+def test_a_server_without_range_support_is_refused_not_downloaded(tmp_path: Path) -> None:
+    path = _large_pair(tmp_path / "m")
+    with serve(tmp_path, ignore_ranges=True) as (base, _counts):
+        res = runner.invoke(app, ["inspect", f"{base}/m/model.safetensors"])
+    assert res.exit_code == 2
+    assert "range requests" in _one_error_line(res)
+    assert path.is_file()
+
+
+def test_missing_files_and_credentials_in_urls(tmp_path: Path) -> None:
+    with serve(FIXTURES) as (base, _counts):
+        host = base.split("//", 1)[1]
+        url = f"http://user:hunter2@{host}/gpt2/full/nothing.safetensors?sig=s3cret"
+        res = runner.invoke(app, ["inspect", url])
+    assert res.exit_code == 2
+    line = _one_error_line(res)
+    assert f"{base}/gpt2/full/nothing.safetensors: not found" in line
+    assert "hunter2" not in line and "s3cret" not in line
+    assert shown_url("https://a:b@h:8/x?y=1#z") == "https://h:8/x"
+
+
+def test_an_index_cannot_name_shards_outside_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "repo").mkdir()
+    shutil.copy(FIXTURES / "gpt2/full/model.safetensors", tmp_path / "secret.safetensors")
+    for i, shard in enumerate(["../secret.safetensors", "%2e%2e%2fsecret.safetensors"]):
+        index = {"metadata": {}, "weight_map": {"lm_head.weight": shard}}
+        (tmp_path / "repo" / f"m{i}.safetensors.index.json").write_text(json.dumps(index))
+    with serve(tmp_path) as (base, counts):
+        for i in range(2):
+            res = runner.invoke(app, ["inspect", f"{base}/repo/m{i}.safetensors.index.json"])
+            assert res.exit_code == 2
+            assert "outside its folder" in _one_error_line(res)
+        assert not any("secret" in p for p in counts.paths)
+
+
+def test_a_huge_header_length_is_refused_before_it_is_read(tmp_path: Path) -> None:
+    (tmp_path / "m.safetensors").write_bytes(struct.pack("<Q", 1 << 40) + b"{}" + b"\0" * 100_000)
+    with serve(tmp_path) as (base, counts):
+        res = runner.invoke(app, ["inspect", f"{base}/m.safetensors"])
+    assert res.exit_code == 2
+    assert "header length exceeds" in _one_error_line(res)
+    assert counts.bytes <= 64 << 10
+
+
+def test_rewrites_refuse_remote_paths() -> None:
+    for cmd in (["dedupe"], ["untie"], ["dedupe", "-o", "out"], ["verify", "--forward"]):
+        res = runner.invoke(app, [*cmd, "https://127.0.0.1:9/m.safetensors"])
+        assert res.exit_code == 2, cmd
+        line = _one_error_line(res)
+        assert "https://127.0.0.1:9/m.safetensors" in line or "--forward" in line
+
+
+def test_local_runs_import_no_remote_library() -> None:
+    code = (
+        "import sys, tiecli.cli, tiecli.api\n"
+        "from typer.testing import CliRunner\n"
+        "r = CliRunner().invoke(tiecli.cli.app, ['inspect', sys.argv[1]])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "r = CliRunner().invoke(tiecli.cli.app, ['--help'])\n"
+        "bad = [m for m in ('fsspec', 'aiohttp', 'huggingface_hub', 'tiecli.formats.remote') "
+        "if m in sys.modules]\n"
+        "print(bad)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(FIXTURES / "custom/no-ties.safetensors")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "[]"
+
+
+# -- the Hub, through HF_ENDPOINT and huggingface_hub's own HfFileSystem -------
+
+
+def _hub_run(args: list[str], base: str, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
+    environ |= {"HF_ENDPOINT": base, "HF_HOME": str(tmp_path / "hf-home"), **env}
+    return subprocess.run(
+        [sys.executable, "-m", "tiecli", *args], capture_output=True, text=True, env=environ
+    )
+
+
+def test_hub_paths_read_through_huggingface_hub(tmp_path: Path) -> None:
+    pytest.importorskip("huggingface_hub")
+    hub = tmp_path / "hub"
+    shutil.copytree(FIXTURES / "gpt2/full-sharded", hub / "acme/gpt2")
+    shutil.copytree(FIXTURES / "drift", hub / "acme/mixed/sub")
+    with serve(hub, hub=True) as (base, counts):
+        res = _hub_run(["inspect", "--json", "hf://acme/gpt2@main"], base, tmp_path)
+        served = counts.requests
+        verify = _hub_run(["verify", "--json", "hf://acme/mixed/sub"], base, tmp_path)
+        missing = _hub_run(["inspect", "hf://acme/none"], base, tmp_path)
+        bad_rev = _hub_run(["inspect", "hf://acme/gpt2@v9"], base, tmp_path)
+        before = counts.requests
+        offline = _hub_run(["inspect", "hf://acme/gpt2"], base, tmp_path, HF_HUB_OFFLINE="1")
+        assert counts.requests == before  # offline mode: not one request
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    _same(
+        doc,
+        json.loads(
+            runner.invoke(app, ["inspect", "--json", str(FIXTURES / "gpt2/full-sharded")]).stdout
+        ),
+    )
+    assert doc["path"] == "hf://acme/gpt2@main"
+    assert doc["config"] == "hf://acme/gpt2@main/config.json"
+    assert doc["remote"]["requests"] == served
+    assert any(p.startswith("/api/models/acme/gpt2") for p in counts.paths)  # the Hub API
+    assert counts.ranges  # and ranged reads of its resolve endpoint
+
+    assert verify.returncode == 1, verify.stderr
+    assert [p["code"] for p in json.loads(verify.stdout)["problems"]] == ["drift"]
+    for failed in (missing, bad_rev, offline):
+        assert failed.returncode == 2
+        assert len(failed.stderr.strip().splitlines()) == 1 and "Traceback" not in failed.stderr
+    assert missing.stderr.startswith("Error: hf://acme/none: ")
+    assert bad_rev.stderr.startswith("Error: hf://acme/gpt2@v9: ")
+    assert "offline" in offline.stderr

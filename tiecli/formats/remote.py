@@ -1,0 +1,677 @@
+"""Checkpoints that live elsewhere (``hf://``, ``https://``, ``s3://``...), read by ranges.
+
+A remote safetensors file is read like a local one, by position: headers, the
+index and ``config.json`` whole, then a few elements per tensor, and whole
+tensors only to confirm a tie candidate, within a download budget. The bytes
+come from the ecosystem's file systems: ``huggingface_hub``'s ``HfFileSystem``
+(its token, revision handling, ``HF_ENDPOINT`` and offline mode) for ``hf://``,
+and ``fsspec`` for every other URL. Both are optional and imported only here,
+only when a remote path is named.
+
+Sampled elements of all tensors are fetched up front: their ranges are sorted,
+ranges closer than :data:`MERGE_GAP` merged into one request, and the requests
+sent :data:`WORKERS` at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+import tempfile
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
+
+from ..checkpoint import Checkpoint, Entry
+from ..dtypes import itemsize, uint_view
+from ..errors import (
+    CheckpointFormatError,
+    CheckpointNotFoundError,
+    MissingDependencyError,
+    RemoteError,
+    TiecliError,
+    UsageError,
+)
+from ..progress import NO_PROGRESS, Progress
+from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
+
+DEFAULT_MAX_DOWNLOAD = 256 << 20  # bytes of whole tensors read to confirm ties
+DEFAULT_TIMEOUT = 30.0  # seconds, per request
+HEAD_GUESS = 64 << 10  # the first read of a file: the header of most checkpoints whole
+MERGE_GAP = 4 << 10  # ranges closer than this are read in one request
+WORKERS = 8  # requests in flight at once
+MAX_JSON = 64 << 20
+INDEX_SUFFIX = ".index.json"
+FOLDER_PREFERENCE = ("model.safetensors.index.json", "model.safetensors")
+_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+INSTALL = "install them with: pip install 'tiecli[remote]'"
+
+
+def is_remote(path: object) -> bool:
+    """Whether ``path`` is a URL (``scheme://...``), never a local path."""
+    return isinstance(path, str) and _SCHEME.match(path) is not None
+
+
+def shown_url(url: str) -> str:
+    """``url`` as it may be printed: no user name or password, no query (a signed
+    URL carries its credential there), no fragment."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url.split("?", 1)[0]
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    netloc = host if "@" in parts.netloc else parts.netloc
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+@dataclass
+class RemoteOptions:
+    max_download: int = DEFAULT_MAX_DOWNLOAD
+    timeout: float = DEFAULT_TIMEOUT
+
+
+@dataclass
+class RemoteStats:
+    """Requests made and bytes received, for ``--json``'s ``remote`` object."""
+
+    requests: int = 0
+    bytes_read: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, requests: int, nbytes: int) -> None:
+        with self.lock:
+            self.requests += requests
+            self.bytes_read += nbytes
+
+    def to_dict(self) -> dict[str, int]:
+        return {"requests": self.requests, "bytes_read": self.bytes_read}
+
+
+class Budget:
+    """Bytes of whole tensors that may still be downloaded to confirm ties."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+    def allows(self, nbytes: int) -> bool:
+        """Reserve ``nbytes`` when they fit; False (and nothing reserved) when not."""
+        if self.used + nbytes > self.limit:
+            return False
+        self.used += nbytes
+        return True
+
+
+def coalesce(ranges: list[tuple[int, int]], gap: int = MERGE_GAP) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges sorted, and merged where they overlap or lie closer than ``gap``."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):
+        if out and start - out[-1][1] <= gap:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _why(e: BaseException, timeout: float) -> str:
+    """What went wrong, in words of our own: a server's error text is not shown."""
+    cause = e.__cause__ or e.__context__
+    if isinstance(e, FileNotFoundError) and isinstance(cause, Exception):
+        return _why(cause, timeout)  # fsspec's HTTP reports any failed lookup as not found
+    name = type(e).__name__
+    status = getattr(e, "status", None)
+    response = getattr(e, "response", None)
+    if status is None and response is not None:
+        status = getattr(response, "status_code", None)
+    if name == "OfflineModeIsEnabled":
+        return "huggingface_hub is in offline mode (HF_HUB_OFFLINE=1); tiecli reads nothing remote then"
+    if name == "RepositoryNotFoundError":
+        return "no such repository (or it is private: set HF_TOKEN or run 'hf auth login')"
+    if name == "RevisionNotFoundError":
+        return "no such revision in the repository"
+    if name == "EntryNotFoundError" or isinstance(e, FileNotFoundError):
+        return "not found"
+    if "Timeout" in name or isinstance(e, TimeoutError):
+        return f"timed out (no answer within {timeout:g} s; raise --timeout)"
+    if status == 404:
+        return "not found"
+    if isinstance(status, int):
+        return f"the server answered HTTP {status}"
+    if isinstance(e, ValueError) and "range" in str(e).lower():
+        return "the server does not answer range requests"
+    if "Connect" in name or isinstance(e, ConnectionError):
+        return f"cannot connect ({name})"
+    return f"cannot read it ({name})"
+
+
+class _Remote:
+    """One remote location: its file system, how to name files beside it, and the
+    count of what reading it cost."""
+
+    def __init__(self, url: str, options: RemoteOptions):
+        self.url = url
+        self.options = options
+        self.stats = RemoteStats()
+        # what the HTTP client counts itself (every request; every body byte)
+        self.requests_by_transport = False
+        self.bytes_by_transport = False
+        self._unhook: Any = None
+        self.protocol = url.split("://", 1)[0].lower()
+        self.fs, self.root = self._filesystem()
+
+    def _filesystem(self) -> tuple[Any, str]:
+        if self.protocol == "hf":
+            try:
+                from huggingface_hub import HfFileSystem, constants
+            except ImportError:
+                raise MissingDependencyError(
+                    f"reading hf:// paths needs huggingface_hub and fsspec; {INSTALL}", self.url
+                ) from None
+            timeout = self.options.timeout
+            constants.HF_HUB_DOWNLOAD_TIMEOUT = max(1, round(timeout))
+            constants.HF_HUB_ETAG_TIMEOUT = max(1, round(timeout))
+            self._count_hub_requests()
+            return HfFileSystem(skip_instance_cache=True), self.url[len("hf://") :].rstrip("/")
+        try:
+            import fsspec
+        except ImportError:
+            raise MissingDependencyError(
+                f"reading URLs needs fsspec; {INSTALL}", self.url
+            ) from None
+        kwargs: dict[str, Any] = {"skip_instance_cache": True}
+        if self.protocol in ("http", "https"):
+            kwargs["client_kwargs"] = self._http_client()
+            self.requests_by_transport = self.bytes_by_transport = True
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url, **kwargs)
+        except ImportError as e:
+            raise MissingDependencyError(
+                f"reading {self.protocol}:// URLs needs an fsspec backend that is not installed "
+                f"({type(e).__name__}); {INSTALL} (and s3fs or gcsfs for s3:// or gs://)",
+                shown_url(self.url),
+            ) from None
+        except ValueError:
+            raise UsageError(
+                f"no fsspec file system reads {self.protocol}:// URLs", shown_url(self.url)
+            ) from None
+        return fs, root
+
+    def _http_client(self) -> dict[str, Any]:
+        """aiohttp settings: the timeout, and hooks that count every request and byte."""
+        try:
+            import aiohttp
+        except ImportError:
+            raise MissingDependencyError(
+                f"reading http(s) URLs needs aiohttp; {INSTALL}", shown_url(self.url)
+            ) from None
+        stats = self.stats
+
+        async def started(session: Any, ctx: Any, params: Any) -> None:
+            stats.add(1, 0)
+
+        async def received(session: Any, ctx: Any, params: Any) -> None:
+            stats.add(0, len(params.chunk))
+
+        trace = aiohttp.TraceConfig()
+        trace.on_request_start.append(started)
+        trace.on_response_chunk_received.append(received)
+        return {
+            "trace_configs": [trace],
+            "timeout": aiohttp.ClientTimeout(total=self.options.timeout),
+        }
+
+    def _count_hub_requests(self) -> None:
+        """Count every request huggingface_hub's shared client sends while this location
+        is open (API calls included); the bytes counted are those of the files read."""
+        from huggingface_hub.utils import get_session
+
+        hooks = get_session().event_hooks["request"]
+        stats = self.stats
+
+        def hook(request: Any) -> None:
+            stats.add(1, 0)
+
+        def unhook() -> None:
+            if hook in hooks:
+                hooks.remove(hook)
+
+        hooks.append(hook)
+        self.requests_by_transport = True
+        self._unhook = unhook
+
+    def close(self) -> None:
+        unhook, self._unhook = self._unhook, None
+        if unhook is not None:
+            unhook()
+
+    def shown(self, path: str) -> str:
+        """The URL of a file system path, as printed."""
+        if self.protocol in ("http", "https"):
+            return shown_url(path)
+        if self.protocol == "hf":
+            return "hf://" + path
+        return shown_url(self.fs.unstrip_protocol(path))
+
+    def folder_of(self, path: str) -> str:
+        """The folder of a file path (for a URL: without its query)."""
+        if self.protocol in ("http", "https"):
+            parts = urlsplit(path)
+            return urlunsplit(
+                parts._replace(path=parts.path.rsplit("/", 1)[0], query="", fragment="")
+            )
+        return path.rsplit("/", 1)[0] if "/" in path else path
+
+    def beside(self, path: str, name: str) -> str:
+        """``name`` (a plain file name, checked by the caller) in ``path``'s folder."""
+        return self.inside(self.folder_of(path), name)
+
+    def inside(self, folder: str, name: str) -> str:
+        if self.protocol in ("http", "https"):
+            return folder.rstrip("/") + "/" + quote(name, safe="")
+        return posixpath.join(folder, name)
+
+    @contextmanager
+    def guard(self, path: str) -> Iterator[None]:
+        """Any failure below becomes one line naming the URL."""
+        try:
+            yield
+        except TiecliError:
+            raise
+        except Exception as e:  # noqa: BLE001 - each backend raises its own types
+            raise RemoteError(_why(e, self.options.timeout), self.shown(path)) from None
+
+    def count(self, requests: int, nbytes: int = 0) -> None:
+        self.stats.add(
+            0 if self.requests_by_transport else requests, 0 if self.bytes_by_transport else nbytes
+        )
+
+    def open(self, path: str) -> Any:
+        with self.guard(path):
+            self.count(1)
+            handle = self.fs.open(path, "rb", cache_type="none")
+        if not hasattr(handle, "_fetch_range") or getattr(handle, "size", None) is None:
+            handle.close()
+            raise RemoteError("the server does not say how large the file is", self.shown(path))
+        return handle
+
+    def fetch(self, handle: Any, path: str, start: int, end: int) -> bytes:
+        """Bytes ``[start, end)``; exactly those or an error."""
+        with self.guard(path):
+            data = handle._fetch_range(start, end)
+        self.count(1, len(data))
+        if len(data) != end - start:
+            raise RemoteError(
+                f"asked for bytes {start}-{end - 1}, the server sent {len(data)} bytes "
+                "(file changed, or no range support?)",
+                self.shown(path),
+            )
+        return bytes(data)
+
+    def listing(self, folder: str) -> list[str] | None:
+        """The file names in ``folder``; None where the file system cannot list (HTTP)."""
+        if self.protocol in ("http", "https"):
+            return None
+        with self.guard(folder):
+            self.count(1)
+            found = self.fs.ls(folder, detail=True)
+        return sorted(
+            posixpath.basename(str(f["name"]).rstrip("/")) for f in found if f.get("type") == "file"
+        )
+
+    def read_json(self, path: str, what: str, unique: bool = False) -> Any | None:
+        """A small JSON file whole; None when it does not exist."""
+        try:
+            handle = self.open(path)
+        except RemoteError as e:
+            if e.message == "not found":
+                return None
+            raise
+        try:
+            if handle.size > MAX_JSON:
+                raise CheckpointFormatError(f"{what} is larger than 64 MiB", self.shown(path))
+            raw = self.fetch(handle, path, 0, handle.size) if handle.size else b""
+        finally:
+            handle.close()
+        try:
+            return json.loads(
+                raw.decode("utf-8"), object_pairs_hook=unique_keys if unique else None
+            )
+        except RepeatedKey as e:
+            raise CheckpointFormatError(
+                f"{what} lists {e.args[0]!r} twice", self.shown(path)
+            ) from None
+        except (UnicodeDecodeError, ValueError, RecursionError):
+            raise CheckpointFormatError(f"{what} is not valid JSON", self.shown(path)) from None
+
+
+class RemoteFile:
+    """A remote file read by position, as :class:`~tiecli.formats.safetensors.ByteFile`
+    reads a local one: ``pread``/``preadinto`` relative to the file's start, failing
+    on a short read. Ranges fetched ahead (:meth:`keep`) are served from memory."""
+
+    data_start = 0
+    path: Any  # the URL shown (a ByteFile's is a Path)
+
+    def __init__(self, remote: _Remote, fspath: str, file_number: int = 0):
+        self.remote = remote
+        self.fspath = fspath
+        self.path = remote.shown(fspath)
+        self.file_number = file_number
+        self.bytes_read = 0
+        self._handle = remote.open(fspath)
+        self.size: int = int(self._handle.size)
+        self._kept: dict[int, bytes] = {}  # start -> bytes fetched ahead
+        self._starts: list[int] = []
+
+    def fetch(self, start: int, end: int) -> bytes:
+        return self.remote.fetch(self._handle, self.fspath, start, end)
+
+    def keep(self, start: int, data: bytes) -> None:
+        import bisect
+
+        if start not in self._kept:
+            bisect.insort(self._starts, start)
+        self._kept[start] = data
+
+    def _cached(self, offset: int, size: int) -> tuple[bytes, int]:
+        """The bytes at ``offset`` already here (up to ``size``) and how many."""
+        import bisect
+
+        i = bisect.bisect_right(self._starts, offset) - 1
+        if i < 0:
+            return b"", 0
+        start = self._starts[i]
+        data = self._kept[start]
+        if offset >= start + len(data):
+            return b"", 0
+        piece = data[offset - start : offset - start + size]
+        return piece, len(piece)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        if size <= 0:
+            return b""
+        if offset < 0 or offset + size > self.size:
+            raise CheckpointFormatError("short read (file changed or truncated?)", self.path)
+        have, n = self._cached(offset, size)
+        data = have if n == size else have + self.fetch(offset + n, offset + size)
+        self.bytes_read += size
+        return data
+
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        view[:] = self.pread(offset, len(view))
+
+    def close(self) -> None:
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            try:
+                handle.close()
+            except Exception:  # noqa: BLE001, S110 - a read-only handle has nothing to lose
+                pass
+        self._kept.clear()
+        self._starts.clear()
+
+
+class RemoteSafetensorsFile(RemoteFile, SafetensorsFile):
+    """A remote safetensors file: its header read in one request (two when larger than
+    :data:`HEAD_GUESS`), validated by the same code as a local file's."""
+
+    def __init__(self, remote: _Remote, fspath: str, file_number: int = 0):
+        RemoteFile.__init__(self, remote, fspath, file_number)
+        try:
+            first = min(self.size, HEAD_GUESS)
+            if first:
+                self.keep(0, self.fetch(0, first))
+            self.header_size, self.tensors, self.metadata = self._parse(
+                lambda size, offset: self._head_read(offset, size)
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.data_start = 8 + self.header_size
+        self.bytes_read = 0
+
+    def _head_read(self, offset: int, size: int) -> bytes:
+        size = max(0, min(size, self.size - offset))
+        return self.pread(offset, size)
+
+    def _blob(self, start: int, nbytes: int) -> Any:
+        return RemoteBlob(self, start, nbytes)
+
+    def close(self) -> None:
+        RemoteFile.close(self)
+
+
+class RemoteBlob:
+    """A tensor's byte range inside a remote safetensors file."""
+
+    __slots__ = ("file", "start", "nbytes")
+
+    def __init__(self, file: RemoteFile, start: int, nbytes: int):
+        self.file = file
+        self.start = start
+        self.nbytes = nbytes
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return (self.file.file_number, self.start)
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.file.pread(self.file.data_start + self.start + offset, size)
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        self.file.preadinto(self.file.data_start + self.start + offset, view)
+
+    def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
+        import numpy as np
+
+        view = uint_view(dtype)
+        if view is None:
+            return None
+        return np.frombuffer(self.read(0, self.nbytes), dtype=view).reshape(shape)
+
+
+# -- sampled elements, fetched ahead ----------------------------------------
+
+
+def sample_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
+    """The byte ranges (file, start, end) that comparing sampled elements will read:
+    for each tensor another tensor could equal (same dtype and shape, or transposed)."""
+    from ..values import _positions
+
+    live = [e for e in entries if e.nbytes > 0 and e.numel > 1]
+    shapes = Counter((e.dtype, e.shape) for e in live)
+    out = []
+    for e in live:
+        blob = e.blob
+        if not isinstance(blob, RemoteBlob):
+            continue
+        flipped = len(e.shape) == 2 and (e.dtype, e.shape[::-1]) in shapes
+        if shapes[(e.dtype, e.shape)] < 2 and not flipped:
+            continue
+        base = blob.file.data_start + blob.start
+        size = itemsize(e.dtype)
+        if size is None:
+            offsets = [(p, 1) for p in _positions(e.nbytes)]
+        else:
+            offsets = [(p * size, size) for p in _positions(e.numel)]
+            if flipped:
+                rows, cols = e.shape
+                for p in _positions(e.numel):
+                    r, c = divmod(p, rows)
+                    offsets.append(((c * cols + r) * size, size))
+        out += [(blob.file, base + o, base + o + n) for o, n in offsets]
+    return out
+
+
+def fetch_ahead(
+    ranges: list[tuple[RemoteFile, int, int]], progress: Progress = NO_PROGRESS
+) -> None:
+    """Fetch ``ranges`` coalesced per file, :data:`WORKERS` requests at a time."""
+    by_file: dict[RemoteFile, list[tuple[int, int]]] = {}
+    for f, start, end in ranges:
+        by_file.setdefault(f, []).append((start, end))
+    jobs = [(f, s, e) for f, spans in by_file.items() for s, e in coalesce(spans)]
+    if not jobs:
+        return
+    total = sum(e - s for _f, s, e in jobs)
+    with progress.task("reading sampled elements", total) as bar:
+
+        def one(job: tuple[RemoteFile, int, int]) -> None:
+            f, s, e = job
+            f.keep(s, f.fetch(s, e))
+            bar.advance(e - s)
+
+        with ThreadPoolExecutor(max_workers=min(WORKERS, len(jobs))) as pool:
+            for _ in pool.map(one, jobs):
+                pass
+
+
+# -- opening ------------------------------------------------------------------
+
+
+class _Scratch:
+    """A private folder for the config copy that transformers reads; removed on close."""
+
+    def __init__(self) -> None:
+        self.folder = Path(tempfile.mkdtemp(prefix="tiecli-remote-"))
+
+    def close(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _choose(names: list[str], shown: str) -> str:
+    """The weights file of a remote folder, as :func:`~tiecli.formats.find_weights` picks."""
+    for name in FOLDER_PREFERENCE:
+        if name in names:
+            return name
+    for group in (
+        [n for n in names if n.endswith(".safetensors" + INDEX_SUFFIX)],
+        [n for n in names if n.endswith(".safetensors")],
+    ):
+        if len(group) == 1:
+            return group[0]
+        if len(group) > 1:
+            raise CheckpointFormatError(
+                f"holds several weight files ({', '.join(group[:4])}) and no index naming them",
+                shown,
+                hint="name one file in the URL",
+            )
+    if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
+        raise CheckpointFormatError(
+            "holds PyTorch pickles only; remote reads cover safetensors checkpoints",
+            shown,
+            hint="download it first (hf download) and run tiecli on the local copy",
+        )
+    raise CheckpointNotFoundError(
+        "no weights found (expected *.safetensors or *.safetensors.index.json)", shown
+    )
+
+
+def open_remote(
+    url: str, options: RemoteOptions | None = None, progress: Progress = NO_PROGRESS
+) -> Checkpoint:
+    """Open the remote checkpoint at ``url``: headers, index and config, then the sampled
+    elements of every tensor that has a possible partner, fetched ahead."""
+    remote = _Remote(url, options or RemoteOptions())
+    root = remote.root
+    readers: list[Any] = [remote]
+    try:
+        folder_names: list[str] | None = None
+        name = urlsplit(root).path if remote.protocol in ("http", "https") else root
+        if name.endswith((".safetensors", INDEX_SUFFIX)):
+            target, folder = root, remote.folder_of(root)
+        elif remote.protocol in ("http", "https"):
+            raise UsageError(
+                "an http(s) URL must name a .safetensors file or a *.safetensors.index.json",
+                shown_url(url),
+            )
+        else:
+            folder_names = remote.listing(root) or []
+            target, folder = remote.inside(root, _choose(folder_names, shown_url(url))), root
+        ckpt = _open_target(remote, target, readers)
+        if folder_names is None and remote.protocol not in ("http", "https"):
+            folder_names = remote.listing(folder)
+        if folder_names is None or "config.json" in folder_names:
+            config_at = remote.inside(folder, "config.json")
+            config = remote.read_json(config_at, "config.json")
+            if config is not None:
+                if not isinstance(config, dict):
+                    raise CheckpointFormatError(
+                        "config.json is not a JSON object", remote.shown(config_at)
+                    )
+                scratch = _Scratch()
+                readers.append(scratch)
+                (scratch.folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+                ckpt.config = config
+                ckpt.config_path = scratch.folder / "config.json"
+                ckpt.config_url = remote.shown(config_at)
+        fetch_ahead(sample_ranges(list(ckpt.entries.values())), progress)
+    except BaseException:
+        for r in readers:
+            r.close()
+        raise
+    ckpt.url = shown_url(url)
+    ckpt.remote = remote.stats
+    ckpt.budget = Budget(remote.options.max_download)
+    return ckpt
+
+
+def _open_target(remote: _Remote, target: str, readers: list[Any]) -> Checkpoint:
+    shown = Path(remote.shown(target))
+    if not target.endswith(INDEX_SUFFIX):
+        f = RemoteSafetensorsFile(remote, target)
+        readers.append(f)
+        entries = {e.name: e for e in f.entries()}
+        return Checkpoint(
+            shown, "safetensors", entries, [shown], metadata=dict(f.metadata), readers=readers
+        )
+    from . import index_entries, index_parts
+
+    index_shown = remote.shown(target)
+    doc = remote.read_json(target, "index", unique=True)
+    if doc is None:
+        raise CheckpointNotFoundError("not found", index_shown)
+    weight_map, metadata, shard_names = index_parts(doc, index_shown)
+    files: dict[str, dict[str, Entry]] = {}
+    for number, shard in enumerate(shard_names):
+        if "\\" in shard or "?" in shard or "#" in shard or "%" in shard:
+            raise CheckpointFormatError(
+                f"index names shard {shard!r} outside its folder", index_shown
+            )
+        if not shard.endswith(".safetensors"):
+            raise CheckpointFormatError(
+                f"index names shard {shard!r}; remote reads cover safetensors shards only",
+                index_shown,
+            )
+        try:
+            reader = RemoteSafetensorsFile(remote, remote.beside(target, shard), number)
+        except RemoteError as e:
+            if e.message != "not found":
+                raise
+            raise CheckpointFormatError(
+                f"index names shard {shard!r}, which does not exist", index_shown
+            ) from None
+        readers.append(reader)
+        files[shard] = {e.name: e for e in reader.entries()}
+    entries = index_entries(weight_map, files, index_shown)
+    paths = [Path(remote.shown(remote.beside(target, s))) for s in shard_names]
+    return Checkpoint(
+        shown,
+        "safetensors-sharded",
+        entries,
+        paths,
+        index_path=shown,
+        metadata=dict(metadata),
+        readers=readers,
+    )
