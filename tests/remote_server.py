@@ -47,11 +47,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- plumbing --------------------------------------------------------
 
-    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        headers: dict[str, str] | None = None,
+        length: int | None = None,
+    ) -> None:
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
-        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
         # counted before it is sent: the client may be done the moment it has the body
         sent = len(body) if self.command != "HEAD" and status < 400 else 0
@@ -63,20 +69,43 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.is_file():
             self._send(404, b"not found: " + bytes(path.name, "utf-8"))
             return
-        data = path.read_bytes()
+        size = path.stat().st_size
         headers = {"Accept-Ranges": "bytes", **(extra or {})}
         header = self.headers.get("Range")
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", header or "")
+        start, end, status = 0, size, 200
         if m and not self.server.ignore_ranges:
             start = int(m.group(1))
-            end = min(int(m.group(2)) + 1 if m.group(2) else len(data), len(data))
-            if start >= len(data):
-                self._send(416, b"", {"Content-Range": f"bytes */{len(data)}"})
+            end = min(int(m.group(2)) + 1 if m.group(2) else size, size)
+            if start >= size:
+                self._send(416, b"", {"Content-Range": f"bytes */{size}"})
                 return
-            headers["Content-Range"] = f"bytes {start}-{end - 1}/{len(data)}"
-            self._send(206, data[start:end], headers)
-        else:
-            self._send(200, data, headers)
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+            status = 206
+        if self.command == "HEAD" or end - start <= 1 << 20:
+            data = b""
+            if self.command != "HEAD":
+                with open(path, "rb") as f:
+                    f.seek(start)
+                    data = f.read(end - start)
+            self._send(status, data, headers, length=end - start)
+            return
+        # a large body is streamed, never held whole
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(end - start))
+        self.end_headers()
+        self.server.counts.add(self.path, end - start, header)
+        with open(path, "rb") as f:
+            f.seek(start)
+            left = end - start
+            while left:
+                chunk = f.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                self.wfile.write(chunk)
+                left -= len(chunk)
 
     def _delay(self) -> None:
         if self.server.delay:
