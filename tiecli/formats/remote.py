@@ -8,9 +8,11 @@ come from the ecosystem's file systems: ``huggingface_hub``'s ``HfFileSystem``
 and ``fsspec`` for every other URL. Both are optional and imported only here,
 only when a remote path is named.
 
-Sampled elements of all tensors are fetched up front: their ranges are sorted,
-ranges closer than :data:`MERGE_GAP` merged into one request, and the requests
-sent :data:`WORKERS` at a time.
+What detection will sample is fetched up front, in two rounds: the first
+element of every tensor another could equal by dtype and shape, then the eight
+sampled elements of those whose first element another shares. Each round's
+ranges are sorted, ranges closer than :data:`MERGE_GAP` merged into one
+request, and the requests sent :data:`WORKERS` at a time.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ import posixpath
 import re
 import tempfile
 import threading
-from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -482,20 +483,30 @@ class RemoteBlob:
 # -- sampled elements, fetched ahead ----------------------------------------
 
 
-def sample_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
-    """The byte ranges (file, start, end) that comparing sampled elements will read:
-    for each tensor another tensor could equal (same dtype and shape, or transposed)."""
-    from ..values import _positions
+def head_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
+    """The first element of every tensor that could equal another by dtype and shape."""
+    from ..values import shaped_like_another
 
-    live = [e for e in entries if e.nbytes > 0 and e.numel > 1]
-    shapes = Counter((e.dtype, e.shape) for e in live)
+    out = []
+    for e in shaped_like_another([e for e in entries if e.nbytes > 0 and e.numel > 1]):
+        if isinstance(e.blob, RemoteBlob):
+            base = e.blob.file.data_start + e.blob.start
+            out.append((e.blob.file, base, base + (itemsize(e.dtype) or 1)))
+    return out
+
+
+def sample_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
+    """The byte ranges (file, start, end) of the sampled elements of the tensors that
+    could equal another (see :func:`~tiecli.values.could_match`), and of the sampled
+    elements of their transposes where a tensor of the transposed shape is among them."""
+    from ..values import _positions, could_match
+
+    live = could_match([e for e in entries if e.nbytes > 0 and e.numel > 1])
+    shapes = {(e.dtype, e.shape) for e in live}
     out = []
     for e in live:
         blob = e.blob
         if not isinstance(blob, RemoteBlob):
-            continue
-        flipped = len(e.shape) == 2 and (e.dtype, e.shape[::-1]) in shapes
-        if shapes[(e.dtype, e.shape)] < 2 and not flipped:
             continue
         base = blob.file.data_start + blob.start
         size = itemsize(e.dtype)
@@ -503,7 +514,7 @@ def sample_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
             offsets = [(p, 1) for p in _positions(e.nbytes)]
         else:
             offsets = [(p * size, size) for p in _positions(e.numel)]
-            if flipped:
+            if len(e.shape) == 2 and (e.dtype, e.shape[::-1]) in shapes:
                 rows, cols = e.shape
                 for p in _positions(e.numel):
                     r, c = divmod(p, rows)
@@ -616,7 +627,9 @@ def open_remote(
                 ckpt.config = config
                 ckpt.config_path = scratch.folder / "config.json"
                 ckpt.config_url = remote.shown(config_at)
-        fetch_ahead(sample_ranges(list(ckpt.entries.values())), progress)
+        entries = list(ckpt.entries.values())
+        fetch_ahead(head_ranges(entries), progress)  # first elements, to rule most out
+        fetch_ahead(sample_ranges(entries), progress)  # samples of those that remain
     except BaseException:
         for r in readers:
             r.close()
