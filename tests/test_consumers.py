@@ -318,7 +318,12 @@ def test_rows_that_differ_are_not_a_padded_tie(tmp_path: Path, no_transformers: 
 
 
 def test_nested_flag_read_without_transformers(tmp_path: Path, no_transformers: None) -> None:
-    cfg = {"model_type": "llava", "text_config": LLAMA | {"tie_word_embeddings": False}}
+    cfg = {
+        "model_type": "llava",
+        "text_config": LLAMA | {"tie_word_embeddings": False},
+        # a vision tower's serialised default: not where any loader reads the flag
+        "vision_config": {"tie_word_embeddings": True},
+    }
     path = _folder(tmp_path / "m", cfg, {V_EMB: _t(0)})
     r = tiecli.inspect(path)
     assert [p.code for p in r.problems] == ["config-mismatch"]

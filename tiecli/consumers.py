@@ -57,12 +57,6 @@ def flag_values(config: dict[str, Any] | None, nested: Iterable[str] = ()) -> di
     return out
 
 
-def nested_configs(config: dict[str, Any] | None) -> list[str]:
-    """Keys of the config whose values are sub-configs carrying the tie flag."""
-    cfg = config or {}
-    return [k for k, v in cfg.items() if isinstance(v, dict) and isinstance(v.get(FLAG), bool)]
-
-
 def tied_by(flag: dict[str, Any], config: dict[str, Any] | None) -> bool | None:
     """Whether a consumer reading its flag as ``flag`` says tied (None: it reads none)."""
     how = flag["read"]

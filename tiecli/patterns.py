@@ -31,13 +31,16 @@ def table() -> dict[str, Any]:
 
 
 def flags(config: dict[str, Any] | None, flag: str) -> dict[str, bool]:
-    """Each value of ``flag`` the config carries: top-level, then in each nested
-    sub-config (``text_config``...), keyed ``flag`` / ``<sub>.<flag>``."""
+    """Each value of ``flag`` the config carries: top-level, then in each nested text
+    sub-config the table names (``text_config``, ``decoder``, ``generator``: where
+    transformers looks for the text model), keyed ``flag`` / ``<sub>.<flag>``. Other
+    sub-configs (``vision_config``) carry the flag only as a serialised default."""
     cfg = config or {}
     out: dict[str, bool] = {}
     if isinstance(cfg.get(flag), bool):
         out[flag] = cfg[flag]
-    for key, sub in cfg.items():
+    for key in table()["nested_configs"]:
+        sub = cfg.get(key)
         if isinstance(sub, dict) and isinstance(sub.get(flag), bool):
             out[f"{key}.{flag}"] = sub[flag]
     return out
@@ -58,8 +61,8 @@ def model_type_of(config: dict[str, Any] | None) -> str | None:
     candidates = [cfg.get("model_type")]
     candidates += [
         sub.get("model_type")
-        for key, sub in cfg.items()
-        if key in table()["nested_configs"] and isinstance(sub, dict)
+        for sub in (cfg.get(key) for key in table()["nested_configs"])
+        if isinstance(sub, dict)
     ]
     for mt in candidates:
         if isinstance(mt, str) and mt in known:
