@@ -271,6 +271,20 @@ def test_table_when_consumers_disagree_one_line_when_they_agree(
     assert "What each consumer loads" not in good.stdout
 
 
+def test_verify_shows_the_table_beside_consumer_problems(
+    tmp_path: Path, no_transformers: None
+) -> None:
+    r = runner.invoke(
+        app, ["verify", str(_case(tmp_path, "untied-head-absent"))], terminal_width=200
+    )
+    assert r.exit_code == 1
+    assert "consumer-bad-load" in r.stdout and "What each consumer loads" in r.stdout
+    row = next(line for line in r.stdout.splitlines() if line.startswith("│ vllm"))
+    assert "uninitialized" in row
+    ok = runner.invoke(app, ["verify", str(_case(tmp_path, "healthy"))], terminal_width=200)
+    assert ok.exit_code == 0 and "What each consumer loads" not in ok.stdout
+
+
 def test_tensor_names_in_the_table_are_shown_literally(
     tmp_path: Path, no_transformers: None
 ) -> None:

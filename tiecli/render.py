@@ -118,6 +118,10 @@ def consumers_table(consumers: list[Any]) -> Table:
     return table
 
 
+def _about_consumers(p: Any) -> bool:
+    return p.code.startswith("consumer") or any(_about_consumers(q) for q in p.related)
+
+
 def render_consumers(r: Any, console: Console) -> None:
     """A table when consumers would load different models, else one line."""
     active = [c for c in r.consumers if c.applies]
@@ -236,6 +240,8 @@ def render_verify(r: Any, console: Console) -> None:
         )
         if c.problems:
             console.print(problems_table(c.problems))
+        if any(_about_consumers(p) for p in c.problems):
+            console.print(consumers_table(c.consumers))
     if r.forward is not None:
         render_forward(r.forward, console)
     if r.for_consumers:
