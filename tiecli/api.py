@@ -49,8 +49,16 @@ class InspectResult:
     config: str | None = None
     notes: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    # what each consumer (transformers 4/5, vLLM, MLX-LM, llama.cpp) loads; empty
+    # without a config.json, which every consumer needs
+    consumers: list[Any] = field(default_factory=list)
+    consumer_problems: list[Problem] = field(default_factory=list)
     remote: dict[str, int] | None = None  # a remote checkpoint: requests and bytes_read
     command: str = "inspect"
+
+    @property
+    def consumers_agree(self) -> bool:
+        return not self.consumer_problems
 
     @property
     def ok(self) -> bool:
@@ -68,6 +76,9 @@ class InspectResult:
                 "nested_key": self.nested_key,
                 "config": self.config,
                 "notes": self.notes,
+                "consumers": [c.to_dict() for c in self.consumers],
+                "consumers_agree": self.consumers_agree,
+                "consumer_problems": [p.to_dict() for p in self.consumer_problems],
             }
             | ({"remote": self.remote} if self.remote is not None else {})
         )
@@ -104,7 +115,27 @@ def _refuse_remote(path: PathLike, command: str) -> None:
         )
 
 
+def _predict(ckpt: Checkpoint, report: TieReport, only: str | None = None) -> tuple[Any, Any]:
+    from .consumers import predict, select
+
+    return predict(report.ties, ckpt.entries, ckpt.config, ckpt.format, select(only))
+
+
+def _fold(problems: list[Problem], found: list[Problem]) -> list[Problem]:
+    """Consumer findings about tensors an existing problem already names are attached to
+    it (that problem already fails or warns); the others are problems of their own."""
+    out = []
+    for f in found:
+        home = next((p for p in problems if f.tensors and set(f.tensors) <= set(p.tensors)), None)
+        if home is not None:
+            home.related.append(f)
+        else:
+            out.append(f)
+    return out
+
+
 def _inspect_opened(ckpt: Checkpoint, report: TieReport) -> InspectResult:
+    loads, found = _predict(ckpt, report)
     return InspectResult(
         path=ckpt.shown,
         format=ckpt.format,
@@ -118,6 +149,8 @@ def _inspect_opened(ckpt: Checkpoint, report: TieReport) -> InspectResult:
         config=ckpt.config_url or (str(ckpt.config_path) if ckpt.config_path else None),
         notes=list(ckpt.notes),
         bytes_read=ckpt.bytes_read,
+        consumers=loads,
+        consumer_problems=found,
         remote=ckpt.remote.to_dict() if ckpt.remote is not None else None,
     )
 
@@ -422,6 +455,7 @@ class CheckpointVerdict:
     format: str
     ties: list[Tie]
     problems: list[Problem]
+    consumers: list[Any] = field(default_factory=list)
     remote: dict[str, int] | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -430,6 +464,7 @@ class CheckpointVerdict:
             "format": self.format,
             "ties": [t.to_dict() for t in self.ties],
             "problems": [p.to_dict() for p in self.problems],
+            "consumers": [c.to_dict() for c in self.consumers],
         } | ({"remote": self.remote} if self.remote is not None else {})
 
 
@@ -440,6 +475,7 @@ class VerifyResult:
     strict: bool = False
     require_deduped: bool = False
     forward: Any = None  # ForwardReport with --forward
+    for_consumers: str | None = None  # --for: the consumers checked (None: all)
     command: str = "verify"
 
     @property
@@ -477,6 +513,7 @@ class VerifyResult:
             "checked": self.checked,
             "strict": self.strict,
             "require_deduped": self.require_deduped,
+            "for": self.for_consumers,
             "checkpoints": [c.to_dict() for c in self.checkpoints],
         }
         if self.forward is not None:
@@ -515,6 +552,7 @@ def verify(
     atol: float | None = None,
     dtype: str | None = None,
     model: str | None = None,
+    for_consumers: str | None = None,
     use_transformers: bool = True,
     progress: Progress = NO_PROGRESS,
     max_download: int | None = None,
@@ -525,6 +563,10 @@ def verify(
     With ``forward``, also rebuild the model on ``device``, load the weights with
     ties restored, check each tie is one storage there, run a seeded forward
     pass, and compare with ``against`` (bit-identical, or within ``atol``).
+
+    Each checkpoint with a config.json is also checked against what its consumers
+    load (``consumers-disagree``, ``consumer-bad-load``); ``for_consumers`` limits
+    that to the consumers named (``"transformers<5,vllm"``).
     """
     from .errors import UsageError
     from .formats import checkpoint_roots
@@ -536,6 +578,9 @@ def verify(
         against is not None or atol is not None or dtype is not None or model is not None
     ):
         raise UsageError("--against, --atol, --dtype and --model go with --forward")
+    from .consumers import select
+
+    select(for_consumers)  # a bad --for is a usage error before anything is opened
     if forward and remote:
         raise UsageError(
             "--forward loads the whole checkpoint; it reads local checkpoints only",
@@ -555,13 +600,16 @@ def verify(
             problems = list(report.problems)
             if require_deduped:
                 problems += _duplicate_stored(ckpt.shown, report)
+            loads, found = _predict(ckpt, report, for_consumers)
+            problems += _fold(problems, found)
             verdicts.append(
                 CheckpointVerdict(
                     ckpt.shown,
                     ckpt.format,
                     report.ties,
                     problems,
-                    ckpt.remote.to_dict() if ckpt.remote is not None else None,
+                    loads,
+                    remote=ckpt.remote.to_dict() if ckpt.remote is not None else None,
                 )
             )
     result = VerifyResult(
@@ -569,6 +617,7 @@ def verify(
         verdicts,
         strict=strict,
         require_deduped=require_deduped,
+        for_consumers=for_consumers,
     )
     if forward:
         from .forward import forward_check

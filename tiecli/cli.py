@@ -284,6 +284,16 @@ def verify(
             show_default=False,
         ),
     ] = None,
+    for_consumers: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="Check only what these consumers load: a comma-separated list of "
+            "transformers, transformers-4, transformers-5, vllm, mlx-lm, llama.cpp, each "
+            "optionally with versions (transformers<5). Default: all of them.",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
     max_download: MaxDownloadOpt = None,
@@ -304,6 +314,7 @@ def verify(
         atol=atol,
         dtype=dtype,
         model=model,
+        for_consumers=for_consumers,
         progress=console_progress(quiet),
         max_download=max_download,
         timeout=timeout,
