@@ -109,6 +109,9 @@ def test_verify_over_http_judges_as_a_local_run_does(rel: str, flags: list[str])
     _same(remote, local)
     assert remote["checked"] == [f"{base}/{rel}"]
     assert (remote["remote"]["requests"], remote["remote"]["bytes_read"]) == served
+    if "--require-deduped" in flags:  # the fix offered is one that works on a URL
+        [problem] = remote["problems"]
+        assert "download it, run tiecli dedupe on the local copy" in problem["message"]
 
 
 def test_verify_checks_local_and_remote_checkpoints_in_one_call() -> None:
@@ -214,6 +217,30 @@ def test_sampled_elements_are_fetched_in_few_coalesced_requests(tmp_path: Path) 
     assert doc["remote"]["requests"] == 2 + 10 + 2  # one request per first element
     size = (folder / "large.safetensors").stat().st_size
     assert doc["remote"]["bytes_read"] < 0.01 * size
+
+
+def test_any_fsspec_file_system_reads_through_cat_file(tmp_path: Path) -> None:
+    """The path s3:// and gs:// take (their backends read ranges with cat_file), on
+    fsspec's in-memory file system: a folder listed, its index and shards read."""
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    root = f"/tiecli-test-{tmp_path.name}"
+    try:
+        for f in (FIXTURES / "gpt2/full-sharded").iterdir():
+            fs.pipe(f"{root}/ckpt/{f.name}", f.read_bytes())
+        _code, remote = _json(["inspect", "--json", f"memory://{root}/ckpt"])
+        _code, local = _json(["inspect", "--json", str(FIXTURES / "gpt2/full-sharded")])
+        missing = runner.invoke(app, ["inspect", f"memory://{root}/ckpt/none.safetensors"])
+    finally:
+        fs.rm(root, recursive=True)
+    _same(remote, local)
+    assert remote["config"] == f"memory://{root}/ckpt/config.json"
+    # a listing of the folder, then per file a size and a read (index, config, 3 shards),
+    # then the first elements and samples: each call one request
+    assert 1 + 2 * 5 <= remote["remote"]["requests"] <= 1 + 2 * 5 + 3 * 4
+    assert missing.exit_code == 2
+    assert _one_error_line(missing) == f"Error: memory://{root}/ckpt/none.safetensors: not found"
 
 
 def test_coalesce_merges_overlapping_and_nearby_ranges() -> None:

@@ -529,6 +529,8 @@ def _duplicate_stored(path: str, report: TieReport) -> list[Problem]:
     for t in report.ties:
         if t.duplicated:
             fix = f"tiecli dedupe {path}" + (" --to safetensors" if t.across_files else "")
+            if _remote_options(path, None, None) is not None:
+                fix = "download it, run tiecli dedupe on the local copy and upload the result"
             out.append(
                 Problem(
                     "duplicate-stored",

@@ -260,7 +260,8 @@ class _Remote:
             return shown_url(path)
         if self.protocol == "hf":
             return "hf://" + path
-        return shown_url(self.fs.unstrip_protocol(path))
+        url = str(self.fs.unstrip_protocol(path))
+        return shown_url(url) if urlsplit(url).netloc else url.split("?", 1)[0]
 
     def folder_of(self, path: str) -> str:
         """The folder of a file path (for a URL: without its query)."""
@@ -296,9 +297,15 @@ class _Remote:
         )
 
     def open(self, path: str) -> Any:
+        """A handle with the file's ``size`` whose ranges :meth:`fetch` reads: the file
+        system's buffered file where it reads ranges itself (HTTP, the Hub: each range
+        one request, checked to be one), else its ``cat_file`` (s3fs, gcsfs, memory)."""
         with self.guard(path):
             self.count(1)
-            handle = self.fs.open(path, "rb", cache_type="none")
+            if self.protocol in ("http", "https", "hf"):
+                handle = self.fs.open(path, "rb", cache_type="none")
+            else:
+                handle = _CatFile(self.fs, path, self.fs.size(path))
         if not hasattr(handle, "_fetch_range") or getattr(handle, "size", None) is None:
             handle.close()
             raise RemoteError("the server does not say how large the file is", self.shown(path))
@@ -352,6 +359,21 @@ class _Remote:
             ) from None
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise CheckpointFormatError(f"{what} is not valid JSON", self.shown(path)) from None
+
+
+class _CatFile:
+    """A file of a file system that reads ranges with ``cat_file``."""
+
+    def __init__(self, fs: Any, path: str, size: Any):
+        self.fs = fs
+        self.path = path
+        self.size = size
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        return bytes(self.fs.cat_file(self.path, start=start, end=end))
+
+    def close(self) -> None:
+        pass
 
 
 class RemoteFile:
