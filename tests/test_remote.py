@@ -114,6 +114,21 @@ def test_verify_over_http_judges_as_a_local_run_does(rel: str, flags: list[str])
     assert (remote["remote"]["requests"], remote["remote"]["bytes_read"]) == served
 
 
+def test_human_output_says_what_reading_cost() -> None:
+    with serve(FIXTURES) as (base, counts):
+        url = f"{base}/gpt2/full/model.safetensors"
+        inspected = runner.invoke(app, ["inspect", url], terminal_width=200)
+        verified = runner.invoke(app, ["verify", url], terminal_width=200)
+        served = counts.requests
+    assert inspected.exit_code == verified.exit_code == 0
+    assert url in inspected.stdout and "remote: " in inspected.stdout
+    assert "request(s)" in verified.stdout and "OK" in verified.stdout
+    lines = [
+        ln for ln in inspected.stdout.splitlines() + verified.stdout.splitlines() if "remote:" in ln
+    ]
+    assert sum(int(ln.split("remote: ")[1].split()[0]) for ln in lines) == served
+
+
 def test_verify_checks_local_and_remote_checkpoints_in_one_call() -> None:
     with serve(FIXTURES) as (base, _counts):
         code, doc = _json(

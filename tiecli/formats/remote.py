@@ -394,16 +394,19 @@ class RemoteFile:
         self.size: int = int(self._handle.size)
         self._kept: dict[int, bytes] = {}  # start -> bytes fetched ahead
         self._starts: list[int] = []
+        self._lock = threading.Lock()
 
     def fetch(self, start: int, end: int) -> bytes:
         return self.remote.fetch(self._handle, self.fspath, start, end)
 
     def keep(self, start: int, data: bytes) -> None:
+        """Hold ``data``, read at ``start``, for later reads (from any thread)."""
         import bisect
 
-        if start not in self._kept:
-            bisect.insort(self._starts, start)
-        self._kept[start] = data
+        with self._lock:
+            if start not in self._kept:
+                bisect.insort(self._starts, start)
+            self._kept[start] = data
 
     def _cached(self, offset: int, size: int) -> tuple[bytes, int]:
         """The bytes at ``offset`` already here (up to ``size``) and how many."""
