@@ -322,3 +322,23 @@ def test_shard_names_in_progress_bars_are_spelled_out(
     assert "writing " in r.stderr  # the bar was drawn
     assert "[bold red]RED[blink]\\u009b2J" in r.stderr and "\\x1b]0;pwned\\x07" in r.stderr
     assert "\x1b]" not in r.stderr and "\x9b" not in r.stderr and "\x07" not in r.stderr
+
+
+def test_folders_nested_thousands_deep_are_copied_without_recursion(tmp_path: Path) -> None:
+    import shutil
+    import sys
+
+    from helpers import fixture_path
+
+    x = shutil.copytree(fixture_path("gpt2", "hf"), tmp_path / "x")
+    depth = sys.getrecursionlimit() + 100  # deeper than any recursive walk can go
+    deep = x
+    for _ in range(depth):  # os.makedirs would itself recurse
+        deep = deep / "a"
+        deep.mkdir()
+    (deep / "leaf.txt").write_text("bottom")
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["dedupe", str(x), "-o", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    copied = out.joinpath(*["a"] * depth, "leaf.txt")
+    assert copied.read_text() == "bottom"
