@@ -109,7 +109,7 @@ def _emit(result: Any, json_out: bool, render: Any) -> None:
     else:
         from rich.console import Console
 
-        render(result, Console(soft_wrap=False))
+        render(result, Console(soft_wrap=False, emoji=False))  # ":warning:" in a name stays text
 
 
 @app.command()
