@@ -424,3 +424,29 @@ def test_hub_paths_read_through_huggingface_hub(tmp_path: Path) -> None:
     assert missing.stderr.startswith("Error: hf://acme/none: ")
     assert bad_rev.stderr.startswith("Error: hf://acme/gpt2@v9: ")
     assert "offline" in offline.stderr
+
+
+def test_an_http_folder_url_is_refused_before_any_request() -> None:
+    with serve(FIXTURES) as (base, counts):
+        res = runner.invoke(app, ["inspect", f"{base}/gpt2/full/"])
+    assert res.exit_code == 2
+    assert "must name a .safetensors file" in _one_error_line(res)
+    assert counts.requests == 0
+
+
+@pytest.mark.parametrize(
+    ("module", "url"),
+    [
+        ("fsspec", "https://127.0.0.1:9/model.safetensors"),
+        ("aiohttp", "https://127.0.0.1:9/model.safetensors"),
+        ("huggingface_hub", "hf://acme/model"),
+    ],
+)
+def test_a_missing_remote_library_says_which_extra_to_install(
+    module: str, url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, module, None)
+    res = runner.invoke(app, ["inspect", url])
+    assert res.exit_code == 2
+    line = _one_error_line(res)
+    assert "pip install 'tiecli[remote]'" in line and module in line
