@@ -349,12 +349,70 @@ def test_a_huge_header_length_is_refused_before_it_is_read(tmp_path: Path) -> No
     assert counts.bytes <= 64 << 10
 
 
-def test_rewrites_refuse_remote_paths() -> None:
-    for cmd in (["dedupe"], ["untie"], ["dedupe", "-o", "out"], ["verify", "--forward"]):
-        res = runner.invoke(app, [*cmd, "https://127.0.0.1:9/m.safetensors"])
+def test_rewrites_of_a_url_need_an_output_and_never_run_in_place(tmp_path: Path) -> None:
+    url = "https://127.0.0.1:9/m.safetensors"
+    for cmd in (["dedupe"], ["untie"], ["dedupe", "--dry-run", "-o", str(tmp_path / "o")]):
+        res = runner.invoke(app, [*cmd, url])
         assert res.exit_code == 2, cmd
         line = _one_error_line(res)
-        assert "https://127.0.0.1:9/m.safetensors" in line or "--forward" in line
+        assert url in line and "-o" in line and "nothing was changed" in line
+    res = runner.invoke(app, ["verify", "--forward", url])
+    assert res.exit_code == 2 and "--forward" in _one_error_line(res)
+    assert list(tmp_path.iterdir()) == []
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return [p.name for p in folder.iterdir() if p.name.startswith(".tiecli")]
+
+
+@pytest.mark.parametrize(
+    ("rel", "name"),
+    [
+        ("gpt2/full/model.safetensors", "out.safetensors"),
+        ("t5/full-sharded/model.safetensors.index.json", "out"),
+    ],
+)
+def test_dedupe_and_untie_of_a_url_write_the_local_result(
+    rel: str, name: str, tmp_path: Path
+) -> None:
+    remote_out, local_out = tmp_path / "remote", tmp_path / "local"
+    remote_out.mkdir()
+    local_out.mkdir()
+    with serve(FIXTURES) as (base, counts):
+        _c, deduped = _json(["dedupe", "--json", f"{base}/{rel}", "-o", str(remote_out / name)])
+        served = (counts.requests, counts.bytes)
+        _c, untied = _json(
+            ["untie", "--json", f"{base}/{rel}", "-o", str(remote_out / ("u" + name))]
+        )
+    _c, local = _json(["dedupe", "--json", str(FIXTURES / rel), "-o", str(local_out / name)])
+    assert deduped["path"] == f"{base}/{rel}" and deduped["output"] == str(remote_out / name)
+    assert deduped["removed"] == local["removed"] and deduped["removed"]
+    assert (deduped["remote"]["requests"], deduped["remote"]["bytes_read"]) == served
+    assert untied["restored"] == [] and untied["remote"]["requests"] > 0
+    written = sorted(p.relative_to(remote_out / name) for p in (remote_out / name).rglob("*"))
+    if (remote_out / name).is_file():
+        written = [Path(".")]
+    for rel_file in written:
+        a, b = remote_out / name / rel_file, local_out / name / rel_file
+        assert a.read_bytes() == b.read_bytes(), rel_file
+    assert _leftovers(remote_out) == []  # the download is gone
+
+
+def test_a_failed_download_leaves_nothing(tmp_path: Path) -> None:
+    with serve(FIXTURES, refuse=True) as (base, _counts):
+        res = runner.invoke(
+            app, ["dedupe", f"{base}/gpt2/full/model.safetensors", "-o", str(tmp_path / "o")]
+        )
+    assert res.exit_code == 2 and "HTTP 503" in _one_error_line(res)
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "o").write_bytes(b"mine")
+    with serve(FIXTURES) as (base, counts):
+        res = runner.invoke(
+            app, ["untie", f"{base}/gpt2/full/model.safetensors", "-o", str(tmp_path / "o")]
+        )
+        assert counts.requests == 0  # refused before anything is downloaded
+    assert res.exit_code == 2 and "already exists" in _one_error_line(res)
+    assert (tmp_path / "o").read_bytes() == b"mine"
 
 
 def test_local_runs_import_no_remote_library() -> None:
@@ -399,6 +457,11 @@ def test_hub_paths_read_through_huggingface_hub(tmp_path: Path) -> None:
         verify = _hub_run(["verify", "--json", "hf://acme/mixed/sub"], base, tmp_path)
         missing = _hub_run(["inspect", "hf://acme/none"], base, tmp_path)
         bad_rev = _hub_run(["inspect", "hf://acme/gpt2@v9"], base, tmp_path)
+        untied = _hub_run(
+            ["untie", "--json", "hf://acme/mixed/sub", "-o", str(tmp_path / "untied")],
+            base,
+            tmp_path,
+        )
         before = counts.requests
         offline = _hub_run(["inspect", "hf://acme/gpt2"], base, tmp_path, HF_HUB_OFFLINE="1")
         assert counts.requests == before  # offline mode: not one request
@@ -424,6 +487,12 @@ def test_hub_paths_read_through_huggingface_hub(tmp_path: Path) -> None:
     assert missing.stderr.startswith("Error: hf://acme/none: ")
     assert bad_rev.stderr.startswith("Error: hf://acme/gpt2@v9: ")
     assert "offline" in offline.stderr
+    assert untied.returncode == 0, untied.stderr
+    assert json.loads(untied.stdout)["path"] == "hf://acme/mixed/sub"
+    assert sorted(p.name for p in (tmp_path / "untied").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+    ]
 
 
 def test_an_http_folder_url_is_refused_before_any_request() -> None:

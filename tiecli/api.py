@@ -100,19 +100,51 @@ def _remote_options(path: PathLike, max_download: int | None, timeout: float | N
     return options
 
 
-def _refuse_remote(path: PathLike, command: str) -> None:
-    """A URL is read, never rewritten."""
-    if _remote_options(path, None, None) is not None:
-        from .errors import UsageError
-        from .formats.remote import shown_url
+def _from_remote(
+    path: PathLike,
+    output: PathLike | None,
+    command: str,
+    dry_run: bool,
+    force: bool,
+    timeout: float | None,
+    progress: Progress,
+    rewrite: Any,
+) -> Any:
+    """``dedupe``/``untie`` of a URL: never in place (nothing is written to a remote
+    location), so only with an output. The checkpoint is downloaded, streamed to disk,
+    into a private folder beside the output, rewritten from there like a local one,
+    and the download removed. Returns None for a local path."""
+    options = _remote_options(path, None, timeout)
+    if options is None:
+        return None
+    import shutil
+    import tempfile
 
+    from .errors import OutputError, UsageError
+    from .formats.remote import download, shown_url
+
+    shown = shown_url(str(path))
+    if output is None or dry_run:
         raise UsageError(
-            f"is remote; tiecli reads remote checkpoints (inspect, verify) but {command} "
-            "rewrites files and never writes to a remote location; nothing was changed",
-            shown_url(str(path)),
-            hint=f"download it (hf download, or your storage's client), then run tiecli {command} "
-            "on the local copy",
+            f"is remote; {command} writes a local result only, with -o OUT (never in place, "
+            "never a dry run: inspect reports what dedupe would save); nothing was changed",
+            shown,
+            hint=f"tiecli {command} {shlex.quote(shown)} -o LOCAL_OUTPUT",
         )
+    out = Path(output)
+    if (out.exists() or out.is_symlink()) and not force:
+        raise OutputError("already exists; pass --force to replace it", out)
+    if not out.parent.is_dir():
+        raise OutputError("parent folder does not exist", out)
+    staging = Path(tempfile.mkdtemp(prefix=".tiecli-download-", dir=out.parent))
+    try:
+        local, stats = download(str(path), staging, options, progress)
+        result = rewrite(local)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.path = shown
+    result.remote = stats.to_dict()
+    return result
 
 
 def _predict(ckpt: Checkpoint, report: TieReport, only: str | None = None) -> tuple[Any, Any]:
@@ -190,20 +222,25 @@ class RewriteResult:
     command: str = ""
     # other files of the folder that -o left out, with the reason (links out of it...)
     not_copied: list[dict[str, str]] = field(default_factory=list)
+    remote: dict[str, int] | None = None  # a URL's download: requests and bytes_read
 
     @property
     def ok(self) -> bool:
         return True  # drift is reported, but judging is verify's job
 
     def to_dict(self) -> dict[str, Any]:
-        return _header(self) | {
-            "output": self.output,
-            "dry_run": self.dry_run,
-            "changed": self.changed,
-            "bytes_before": self.bytes_before,
-            "bytes_after": self.bytes_after,
-            "not_copied": self.not_copied,
-        }
+        return (
+            _header(self)
+            | {
+                "output": self.output,
+                "dry_run": self.dry_run,
+                "changed": self.changed,
+                "bytes_before": self.bytes_before,
+                "bytes_after": self.bytes_after,
+                "not_copied": self.not_copied,
+            }
+            | ({"remote": self.remote} if self.remote is not None else {})
+        )
 
 
 @dataclass(kw_only=True)
@@ -346,9 +383,33 @@ def dedupe(
     fsync: bool = False,
     use_transformers: bool = True,
     progress: Progress = NO_PROGRESS,
+    timeout: float | None = None,
 ) -> DedupeResult:
-    """Rewrite with one stored copy per tie plus the tie record (in place without ``output``)."""
-    _refuse_remote(path, "dedupe")
+    """Rewrite with one stored copy per tie plus the tie record (in place without ``output``).
+
+    A URL is downloaded first (streamed to disk, beside ``output``, which it requires)."""
+    remote: DedupeResult | None = _from_remote(
+        path,
+        output,
+        "dedupe",
+        dry_run,
+        force,
+        timeout,
+        progress,
+        lambda local: dedupe(
+            local,
+            output,
+            by_value=by_value,
+            min_bytes=min_bytes,
+            to=to,
+            force=force,
+            fsync=fsync,
+            use_transformers=use_transformers,
+            progress=progress,
+        ),
+    )
+    if remote is not None:
+        return remote
     if to not in (None, "safetensors"):
         from .errors import UsageError
 
@@ -433,11 +494,32 @@ def untie(
     fsync: bool = False,
     use_transformers: bool = True,
     progress: Progress = NO_PROGRESS,
+    timeout: float | None = None,
 ) -> UntieResult:
-    """Write every alias as its own stored tensor (in place without ``output``)."""
+    """Write every alias as its own stored tensor (in place without ``output``).
+
+    A URL is downloaded first (streamed to disk, beside ``output``, which it requires)."""
     from .plan import plan_untie
 
-    _refuse_remote(path, "untie")
+    remote: UntieResult | None = _from_remote(
+        path,
+        output,
+        "untie",
+        dry_run,
+        force,
+        timeout,
+        progress,
+        lambda local: untie(
+            local,
+            output,
+            force=force,
+            fsync=fsync,
+            use_transformers=use_transformers,
+            progress=progress,
+        ),
+    )
+    if remote is not None:
+        return remote
     out = Path(output) if output is not None else None
     with _rewriting(Path(path), out, "untie", dry_run, None), open_checkpoint(path) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)

@@ -44,7 +44,8 @@ app = typer.Typer(
 PathArg = Annotated[
     str,
     typer.Argument(
-        help="A .safetensors file, a sharded index or its folder, a .bin/.pt/.pth/.ckpt, or a Hugging Face folder.",
+        help="A .safetensors file, a sharded index or its folder, a .bin/.pt/.pth/.ckpt, or a "
+        "Hugging Face folder; or a remote one as for inspect (downloaded first; needs -o).",
         show_default=False,
     ),
 ]
@@ -173,6 +174,7 @@ def dedupe(
     ] = None,
     force: ForceOpt = False,
     fsync: FsyncOpt = False,
+    timeout: TimeoutOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -191,6 +193,7 @@ def dedupe(
         force=force,
         fsync=fsync,
         progress=console_progress(quiet),
+        timeout=timeout,
     )
     _emit(result, json_out, render_dedupe)
 
@@ -202,6 +205,7 @@ def untie(
     dry_run: DryRunOpt = False,
     force: ForceOpt = False,
     fsync: FsyncOpt = False,
+    timeout: TimeoutOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -217,6 +221,7 @@ def untie(
         force=force,
         fsync=fsync,
         progress=console_progress(quiet),
+        timeout=timeout,
     )
     _emit(result, json_out, render_untie)
 

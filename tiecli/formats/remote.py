@@ -620,24 +620,10 @@ def open_remote(
     """Open the remote checkpoint at ``url``: headers, index and config, then the sampled
     elements of every tensor that has a possible partner, fetched ahead."""
     remote = _Remote(url, options or RemoteOptions())
-    root = remote.root
     readers: list[Any] = [remote]
     try:
-        folder_names: list[str] | None = None
-        name = urlsplit(root).path if remote.protocol in ("http", "https") else root
-        if name.endswith((".safetensors", INDEX_SUFFIX)):
-            target, folder = root, remote.folder_of(root)
-        elif remote.protocol in ("http", "https"):
-            raise UsageError(
-                "an http(s) URL must name a .safetensors file or a *.safetensors.index.json",
-                shown_url(url),
-            )
-        else:
-            folder_names = remote.listing(root) or []
-            target, folder = remote.inside(root, _choose(folder_names, shown_url(url))), root
+        target, folder, folder_names = _locate(remote)
         ckpt = _open_target(remote, target, readers)
-        if folder_names is None and remote.protocol not in ("http", "https"):
-            folder_names = remote.listing(folder)
         if folder_names is None or "config.json" in folder_names:
             config_at = remote.inside(folder, "config.json")
             config = remote.read_json(config_at, "config.json")
@@ -665,6 +651,95 @@ def open_remote(
     return ckpt
 
 
+def _check_shard(shard: str, index_shown: str) -> None:
+    """A shard name (already a plain name, see ``index_parts``) that can lead nowhere
+    but beside the index in a URL either, and names a safetensors file."""
+    if "\\" in shard or "?" in shard or "#" in shard or "%" in shard:
+        raise CheckpointFormatError(f"index names shard {shard!r} outside its folder", index_shown)
+    if not shard.endswith(".safetensors"):
+        raise CheckpointFormatError(
+            f"index names shard {shard!r}; remote reads cover safetensors shards only",
+            index_shown,
+        )
+
+
+def _locate(remote: _Remote) -> tuple[str, str, list[str] | None]:
+    """The weights file (or index) a URL names, its folder, and the folder's file
+    names where the file system lists them (None over HTTP)."""
+    root = remote.root
+    name = urlsplit(root).path if remote.protocol in ("http", "https") else root
+    if name.endswith((".safetensors", INDEX_SUFFIX)):
+        names = (
+            None if remote.protocol in ("http", "https") else remote.listing(remote.folder_of(root))
+        )
+        return root, remote.folder_of(root), names
+    if remote.protocol in ("http", "https"):
+        raise UsageError(
+            "an http(s) URL must name a .safetensors file or a *.safetensors.index.json",
+            shown_url(remote.url),
+        )
+    names = remote.listing(root) or []
+    return remote.inside(root, _choose(names, shown_url(remote.url))), root, names
+
+
+DOWNLOAD_STEP = 8 << 20  # bytes per request when downloading a file
+
+
+def download(
+    url: str, folder: Path, options: RemoteOptions | None = None, progress: Progress = NO_PROGRESS
+) -> tuple[Path, RemoteStats]:
+    """Copy the remote checkpoint at ``url`` into the empty local ``folder``: its weights
+    (the index and every shard it names), and ``config.json`` when there is one; each
+    file streamed to disk in :data:`DOWNLOAD_STEP` requests. Returns the local path
+    that stands for ``url`` (the folder for a folder, else the file) and the cost."""
+    remote = _Remote(url, options or RemoteOptions())
+    try:
+        target, src, names = _locate(remote)
+        base = posixpath.basename(urlsplit(target).path if "://" in target else target)
+        files = [base]  # a plain name ending in .safetensors or .index.json
+        if base.endswith(INDEX_SUFFIX):
+            from . import index_parts
+
+            index_shown = remote.shown(target)
+            doc = remote.read_json(target, "index", unique=True)
+            if doc is None:
+                raise CheckpointNotFoundError("not found", index_shown)
+            shards = index_parts(doc, index_shown)[2]
+            for shard in shards:
+                _check_shard(shard, index_shown)
+            files += shards
+        handles = [(f, remote.inside(src, f), remote.open(remote.inside(src, f))) for f in files]
+        if names is None or "config.json" in names:
+            try:
+                at = remote.inside(src, "config.json")
+                handles.append(("config.json", at, remote.open(at)))
+            except RemoteError as e:
+                if e.message != "not found":
+                    raise
+        try:
+            total = sum(int(h.size) for _n, _p, h in handles)
+            with progress.task("downloading", total) as bar:
+                for name, at, handle in handles:
+                    _save(remote, handle, at, folder / name, bar)
+        finally:
+            for _n, _p, h in handles:
+                h.close()
+    finally:
+        remote.close()
+    return (
+        folder if names is not None and target != remote.root else folder / files[0]
+    ), remote.stats
+
+
+def _save(remote: _Remote, handle: Any, at: str, dst: Path, bar: Progress) -> None:
+    size = int(handle.size)
+    with open(dst, "xb") as out:
+        for start in range(0, size, DOWNLOAD_STEP):
+            data = remote.fetch(handle, at, start, min(size, start + DOWNLOAD_STEP))
+            out.write(data)
+            bar.advance(len(data))
+
+
 def _open_target(remote: _Remote, target: str, readers: list[Any]) -> Checkpoint:
     shown = Path(remote.shown(target))
     if not target.endswith(INDEX_SUFFIX):
@@ -683,15 +758,7 @@ def _open_target(remote: _Remote, target: str, readers: list[Any]) -> Checkpoint
     weight_map, metadata, shard_names = index_parts(doc, index_shown)
     files: dict[str, dict[str, Entry]] = {}
     for number, shard in enumerate(shard_names):
-        if "\\" in shard or "?" in shard or "#" in shard or "%" in shard:
-            raise CheckpointFormatError(
-                f"index names shard {shard!r} outside its folder", index_shown
-            )
-        if not shard.endswith(".safetensors"):
-            raise CheckpointFormatError(
-                f"index names shard {shard!r}; remote reads cover safetensors shards only",
-                index_shown,
-            )
+        _check_shard(shard, index_shown)
         try:
             reader = RemoteSafetensorsFile(remote, remote.beside(target, shard), number)
         except RemoteError as e:
