@@ -246,19 +246,32 @@ def _refuse_unreadable_record(ckpt: Checkpoint, report: TieReport) -> None:
 @contextlib.contextmanager
 def _rewriting(
     path: Path, out: Path | None, command: str, dry_run: bool, to: str | None
-) -> Iterator[None]:
-    """Refuse what would corrupt a checkpoint, and lock what the rewrite replaces
-    (a dry run writes nothing and takes no lock) for as long as it runs."""
+) -> Iterator[Checkpoint]:
+    """Open the checkpoint to rewrite: refuse what would corrupt it, and lock what the
+    rewrite replaces (a dry run writes nothing and takes no lock) for as long as it runs."""
     if out is None:
         _refuse_shard(path, command)
     if dry_run:
-        yield
+        with open_checkpoint(path) as ckpt:
+            yield ckpt
         return
     from .atomic import locked
+    from .errors import BusyError
     from .rewrite import lock_targets
 
-    with locked(lock_targets(path, out, to == "safetensors"), out or path):
-        yield
+    targets = lock_targets(path, out, to == "safetensors")
+    with locked(targets, out or path), open_checkpoint(path) as ckpt:
+        opened = ckpt.index_path or (ckpt.weight_files[0] if ckpt.weight_files else None)
+        held = {t.resolve() for t in targets}
+        if out is None and opened is not None and opened.resolve() not in held:
+            # another run converted or replaced it between the lock and the opening
+            raise BusyError(
+                f"changed while this run started ({opened.name} is not what it locked); "
+                "nothing was changed",
+                path,
+                hint="run the command again",
+            )
+        yield ckpt
 
 
 def _refuse_shard(path: Path, command: str) -> None:
@@ -305,7 +318,7 @@ def dedupe(
 
         raise UsageError(f"--to {to!r}: the only conversion is --to safetensors")
     out = Path(output) if output is not None else None
-    with _rewriting(Path(path), out, "dedupe", dry_run, to), open_checkpoint(path) as ckpt:
+    with _rewriting(Path(path), out, "dedupe", dry_run, to) as ckpt:
         # Ties are taken as equal from their samples; the verification of the rewrite
         # compares every removed alias in full. A dry run writes nothing, so it reads all.
         report = find_ties(
@@ -389,7 +402,7 @@ def untie(
     from .plan import plan_untie
 
     out = Path(output) if output is not None else None
-    with _rewriting(Path(path), out, "untie", dry_run, None), open_checkpoint(path) as ckpt:
+    with _rewriting(Path(path), out, "untie", dry_run, None) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         _refuse_unreadable_record(ckpt, report)
         plan = plan_untie(ckpt, report)
