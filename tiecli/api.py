@@ -462,6 +462,8 @@ def verify(
     dtype: str | None = None,
     model: str | None = None,
     use_transformers: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> VerifyResult:
     """Check each checkpoint's ties; ``ok`` is False with every problem listed when not.
@@ -469,6 +471,8 @@ def verify(
     With ``forward``, also rebuild the model on ``device``, load the weights with
     ties restored, check each tie is one storage there, run a seeded forward
     pass, and compare with ``against`` (bit-identical, or within ``atol``).
+    ``device_map`` and ``max_memory`` place a model larger than one device
+    across GPUs, the CPU and disk, as accelerate does (see ``forward_check``).
     """
     from .errors import UsageError
     from .formats import checkpoint_roots
@@ -476,9 +480,16 @@ def verify(
     items: Sequence[PathLike] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     given = [Path(p) for p in items]
     if not forward and (
-        against is not None or atol is not None or dtype is not None or model is not None
+        against is not None
+        or atol is not None
+        or dtype is not None
+        or model is not None
+        or device_map is not None
+        or max_memory is not None
     ):
-        raise UsageError("--against, --atol, --dtype and --model go with --forward")
+        raise UsageError(
+            "--against, --atol, --dtype, --model, --device-map and --max-memory go with --forward"
+        )
     roots = checkpoint_roots(given)
     if forward and len(roots) != 1:
         raise UsageError("--forward checks one checkpoint at a time")
@@ -504,6 +515,8 @@ def verify(
             dtype=dtype,
             model_spec=model,
             use_transformers=use_transformers,
+            device_map=device_map,
+            max_memory=max_memory,
             progress=progress,
         )
         verdicts[0].problems += result.forward.problems
