@@ -361,3 +361,48 @@ def test_two_gpus_by_hand(tmp_path: Path) -> None:
     assert f["outputs_equal"] is True and f["ties_shared_on_device"] is True
     assert set(f["device_map"].values()) == {"cuda:0", "cuda:1"}
     assert set(f["device_peak_bytes"]) >= {"cuda:0", "cuda:1"}
+
+
+TRANSPOSED = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    class TiedLM(nn.Module):
+        # the head is the embedding's transpose: one storage, two layouts
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(32, 8)
+            self.head = nn.Parameter(torch.empty(8, 32))
+
+        def forward(self, ids):
+            return torch.tanh(self.embed(ids)) @ self.head
+
+    def build():
+        return TiedLM(), torch.arange(12).reshape(2, 6)
+    """
+)
+
+
+def test_a_transposed_tie_is_placed_whole_or_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    name = f"transposed_{abs(hash(tmp_path)) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(TRANSPOSED)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    emb = torch.randn(32, 8, generator=torch.Generator().manual_seed(0))
+    torch.save({"embed.weight": emb, "head": emb.t()}, tmp_path / "lm.pt")
+    args = ["--device", "cpu", "--model", f"{name}:build", "--device-map", "auto"]
+    code, doc = verify_json(*args, "--max-memory", "cpu=1GB", str(tmp_path / "lm.pt"))
+    assert code == 0, doc["problems"]
+    assert doc["forward"]["tie_devices"] == [
+        {"alias": "head", "source": "embed.weight", "device": "cpu", "shared": True}
+    ]
+    # on disk a transposed view cannot be kept: a clear refusal, not a silent copy
+    r = runner.invoke(
+        app, ["verify", "--forward", *args, "--max-memory", "cpu=100", str(tmp_path / "lm.pt")]
+    )
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
+    assert "transposed tie of embed.weight" in r.stderr
+    sys.modules.pop(name, None)
