@@ -176,6 +176,49 @@ def test_a_held_lock_refuses_at_once_and_a_stale_one_is_taken_over(tmp_path: Pat
     assert not lock.exists()
 
 
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="needs root")
+def test_another_users_lock_file_still_excludes() -> None:
+    """In a shared folder the lock file belongs to whoever made it; another user, who may not
+    open it for writing, must still be refused while it is held."""
+    import tempfile
+
+    from tiecli import atomic
+
+    shared = Path(tempfile.mkdtemp(prefix="tiecli-shared-", dir="/tmp"))
+    try:
+        shared.chmod(0o1777)
+        target = shared / "model.safetensors"
+        target.write_bytes(b"x")
+        target.chmod(0o666)
+        child = textwrap.dedent(
+            f"""
+            import fcntl, os, sys
+            from pathlib import Path
+            from tiecli import atomic
+            from tiecli.errors import BusyError
+            os.setgid(65534); os.setuid(65534)  # everything imported while still root
+            t = Path({str(target)!r})
+            try:
+                with atomic.locked([t], t):
+                    print("acquired")
+            except BusyError:
+                print("busy")
+            """
+        )
+        with atomic.locked([target], target):  # root holds it; the file is root's, 0644
+            out = subprocess.run(
+                [sys.executable, "-c", child],
+                capture_output=True,
+                text=True,
+                timeout=60,
+                cwd="/",
+                env={**os.environ, "PYTHONPATH": str(Path(tiecli.__file__).parent.parent)},
+            )
+        assert out.stdout.strip() == "busy", out.stderr
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def test_a_lock_file_that_is_a_symlink_is_not_followed(tmp_path: Path) -> None:
     x = shutil.copytree(FIXTURES / "gpt2/full", tmp_path / "x")
     victim = tmp_path / "victim"

@@ -322,3 +322,43 @@ def test_shard_names_in_progress_bars_are_spelled_out(
     assert "writing " in r.stderr  # the bar was drawn
     assert "[bold red]RED[blink]\\u009b2J" in r.stderr and "\\x1b]0;pwned\\x07" in r.stderr
     assert "\x1b]" not in r.stderr and "\x9b" not in r.stderr and "\x07" not in r.stderr
+
+
+def test_folders_nested_deeper_than_the_recursion_limit_are_copied(tmp_path: Path) -> None:
+    import shutil
+    import sys
+
+    from helpers import fixture_path
+
+    x = shutil.copytree(fixture_path("gpt2", "hf"), tmp_path / "x")
+    depth = 400  # deeper than the limit below: a recursive walk cannot copy it
+    deep = x
+    for _ in range(depth):
+        deep = deep / "a"
+        deep.mkdir()
+    (deep / "leaf.txt").write_text("bottom")
+    out = tmp_path / "out"
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(300)
+    try:
+        r = runner.invoke(app, ["dedupe", str(x), "-o", str(out), "--json"])
+    finally:
+        sys.setrecursionlimit(limit)
+    assert r.exit_code == 0, r.output
+    assert out.joinpath(*["a"] * depth, "leaf.txt").read_text() == "bottom"
+
+
+def test_emoji_codes_and_bidi_marks_in_names_stay_visible_text(tmp_path: Path) -> None:
+    from tiecli.terminal import printable
+
+    names = ["ok:warning:.weight", "ok:cross_mark:\u200f\u061c.weight"]
+    f = tmp_path / "model.safetensors"
+    t = tensors(names[:1])
+    t[names[1]] = t[names[0]].copy()
+    save_file(t, str(f))
+    r = runner.invoke(app, ["inspect", str(f)], env={"COLUMNS": "250", "NO_COLOR": "1"})
+    assert r.exit_code == 0, r.output
+    assert ":warning:" in r.stdout and ":cross_mark:" in r.stdout
+    assert "\u26a0" not in r.stdout and "\u274c" not in r.stdout  # no emoji posing as a status
+    assert "\\u200f\\u061c" in r.stdout and "\u200f" not in r.stdout
+    assert printable("a\u200eb") == "a\\u200eb"

@@ -218,11 +218,15 @@ def test_the_budget_counts_modules_and_parameters() -> None:
     budget = declared.Budget(tensors=10, nbytes=1000)
     assert budget.modules == 1160 and budget.parameters == 296
     assert budget.buffer_bytes == 256 << 20
+    assert budget.parameter_bytes == 4000 + (256 << 20)
     assert declared.Budget(10, 1 << 30).buffer_bytes == 2 << 30
 
 
-def test_every_fixture_model_fits_its_own_budget() -> None:
+def test_every_fixture_model_fits_its_own_budget(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The bound never refuses a real checkpoint: each fixture's declared ties still come."""
+    monkeypatch.setenv("TIECLI_CACHE_DIR", str(tmp_path))  # built here, not read from a cache
     for model in MODELS:
         for form in FORMS:
             import tiecli
@@ -240,8 +244,8 @@ def test_every_fixture_model_fits_its_own_budget() -> None:
     ("model", "changes", "why"),
     [
         ("gpt2", {"n_layer": 100_000}, "does not fit the checkpoint"),
-        # position_ids and token_type_ids buffers: 1.6 GB computed for a 16 KB checkpoint
-        ("bert-mlm", {"max_position_embeddings": 100_000_000}, "bytes of buffers"),
+        # 6.4 GB of position embeddings and 1.6 GB of position-id buffers for 16 KB of weights
+        ("bert-mlm", {"max_position_embeddings": 100_000_000}, "bytes of parameters"),
     ],
     ids=["layers", "positions"],
 )
@@ -257,3 +261,66 @@ def test_the_forward_proof_refuses_a_config_far_larger_than_its_checkpoint(
     assert proc.returncode == 1, proc.stderr
     failed = [p for p in json.loads(proc.stdout)["problems"] if p["code"] == "forward-failed"]
     assert failed and why in failed[0]["message"]
+
+
+def test_a_layer_count_transformers_would_expand_is_refused_before_it_reads_the_config(
+    tmp_path: Path,
+) -> None:
+    # transformers 5 expands layer_types per layer while reading a Qwen2 config: 30 million
+    # layers cost minutes and gigabytes before any module is built
+    folder = with_config(
+        "llama-tied",
+        "hf",
+        tmp_path / "m",
+        model_type="qwen2",
+        architectures=["Qwen2ForCausalLM"],
+        num_hidden_layers=30_000_000,
+    )
+    started = time.perf_counter()
+    proc = _run(["inspect", str(folder), "--json"], tmp_path / "cache", stdin="")
+    assert proc.returncode == 0, proc.stderr
+    assert time.perf_counter() - started < 30
+    notes = " ".join(json.loads(proc.stdout)["notes"])
+    assert "num_hidden_layers=30000000" in notes and "pattern table" in notes
+
+
+def test_the_forward_proof_weighs_parameters_before_making_them(tmp_path: Path) -> None:
+    """A ViT whose config asks for 9 million patches would make 576 MB of parameters on the
+    CPU before they move to meta: weighed on meta first, and refused."""
+    from transformers import ViTConfig, ViTModel
+
+    folder = tmp_path / "vit"
+    config = ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        image_size=32,
+        patch_size=8,
+    )
+    ViTModel(config).save_pretrained(folder)
+    doc = json.loads((folder / "config.json").read_text())
+    doc.update(image_size=3000, patch_size=1)
+    (folder / "config.json").write_text(json.dumps(doc))
+    proc = _run(
+        ["verify", str(folder), "--forward", "--device", "cpu", "--json"], tmp_path / "c", stdin=""
+    )
+    assert proc.returncode == 1, proc.stderr
+    failed = [p for p in json.loads(proc.stdout)["problems"] if p["code"] == "forward-failed"]
+    assert failed and "bytes of parameters" in failed[0]["message"]
+
+
+def test_buffers_and_parameters_are_weighed_on_meta() -> None:
+    import torch
+
+    budget = declared.Budget(tensors=2, nbytes=1 << 20)
+    with torch.device("meta"):
+        heavy_buffer = torch.nn.Module()
+        heavy_buffer.register_buffer("table", torch.empty(1 << 30))
+        heavy_param = torch.nn.Linear(1 << 15, 1 << 15)
+        light = torch.nn.Linear(64, 64)
+    with pytest.raises(declared.BuildRefused, match="bytes of buffers"):
+        declared._weigh("M", heavy_buffer, budget)
+    with pytest.raises(declared.BuildRefused, match="bytes of parameters"):
+        declared._weigh("M", heavy_param, budget)
+    declared._weigh("M", light, budget)  # fits: no refusal

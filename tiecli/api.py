@@ -49,7 +49,15 @@ class InspectResult:
     config: str | None = None
     notes: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    # what each consumer (transformers 4/5, vLLM, MLX-LM, llama.cpp) loads; empty
+    # without a config.json, which every consumer needs
+    consumers: list[Any] = field(default_factory=list)
+    consumer_problems: list[Problem] = field(default_factory=list)
     command: str = "inspect"
+
+    @property
+    def consumers_agree(self) -> bool:
+        return not self.consumer_problems
 
     @property
     def ok(self) -> bool:
@@ -65,10 +73,33 @@ class InspectResult:
             "nested_key": self.nested_key,
             "config": self.config,
             "notes": self.notes,
+            "consumers": [c.to_dict() for c in self.consumers],
+            "consumers_agree": self.consumers_agree,
+            "consumer_problems": [p.to_dict() for p in self.consumer_problems],
         }
 
 
+def _predict(ckpt: Checkpoint, report: TieReport, only: str | None = None) -> tuple[Any, Any]:
+    from .consumers import predict, select
+
+    return predict(report.ties, ckpt.entries, ckpt.config, ckpt.format, select(only))
+
+
+def _fold(problems: list[Problem], found: list[Problem]) -> list[Problem]:
+    """Consumer findings about tensors an existing problem already names are attached to
+    it (that problem already fails or warns); the others are problems of their own."""
+    out = []
+    for f in found:
+        home = next((p for p in problems if f.tensors and set(f.tensors) <= set(p.tensors)), None)
+        if home is not None:
+            home.related.append(f)
+        else:
+            out.append(f)
+    return out
+
+
 def _inspect_opened(ckpt: Checkpoint, report: TieReport) -> InspectResult:
+    loads, found = _predict(ckpt, report)
     return InspectResult(
         path=str(ckpt.path),
         format=ckpt.format,
@@ -82,6 +113,8 @@ def _inspect_opened(ckpt: Checkpoint, report: TieReport) -> InspectResult:
         config=str(ckpt.config_path) if ckpt.config_path else None,
         notes=list(ckpt.notes),
         bytes_read=ckpt.bytes_read,
+        consumers=loads,
+        consumer_problems=found,
     )
 
 
@@ -372,6 +405,7 @@ class CheckpointVerdict:
     format: str
     ties: list[Tie]
     problems: list[Problem]
+    consumers: list[Any] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -379,6 +413,7 @@ class CheckpointVerdict:
             "format": self.format,
             "ties": [t.to_dict() for t in self.ties],
             "problems": [p.to_dict() for p in self.problems],
+            "consumers": [c.to_dict() for c in self.consumers],
         }
 
 
@@ -389,6 +424,7 @@ class VerifyResult:
     strict: bool = False
     require_deduped: bool = False
     forward: Any = None  # ForwardReport with --forward
+    for_consumers: str | None = None  # --for: the consumers checked (None: all)
     command: str = "verify"
 
     @property
@@ -426,6 +462,7 @@ class VerifyResult:
             "checked": self.checked,
             "strict": self.strict,
             "require_deduped": self.require_deduped,
+            "for": self.for_consumers,
             "checkpoints": [c.to_dict() for c in self.checkpoints],
         }
         if self.forward is not None:
@@ -461,6 +498,7 @@ def verify(
     atol: float | None = None,
     dtype: str | None = None,
     model: str | None = None,
+    for_consumers: str | None = None,
     use_transformers: bool = True,
     device_map: str | dict[str, Any] | None = None,
     max_memory: str | dict[Any, Any] | None = None,
@@ -473,6 +511,10 @@ def verify(
     pass, and compare with ``against`` (bit-identical, or within ``atol``).
     ``device_map`` and ``max_memory`` place a model larger than one device
     across GPUs, the CPU and disk, as accelerate does (see ``forward_check``).
+
+    Each checkpoint with a config.json is also checked against what its consumers
+    load (``consumers-disagree``, ``consumer-bad-load``); ``for_consumers`` limits
+    that to the consumers named (``"transformers<5,vllm"``).
     """
     from .errors import UsageError
     from .formats import checkpoint_roots
@@ -490,6 +532,9 @@ def verify(
         raise UsageError(
             "--against, --atol, --dtype, --model, --device-map and --max-memory go with --forward"
         )
+    from .consumers import select
+
+    select(for_consumers)  # a bad --for is a usage error before anything is opened
     roots = checkpoint_roots(given)
     if forward and len(roots) != 1:
         raise UsageError("--forward checks one checkpoint at a time")
@@ -500,9 +545,17 @@ def verify(
             problems = list(report.problems)
             if require_deduped:
                 problems += _duplicate_stored(str(ckpt.path), report)
-            verdicts.append(CheckpointVerdict(str(ckpt.path), ckpt.format, report.ties, problems))
+            loads, found = _predict(ckpt, report, for_consumers)
+            problems += _fold(problems, found)
+            verdicts.append(
+                CheckpointVerdict(str(ckpt.path), ckpt.format, report.ties, problems, loads)
+            )
     result = VerifyResult(
-        [str(p) for p in given], verdicts, strict=strict, require_deduped=require_deduped
+        [str(p) for p in given],
+        verdicts,
+        strict=strict,
+        require_deduped=require_deduped,
+        for_consumers=for_consumers,
     )
     if forward:
         from .forward import forward_check

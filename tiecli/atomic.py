@@ -147,6 +147,13 @@ def _acquire(lock: Path, shown: Path) -> int | None:
     while True:
         try:
             fd = os.open(lock, flags, 0o644)
+        except PermissionError:
+            # Another user's lock file in a shared folder: flock works on a descriptor
+            # opened for reading too, and excludes that user's run all the same.
+            try:
+                fd = os.open(lock, flags & ~(os.O_RDWR | os.O_CREAT) | os.O_RDONLY)
+            except OSError:
+                return None  # no lock file, and none may be made: nor can a rival's
         except OSError as e:
             if e.errno == errno.ELOOP:
                 raise OutputError(
@@ -359,7 +366,11 @@ def _keep_owner_and_mode(tmp: Path, final: Path) -> None:
     except FileNotFoundError:
         return
     mine = os.stat(tmp)
-    if (mine.st_uid, mine.st_gid) != (st.st_uid, st.st_gid):
+    if mine.st_uid != st.st_uid:
         with contextlib.suppress(PermissionError):  # only root may give a file away
             os.chown(tmp, st.st_uid, st.st_gid)
+            mine = os.stat(tmp)
+    if mine.st_gid != st.st_gid:
+        with contextlib.suppress(PermissionError):  # a group of one's own may be kept
+            os.chown(tmp, -1, st.st_gid)
     os.chmod(tmp, stat.S_IMODE(st.st_mode))

@@ -81,7 +81,7 @@ def _emit(result: Any, json_out: bool, render: Any) -> None:
     else:
         from rich.console import Console
 
-        render(result, Console(soft_wrap=False))
+        render(result, Console(soft_wrap=False, emoji=False))  # ":warning:" in a name stays text
 
 
 @app.command()
@@ -266,6 +266,16 @@ def verify(
             show_default=False,
         ),
     ] = None,
+    for_consumers: Annotated[
+        str | None,
+        typer.Option(
+            "--for",
+            help="Check only what these consumers load: a comma-separated list of "
+            "transformers, transformers-4, transformers-5, vllm, mlx-lm, llama.cpp, each "
+            "optionally with versions (transformers<5). Default: all of them.",
+            show_default=False,
+        ),
+    ] = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -286,6 +296,7 @@ def verify(
         model=model,
         device_map=device_map,
         max_memory=max_memory,
+        for_consumers=for_consumers,
         progress=console_progress(quiet),
     )
     _emit(result, json_out, render_verify)

@@ -26,6 +26,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -158,17 +159,23 @@ class Budget:
     def buffer_bytes(self) -> int:
         return max(256 << 20, 2 * self.nbytes)
 
+    @property
+    def parameter_bytes(self) -> int:
+        """Room for the weights in a wider dtype (fp32 from bf16) and tied copies."""
+        return 4 * self.nbytes + (256 << 20)
+
 
 class BuildRefused(Exception):
     """The config was not turned into a model; the message says why (for a note).
 
-    ``by_weights``: the refusal depends on the checkpoint's size, not on the
-    config alone, so it is not cached with the config's answer.
+    ``lasting``: the refusal follows from the config and the transformers
+    version alone, so it is cached with the config's answer; one that depends
+    on the checkpoint's size or on this machine (memory, optional packages) is not.
     """
 
-    def __init__(self, message: str, by_weights: bool = False) -> None:
+    def __init__(self, message: str, lasting: bool = True) -> None:
         super().__init__(message)
-        self.by_weights = by_weights
+        self.lasting = lasting
 
 
 class _OverBudget(BaseException):
@@ -292,6 +299,16 @@ def build_model(config_dir: Path, real_buffers: bool = False, budget: Budget | N
     import transformers
 
     version = transformers.__version__
+    if budget is not None:
+        # transformers expands some counts while reading the config (a layer_types list
+        # per layer): refuse counts the checkpoint cannot back before it reads a byte
+        too_many = _layer_count_over(_config_dict(config_dir), budget.modules)
+        if too_many is not None:
+            raise BuildRefused(
+                f"config.json says {too_many[0]}={too_many[1]}, more layers than "
+                f"{budget.tensors} stored tensors can hold: it does not fit the checkpoint",
+                lasting=False,
+            )
     with _quiet(), _offline():
         try:
             config = transformers.AutoConfig.from_pretrained(
@@ -317,15 +334,11 @@ def build_model(config_dir: Path, real_buffers: bool = False, budget: Budget | N
             named = ", ".join(names) or "no architecture"
             raise BuildRefused(f"config.json names {named}, which transformers {version} lacks")
         if real_buffers:
-            # Buffers are computed for real: weigh them on meta first.
+            # Buffers are computed for real, and parameters made on the CPU before they
+            # move to meta: weigh both on meta first.
             model = _build(cls, config, budget, torch.device("meta"), real_buffers=False)
-            if budget is not None and _buffer_bytes(model) > budget.buffer_bytes:
-                raise BuildRefused(
-                    f"{cls.__name__} from this config.json computes "
-                    f"{_buffer_bytes(model)} bytes of buffers for {budget.nbytes} bytes of "
-                    f"weights: the config does not describe this checkpoint",
-                    by_weights=True,
-                )
+            if budget is not None:
+                _weigh(cls.__name__, model, budget)
             return _build(cls, config, budget, contextlib.nullcontext(), real_buffers=True)
         return _build(cls, config, budget, torch.device("meta"), real_buffers=False)
 
@@ -337,12 +350,56 @@ def _build(cls: Any, config: Any, budget: Budget | None, placement: Any, real_bu
     except _OverBudget as e:
         raise BuildRefused(
             f"{cls.__name__} from this config.json does not fit the checkpoint: {e}",
-            by_weights=True,
+            lasting=False,
         ) from None
     except _Prompted:
         raise BuildRefused(f"building {cls.__name__} asks to run custom code") from None
     except Exception as e:  # noqa: BLE001 - a config this transformers cannot build
-        raise BuildRefused(f"transformers cannot build {cls.__name__} ({_first(e)})") from None
+        # a missing optional package or memory is this machine's, not the config's
+        lasting = not isinstance(e, (ImportError, MemoryError, OSError))
+        raise BuildRefused(
+            f"transformers cannot build {cls.__name__} ({_first(e)})", lasting=lasting
+        ) from None
+
+
+_LAYER_KEY = re.compile(r"(^|_)(layers?|depth)$")
+
+
+def _layer_count_over(config: dict[str, Any], limit: int) -> tuple[str, int] | None:
+    """A ``*_layers``/``n_layer``/``depth`` count in the config or a sub-config above ``limit``."""
+    stack: list[Any] = [config]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, (dict, list)):
+                    stack.append(value)
+                elif (
+                    isinstance(value, int)
+                    and not isinstance(value, bool)
+                    and value > limit
+                    and _LAYER_KEY.search(str(key))
+                ):
+                    return str(key), value
+        elif isinstance(node, list):
+            stack.extend(v for v in node if isinstance(v, (dict, list)))
+    return None
+
+
+def _weigh(name: str, model: Any, budget: Budget) -> None:
+    """Refuse a meta-built model whose parameters or buffers outweigh the checkpoint."""
+    params = sum(p.numel() * p.element_size() for p in model.parameters())
+    buffers = _buffer_bytes(model)
+    for what, size, limit in (
+        ("parameters", params, budget.parameter_bytes),
+        ("buffers", buffers, budget.buffer_bytes),
+    ):
+        if size > limit:
+            raise BuildRefused(
+                f"{name} from this config.json computes {size} bytes of {what} for "
+                f"{budget.nbytes} bytes of weights: the config does not describe this checkpoint",
+                lasting=False,
+            )
 
 
 def _first(e: BaseException) -> str:
@@ -406,7 +463,7 @@ def declared_ties(
     try:
         out = _ask_transformers(config_dir, budget)
     except BuildRefused as e:
-        if not e.by_weights:
+        if e.lasting:
             _cache_write(cache, None, str(e))
         return None, str(e)
     _cache_write(cache, out, None)

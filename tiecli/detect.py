@@ -14,7 +14,7 @@ from typing import Any
 
 from .checkpoint import Checkpoint, Entry
 from .dtypes import itemsize
-from .patterns import pattern_ties, table
+from .patterns import flag_pairs, flag_value, flags, model_type_of, pattern_ties
 from .progress import NO_PROGRESS, Progress
 from .record import read_record
 from .values import difference, equal, find_equal, same_samples
@@ -31,14 +31,19 @@ class Problem:
     severity: str  # error | warning
     message: str
     tensors: list[str] = field(default_factory=list)
+    # consumer findings about the same tensors, folded into this problem
+    related: list[Problem] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d: dict[str, Any] = {
             "code": self.code,
             "severity": self.severity,
             "message": self.message,
             "tensors": self.tensors,
         }
+        if self.related:
+            d["consumers"] = [p.to_dict() for p in self.related]
+        return d
 
 
 @dataclass
@@ -55,6 +60,18 @@ class Drift:
         }
 
 
+@dataclass(frozen=True)
+class Pad:
+    """A padded vocabulary: the source has more rows than the alias, and the alias's
+    rows are bit-identical to the source's first rows."""
+
+    source_rows: int
+    alias_rows: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source_rows": self.source_rows, "alias_rows": self.alias_rows}
+
+
 @dataclass
 class Tie:
     alias: str
@@ -68,11 +85,19 @@ class Tie:
     drift: Drift | None = None
     # pickles: alias and source in different files, which cannot share storage
     across_files: bool = False
+    # a padded vocabulary: never deduped (the copies differ in shape), always reported
+    pad: Pad | None = None
 
     @property
     def duplicated(self) -> bool:
         """A tied tensor stored twice, its copies equal: bytes wasted."""
-        return self.kind == "tied" and self.stored and self.source_stored and self.drift is None
+        return (
+            self.kind == "tied"
+            and self.stored
+            and self.source_stored
+            and self.drift is None
+            and self.pad is None
+        )
 
     @property
     def dedupable(self) -> bool:
@@ -92,6 +117,8 @@ class Tie:
         }
         if self.drift is not None:
             d["drift"] = self.drift.to_dict()
+        if self.pad is not None:
+            d["pad"] = self.pad.to_dict()
         return d
 
 
@@ -183,13 +210,18 @@ class _Finder:
         found = pattern_ties(self.entries, cfg)
         if found:
             self.declared_by = "pattern table"
-        model_type = (cfg or {}).get("model_type")
-        if isinstance(model_type, str) and model_type in table()["model_types"]:
+        model_type = model_type_of(cfg)
+        if model_type is not None:
             self.architecture = f"model_type {model_type!r}"
         for p in found:
             transform = self._shape_transform(p.alias, p.source)
             both = p.alias in self.entries and p.source in self.entries
-            if both and not p.from_config and not self._equal(p.alias, p.source, transform):
+            if (
+                both
+                and not p.from_config
+                and not self._equal(p.alias, p.source, transform)
+                and self._padded(p.alias, p.source) is None
+            ):
                 continue  # a hypothesis the values reject: not a tie
             self.claims.append(_Claim(p.alias, p.source, transform, "pattern"))
 
@@ -210,18 +242,29 @@ class _Finder:
                         break
 
     def check_config(self) -> None:
-        """A config that unties what the file only stores once."""
+        """A config that unties what the file only stores once; tie flags that disagree
+        between the top level and nested sub-configs (``text_config``)."""
         cfg = self.ckpt.config
-        model_type = (cfg or {}).get("model_type")
-        if not cfg or cfg.get("tie_word_embeddings", True) or not isinstance(model_type, str):
+        said = flags(cfg, "tie_word_embeddings")
+        if len(set(said.values())) > 1:
+            levels = ", ".join(f"{k}={'true' if v else 'false'}" for k, v in said.items())
+            self.problems.append(
+                Problem(
+                    "config-flags-disagree",
+                    "warning",
+                    f"config.json's tie flags disagree ({levels}): consumers read different "
+                    f"levels and load different models; make every level say the same",
+                    [],
+                )
+            )
+        model_type = model_type_of(cfg)
+        if not cfg or flag_value(cfg, "tie_word_embeddings") or model_type is None:
             return
-        rules = table()["model_types"].get(model_type, [])
         declared = {c.alias for c in self.claims if c.evidence == "declared"}
-        for rule in rules:
-            alias, source = rule["alias"], rule["source"]
+        # the flag's pairs, at whatever prefix the file holds them (language_model.)
+        for alias, source in flag_pairs(self.entries, cfg):
             if (
-                rule["when"] == "tie_word_embeddings"
-                and source in self.entries
+                source in self.entries
                 and alias not in self.entries
                 and alias not in declared  # the architecture ties it all the same
             ):
@@ -333,8 +376,23 @@ class _Finder:
                 ev.add("transposed" if transform == "transpose" else "value")
             else:
                 tie.drift = self._drift(a, s, transform)
+                tie.pad = self._padded(alias, source) if transform == "identity" else None
         tie.evidence = [e for e in EVIDENCE_ORDER if e in ev]
         return tie
+
+    def _padded(self, alias: str, source: str) -> Pad | None:
+        """``source`` is ``alias`` with more rows appended (a padded vocabulary): same
+        dtype and row shape, more rows, and the alias's bytes are the source's first
+        bytes. Either name may be the longer one; the pad names the rows of each."""
+        a, s = self.entries[alias], self.entries[source]
+        if a.dtype != s.dtype or len(a.shape) < 1 or a.shape[1:] != s.shape[1:]:
+            return None
+        if a.shape[0] == s.shape[0] or min(a.nbytes, s.nbytes) == 0:
+            return None
+        short, long = (a, s) if a.shape[0] < s.shape[0] else (s, a)
+        if not _same_prefix(short, long):
+            return None
+        return Pad(source_rows=s.shape[0], alias_rows=a.shape[0])
 
     def _drift(self, a: Entry, s: Entry, transform: str) -> Drift:
         comparable = a.shape == (s.shape if transform == "identity" else s.shape[::-1])
@@ -426,7 +484,21 @@ class _Finder:
                         [t.alias, t.source],
                     )
                 )
-            if t.drift is not None:
+            if t.pad is not None:
+                p = t.pad
+                self.problems.append(
+                    Problem(
+                        "padded",
+                        "error",
+                        f"{t.alias} ({p.alias_rows} rows) and {t.source} ({p.source_rows} rows) "
+                        f"are tied ({', '.join(t.evidence)}) with a padded vocabulary: the "
+                        f"first {min(p.alias_rows, p.source_rows)} rows are bit-identical; "
+                        f"most consumers refuse the mismatched shapes, so trim the padding to "
+                        f"the config's vocab_size or pad both",
+                        [t.alias, t.source],
+                    )
+                )
+            elif t.drift is not None:
                 d = t.drift
                 diff = (
                     f"max abs diff {d.max_abs_diff:g}"
@@ -454,6 +526,16 @@ class _Finder:
                         [t.source, t.alias],
                     )
                 )
+
+
+def _same_prefix(short: Entry, long: Entry) -> bool:
+    """The bytes of ``short`` are the first bytes of ``long`` (read in bounded pieces)."""
+    step = 8 << 20
+    for offset in range(0, short.nbytes, step):
+        k = min(step, short.nbytes - offset)
+        if short.blob.read(offset, k) != long.blob.read(offset, k):
+            return False
+    return True
 
 
 def declared(t: Tie) -> bool:

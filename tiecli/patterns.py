@@ -30,22 +30,96 @@ def table() -> dict[str, Any]:
         return json.load(f)
 
 
+def flags(config: dict[str, Any] | None, flag: str) -> dict[str, bool]:
+    """Each value of ``flag`` the config carries: top-level, then in each nested text
+    sub-config the table names (``text_config``, ``decoder``, ``generator``: where
+    transformers looks for the text model), keyed ``flag`` / ``<sub>.<flag>``. Other
+    sub-configs (``vision_config``) carry the flag only as a serialised default."""
+    cfg = config or {}
+    out: dict[str, bool] = {}
+    if isinstance(cfg.get(flag), bool):
+        out[flag] = cfg[flag]
+    for key in table()["nested_configs"]:
+        sub = cfg.get(key)
+        if isinstance(sub, dict) and isinstance(sub.get(flag), bool):
+            out[f"{key}.{flag}"] = sub[flag]
+    return out
+
+
+def flag_value(config: dict[str, Any] | None, flag: str) -> bool:
+    """The flag as transformers 5 reads it: on when any level that carries it says so
+    (a vision-language config's top level takes ``text_config``'s flag), else its default."""
+    values = flags(config, flag)
+    return any(values.values()) if values else bool(table()["defaults"].get(flag, True))
+
+
+def model_type_of(config: dict[str, Any] | None) -> str | None:
+    """The config's model_type the table knows; a composite model's nested text
+    model type when the top level is unknown (llava: its ``text_config`` llama)."""
+    cfg = config or {}
+    known = table()["model_types"]
+    candidates = [cfg.get("model_type")]
+    candidates += [
+        sub.get("model_type")
+        for sub in (cfg.get(key) for key in table()["nested_configs"])
+        if isinstance(sub, dict)
+    ]
+    for mt in candidates:
+        if isinstance(mt, str) and mt in known:
+            return mt
+    return None
+
+
 def rules_for(config: dict[str, Any] | None) -> tuple[list[tuple[str, str]], bool]:
     """The (alias, source) rules that apply, and whether the config chose them."""
     t = table()
-    model_type = (config or {}).get("model_type")
-    rules = t["model_types"].get(model_type) if isinstance(model_type, str) else None
+    model_type = model_type_of(config)
+    rules = t["model_types"].get(model_type) if model_type is not None else None
     if rules is not None:
-        assert config is not None
         chosen = []
         for rule in rules:
             flag = rule["when"]
-            if flag == "always" or config.get(flag, t["defaults"].get(flag, True)):
+            if flag == "always" or flag_value(config, flag):
                 chosen.append((rule["alias"], rule["source"]))
         return chosen, True
     every = [(r["alias"], r["source"]) for rs in t["model_types"].values() for r in rs]
     every += [(r["alias"], r["source"]) for r in t["common"]]
     return list(dict.fromkeys(every)), False
+
+
+def governing_flag(alias: str) -> str | None:
+    """The config flag that switches a tie of ``alias`` on or off (``tie_word_embeddings``
+    for an output head), matched at any '.'-boundary suffix; None: always tied."""
+    heads = _flag_aliases()
+    start = 0
+    while True:
+        if alias[start:] in heads:
+            return heads[alias[start:]]
+        dot = alias.find(".", start)
+        if dot < 0:
+            return None
+        start = dot + 1
+
+
+@lru_cache(maxsize=1)
+def _flag_aliases() -> dict[str, str]:
+    t = table()
+    every = [r for rs in t["model_types"].values() for r in rs] + t["common"]
+    return {r["alias"]: r["when"] for r in every if r.get("when", "always") != "always"}
+
+
+def flag_pairs(names: Iterable[str], config: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """The pairs of the config's architecture that a flag governs, whatever the flag
+    says, with at least one name present: what a consumer resolves by its flag."""
+    model_type = model_type_of(config)
+    if model_type is None:
+        return []
+    rules = [
+        (r["alias"], r["source"])
+        for r in table()["model_types"][model_type]
+        if r["when"] != "always"
+    ]
+    return [(p.alias, p.source) for p in _match(names, rules, True)]
 
 
 def pattern_ties(names: Iterable[str], config: dict[str, Any] | None) -> list[PatternTie]:
@@ -55,6 +129,12 @@ def pattern_ties(names: Iterable[str], config: dict[str, Any] | None) -> list[Pa
     a config that selects the rule, one present name is enough.
     """
     rules, from_config = rules_for(config)
+    return _match(names, rules, from_config)
+
+
+def _match(
+    names: Iterable[str], rules: list[tuple[str, str]], from_config: bool
+) -> list[PatternTie]:
     wanted = {n for rule in rules for n in rule}
     present = set(names)
     prefixes: dict[str, set[str]] = {}

@@ -24,7 +24,17 @@ TRANSFORMS = ("identity", "transpose")
 KINDS = ("tied", "duplicate")
 # Metadata keys that are never tensor names.
 RESERVED_KEYS = frozenset({"format", RECORD_KEY, "total_size", "total_parameters"})
-MAX_RECORD_TIES = 1_000_000
+# A record can list more aliases than the file stores tensors (one source may stand
+# for several names), but not many times more: at most this many a stored tensor,
+# plus a floor for the smallest files. A longer one is not read at all, so work
+# stays proportional to the file's own tensors.
+RECORD_FLOOR = 1024
+RECORD_PER_TENSOR = 4
+
+
+def max_record_ties(stored: int) -> int:
+    """The most entries a record may list for a file of ``stored`` tensors."""
+    return RECORD_FLOOR + RECORD_PER_TENSOR * stored
 
 
 @dataclass(frozen=True)
@@ -75,6 +85,16 @@ def read_record(
             continue
         if value in shapes and key not in recorded:
             rec.convention.append(RecordedTie(key, value, "identity", "tied", ("metadata",)))
+    cap = max_record_ties(len(shapes))
+    if len(rec.convention) > cap:
+        rec.issues.append(
+            RecordIssue(
+                f"metadata lists {len(rec.convention)} {{alias: source}} entries for "
+                f"{len(shapes)} stored tensors, more than can be true (at most {cap})",
+                (),
+            )
+        )
+        rec.convention = []
     return rec
 
 
@@ -97,8 +117,12 @@ def _read_own(raw: Any, shapes: Mapping[str, tuple[tuple[int, ...], str]], rec: 
     ties = doc.get("ties")
     if not isinstance(ties, list):
         return bad("tie record has no 'ties' list")
-    if len(ties) > MAX_RECORD_TIES:
-        return bad(f"tie record lists {len(ties)} ties, more than any checkpoint holds")
+    cap = max_record_ties(len(shapes))
+    if len(ties) > cap:
+        return bad(
+            f"tie record lists {len(ties)} ties for {len(shapes)} stored tensors, "
+            f"more than can be true (at most {cap})"
+        )
     seen: dict[str, RecordedTie] = {}
     for item in ties:
         if not isinstance(item, dict):

@@ -58,7 +58,9 @@ def ties_table(ties: list[Any]) -> Table:
     table.add_column("bytes", justify="right")
     for t in ties:
         stored = "yes" if t.stored else "no"
-        if t.drift is not None:
+        if t.pad is not None:
+            stored += f" [red](padded: {t.pad.source_rows} vs {t.pad.alias_rows} rows)[/red]"
+        elif t.drift is not None:
             stored += " [red](drift)[/red]"
         elif not t.source_stored:
             stored += " [yellow](source absent)[/yellow]"
@@ -81,8 +83,56 @@ def problems_table(problems: list[Any]) -> Table:
     table.add_column("message", overflow="fold")
     for p in problems:
         color = "red" if p.severity == "error" else "yellow"
-        table.add_row(f"[{color}]{p.severity}[/{color}]", shown(p.code), shown(p.message))
+        message = shown(p.message)
+        for r in p.related:  # consumer findings about the same tensors
+            message += f"\n  {shown(r.code)}: {shown(r.message)}"
+        table.add_row(f"[{color}]{p.severity}[/{color}]", shown(p.code), message)
     return table
+
+
+OUTCOME_STYLE = {
+    "stored": "green",
+    "source": "cyan",
+    "random": "red",
+    "uninitialized": "red",
+    "refuses": "red",
+}
+
+
+def consumers_table(consumers: list[Any]) -> Table:
+    """Consumer -> what it loads for each tensor a tie involves."""
+    active = [c for c in consumers if c.applies]
+    tensors = list(dict.fromkeys(t for c in active for t in c.loads))
+    table = Table(title="What each consumer loads", title_justify="left")
+    table.add_column("consumer")
+    for t in tensors:
+        table.add_column(shown(t), overflow="fold")
+    table.add_column("notes", overflow="fold")
+    for c in consumers:
+        cells = []
+        for t in tensors:
+            o = c.loads.get(t, "")
+            style = OUTCOME_STYLE.get(o)
+            cells.append(f"[{style}]{o}[/{style}]" if style else shown(o))
+        table.add_row(f"{shown(c.name)} {shown(c.versions)}", *cells, shown("; ".join(c.notes)))
+    return table
+
+
+def _about_consumers(p: Any) -> bool:
+    return p.code.startswith("consumer") or any(_about_consumers(q) for q in p.related)
+
+
+def render_consumers(r: Any, console: Console) -> None:
+    """A table when consumers would load different models, else one line."""
+    active = [c for c in r.consumers if c.applies]
+    if not active or not any(c.loads for c in active):
+        return
+    if r.consumers_agree:
+        names = ", ".join(c.name for c in active)
+        console.print(f"consumers: all load the same values ({shown(names)})")
+        return
+    console.print(consumers_table(r.consumers))
+    console.print(problems_table(r.consumer_problems))
 
 
 def render_inspect(r: Any, console: Console) -> None:
@@ -105,6 +155,7 @@ def render_inspect(r: Any, console: Console) -> None:
         console.print(problems_table(r.problems))
     else:
         console.print("problems: none")
+    render_consumers(r, console)
 
 
 def render_dedupe(r: Any, console: Console) -> None:
@@ -189,8 +240,12 @@ def render_verify(r: Any, console: Console) -> None:
         )
         if c.problems:
             console.print(problems_table(c.problems))
+        if any(_about_consumers(p) for p in c.problems):
+            console.print(consumers_table(c.consumers))
     if r.forward is not None:
         render_forward(r.forward, console)
+    if r.for_consumers:
+        console.print(f"consumers checked: {shown(r.for_consumers)}")
     failing = len(r.failures)
     if r.ok:
         console.print(

@@ -7,6 +7,7 @@ has been compared, bit for bit, with the input tensor it stands for.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -337,38 +338,46 @@ def _copy_other_files(
 def _copy_tree(
     root: Path, src: Path, dst: Path, skip: set[Path], not_copied: list[tuple[Path, str]]
 ) -> None:
+    """Walk with a stack, not recursion: a folder may nest thousands of levels deep."""
     import stat
 
+    from .atomic import OLD_SUFFIX, TMP_SUFFIX
     from .formats.confine import BROKEN, OUTSIDE, belongs, is_cache_blob, resolved
 
-    for item in sorted(src.iterdir()):
-        if item.name.endswith((".tiecli-tmp", ".tiecli-old")):
-            continue
-        mode = item.lstat().st_mode
-        if stat.S_ISDIR(mode):
-            (dst / item.name).mkdir()
-            _copy_tree(root, item, dst / item.name, skip, not_copied)
-            shutil.copystat(item, dst / item.name)
-        elif stat.S_ISREG(mode):
-            if item.resolve() not in skip:
-                shutil.copy2(item, dst / item.name, follow_symlinks=False)
-        elif not stat.S_ISLNK(mode):
-            not_copied.append((item, "a fifo, socket or device, not a regular file"))
-        elif (real := resolved(item)) is None:
-            not_copied.append((item, BROKEN.removeprefix("is ")))
-        elif real in skip:
-            continue  # another name of a weight file: the rewrite writes those
-        elif not belongs(root, real):
-            not_copied.append((item, OUTSIDE.removeprefix("is ")))
-        elif not (stat.S_ISREG(target := real.stat().st_mode) or stat.S_ISDIR(target)):
-            not_copied.append((item, "a symbolic link to a fifo, socket or device"))
-        elif is_cache_blob(root.resolve(), real):
-            if stat.S_ISREG(target):  # the cache's storage of the folder's own file
-                shutil.copy2(real, dst / item.name)
-            else:
+    pending = [(src, dst)]
+    folders: list[tuple[Path, Path]] = []  # their times are set once their contents are in
+    while pending:
+        here, there = pending.pop()
+        folders.append((here, there))
+        for item in sorted(here.iterdir()):
+            if item.name.endswith((TMP_SUFFIX, OLD_SUFFIX)):
+                continue
+            mode = item.lstat().st_mode
+            if stat.S_ISDIR(mode):
+                (there / item.name).mkdir()
+                pending.append((item, there / item.name))
+            elif stat.S_ISREG(mode):
+                if item.resolve() not in skip:
+                    shutil.copy2(item, there / item.name, follow_symlinks=False)
+            elif not stat.S_ISLNK(mode):
+                not_copied.append((item, "a fifo, socket or device, not a regular file"))
+            elif (real := resolved(item)) is None:
+                not_copied.append((item, BROKEN.removeprefix("is ")))
+            elif real in skip:
+                continue  # another name of a weight file: the rewrite writes those
+            elif not belongs(root, real):
                 not_copied.append((item, OUTSIDE.removeprefix("is ")))
-        else:  # inside the folder: the same link, relative, so the copy stays self-contained
-            os.symlink(os.path.relpath(real, item.parent.resolve()), dst / item.name)
+            elif not (stat.S_ISREG(target := real.stat().st_mode) or stat.S_ISDIR(target)):
+                not_copied.append((item, "a symbolic link to a fifo, socket or device"))
+            elif is_cache_blob(root.resolve(), real):
+                if stat.S_ISREG(target):  # the cache's storage of the folder's own file
+                    shutil.copy2(real, there / item.name)
+                else:
+                    not_copied.append((item, OUTSIDE.removeprefix("is ")))
+            else:  # inside the folder: the same link, relative, so the copy stays self-contained
+                os.symlink(os.path.relpath(real, item.parent.resolve()), there / item.name)
+    for here, there in reversed(folders[1:]):
+        shutil.copystat(here, there)
 
 
 def _write_index(path: Path, plan: Plan, original: Path, durable: bool) -> None:
@@ -741,7 +750,7 @@ def _sync_file(path: Path, durable: bool) -> None:
 def _save_with_torch(reader: PickleFile, plan: Plan, tmp: Path, durable: bool) -> None:
     import torch
 
-    new: dict[str, Any] = dict(reader.state_dict)
+    new: dict[str, Any] = copy.copy(reader.state_dict)  # an OrderedDict keeps its _metadata
     for name, (src, transform) in plan.pickle_views.items():
         if name in new and src in new:
             new[name] = new[src] if transform == "identity" else new[src].t()
@@ -756,7 +765,14 @@ def _save_with_torch(reader: PickleFile, plan: Plan, tmp: Path, durable: bool) -
     else:
         top = new
     with open(tmp, "xb") as out:
-        torch.save(top, out)
+        try:
+            torch.save(top, out)
+        except RecursionError:  # pickling recurses once per level of nesting
+            raise CheckpointFormatError(
+                "what it holds beside the tensors nests too deeply for torch.save to write it back",
+                reader.path,
+                hint="save the state dict alone: torch.save(checkpoint['state_dict'])",
+            ) from None
         out.flush()
         if durable:
             os.fsync(out.fileno())

@@ -13,8 +13,8 @@ from __future__ import annotations
 import re
 
 # C0 controls, DEL and C1 controls; line and paragraph separators; the bidirectional
-# overrides and isolates that can make one name read as another ("Trojan source").
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# marks, overrides and isolates that can make one name read as another ("Trojan source").
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 def _spell(match: re.Match[str]) -> str:

@@ -305,7 +305,7 @@ def find_equal(
     for key, group in by_shape.items():
         if len(group) > 1 or wanted_transposed(key):
             for e in group:
-                normal[(*key, sample(e))].append(e)
+                normal[key + (sample(e),)].append(e)
     transposed_candidates: list[tuple[Entry, Entry]] = []
     order = {e.name: i for i, e in enumerate(items)}
     for key, group in by_shape.items():

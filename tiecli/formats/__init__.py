@@ -21,6 +21,7 @@ from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
 from .torchzip import TorchZip, open_torchzip
 
 INDEX_SUFFIX = ".index.json"
+MAX_JSON = 64 << 20  # the largest index or config read
 # Weight files of a Hugging Face folder, most preferred first.
 FOLDER_PREFERENCE = (
     "model.safetensors.index.json",
@@ -105,7 +106,11 @@ def read_json(path: Path, what: str, unique: bool = False) -> Any:
     """A JSON file; with ``unique``, an object that repeats a key is an error."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(64 << 20)
+            # refused before a byte is read when its size says so; read to the limit and
+            # one byte more when it does not (a file that grows, a pipe)
+            if os.fstat(f.fileno()).st_size > MAX_JSON:
+                raise CheckpointFormatError(f"{what} is larger than 64 MiB", path)
+            raw = f.read(MAX_JSON)
             if f.read(1):
                 raise CheckpointFormatError(f"{what} is larger than 64 MiB", path)
         return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys if unique else None)
@@ -242,14 +247,19 @@ def checkpoint_roots(paths: list[Path]) -> list[Path]:
 
 
 def indexes_in(folder: Path) -> list[tuple[Path, set[str]]]:
+    """The indexes beside a file and the shards each names. One that cannot be read
+    (too large, not JSON, nested too deeply, no ``weight_map``) names no shard: it is
+    reported when it is itself the checkpoint checked."""
     out = []
     for f in sorted(folder.glob("*" + INDEX_SUFFIX)):
         if not f.is_file() or escapes(folder, f) is not None:
             continue  # a fifo would hang the read; a link out of the folder is not ours
         try:
-            doc = json.loads(f.read_text(encoding="utf-8"))
-            shards = {v for v in doc.get("weight_map", {}).values() if isinstance(v, str)}
-        except (OSError, ValueError, AttributeError):
-            continue  # a broken index is reported when it is verified itself
-        out.append((f, shards))
+            doc = read_json(f, what="index")
+        except CheckpointFormatError:
+            continue
+        weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+        if not isinstance(weight_map, dict):
+            continue
+        out.append((f, {v for v in weight_map.values() if isinstance(v, str)}))
     return out

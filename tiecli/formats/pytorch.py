@@ -17,7 +17,7 @@ from ..checkpoint import Entry
 from ..dtypes import TORCH_TO_CODE, uint_view
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafePickleError
 from .safetensors import LFS_POINTER
-from .torchzip import data_start
+from .torchzip import MAX_PICKLE, data_start
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Where training frameworks nest the state dict, in the order tried.
@@ -140,6 +140,14 @@ def _load(path: Path) -> tuple[Any, dict[str, Any], str | None]:
         raise CheckpointFormatError(
             "zip archive is not a PyTorch checkpoint (no data.pkl inside)", path
         )
+    for info in infos:  # torch would unpack and unpickle it whole, whatever its size
+        if info.filename.endswith(".pkl") and info.file_size > MAX_PICKLE:
+            raise CheckpointFormatError(
+                f"its pickle {info.filename.rsplit('/', 1)[-1]} unpacks to {info.file_size} "
+                f"bytes, more than the {MAX_PICKLE >> 20} MiB tiecli reads "
+                "(a state dict's pickle is far smaller)",
+                path,
+            )
 
     top = _torch_load(path, map_location="cpu", mmap=True)
     state_dict, key = find_state_dict(top)

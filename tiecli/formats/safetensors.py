@@ -11,7 +11,10 @@ import mmap
 import os
 import re
 import struct
-from collections.abc import Callable
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,74 @@ def _repeated_key_message(text: str) -> str:
     return "header repeats a key inside a tensor entry"
 
 
+def _open_limit() -> int:
+    """How many files to keep open at once: an eighth of this process's limit on open
+    descriptors (a file's mapping holds a descriptor of its own), from 8 to 128."""
+    try:
+        import resource
+
+        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    except (ImportError, OSError, ValueError):  # no resource module (Windows)
+        return 64
+    if soft == resource.RLIM_INFINITY:
+        return 128
+    return max(8, min(128, soft // 8))
+
+
+class _OpenFiles:
+    """The :class:`ByteFile` objects holding a descriptor, least recently used first.
+
+    Past the limit, the least recently used file that no read is using closes its
+    descriptor and mapping; it opens again, checked to be the same file, when next
+    read. So a checkpoint of any number of shards needs a bounded number of
+    descriptors, and threads (a writer and its follower) may read side by side."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.files: OrderedDict[ByteFile, None] = OrderedDict()
+        self.limit = 0  # read from the process's limit when first needed
+
+    def add(self, f: ByteFile) -> None:
+        with self.lock:
+            self.files[f] = None
+            self._trim()
+
+    def use(self, f: ByteFile) -> int:
+        """``f``'s descriptor, open until the matching :meth:`done`."""
+        with self.lock:
+            if f._fd < 0:
+                f._reopen()
+                self.files[f] = None
+                self._trim()
+            else:
+                self.files.move_to_end(f)
+            f._users += 1
+            return f._fd
+
+    def done(self, f: ByteFile) -> None:
+        with self.lock:
+            f._users -= 1
+
+    def close(self, f: ByteFile) -> None:
+        with self.lock:
+            self.files.pop(f, None)
+            f._closed = True
+            f._release()
+
+    def _trim(self) -> None:
+        if not self.limit:
+            self.limit = _open_limit()
+        for f in list(self.files):
+            if len(self.files) <= self.limit:
+                return
+            if f._users == 0:
+                del self.files[f]
+                f._release()
+
+
+_OPEN = _OpenFiles()
+
+
 def _dtype_shown(dtype: Any) -> str:
     """A dtype name worth quoting (a short identifier such as a newer float8 type); any
     other value of the field is file content, not quoted."""
@@ -84,7 +155,10 @@ def _dtype_shown(dtype: Any) -> str:
 class ByteFile:
     """An open file as :class:`FileBlob` reads it: positioned reads that fail on a
     short read, one lazy whole-file mapping, and a count of the bytes read.
-    Offsets a blob gives are relative to ``data_start``."""
+    Offsets a blob gives are relative to ``data_start``.
+
+    The descriptor may be closed between reads to bound how many files are open
+    (see :class:`_OpenFiles`); :meth:`opened` holds it open for a longer use."""
 
     data_start = 0
 
@@ -93,39 +167,82 @@ class ByteFile:
         self.file_number = file_number
         self.bytes_read = 0
         self._mmap: mmap.mmap | None = None
-        self.fd = os.open(path, os.O_RDONLY) if fd is None else fd
+        self._users = 0
+        self._closed = False
+        self._fd = os.open(path, os.O_RDONLY) if fd is None else fd
+        st = os.fstat(self._fd)
+        self._identity = (st.st_dev, st.st_ino)
+        _OPEN.add(self)
 
     def _short_read(self, offset: int) -> Exception:
         return OSError(5, f"short read from {self.path} (file changed or truncated?)")
 
-    def pread(self, offset: int, size: int) -> bytes:
-        data = os.pread(self.fd, size, offset)
-        if len(data) != size:
-            raise self._short_read(offset)
-        self.bytes_read += size
-        return data
+    def _changed(self) -> Exception:
+        return CheckpointFormatError("was removed or replaced while being read", self.path)
 
-    def preadinto(self, offset: int, view: memoryview) -> None:
-        done = fill(self.fd, view, offset)
-        if done < len(view):
-            raise self._short_read(offset + done)
-        self.bytes_read += done
+    def _reopen(self) -> None:
+        if self._closed:
+            raise OSError(9, f"{self.path} is closed")  # EBADF, as a read of a closed fd
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            raise self._changed() from None
+        st = os.fstat(fd)
+        size = getattr(self, "size", None)
+        if (st.st_dev, st.st_ino) != self._identity or size not in (None, st.st_size):
+            os.close(fd)
+            raise self._changed()
+        self._fd = fd
 
-    def view(self) -> mmap.mmap:
-        if self._mmap is None:
-            self._mmap = mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)
-        return self._mmap
-
-    def close(self) -> None:
+    def _release(self) -> None:
         if self._mmap is not None:
             try:
                 self._mmap.close()
             except BufferError:  # a numpy view still points into it; the GC will unmap
                 pass
             self._mmap = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    @contextmanager
+    def opened(self) -> Iterator[int]:
+        """The descriptor, left open until the block ends (for a kernel copy)."""
+        fd = _OPEN.use(self)
+        try:
+            yield fd
+        finally:
+            _OPEN.done(self)
+
+    def pread(self, offset: int, size: int) -> bytes:
+        fd = _OPEN.use(self)
+        try:
+            data = os.pread(fd, size, offset)
+        finally:
+            _OPEN.done(self)
+        if len(data) != size:
+            raise self._short_read(offset)
+        self.bytes_read += size
+        return data
+
+    def preadinto(self, offset: int, view: memoryview) -> None:
+        fd = _OPEN.use(self)
+        try:
+            done = fill(fd, view, offset)
+        finally:
+            _OPEN.done(self)
+        if done < len(view):
+            raise self._short_read(offset + done)
+        self.bytes_read += done
+
+    def view(self) -> mmap.mmap:
+        with self.opened() as fd:
+            if self._mmap is None:
+                self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            return self._mmap
+
+    def close(self) -> None:
+        _OPEN.close(self)
 
 
 class SafetensorsFile(ByteFile):
@@ -140,12 +257,17 @@ class SafetensorsFile(ByteFile):
             raise CheckpointFormatError("is a folder, expected a .safetensors file", path) from None
         except OSError as e:
             raise CheckpointFormatError(f"cannot open: {e.strerror}", path) from None
-        super().__init__(path, file_number, fd)
         try:
-            self.size = os.fstat(self.fd).st_size
-            self.header_size, self.tensors, self.metadata = self._parse()
+            super().__init__(path, file_number, fd)
         except BaseException:
-            os.close(self.fd)
+            os.close(fd)
+            raise
+        try:
+            with self.opened() as fd:
+                self.size = os.fstat(fd).st_size
+                self.header_size, self.tensors, self.metadata = self._parse(fd)
+        except BaseException:
+            self.close()
             raise
         self.data_start = 8 + self.header_size
 
@@ -156,14 +278,14 @@ class SafetensorsFile(ByteFile):
         return self._fail("short read (file changed or truncated?)")
 
     def _parse(
-        self,
+        self, fd: int
     ) -> tuple[int, dict[str, tuple[str, tuple[int, ...], int, int]], dict[str, str]]:
         if self.size == 0:
             raise self._fail("file is empty, not a safetensors file")
         if self.size < 8:
             raise self._fail(f"file is {self.size} bytes, too short for a safetensors header")
-        head = os.pread(self.fd, 8, 0)
-        if head == LFS_POINTER[:8] and os.pread(self.fd, len(LFS_POINTER), 0) == LFS_POINTER:
+        head = os.pread(fd, 8, 0)
+        if head == LFS_POINTER[:8] and os.pread(fd, len(LFS_POINTER), 0) == LFS_POINTER:
             raise CheckpointFormatError(
                 "is a Git LFS pointer, not the weights",
                 self.path,
@@ -186,7 +308,7 @@ class SafetensorsFile(ByteFile):
             raise self._fail(
                 f"header length runs past the end of the file ({self.size}-byte file; truncated?)"
             )
-        raw = os.pread(self.fd, n, 8)
+        raw = os.pread(fd, n, 8)
         self.bytes_read += 8 + n
         try:
             header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys)
@@ -312,9 +434,8 @@ class FileBlob:
         absolute = self.file.data_start + self.start + offset
         start = absolute - absolute % mmap.ALLOCATIONGRANULARITY
         self.file.bytes_read += length
-        m = mmap.mmap(
-            self.file.fd, absolute + length - start, offset=start, access=mmap.ACCESS_COPY
-        )
+        with self.file.opened() as fd:
+            m = mmap.mmap(fd, absolute + length - start, offset=start, access=mmap.ACCESS_COPY)
         return m, absolute - start
 
     def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
@@ -325,9 +446,10 @@ class FileBlob:
             return None
         self.file.bytes_read += self.nbytes
         count = self.nbytes // np.dtype(view).itemsize
-        flat = np.frombuffer(
-            self.file.view(), dtype=view, count=count, offset=self.file.data_start + self.start
-        )
+        with self.file.opened():  # the mapping stays open until the array holds it
+            flat = np.frombuffer(
+                self.file.view(), dtype=view, count=count, offset=self.file.data_start + self.start
+            )
         return flat.reshape(shape)
 
 
@@ -383,9 +505,17 @@ def write_file(
         for run in runs:
             if isinstance(run, tuple):
                 src, start, nbytes = run
-                _copy_range(
-                    src.fd, fd, src.data_start + start, pos, nbytes, progress, reached, writeback
-                )
+                with src.opened() as src_fd:
+                    _copy_range(
+                        src_fd,
+                        fd,
+                        src.data_start + start,
+                        pos,
+                        nbytes,
+                        progress,
+                        reached,
+                        writeback,
+                    )
                 pos += nbytes
             else:
                 for chunk in run.chunks():

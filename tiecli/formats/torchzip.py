@@ -46,8 +46,14 @@ STORAGE_DTYPES = {
 }
 _REBUILD = ("torch._utils", "_rebuild_tensor_v2")
 _ORDERED_DICT = ("collections", "OrderedDict")
-ALIGN = 64  # torch aligns every record's data to 64 bytes
+ALIGN = 64  # torch aligns every record's data to 64 bytes unless the file records another
+# The largest alignment a rewrite can honour: its padding lives in a 16-bit extra field.
+MAX_ALIGN = 1 << 15
 _ZIP64_LIMIT = 0xFFFFFFFF
+# The largest pickle record read (unpacked): a state dict's pickle takes about 200
+# bytes a tensor, so this is some 300,000 tensors; a compressed record can unpack
+# to far more than its file's size, and unpickling takes several times its size.
+MAX_PICKLE = 64 << 20
 
 
 class Declined(Exception):
@@ -247,11 +253,12 @@ class TorchZip(st.ByteFile):
     def __init__(self, path: Path, file_number: int = 0):
         super().__init__(path, file_number)
         try:
-            self.size = os.fstat(self.fd).st_size
-            self.records = _records(path, self.fd, self.size)
-            self._parse()
+            with self.opened() as fd:
+                self.size = os.fstat(fd).st_size
+                self.records = _records(path, fd, self.size)
+                self._parse()
         except BaseException:
-            os.close(self.fd)
+            self.close()
             raise
 
     def _parse(self) -> None:
@@ -263,6 +270,17 @@ class TorchZip(st.ByteFile):
         order = by_name.get(self.prefix + "byteorder")
         if order is not None and self.pread(order.start, order.size) != b"little":
             raise Declined("big-endian")
+        # torch.save records a non-default storage alignment, and torch computes record
+        # offsets from it when it loads (``calculate_storage_offsets``): a rewrite keeps it
+        self.alignment = ALIGN
+        recorded = by_name.get(self.prefix + ".storage_alignment")
+        if recorded is not None:
+            text = self.pread(recorded.start, min(recorded.size, 16))
+            if recorded.size > 16 or not text.isdigit() or not 0 < int(text) <= MAX_ALIGN:
+                raise Declined("a storage alignment this writer cannot keep")
+            self.alignment = int(text)
+        if pkl[0].size > MAX_PICKLE:
+            raise Declined("data.pkl too large")  # the torch-based reader says so
         raw = self.pread(pkl[0].start, pkl[0].size)
         if zlib.crc32(raw) != pkl[0].crc:
             raise Declined("data.pkl fails its checksum")
@@ -291,6 +309,7 @@ class TorchZip(st.ByteFile):
         self.top = top
         self.items: dict[str, _Call] = dict(items)
         self.storage_records: dict[str, _Record] = {}
+        self._storages: dict[str, _Storage] = {}
         self._entries = [self._entry(name, call, by_name) for name, call in items.items()]
 
     def _entry(self, name: str, call: Any, by_name: dict[str, _Record]) -> Entry:
@@ -327,6 +346,11 @@ class TorchZip(st.ByteFile):
             numel *= d
         if record is None or storage.numel * size > record.size or offset + numel > storage.numel:
             raise Declined(f"{name!r}: storage out of its record")
+        # torch keeps the class and size of a key's first reference for all later ones;
+        # a key named as two storages is read as torch reads it, by torch
+        first = self._storages.setdefault(storage.key, storage)
+        if (first.kind.name, first.numel) != (storage.kind.name, storage.numel):
+            raise Declined(f"{name!r}: storage {storage.key!r} named with two types or sizes")
         self.storage_records[storage.key] = record
         start = record.start + offset * size
         return Entry(
@@ -382,8 +406,9 @@ def write_shared(
     The archive is laid out as ``torch.save`` lays it out, since torch computes
     record offsets from that layout instead of reading them when it loads onto the
     ``meta`` device (and when configured to for any load): storages numbered
-    in the order the pickle first names them, each record's data aligned to 64
-    bytes and followed by a data descriptor. Storage records nothing refers to
+    in the order the pickle first names them, each record's data aligned as the
+    source records it (64 bytes unless ``.storage_alignment`` says otherwise)
+    and followed by a data descriptor. Storage records nothing refers to
     any more are left out; the others are copied byte for byte with
     ``copy(src_fd, dst_fd, src_offset, dst_offset, size)``.
     """
@@ -430,7 +455,7 @@ def write_shared(
             crc = zlib.crc32(data) if data is not None else record.crc
             raw = name_text.encode()
             at = pos + len(pending)
-            pad = _padding(at, raw)
+            pad = _padding(at, raw, src.alignment)
             extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
             # sizes and checksum follow the data, in a descriptor (flag bit 3), as torch writes
             pending += struct.pack(
@@ -444,7 +469,8 @@ def write_shared(
                 pos += st._write_all(fd, bytes(pending), pos)
                 pending.clear()
                 reached(pos)
-                copy(src.fd, fd, record.start, pos, size)
+                with src.opened() as src_fd:
+                    copy(src_fd, fd, record.start, pos, size)
                 pos += size
                 reached(pos)
             else:
@@ -488,23 +514,23 @@ def write_shared(
 _COPY_FROM = 1 << 20  # records this large are copied in the kernel; smaller ones read
 
 
-def _padding(at: int, raw: bytes) -> int:
+def _padding(at: int, raw: bytes, alignment: int) -> int:
     """Bytes of "FB" padding that put the data of record ``raw`` (its local header at
-    ``at``, the extra field's own 4 bytes included) on a 64-byte boundary, as torch
-    writes it and computes it."""
-    return -(at + 30 + len(raw) + 4) % ALIGN
+    ``at``, the extra field's own 4 bytes included) on an ``alignment``-byte boundary,
+    as torch writes it and computes it."""
+    return -(at + 30 + len(raw) + 4) % alignment
 
 
 def _page_pad(src: TorchZip, order: list[tuple[str, _Record]], pkl: bytes) -> int:
     """Spaces to add after the pickle's STOP (unpicklers stop there) so that the largest
     record copied lands at the same offset within a page as in ``src``: the kernel then
-    copies whole pages. Every later record moves by the same multiple of 64 bytes, so
-    the layout stays the one torch computes."""
+    copies whole pages. Every later record moves by the same multiple of the alignment,
+    so the layout stays the one torch computes."""
     pos, places = 0, []
     for name, record in order:
         size = len(pkl) if record.name == src.prefix + "data.pkl" else record.size
         raw = name.encode()
-        start = pos + 30 + len(raw) + 4 + _padding(pos, raw)
+        start = pos + 30 + len(raw) + 4 + _padding(pos, raw, src.alignment)
         places.append((record, start))
         pos = start + size + 16  # the data descriptor
     copied = [(r.size, r.start - at) for r, at in places if r.name != src.prefix + "data.pkl"]
@@ -513,7 +539,7 @@ def _page_pad(src: TorchZip, order: list[tuple[str, _Record]], pkl: bytes) -> in
         return 0
     size, shift = max(copied)
     pad = shift % st.PAGE
-    return pad if size >= st.PAD_FROM and pad % ALIGN == 0 else 0
+    return pad if size >= st.PAD_FROM and pad % src.alignment == 0 else 0
 
 
 _FLAGS = 0x808  # data descriptor follows the data; names are UTF-8
