@@ -513,6 +513,8 @@ def verify(
     model: str | None = None,
     for_consumers: str | None = None,
     use_transformers: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
     progress: Progress = NO_PROGRESS,
 ) -> VerifyResult:
     """Check each checkpoint's ties; ``ok`` is False with every problem listed when not.
@@ -520,6 +522,8 @@ def verify(
     With ``forward``, also rebuild the model on ``device``, load the weights with
     ties restored, check each tie is one storage there, run a seeded forward
     pass, and compare with ``against`` (bit-identical, or within ``atol``).
+    ``device_map`` and ``max_memory`` place a model larger than one device
+    across GPUs, the CPU and disk, as accelerate does (see ``forward_check``).
 
     Each checkpoint with a config.json is also checked against what its consumers
     load (``consumers-disagree``, ``consumer-bad-load``); ``for_consumers`` limits
@@ -531,9 +535,16 @@ def verify(
     items: Sequence[PathLike] = [paths] if isinstance(paths, (str, os.PathLike)) else paths
     given = [Path(p) for p in items]
     if not forward and (
-        against is not None or atol is not None or dtype is not None or model is not None
+        against is not None
+        or atol is not None
+        or dtype is not None
+        or model is not None
+        or device_map is not None
+        or max_memory is not None
     ):
-        raise UsageError("--against, --atol, --dtype and --model go with --forward")
+        raise UsageError(
+            "--against, --atol, --dtype, --model, --device-map and --max-memory go with --forward"
+        )
     from .consumers import select
 
     select(for_consumers)  # a bad --for is a usage error before anything is opened
@@ -570,6 +581,8 @@ def verify(
             dtype=dtype,
             model_spec=model,
             use_transformers=use_transformers,
+            device_map=device_map,
+            max_memory=max_memory,
             progress=progress,
         )
         verdicts[0].problems += result.forward.problems
