@@ -403,3 +403,18 @@ def test_forced_replace_killed_midway_keeps_an_output(when: str, tmp_path: Path)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["out"]
     assert unlocked(tree(out)) == tree(out)
     assert tiecli.verify(out, require_deduped=True).ok
+
+
+def test_a_checkpoint_that_changed_between_lock_and_open_is_left_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run that converted the folder between this run's lock and its opening (the lock
+    names pytorch_model.bin, the folder now opens as model.safetensors) is not raced."""
+    import tiecli.rewrite
+
+    x = shutil.copytree(FIXTURES / "gpt2/full", tmp_path / "x")
+    before = tree(x)
+    monkeypatch.setattr(tiecli.rewrite, "lock_targets", lambda *_a, **_k: [x / "pytorch_model.bin"])
+    r = runner.invoke(app, ["dedupe", str(x)])
+    assert r.exit_code == 2 and "changed while this run started" in error_line(r)
+    assert tree(x) == before

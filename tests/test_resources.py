@@ -428,3 +428,36 @@ def test_a_rewrite_keeps_the_recorded_storage_alignment(
             for name, t in sd.items():
                 assert torch.equal(got[name], t), (name, mmap, calculate)
             assert got["lm_head.weight"].data_ptr() == got["model.embed_tokens.weight"].data_ptr()
+
+
+def _with_record(tmp_path: Path, name: str, record: str, payload: bytes, deflate: bool) -> Path:
+    """The gpt2 .bin fixture with one of its small records replaced."""
+    from helpers import fixture_path
+
+    src = fixture_path("gpt2", "bin") / "pytorch_model.bin"
+    dst = tmp_path / name
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for info in zin.infolist():
+            if info.filename.endswith("/" + record):
+                kind = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+                zout.writestr(info.filename, payload, compress_type=kind)
+            else:
+                zout.writestr(info, zin.read(info))
+    return dst
+
+
+@pytest.mark.parametrize("record", ["byteorder", "version", ".format_version"])
+def test_small_records_are_bounded_and_never_quoted(tmp_path: Path, record: str) -> None:
+    bomb = _with_record(tmp_path, "bomb.pt", record, b"\0" * 50_000_000, deflate=True)
+    secret = _with_record(tmp_path, "secret.pt", record, b"TOPSECRET", deflate=False)
+    assert bomb.stat().st_size < 200_000
+    for path in (bomb, secret):
+        for command in ("inspect", "verify", "dedupe", "untie"):
+            tracemalloc.start()
+            r = runner.invoke(app, [command, str(path)])
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+            assert r.exit_code == 2, r.output
+            assert peak < 20 << 20, peak  # 50 MB unpacked before
+            assert "TOPSECRET" not in r.output
+            assert record in r.stderr and len(r.stderr.splitlines()) == 1

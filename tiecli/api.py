@@ -331,19 +331,32 @@ def _refuse_unreadable_record(ckpt: Checkpoint, report: TieReport) -> None:
 @contextlib.contextmanager
 def _rewriting(
     path: Path, out: Path | None, command: str, dry_run: bool, to: str | None
-) -> Iterator[None]:
-    """Refuse what would corrupt a checkpoint, and lock what the rewrite replaces
-    (a dry run writes nothing and takes no lock) for as long as it runs."""
+) -> Iterator[Checkpoint]:
+    """Open the checkpoint to rewrite: refuse what would corrupt it, and lock what the
+    rewrite replaces (a dry run writes nothing and takes no lock) for as long as it runs."""
     if out is None:
         _refuse_shard(path, command)
     if dry_run:
-        yield
+        with open_checkpoint(path) as ckpt:
+            yield ckpt
         return
     from .atomic import locked
+    from .errors import BusyError
     from .rewrite import lock_targets
 
-    with locked(lock_targets(path, out, to == "safetensors"), out or path):
-        yield
+    targets = lock_targets(path, out, to == "safetensors")
+    with locked(targets, out or path), open_checkpoint(path) as ckpt:
+        opened = ckpt.index_path or (ckpt.weight_files[0] if ckpt.weight_files else None)
+        held = {t.resolve() for t in targets}
+        if out is None and opened is not None and opened.resolve() not in held:
+            # another run converted or replaced it between the lock and the opening
+            raise BusyError(
+                f"changed while this run started ({opened.name} is not what it locked); "
+                "nothing was changed",
+                path,
+                hint="run the command again",
+            )
+        yield ckpt
 
 
 def _refuse_shard(path: Path, command: str) -> None:
@@ -415,7 +428,7 @@ def dedupe(
 
         raise UsageError(f"--to {to!r}: the only conversion is --to safetensors")
     out = Path(output) if output is not None else None
-    with _rewriting(Path(path), out, "dedupe", dry_run, to), open_checkpoint(path) as ckpt:
+    with _rewriting(Path(path), out, "dedupe", dry_run, to) as ckpt:
         # Ties are taken as equal from their samples; the verification of the rewrite
         # compares every removed alias in full. A dry run writes nothing, so it reads all.
         report = find_ties(
@@ -521,7 +534,7 @@ def untie(
     if remote is not None:
         return remote
     out = Path(output) if output is not None else None
-    with _rewriting(Path(path), out, "untie", dry_run, None), open_checkpoint(path) as ckpt:
+    with _rewriting(Path(path), out, "untie", dry_run, None) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         _refuse_unreadable_record(ckpt, report)
         plan = plan_untie(ckpt, report)
@@ -638,6 +651,8 @@ def verify(
     model: str | None = None,
     for_consumers: str | None = None,
     use_transformers: bool = True,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: str | dict[Any, Any] | None = None,
     progress: Progress = NO_PROGRESS,
     max_download: int | None = None,
     timeout: float | None = None,
@@ -647,6 +662,8 @@ def verify(
     With ``forward``, also rebuild the model on ``device``, load the weights with
     ties restored, check each tie is one storage there, run a seeded forward
     pass, and compare with ``against`` (bit-identical, or within ``atol``).
+    ``device_map`` and ``max_memory`` place a model larger than one device
+    across GPUs, the CPU and disk, as accelerate does (see ``forward_check``).
 
     Each checkpoint with a config.json is also checked against what its consumers
     load (``consumers-disagree``, ``consumer-bad-load``); ``for_consumers`` limits
@@ -659,9 +676,16 @@ def verify(
     remote = {str(p) for p in items if _remote_options(p, None, None) is not None}
     given = [Path(p) for p in items if str(p) not in remote]
     if not forward and (
-        against is not None or atol is not None or dtype is not None or model is not None
+        against is not None
+        or atol is not None
+        or dtype is not None
+        or model is not None
+        or device_map is not None
+        or max_memory is not None
     ):
-        raise UsageError("--against, --atol, --dtype and --model go with --forward")
+        raise UsageError(
+            "--against, --atol, --dtype, --model, --device-map and --max-memory go with --forward"
+        )
     from .consumers import select
 
     select(for_consumers)  # a bad --for is a usage error before anything is opened
@@ -715,6 +739,8 @@ def verify(
             dtype=dtype,
             model_spec=model,
             use_transformers=use_transformers,
+            device_map=device_map,
+            max_memory=max_memory,
             progress=progress,
         )
         verdicts[0].problems += result.forward.problems

@@ -289,6 +289,23 @@ def verify(
             show_default=False,
         ),
     ] = None,
+    device_map: Annotated[
+        str | None,
+        typer.Option(
+            "--device-map",
+            help="With --forward: place the model across GPUs, CPU and disk with accelerate: "
+            'auto, balanced, balanced_low_0, sequential, or JSON {"module": 0 | "cpu" | "disk"}.',
+            show_default=False,
+        ),
+    ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            "--max-memory",
+            help="With --device-map: memory per device, e.g. 0=60GiB,1=60GiB,cpu=100GiB,disk=1TB.",
+            show_default=False,
+        ),
+    ] = None,
     for_consumers: Annotated[
         str | None,
         typer.Option(
@@ -319,6 +336,8 @@ def verify(
         atol=atol,
         dtype=dtype,
         model=model,
+        device_map=device_map,
+        max_memory=max_memory,
         for_consumers=for_consumers,
         progress=console_progress(quiet),
         max_download=max_download,

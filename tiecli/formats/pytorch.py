@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import warnings
 import zipfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..checkpoint import Entry
 from ..dtypes import TORCH_TO_CODE, uint_view
 from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafePickleError
 from .safetensors import LFS_POINTER
-from .torchzip import MAX_PICKLE, data_start
+from .torchzip import data_start, record_fault
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Where training frameworks nest the state dict, in the order tried.
@@ -134,20 +135,15 @@ def _load(path: Path) -> tuple[Any, dict[str, Any], str | None]:
         with zipfile.ZipFile(path) as z:
             infos = z.infolist()
             records = _data_records(z, infos)
+            if not any(i.filename.endswith("data.pkl") for i in infos):
+                raise CheckpointFormatError(
+                    "zip archive is not a PyTorch checkpoint (no data.pkl inside)", path
+                )
+            _check_small_records(z, infos, path)
+    except CheckpointFormatError:
+        raise
     except Exception as e:  # noqa: BLE001 - zipfile raises many kinds on damaged bytes
         raise CheckpointFormatError(f"unreadable zip archive: {_first_sentence(e)}", path) from None
-    if not any(i.filename.endswith("data.pkl") for i in infos):
-        raise CheckpointFormatError(
-            "zip archive is not a PyTorch checkpoint (no data.pkl inside)", path
-        )
-    for info in infos:  # torch would unpack and unpickle it whole, whatever its size
-        if info.filename.endswith(".pkl") and info.file_size > MAX_PICKLE:
-            raise CheckpointFormatError(
-                f"its pickle {info.filename.rsplit('/', 1)[-1]} unpacks to {info.file_size} "
-                f"bytes, more than the {MAX_PICKLE >> 20} MiB tiecli reads "
-                "(a state dict's pickle is far smaller)",
-                path,
-            )
 
     top = _torch_load(path, map_location="cpu", mmap=True)
     state_dict, key = find_state_dict(top)
@@ -160,6 +156,16 @@ def _load(path: Path) -> tuple[Any, dict[str, Any], str | None]:
     _check_tensors(path, state_dict)
     _check_storages(path, key, records)
     return top, state_dict, key
+
+
+def _check_small_records(z: zipfile.ZipFile, infos: list[zipfile.ZipInfo], path: Path) -> None:
+    """Every record but the storages is bounded before anything unpacks it; the small
+    ones torch reads are checked, so its errors never quote a file's bytes."""
+    for info in infos:
+        name = info.filename.split("/", 1)[-1]
+        fault = record_fault(name, info.file_size, partial(z.read, info))
+        if fault is not None:
+            raise CheckpointFormatError(fault, path)
 
 
 def _torch_load(path: Path, **kwargs: Any) -> Any:
@@ -223,7 +229,8 @@ def _first_sentence(e: BaseException | str) -> str:
         return type(e).__name__
     text = text.split(" (Could this error message be improved?")[0]
     cut = text.find(". ", 20)
-    return text[: cut + 1] if cut > 0 else text
+    text = text[: cut + 1] if cut > 0 else text
+    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _not_zip(path: Path, head: bytes) -> CheckpointFormatError:

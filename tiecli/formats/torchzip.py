@@ -23,6 +23,7 @@ import struct
 import zipfile
 import zlib
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,40 @@ _ZIP64_LIMIT = 0xFFFFFFFF
 # bytes a tensor, so this is some 300,000 tensors; a compressed record can unpack
 # to far more than its file's size, and unpickling takes several times its size.
 MAX_PICKLE = 64 << 20
+
+
+# Records torch.load reads whole besides data.pkl, and what torch.save writes in them.
+# Checked before anything unpacks them: torch quotes a bad one in its error.
+SMALL_RECORDS: dict[str, frozenset[bytes] | None] = {  # None: a number
+    "byteorder": frozenset({b"little", b"big"}),
+    "version": None,
+    ".data/version": None,
+    ".format_version": None,
+    ".storage_alignment": None,
+    ".data/serialization_id": None,
+}
+MAX_SMALL_RECORD = 64
+
+
+def record_fault(name: str, size: int, read: Callable[[], bytes]) -> str | None:
+    """Why a record of a torch zip (``name`` inside the archive folder) is not what
+    torch.save writes; None when it is, or when it is a storage (never unpacked whole)."""
+    if name.startswith("data/"):
+        return None
+    pickle = name.endswith(".pkl")
+    limit = MAX_PICKLE if pickle else MAX_SMALL_RECORD
+    if size > limit:
+        shown = f"{limit >> 20} MiB" if limit >= 1 << 20 else f"{limit} bytes"
+        return (
+            f"its {'pickle' if pickle else 'record'} {name.rsplit('/', 1)[-1]} unpacks to "
+            f"{size} bytes, more than the {shown} tiecli reads (a state dict's is far smaller)"
+        )
+    if name in SMALL_RECORDS:
+        raw = read().strip()
+        allowed = SMALL_RECORDS[name]
+        if not (raw in allowed if allowed is not None else raw.isdigit()):
+            return f"its record {name} does not hold what torch.save writes there"
+    return None
 
 
 class Declined(Exception):
@@ -261,12 +296,18 @@ class TorchZip(st.ByteFile):
             self.close()
             raise
 
+    def _read(self, record: _Record) -> bytes:
+        return self.pread(record.start, record.size)
+
     def _parse(self) -> None:
         pkl = [r for r in self.records if r.name.endswith("/data.pkl")]
         if len(pkl) != 1:
             raise Declined("no single data.pkl")
         self.prefix = pkl[0].name[: -len("data.pkl")]
         by_name = {r.name: r for r in self.records}
+        for r in self.records:  # the torch-based reader says what is wrong
+            if record_fault(r.name.removeprefix(self.prefix), r.size, partial(self._read, r)):
+                raise Declined("a record torch.save would not write")
         order = by_name.get(self.prefix + "byteorder")
         if order is not None and self.pread(order.start, order.size) != b"little":
             raise Declined("big-endian")
