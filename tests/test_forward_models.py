@@ -244,3 +244,31 @@ def test_a_config_transformers_refuses_is_forward_failed(tmp_path: Path) -> None
     (p,) = [p for p in doc["problems"] if p["code"] == "forward-failed"]
     assert "LlavaForConditionalGeneration" in p["message"] and "config.json" in p["message"]
     assert doc["forward"]["architecture"] == "LlavaForConditionalGeneration"
+
+
+def test_a_model_the_checkpoint_leaves_half_empty_is_not_run(tmp_path: Path) -> None:
+    """Parameters the file does not hold stay on meta: the forward pass is not run on them
+    (it could only fail, or run on memory nobody initialised)."""
+    from helpers import fixture_path
+
+    x = shutil.copytree(fixture_path("gpt2", "hf"), tmp_path / "x")
+    tensors = load_file(x / "model.safetensors")
+    del tensors["transformer.h.0.mlp.c_fc.weight"]
+    save_file(tensors, x / "model.safetensors", metadata={"format": "pt"})
+    r = runner.invoke(app, ["verify", str(x), "--forward", "--device", "cpu", "--json"])
+    assert r.exit_code == 1, r.output
+    messages = [p["message"] for p in json.loads(r.stdout)["problems"]]
+    assert any("transformer.h.0.mlp.c_fc.weight" in m for m in messages)
+    assert any("forward pass not run: 1 parameter(s)" in m for m in messages)
+    assert not any("raised" in m for m in messages)
+
+
+def test_ids_of_a_huge_vocabulary_avoid_special_tokens_without_a_table() -> None:
+    from tiecli.forward import _token_ids
+
+    g = torch.Generator().manual_seed(0)
+    vocab = (1 << 20) + 10  # past the size a table of allowed ids is made for
+    avoid = set(range(0, 1 << 20, 2))  # half of it special: most first draws hit one
+    ids = _token_ids(vocab, avoid, (4, 64), g)
+    assert ids.shape == (4, 64) and int(ids.min()) >= 0 and int(ids.max()) < vocab
+    assert not any(int(i) in avoid for i in ids.flatten())

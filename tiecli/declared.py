@@ -29,6 +29,7 @@ import os
 import re
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -415,8 +416,8 @@ def _config_dict(config_dir: Path) -> dict[str, Any]:
     return doc if isinstance(doc, dict) else {}
 
 
-def _no_pretrained_parts(config: Any) -> None:
-    """Backbones are built from their configs, never fetched (DETR-style ``use_pretrained_backbone``)."""
+def sub_configs(config: Any) -> Iterator[Any]:
+    """A transformers config and every config nested in it (text, vision, audio...), once each."""
     seen: set[int] = set()
     stack = [config]
     while stack:
@@ -424,12 +425,18 @@ def _no_pretrained_parts(config: Any) -> None:
         if id(c) in seen:
             continue
         seen.add(id(c))
+        yield c
+        stack.extend(
+            v for v in vars(c).values() if hasattr(v, "to_dict") and hasattr(v, "model_type")
+        )
+
+
+def _no_pretrained_parts(config: Any) -> None:
+    """Backbones are built from their configs, never fetched (DETR-style ``use_pretrained_backbone``)."""
+    for c in sub_configs(config):
         if getattr(c, "use_pretrained_backbone", False):
             with contextlib.suppress(Exception):
                 c.use_pretrained_backbone = False
-        for value in vars(c).values():
-            if hasattr(value, "to_dict") and hasattr(value, "model_type"):
-                stack.append(value)
 
 
 def build_meta_model(

@@ -63,6 +63,7 @@ class RunStats:
     offloaded: list[str] = field(default_factory=list)
     offload_bytes: int = 0  # written to the offload folder
     bytes_by_device: dict[str, int] = field(default_factory=dict)  # unique parameter bytes
+    missing: int = 0  # the model's parameters the checkpoint does not hold
 
 
 @dataclass
@@ -215,6 +216,14 @@ def _not_built(ckpt: Checkpoint, why: str) -> Exception:
     config = ckpt.config or {}
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     known = [a for a in archs if a.isidentifier() and hasattr(transformers, a)]
+    from .declared import CUSTOM_CODE
+
+    if why == CUSTOM_CODE:
+        return CheckpointFormatError(
+            f"{why}, so it cannot rebuild this model",
+            ckpt.config_path,
+            hint="build it yourself and pass --model module:function",
+        )
     if not known:
         return CheckpointFormatError(
             f"config.json names architecture {', '.join(archs) or '(none named)'}, which "
@@ -438,7 +447,8 @@ def _device_map(
         import accelerate  # noqa: F401
     except ImportError:
         raise MissingDependencyError(
-            "--device-map places the model with accelerate", hint="pip install accelerate"
+            "--device-map places the model with accelerate",
+            hint="pip install 'tiecli[hf]' (or accelerate)",
         ) from None
     from accelerate import infer_auto_device_map
     from accelerate.utils import get_balanced_memory, get_max_memory
@@ -871,6 +881,7 @@ def load_onto(
         raise _LoadFailed(f"the weights do not fit the model: {detail}") from None
     _one_parameter_per_tensor(model, placed)
     problems = []
+    stats.missing = len(result.missing_keys)
     if result.missing_keys:
         problems.append(
             f"missing from the checkpoint: {', '.join(result.missing_keys[:8])}"
@@ -1057,21 +1068,14 @@ def _special_ids(config: Any) -> set[int]:
     ``image_token_index``, ``boi_token_index`` ...) make a multimodal model
     expect features the input does not carry; the seeded input avoids them all.
     """
-    ids: set[int] = set()
-    seen: set[int] = set()
+    from .declared import sub_configs
 
-    def walk(c: Any) -> None:
-        if id(c) in seen:
-            return
-        seen.add(id(c))
+    ids: set[int] = set()
+    for c in sub_configs(config):
         for key, value in vars(c).items():
-            if hasattr(value, "to_dict") and hasattr(value, "model_type"):
-                walk(value)
-            elif "token_id" in key or "token_index" in key:
+            if "token_id" in key or "token_index" in key:
                 values = value if isinstance(value, (list, tuple)) else [value]
                 ids.update(v for v in values if isinstance(v, int) and not isinstance(v, bool))
-
-    walk(config)
     return ids
 
 
@@ -1099,8 +1103,17 @@ def _token_ids(vocab: int, avoid: set[int], shape: tuple[int, int], g: Any) -> A
     """Seeded ids below ``vocab``, none of them in ``avoid``."""
     import torch
 
+    banned = sorted(i for i in avoid if 0 <= i < vocab)
+    if vocab > 1 << 20:  # a vocabulary from a config: no table of its size, redraw instead
+        ids = torch.randint(0, vocab, shape, generator=g)
+        if banned and len(banned) < vocab // 2:
+            hit = torch.isin(ids, torch.tensor(banned))
+            while hit.any():
+                ids[hit] = torch.randint(0, vocab, (int(hit.sum()),), generator=g)
+                hit = torch.isin(ids, torch.tensor(banned))
+        return ids
     allowed = torch.ones(vocab, dtype=torch.bool)
-    allowed[[i for i in avoid if 0 <= i < vocab]] = False
+    allowed[banned] = False
     pool = allowed.nonzero().flatten()
     if not len(pool):
         pool = torch.arange(vocab)
@@ -1359,6 +1372,11 @@ def forward_check(
             problems += ties_on_device(model, ties, declared)
             where = tie_devices(model, ties, declared)
             stage = "the forward pass"
+            if stats.missing:  # left on meta: running would only fail on them, or worse
+                raise _LoadFailed(
+                    f"forward pass not run: {stats.missing} parameter(s) of the model are not "
+                    "in the checkpoint"
+                )
             with progress.task(f"forward pass on {main}", 1) as bar:
                 outputs, stats.forward_seconds = run_forward(model, example, main)
                 bar.advance(1)
