@@ -512,7 +512,8 @@ class _Finder:
                         "error",
                         f"{t.alias} is absent, recorded as {t.source}, but {self.architecture} "
                         f"does not tie them: transformers will initialise {t.alias} randomly "
-                        f"on load; fix: tiecli untie {self.ckpt.shown}",
+                        f"on load; fix: tiecli untie {self.ckpt.shown}"
+                        + (" -o LOCAL_FOLDER" if self.ckpt.url is not None else ""),
                         [t.alias, t.source],
                     )
                 )
