@@ -95,8 +95,14 @@ EOF
 
 # -- 1. the GPU-marked tests ------------------------------------------------------
 if [[ "${SKIP_PYTEST:-0}" != 1 ]]; then
-    # exit 5: no test collected (none marked gpu): not a failure of the code under test
-    step pytest-gpu 0,5 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
+    # on a GPU every gpu-marked test must run: none collected (exit 5), or all skipped
+    # because CUDA is missing, is a failed check, not a pass
+    if [[ "$DEVICE" == cuda* ]]; then
+        step cuda-present 0 "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+        step pytest-gpu 0 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
+    else
+        step pytest-gpu 0,5 "$PYTHON" -m pytest -m gpu -q -p no:cacheprovider tests
+    fi
 fi
 
 # -- 2. a 1.5B tied model: build, dedupe, prove, perturb ---------------------------

@@ -519,3 +519,21 @@ def test_a_missing_remote_library_says_which_extra_to_install(
     assert res.exit_code == 2
     line = _one_error_line(res)
     assert "pip install 'tiecli[remote]'" in line and module in line
+
+
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        # a backend that connects while it is made: one line with the URL, no password
+        ("ftp://user:secret@127.0.0.1:1/a.safetensors", "cannot connect"),
+        # local files and archives under a URL's name: not remote, refused before any read
+        ("file:///etc/hostname", "not a remote location"),
+        ("zip://a.safetensors", "not a remote location"),
+        ("simplecache::https://127.0.0.1:1/a.safetensors", "no such file"),  # a local name
+    ],
+)
+def test_odd_schemes_are_one_line_errors(url: str, said: str) -> None:
+    r = runner.invoke(app, ["inspect", url])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1, r.stderr
+    assert said in r.stderr and "secret" not in r.stderr and "Traceback" not in r.output

@@ -342,7 +342,7 @@ def judge(pairs: Sequence[Pair], loads: Sequence[ConsumerLoad]) -> list[Problem]
 # -- --for ------------------------------------------------------------------------
 
 _SPEC = re.compile(r"^\s*([A-Za-z][A-Za-z0-9_.\-]*?)\s*((?:[<>=!]=?|==)\s*[0-9A-Za-z.]+.*)?\s*$")
-_CLAUSE = re.compile(r"^\s*(<=|>=|==|<|>)\s*([0-9A-Za-z.]+)\s*$")
+_CLAUSE = re.compile(r"^\s*(<=|>=|==|<|>)\s*([0-9][0-9A-Za-z.]*)\s*$")
 
 
 def _version(text: str) -> tuple[int, ...]:

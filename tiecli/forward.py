@@ -329,7 +329,10 @@ def parse_size(text: str, option: str = "--max-memory") -> int:
             f"{option}: {text.strip()!r} is not a size (bytes, or a number with KB, MB, GB, TB, "
             f"KiB, MiB, GiB or TiB)"
         )
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
+    value = float(m.group(1)) * _UNITS[m.group(2)]
+    if not math.isfinite(value) or value > 1 << 80:
+        raise UsageError(f"{option}: {text.strip()!r} is larger than any machine's memory")
+    return int(value)
 
 
 def parse_max_memory(text: str | dict[Any, Any]) -> dict[int | str, int]:

@@ -97,6 +97,12 @@ class RemoteStats:
         return {"requests": self.requests, "bytes_read": self.bytes_read}
 
 
+# fsspec schemes that are no remote location: the local disk, archives, chains
+LOCAL_SCHEMES = frozenset(
+    {"file", "local", "zip", "tar", "libarchive", "reference", "memory-local"}
+)
+
+
 class Budget:
     """Bytes of whole tensors that may still be downloaded to confirm ties."""
 
@@ -167,6 +173,14 @@ class _Remote:
         self.bytes_by_transport = False
         self._unhook: Any = None
         self.protocol = url.split("://", 1)[0].lower()
+        if self.protocol in LOCAL_SCHEMES or "::" in url:
+            # a local file under another name, or a chain of file systems: local paths
+            # get the local reader and its checks, so these are refused, not read
+            raise UsageError(
+                f"{self.protocol}:// is not a remote location tiecli reads; name a local "
+                "file by its path, or use hf://, http(s):// or an object store's URL",
+                shown_url(url),
+            )
         self.fs, self.root = self._filesystem()
 
     def _filesystem(self) -> tuple[Any, str]:
@@ -193,7 +207,8 @@ class _Remote:
             kwargs["client_kwargs"] = self._http_client()
             self.requests_by_transport = self.bytes_by_transport = True
         try:
-            fs, root = fsspec.core.url_to_fs(self.url, **kwargs)
+            with self.guard(self.url):  # a backend may connect while it is made
+                fs, root = fsspec.core.url_to_fs(self.url, **kwargs)
         except ImportError as e:
             raise MissingDependencyError(
                 f"reading {self.protocol}:// URLs needs an fsspec backend that is not installed "
@@ -260,7 +275,8 @@ class _Remote:
             return shown_url(path)
         if self.protocol == "hf":
             return "hf://" + path
-        url = str(self.fs.unstrip_protocol(path))
+        fs = getattr(self, "fs", None)  # None while the file system is being made
+        url = str(fs.unstrip_protocol(path)) if fs is not None else path
         return shown_url(url) if urlsplit(url).netloc else url.split("?", 1)[0]
 
     def folder_of(self, path: str) -> str:
