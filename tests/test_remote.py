@@ -264,6 +264,11 @@ def test_coalesce_merges_overlapping_and_nearby_ranges() -> None:
     assert coalesce(ranges, gap=11) == [(0, 8), (20, 30), (100, 104)]
     assert coalesce([(0, 4), (100, 104)], gap=10) == [(0, 4), (100, 104)]
     assert coalesce([]) == []
+    # a file of small tensors is not one request: merged ranges stop at the span
+    heads = [(i * 4096, i * 4096 + 4) for i in range(1000)]
+    merged = coalesce(heads, gap=4096, span=1 << 16)
+    assert len(merged) == 63 and all(e - s <= 1 << 16 for s, e in merged)
+    assert coalesce([(0, 1 << 20)], span=10) == [(0, 1 << 20)]  # one range stays whole
 
 
 def _one_error_line(res: Any) -> str:
@@ -537,3 +542,27 @@ def test_odd_schemes_are_one_line_errors(url: str, said: str) -> None:
     assert r.exit_code == 2, r.output
     assert r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1, r.stderr
     assert said in r.stderr and "secret" not in r.stderr and "Traceback" not in r.output
+
+
+def test_many_small_tensors_cost_few_requests(tmp_path: Path) -> None:
+    """Ranges fetched ahead stay findable: a small range kept inside a larger one must not
+    hide it (every later read was fetched again, thousands of requests)."""
+    from safetensors.numpy import save_file
+
+    (tmp_path / "s").mkdir()
+    rng = np.random.default_rng(0)
+    tensors = {f"t{i}": rng.standard_normal(1024).astype(np.float32) for i in range(2000)}
+    save_file(tensors, str(tmp_path / "s" / "model.safetensors"))
+    with serve(tmp_path) as (base, counts):
+        r = runner.invoke(
+            app, ["inspect", "--json", "--max-download", "0", f"{base}/s/model.safetensors"]
+        )
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["ties"] == []
+        assert counts.requests <= 40, counts.requests
+        assert max(len_of(rng_) for rng_ in counts.ranges) <= (1 << 20) + 8
+
+
+def len_of(header: str) -> int:
+    start, end = header.removeprefix("bytes=").split("-")
+    return int(end) - int(start) + 1

@@ -47,6 +47,7 @@ DEFAULT_MAX_DOWNLOAD = 256 << 20  # bytes of whole tensors read to confirm ties
 DEFAULT_TIMEOUT = 30.0  # seconds, per request
 HEAD_GUESS = 64 << 10  # the first read of a file: the header of most checkpoints whole
 MERGE_GAP = 4 << 10  # ranges closer than this are read in one request
+MAX_SPAN = 1 << 20  # ... up to this many bytes in one request
 WORKERS = 8  # requests in flight at once
 MAX_JSON = 64 << 20
 INDEX_SUFFIX = ".index.json"
@@ -118,11 +119,15 @@ class Budget:
         return True
 
 
-def coalesce(ranges: list[tuple[int, int]], gap: int = MERGE_GAP) -> list[tuple[int, int]]:
-    """``[start, end)`` ranges sorted, and merged where they overlap or lie closer than ``gap``."""
+def coalesce(
+    ranges: list[tuple[int, int]], gap: int = MERGE_GAP, span: int = MAX_SPAN
+) -> list[tuple[int, int]]:
+    """``[start, end)`` ranges sorted, and merged where they overlap or lie closer than
+    ``gap``, as long as a merged range stays within ``span`` bytes: one request's body
+    is held in memory, and a file of small tensors must not become one request."""
     out: list[tuple[int, int]] = []
     for start, end in sorted(ranges):
-        if out and start - out[-1][1] <= gap:
+        if out and start - out[-1][1] <= gap and max(out[-1][1], end) - out[-1][0] <= span:
             out[-1] = (out[-1][0], max(out[-1][1], end))
         else:
             out.append((start, end))
@@ -416,23 +421,37 @@ class RemoteFile:
         return self.remote.fetch(self._handle, self.fspath, start, end)
 
     def keep(self, start: int, data: bytes) -> None:
-        """Hold ``data``, read at ``start``, for later reads (from any thread)."""
+        """Hold ``data``, read at ``start``, for later reads (from any thread).
+
+        No kept range contains another: a range inside one already kept is dropped,
+        and ranges inside a new one are let go. Ends then rise with starts, so the
+        range starting last at or before an offset is the only one that can hold it.
+        """
         import bisect
 
+        end = start + len(data)
         with self._lock:
-            if start not in self._kept:
-                bisect.insort(self._starts, start)
+            i = bisect.bisect_right(self._starts, start) - 1
+            if i >= 0 and self._starts[i] + len(self._kept[self._starts[i]]) >= end:
+                return  # already here
+            j = bisect.bisect_left(self._starts, start)
+            while j < len(self._starts) and (
+                self._starts[j] + len(self._kept[self._starts[j]]) <= end
+            ):
+                del self._kept[self._starts.pop(j)]
+            bisect.insort(self._starts, start)
             self._kept[start] = data
 
     def _cached(self, offset: int, size: int) -> tuple[bytes, int]:
         """The bytes at ``offset`` already here (up to ``size``) and how many."""
         import bisect
 
-        i = bisect.bisect_right(self._starts, offset) - 1
-        if i < 0:
-            return b"", 0
-        start = self._starts[i]
-        data = self._kept[start]
+        with self._lock:  # keep() may let ranges go from another thread
+            i = bisect.bisect_right(self._starts, offset) - 1
+            if i < 0:
+                return b"", 0
+            start = self._starts[i]
+            data = self._kept[start]
         if offset >= start + len(data):
             return b"", 0
         piece = data[offset - start : offset - start + size]
