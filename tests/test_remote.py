@@ -566,3 +566,51 @@ def test_many_small_tensors_cost_few_requests(tmp_path: Path) -> None:
 def len_of(header: str) -> int:
     start, end = header.removeprefix("bytes=").split("-")
     return int(end) - int(start) + 1
+
+
+def test_a_range_answer_longer_than_asked_is_not_read(tmp_path: Path) -> None:
+    """A hostile server answers a 64 KiB range with 200 MB: refused from its headers, before
+    the body is read into memory."""
+    import threading
+    import tracemalloc
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = 200 << 20
+
+    class Flood(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+        def do_HEAD(self) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(10 << 30))
+            self.send_header("Accept-Ranges", "bytes")
+            self.end_headers()
+
+        def do_GET(self) -> None:
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes 0-65535/{10 << 30}")
+            self.send_header("Content-Length", str(body))
+            self.end_headers()
+            try:
+                for _ in range(body >> 20):
+                    self.wfile.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Flood)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/m/model.safetensors"
+        tracemalloc.start()
+        r = runner.invoke(app, ["inspect", url])
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
+    assert "not read" in r.stderr and url in r.stderr
+    assert peak < 50 << 20, peak

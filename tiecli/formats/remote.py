@@ -119,6 +119,12 @@ class Budget:
         return True
 
 
+def _range_length(header: str | None) -> int | None:
+    """The byte count a ``Range: bytes=a-b`` header asks for; None for anything else."""
+    m = re.fullmatch(r"\s*bytes=(\d+)-(\d+)\s*", header or "")
+    return int(m.group(2)) - int(m.group(1)) + 1 if m else None
+
+
 def coalesce(
     ranges: list[tuple[int, int]], gap: int = MERGE_GAP, span: int = MAX_SPAN
 ) -> list[tuple[int, int]]:
@@ -242,8 +248,25 @@ class _Remote:
         async def received(session: Any, ctx: Any, params: Any) -> None:
             stats.add(0, len(params.chunk))
 
+        async def answered(session: Any, ctx: Any, params: Any) -> None:
+            # fsspec reads a range answer's whole body into memory: its length is
+            # checked against the range asked for before a byte of it is read
+            asked = _range_length(params.headers.get("Range"))
+            response = params.response
+            if asked is None or response.status != 206:
+                return
+            length = response.content_length
+            if length is None or length > asked:
+                response.close()
+                said = "no length" if length is None else f"{length} bytes"
+                raise RemoteError(
+                    f"asked for {asked} bytes, the server answers with {said}; not read",
+                    shown_url(str(params.url)),
+                )
+
         trace = aiohttp.TraceConfig()
         trace.on_request_start.append(started)
+        trace.on_request_end.append(answered)
         trace.on_response_chunk_received.append(received)
         return {
             "trace_configs": [trace],
