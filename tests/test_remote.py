@@ -614,3 +614,26 @@ def test_a_range_answer_longer_than_asked_is_not_read(tmp_path: Path) -> None:
     assert r.exit_code == 2 and len(r.stderr.splitlines()) == 1, r.output
     assert "not read" in r.stderr and url in r.stderr
     assert peak < 50 << 20, peak
+
+
+def test_a_padded_tie_past_max_download_is_judged_from_rows(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    (tmp_path / "p").mkdir()
+    emb = np.random.default_rng(0).standard_normal((1024, 256)).astype(np.float32)
+    save_file(
+        {"model.embed_tokens.weight": emb, "lm_head.weight": emb[:1000].copy()},
+        str(tmp_path / "p" / "model.safetensors"),
+    )
+    config = {"model_type": "llama", "tie_word_embeddings": True, "vocab_size": 1000}
+    (tmp_path / "p" / "config.json").write_text(json.dumps(config))
+    with serve(tmp_path) as (base, counts):
+        url = f"{base}/p/model.safetensors"
+        r = runner.invoke(app, ["inspect", "--json", "--max-download", "0", url])
+        assert r.exit_code == 0, r.output
+        (tie,) = json.loads(r.stdout)["ties"]
+        assert tie["pad"] == {"source_rows": 1024, "alias_rows": 1000, "sampled": True}
+        assert counts.bytes < emb.nbytes // 4  # not both tensors (2 MB) read whole
+        r = runner.invoke(app, ["inspect", "--json", url])  # within the budget: compared whole
+        (tie,) = json.loads(r.stdout)["ties"]
+        assert tie["pad"] == {"source_rows": 1024, "alias_rows": 1000}
