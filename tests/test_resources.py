@@ -461,3 +461,16 @@ def test_small_records_are_bounded_and_never_quoted(tmp_path: Path, record: str)
             assert peak < 20 << 20, peak  # 50 MB unpacked before
             assert "TOPSECRET" not in r.output
             assert record in r.stderr and len(r.stderr.splitlines()) == 1
+
+
+def test_an_index_naming_more_shards_than_any_checkpoint_is_refused(tmp_path: Path) -> None:
+    """Each shard is opened (remotely: requested) and tracked: an index of a few MB could
+    name millions. Refused before any shard is touched."""
+    x = tmp_path / "x"
+    x.mkdir()
+    weight_map = {f"t{i}": f"model-{i:05d}.safetensors" for i in range(5000)}
+    (x / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for command in ("inspect", "verify", "dedupe", "untie"):
+        r = runner.invoke(app, [command, str(x)])
+        assert r.exit_code == 2, r.output
+        assert "5000 shards, more than the 4096" in r.stderr and len(r.stderr.splitlines()) == 1

@@ -173,6 +173,9 @@ def _single_pickle(f: PickleFile | TorchZip, shown: Path) -> Checkpoint:
     return ckpt
 
 
+MAX_SHARDS = 4096
+
+
 def index_parts(doc: Any, index: str | Path) -> tuple[dict[str, str], dict[str, Any], list[str]]:
     """An index document's ``weight_map``, ``metadata`` and shard names, validated:
     every shard name is a plain file name beside the index."""
@@ -185,6 +188,12 @@ def index_parts(doc: Any, index: str | Path) -> tuple[dict[str, str], dict[str, 
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CheckpointFormatError("index 'weight_map' must map tensor names to file names", index)
     shard_names = list(dict.fromkeys(sorted(weight_map.values())))
+    if len(shard_names) > MAX_SHARDS:  # each is opened (remote: requested) and kept track of
+        raise CheckpointFormatError(
+            f"index names {len(shard_names)} shards, more than the {MAX_SHARDS} tiecli opens "
+            "(the largest published checkpoints have a few hundred)",
+            index,
+        )
     for shard in shard_names:
         if os.sep in shard or "/" in shard or shard in ("", ".", ".."):
             raise CheckpointFormatError(f"index names shard {shard!r} outside its folder", index)

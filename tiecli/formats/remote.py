@@ -522,6 +522,10 @@ class RemoteSafetensorsFile(RemoteFile, SafetensorsFile):
             raise
         self.data_start = 8 + self.header_size
         self.bytes_read = 0
+        if self.size > HEAD_GUESS:  # the header is parsed: its bytes need not stay (shards add up)
+            with self._lock:
+                self._kept.clear()
+                self._starts.clear()
 
     def _head_read(self, offset: int, size: int) -> bytes:
         size = max(0, min(size, self.size - offset))
