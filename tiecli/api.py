@@ -155,10 +155,21 @@ def _predict(ckpt: Checkpoint, report: TieReport, only: str | None = None) -> tu
 
 def _fold(problems: list[Problem], found: list[Problem]) -> list[Problem]:
     """Consumer findings about tensors an existing problem already names are attached to
-    it (that problem already fails or warns); the others are problems of their own."""
+    it when that problem is as severe (it already fails, or warns of a warning); the
+    others are problems of their own, so a warning never hides a failing consumer."""
+    rank = {"warning": 0, "error": 1}
     out = []
     for f in found:
-        home = next((p for p in problems if f.tensors and set(f.tensors) <= set(p.tensors)), None)
+        home = next(
+            (
+                p
+                for p in problems
+                if f.tensors
+                and set(f.tensors) <= set(p.tensors)
+                and rank.get(p.severity, 1) >= rank.get(f.severity, 1)
+            ),
+            None,
+        )
         if home is not None:
             home.related.append(f)
         else:
