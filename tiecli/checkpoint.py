@@ -78,7 +78,7 @@ class Checkpoint:
     readers: list[Any] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # A remote checkpoint: the URL shown for it and for its config, what its reads
-    # cost so far (RemoteStats) and the bytes it may still download in full (Budget).
+    # cost so far (RemoteStats) and the bytes it may still download in full (DownloadBudget).
     url: str | None = None
     config_url: str | None = None
     remote: Any = None

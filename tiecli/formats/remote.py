@@ -104,7 +104,7 @@ LOCAL_SCHEMES = frozenset(
 )
 
 
-class Budget:
+class DownloadBudget:
     """Bytes of whole tensors that may still be downloaded to confirm ties."""
 
     def __init__(self, limit: int):
@@ -709,7 +709,7 @@ def open_remote(
         raise
     ckpt.url = shown_url(url)
     ckpt.remote = remote.stats
-    ckpt.budget = Budget(remote.options.max_download)
+    ckpt.budget = DownloadBudget(remote.options.max_download)
     return ckpt
 
 
