@@ -20,7 +20,7 @@ from typing import Any
 
 from .detect import Problem, Tie
 from .errors import UsageError
-from .patterns import flag_pairs, governing_flag
+from .patterns import flag_pairs, flags, governing_flag
 
 TABLE = Path(__file__).with_name("data") / "consumers.json"
 FLAG = "tie_word_embeddings"
@@ -43,20 +43,6 @@ def rules() -> list[dict[str, Any]]:
 # -- the config's flags ---------------------------------------------------------
 
 
-def flag_values(config: dict[str, Any] | None, nested: Iterable[str] = ()) -> dict[str, bool]:
-    """``{"tie_word_embeddings": v, "text_config.tie_word_embeddings": v, ...}`` for each
-    flag the config carries (booleans only), top-level first."""
-    cfg = config or {}
-    out: dict[str, bool] = {}
-    if isinstance(cfg.get(FLAG), bool):
-        out[FLAG] = cfg[FLAG]
-    for name in nested:
-        sub = cfg.get(name)
-        if isinstance(sub, dict) and isinstance(sub.get(FLAG), bool):
-            out[f"{name}.{FLAG}"] = sub[FLAG]
-    return out
-
-
 def tied_by(flag: dict[str, Any], config: dict[str, Any] | None) -> bool | None:
     """Whether a consumer reading its flag as ``flag`` says tied (None: it reads none)."""
     how = flag["read"]
@@ -73,7 +59,7 @@ def tied_by(flag: dict[str, Any], config: dict[str, Any] | None) -> bool | None:
         value = cfg.get(FLAG)
         return value if isinstance(value, bool) else default
     if how == "any":
-        values = list(flag_values(cfg, flag.get("nested", [])).values())
+        values = list(flags(cfg, FLAG, flag.get("nested", [])).values())
         return any(values) if values else default
     raise ValueError(f"consumers.json: unknown flag reading {how!r}")
 

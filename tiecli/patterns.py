@@ -30,16 +30,19 @@ def table() -> dict[str, Any]:
         return json.load(f)
 
 
-def flags(config: dict[str, Any] | None, flag: str) -> dict[str, bool]:
+def flags(
+    config: dict[str, Any] | None, flag: str, nested: Iterable[str] | None = None
+) -> dict[str, bool]:
     """Each value of ``flag`` the config carries: top-level, then in each nested text
-    sub-config the table names (``text_config``, ``decoder``, ``generator``: where
-    transformers looks for the text model), keyed ``flag`` / ``<sub>.<flag>``. Other
-    sub-configs (``vision_config``) carry the flag only as a serialised default."""
+    sub-config ``nested`` names (by default the table's: ``text_config``, ``decoder``,
+    ``generator``, where transformers looks for the text model), keyed ``flag`` /
+    ``<sub>.<flag>``. Other sub-configs (``vision_config``) carry the flag only as a
+    serialised default."""
     cfg = config or {}
     out: dict[str, bool] = {}
     if isinstance(cfg.get(flag), bool):
         out[flag] = cfg[flag]
-    for key in table()["nested_configs"]:
+    for key in table()["nested_configs"] if nested is None else nested:
         sub = cfg.get(key)
         if isinstance(sub, dict) and isinstance(sub.get(flag), bool):
             out[f"{key}.{flag}"] = sub[flag]
