@@ -41,7 +41,7 @@ from ..errors import (
     UsageError,
 )
 from ..progress import NO_PROGRESS, Progress
-from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
+from .safetensors import RangeBlob, RepeatedKey, SafetensorsFile, unique_keys
 
 DEFAULT_MAX_DOWNLOAD = 256 << 20  # bytes of whole tensors read to confirm ties
 DEFAULT_TIMEOUT = 30.0  # seconds, per request
@@ -538,25 +538,11 @@ class RemoteSafetensorsFile(RemoteFile, SafetensorsFile):
         RemoteFile.close(self)
 
 
-class RemoteBlob:
-    """A tensor's byte range inside a remote safetensors file."""
+class RemoteBlob(RangeBlob):
+    """A tensor's byte range inside a remote safetensors file (no mappings: read by range)."""
 
-    __slots__ = ("file", "start", "nbytes")
-
-    def __init__(self, file: RemoteFile, start: int, nbytes: int):
-        self.file = file
-        self.start = start
-        self.nbytes = nbytes
-
-    @property
-    def order(self) -> tuple[int, int]:
-        return (self.file.file_number, self.start)
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.file.pread(self.file.data_start + self.start + offset, size)
-
-    def readinto(self, offset: int, view: memoryview) -> None:
-        self.file.preadinto(self.file.data_start + self.start + offset, view)
+    __slots__ = ()
+    file: RemoteFile
 
     def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
         import numpy as np

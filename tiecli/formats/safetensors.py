@@ -412,12 +412,13 @@ def fill(fd: int, view: memoryview, offset: int) -> int:
     return done
 
 
-class FileBlob:
-    """A tensor's byte range inside a safetensors file."""
+class RangeBlob:
+    """A tensor's byte range inside a file read by position (local or remote): its
+    ``file`` has ``pread``/``preadinto``, ``data_start`` and ``file_number``."""
 
     __slots__ = ("file", "start", "nbytes")
 
-    def __init__(self, file: ByteFile, start: int, nbytes: int):
+    def __init__(self, file: Any, start: int, nbytes: int):
         self.file = file
         self.start = start
         self.nbytes = nbytes
@@ -432,6 +433,13 @@ class FileBlob:
     def readinto(self, offset: int, view: memoryview) -> None:
         """Fill ``view`` with the bytes at ``offset``, with no intermediate copy."""
         self.file.preadinto(self.file.data_start + self.start + offset, view)
+
+
+class FileBlob(RangeBlob):
+    """A tensor's byte range inside a local safetensors file: mappings too."""
+
+    __slots__ = ()
+    file: ByteFile
 
     def window(self, offset: int, length: int) -> tuple[mmap.mmap, int]:
         """A mapping of ``length`` bytes at ``offset`` (close it when done), and where
