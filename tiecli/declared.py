@@ -148,6 +148,11 @@ class Budget:
     tensors: int
     nbytes: int
 
+    @classmethod
+    def of(cls, entries: dict[str, Any]) -> Budget:
+        """The budget of a checkpoint's entries: their count and their bytes."""
+        return cls(len(entries), sum(e.nbytes for e in entries.values()))
+
     @property
     def modules(self) -> int:
         return 16 * self.tensors + 1000

@@ -209,7 +209,7 @@ class _Finder:
         if cfg is not None and self.use_transformers and self.ckpt.config_path is not None:
             from .declared import Budget, declared_ties
 
-            budget = Budget(len(self.entries), sum(e.nbytes for e in self.entries.values()))
+            budget = Budget.of(self.entries)
             declared, why = declared_ties(self.ckpt.config_path.parent, budget)
             if why is not None:
                 self.ckpt.notes.append(f"{why}: ties come from the pattern table")

@@ -201,7 +201,7 @@ def _from_config(ckpt: Checkpoint) -> Any:
 
     assert ckpt.config_path is not None
     # bounded by the checkpoint, offline, without the folder's code: as detection builds it
-    budget = Budget(len(ckpt.entries), sum(e.nbytes for e in ckpt.entries.values()))
+    budget = Budget.of(ckpt.entries)
     try:
         return build_from_config(ckpt.config_path.parent, real_buffers=True, budget=budget)
     except BuildRefused as e:
