@@ -37,11 +37,38 @@ from typing import Any
 
 @dataclass
 class Declared:
-    ties: dict[str, str] = field(default_factory=dict)  # alias -> source
+    """Ties an architecture declares, in the names ``save_pretrained`` writes.
+
+    transformers 5 renames some weights between the module tree and the file
+    (its conversion mapping: GPT-NeoX's ``lm_head.weight`` is ``embed_out.weight``
+    on disk, Llava's ``model.language_model.*`` is ``language_model.model.*``).
+    ``ties`` uses the file's names; ``renamed`` keeps ``{name in the model: name
+    in the file}`` for every name that differs, so a file written with the
+    model's own names (``save_original_format=False``, a plain ``state_dict()``)
+    is read in those (:meth:`ties_for`).
+    """
+
+    ties: dict[str, str] = field(default_factory=dict)  # alias -> source, on-disk names
     architecture: str | None = None
+    renamed: dict[str, str] = field(default_factory=dict)  # model name -> on-disk name
+
+    def in_memory(self) -> dict[str, str]:
+        """The ties in the model's own (in-memory) names."""
+        back = {disk: mem for mem, disk in self.renamed.items()}
+        return {back.get(a, a): back.get(s, s) for a, s in self.ties.items()}
+
+    def ties_for(self, names: Any) -> dict[str, str]:
+        """The ties in the naming the file ``names`` uses: the on-disk names, unless the
+        file holds more of the model's own names than of the on-disk ones."""
+        if not self.renamed:
+            return self.ties
+        present = set(names)
+        memory = sum(1 for mem in self.renamed if mem in present)
+        disk = sum(1 for d in self.renamed.values() if d in present)
+        return self.in_memory() if memory > disk else self.ties
 
 
-CACHE_FORMAT = 2  # 2: refusals keep their reason
+CACHE_FORMAT = 3  # 2: refusals keep their reason; 3: ties in on-disk names
 CUSTOM_CODE = "config.json asks for custom code (auto_map), which tiecli never runs"
 
 
@@ -93,7 +120,11 @@ def _cache_read(path: Path | None) -> tuple[bool, Declared | None, str | None]:
         if isinstance(ties, dict) and all(
             isinstance(k, str) and isinstance(v, str) for k, v in ties.items()
         ):
-            return True, Declared(dict(ties), doc.get("architecture")), None
+            renamed = doc.get("renamed") or {}
+            if isinstance(renamed, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in renamed.items()
+            ):
+                return True, Declared(dict(ties), doc.get("architecture"), dict(renamed)), None
     except (OSError, ValueError, KeyError, AttributeError):
         pass
     return False, None, None
@@ -105,7 +136,11 @@ def _cache_write(path: Path | None, declared: Declared | None, why: str | None) 
     doc = (
         {"unknown": True, "why": why}
         if declared is None
-        else {"architecture": declared.architecture, "ties": declared.ties}
+        else {
+            "architecture": declared.architecture,
+            "ties": declared.ties,
+            "renamed": declared.renamed,
+        }
     )
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -489,9 +524,50 @@ def _ask_transformers(config_dir: Path, budget: Budget | None) -> Declared:
     if callable(expanded):
         with _quiet():
             mapping = expanded(all_submodels=True) or {}
-        out.ties = {str(a): str(s) for a, s in mapping.items() if a != s}
-        return out
-    out.ties = ties_by_identity(model)
+        memory = {str(a): str(s) for a, s in mapping.items() if a != s}
+    else:
+        memory = ties_by_identity(model)
+    out.renamed = on_disk_names(model, [*model.state_dict(keep_vars=True), *memory])
+    out.ties = {out.renamed.get(a, a): out.renamed.get(s, s) for a, s in memory.items()}
+    return out
+
+
+def on_disk_names(model: Any, names: list[str]) -> dict[str, str]:
+    """``{name in the model: name save_pretrained writes}`` for the ``names`` that differ.
+
+    The reverse of transformers 5's conversion mapping, as ``save_pretrained``
+    applies it to a model not loaded with ``from_pretrained``
+    (``core_model_loading.revert_weight_conversion``): the model's transforms in
+    reverse order, prefix changes dropped, a converter's renaming first, else
+    every renaming in turn. transformers 4 (no mapping) saves the model's names.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            PrefixChange,
+            WeightConverter,
+            WeightRenaming,
+            apply_converters,
+            apply_renamings,
+        )
+    except ImportError:
+        return {}
+    try:
+        with _quiet():
+            transforms = get_model_conversion_mapping(model, add_legacy=False) or []
+            transforms = [t for t in transforms if not isinstance(t, PrefixChange)]
+            reverse = [t.reverse_transform() for t in transforms[::-1]]
+            renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
+            converters = [t for t in reverse if isinstance(t, WeightConverter)]
+            out: dict[str, str] = {}
+            for name in dict.fromkeys(names):
+                new, pattern = apply_converters(name, converters)
+                if pattern is None:
+                    new = apply_renamings(name, renamings)
+                if new != name:
+                    out[name] = new
+    except Exception:  # noqa: BLE001 - a transformers whose API differs: the model's names
+        return {}
     return out
 
 

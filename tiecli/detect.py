@@ -216,7 +216,7 @@ class _Finder:
         if declared is not None:
             self.declared_by = f"transformers ({declared.architecture})"
             self.architecture = declared.architecture or "its architecture"
-            for alias, source in declared.ties.items():
+            for alias, source in declared.ties_for(self.entries).items():
                 if alias in self.entries or source in self.entries:
                     self.claims.append(
                         _Claim(alias, source, self._shape_transform(alias, source), "declared")
