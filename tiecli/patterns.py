@@ -51,9 +51,16 @@ def flags(
 
 def flag_value(config: dict[str, Any] | None, flag: str) -> bool:
     """The flag as transformers 5 reads it: on when any level that carries it says so
-    (a vision-language config's top level takes ``text_config``'s flag), else its default."""
+    (a vision-language config's top level takes ``text_config``'s flag), else the
+    default of the config's model_type (``model_type_defaults``), else the table's."""
     values = flags(config, flag)
-    return any(values.values()) if values else bool(table()["defaults"].get(flag, True))
+    if values:
+        return any(values.values())
+    model_type = model_type_of(config)
+    own = table().get("model_type_defaults", {}).get(model_type) if model_type else None
+    if isinstance(own, bool) and flag == "tie_word_embeddings":
+        return own
+    return bool(table()["defaults"].get(flag, True))
 
 
 def model_type_of(config: dict[str, Any] | None) -> str | None:
@@ -73,11 +80,34 @@ def model_type_of(config: dict[str, Any] | None) -> str | None:
     return None
 
 
+def architecture_of(config: dict[str, Any] | None) -> str | None:
+    """The first class config.json's ``architectures`` names that the table knows."""
+    names = (config or {}).get("architectures")
+    known = table().get("architectures", {})
+    for name in names if isinstance(names, list) else []:
+        if isinstance(name, str) and name in known:
+            return name
+    return None
+
+
+def _config_rules(config: dict[str, Any] | None) -> list[dict[str, str]] | None:
+    """The rules of the config's class (``architectures``), else of its model_type.
+
+    Classes of one model_type may name their ties differently in the file (a
+    masked-LM head beside a causal-LM one), so the class the config names wins."""
+    t = table()
+    arch = architecture_of(config)
+    if arch is not None:
+        rules: list[dict[str, str]] = t["architectures"][arch]
+        return rules
+    model_type = model_type_of(config)
+    return t["model_types"].get(model_type) if model_type is not None else None
+
+
 def rules_for(config: dict[str, Any] | None) -> tuple[list[tuple[str, str]], bool]:
     """The (alias, source) rules that apply, and whether the config chose them."""
     t = table()
-    model_type = model_type_of(config)
-    rules = t["model_types"].get(model_type) if model_type is not None else None
+    rules = _config_rules(config)
     if rules is not None:
         chosen = []
         for rule in rules:
@@ -86,6 +116,7 @@ def rules_for(config: dict[str, Any] | None) -> tuple[list[tuple[str, str]], boo
                 chosen.append((rule["alias"], rule["source"]))
         return chosen, True
     every = [(r["alias"], r["source"]) for rs in t["model_types"].values() for r in rs]
+    every += [(r["alias"], r["source"]) for rs in t.get("architectures", {}).values() for r in rs]
     every += [(r["alias"], r["source"]) for r in t["common"]]
     return list(dict.fromkeys(every)), False
 
@@ -108,20 +139,17 @@ def governing_flag(alias: str) -> str | None:
 def _flag_aliases() -> dict[str, str]:
     t = table()
     every = [r for rs in t["model_types"].values() for r in rs] + t["common"]
+    every += [r for rs in t.get("architectures", {}).values() for r in rs]
     return {r["alias"]: r["when"] for r in every if r.get("when", "always") != "always"}
 
 
 def flag_pairs(names: Iterable[str], config: dict[str, Any] | None) -> list[tuple[str, str]]:
     """The pairs of the config's architecture that a flag governs, whatever the flag
     says, with at least one name present: what a consumer resolves by its flag."""
-    model_type = model_type_of(config)
-    if model_type is None:
+    chosen = _config_rules(config)
+    if chosen is None:
         return []
-    rules = [
-        (r["alias"], r["source"])
-        for r in table()["model_types"][model_type]
-        if r["when"] != "always"
-    ]
+    rules = [(r["alias"], r["source"]) for r in chosen if r["when"] != "always"]
     return [(p.alias, p.source) for p in _match(names, rules, True)]
 
 
