@@ -1,0 +1,716 @@
+"""Architecture coverage: every tied architecture transformers ships, built tiny and checked.
+
+Walks transformers' auto mappings (causal-LM, masked-LM, seq2seq, image-text-to-text),
+builds each architecture from its default config shrunk generically (2 layers, hidden
+size 32, a small vocabulary; with its tie flag on), keeps those that declare a tie, and
+for each saves the model with ``save_pretrained`` (and a ``.bin`` form of the same
+file) and checks tiecli against transformers' own loading:
+
+- ``inspect``: each tie the architecture declares is found, in the names the file uses
+  (the alias ``save_pretrained`` left out, its source the tensor it shares memory with),
+  in the safetensors and in the ``.bin`` form;
+- ``untie``: of the ``save_pretrained`` folder, equals transformers' full state dict in its
+  on-disk naming (same names, bit-identical tensors);
+- ``dedupe``: of that untied copy, loads in transformers (``from_pretrained``) with
+  bit-identical logits;
+- ``verify``: reports no error on the ``save_pretrained`` folder nor on the deduped copy;
+- ``forward``: ``verify --forward --against <untied>`` passes on the deduped copy and fails
+  on a copy with one weight perturbed.
+
+Usage (from the repository root)::
+
+    nice .venv/bin/python tools/coverage.py                # full walk: docs/coverage.md
+    .venv/bin/python tools/coverage.py --only gpt_neox,llava
+    .venv/bin/python tools/coverage.py --table             # also regenerate the pattern table
+
+Results are written as they come (``docs/coverage.json``, then the table), so an
+interrupted walk keeps what it did; ``--resume`` skips architectures already there.
+``--table`` rewrites the ``model_types`` and ``architectures`` of
+``tiecli/data/tie_patterns.json`` from the walk (see docs/coverage.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+MAPPINGS = (
+    ("causal-lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("masked-lm", "MODEL_FOR_MASKED_LM_MAPPING_NAMES"),
+    ("seq2seq", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("image-text-to-text", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
+)
+# The most downloaded tied architectures, by model type: the transformers-free path
+# (pattern table only) must find their ties from config.json (tests/test_coverage.py).
+# Chosen from the model types of the Hub's most downloaded fill-mask, text-generation,
+# text2text and image-text-to-text checkpoints (BERT/RoBERTa-family encoders, the
+# Llama/Qwen/Gemma/Mistral/Phi decoders, T5/BART-family seq2seq, the common VLMs),
+# keeping those that declare a tie.
+TOP = [
+    ("bert", "BertForMaskedLM"),
+    ("roberta", "RobertaForMaskedLM"),
+    ("xlm-roberta", "XLMRobertaForMaskedLM"),
+    ("distilbert", "DistilBertForMaskedLM"),
+    ("gpt2", "GPT2LMHeadModel"),
+    ("t5", "T5ForConditionalGeneration"),
+    ("mt5", "MT5ForConditionalGeneration"),
+    ("umt5", "UMT5ForConditionalGeneration"),
+    ("llama", "LlamaForCausalLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3", "Qwen3ForCausalLM"),
+    ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("mistral", "MistralForCausalLM"),
+    ("mixtral", "MixtralForCausalLM"),
+    ("gemma", "GemmaForCausalLM"),
+    ("gemma2", "Gemma2ForCausalLM"),
+    ("gemma3_text", "Gemma3ForCausalLM"),
+    ("gemma3", "Gemma3ForConditionalGeneration"),
+    ("phi3", "Phi3ForCausalLM"),
+    ("phi", "PhiForCausalLM"),
+    ("gpt_neox", "GPTNeoXForCausalLM"),
+    ("gpt_neo", "GPTNeoForCausalLM"),
+    ("gptj", "GPTJForCausalLM"),
+    ("bart", "BartForConditionalGeneration"),
+    ("mbart", "MBartForConditionalGeneration"),
+    ("marian", "MarianMTModel"),
+    ("pegasus", "PegasusForConditionalGeneration"),
+    ("albert", "AlbertForMaskedLM"),
+    ("electra", "ElectraForMaskedLM"),
+    ("deberta-v2", "DebertaV2ForMaskedLM"),
+    ("camembert", "CamembertForMaskedLM"),
+    ("mpnet", "MPNetForMaskedLM"),
+    ("modernbert", "ModernBertForMaskedLM"),
+    ("opt", "OPTForCausalLM"),
+    ("bloom", "BloomForCausalLM"),
+    ("falcon", "FalconForCausalLM"),
+    ("stablelm", "StableLmForCausalLM"),
+    ("starcoder2", "Starcoder2ForCausalLM"),
+    ("olmo2", "Olmo2ForCausalLM"),
+    ("smollm3", "SmolLM3ForCausalLM"),
+    ("granite", "GraniteForCausalLM"),
+    ("qwen2_vl", "Qwen2VLForConditionalGeneration"),
+    ("qwen2_5_vl", "Qwen2_5_VLForConditionalGeneration"),
+    ("llava", "LlavaForConditionalGeneration"),
+    ("paligemma", "PaliGemmaForConditionalGeneration"),
+    ("idefics3", "Idefics3ForConditionalGeneration"),
+    ("smolvlm", "SmolVLMForConditionalGeneration"),
+]
+
+CHECKS = ("inspect", "inspect-bin", "untie", "dedupe", "verify", "forward")
+FLAG = "tie_word_embeddings"
+VOCAB = 512
+
+# Generic shrinking: config keys (at any nesting level) and the value they get, when larger.
+LAYERS = {
+    "num_hidden_layers",
+    "num_layers",
+    "n_layer",
+    "n_layers",
+    "encoder_layers",
+    "decoder_layers",
+    "num_decoder_layers",
+    "num_encoder_layers",
+    "depth",
+    "text_layers",
+    "vision_layers",
+}
+SIZES = {
+    "hidden_size": 32,
+    "n_embd": 32,
+    "d_model": 32,
+    "embed_dim": 32,
+    "intermediate_size": 64,
+    "ffn_dim": 64,
+    "d_ff": 64,
+    "n_inner": 64,
+    "encoder_ffn_dim": 64,
+    "decoder_ffn_dim": 64,
+    "num_attention_heads": 4,
+    "n_head": 4,
+    "num_heads": 4,
+    "encoder_attention_heads": 4,
+    "decoder_attention_heads": 4,
+    "head_dim": 8,
+    "d_kv": 8,
+    "kv_channels": 8,
+    "num_experts": 4,
+    "num_local_experts": 4,
+    "n_routed_experts": 4,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "out_hidden_size": 32,
+    "projection_dim": 32,
+    "embedding_size": 32,
+    "rotary_dim": 4,
+    "kv_lora_rank": 16,
+    "q_lora_rank": 16,
+    "qk_rope_head_dim": 4,
+    "qk_nope_head_dim": 4,
+    "v_head_dim": 8,
+}
+
+
+class Skip(Exception):
+    """The architecture cannot be built tiny here (the message says why)."""
+
+
+class _Timeout(BaseException):
+    pass
+
+
+def architectures() -> list[tuple[str, str, str]]:
+    """(model_type, class name, task) for each class the auto mappings name, once each."""
+    from transformers.models.auto import modeling_auto
+
+    seen: dict[tuple[str, str], str] = {}
+    for task, attr in MAPPINGS:
+        for model_type, cls in getattr(modeling_auto, attr).items():
+            names = cls if isinstance(cls, (list, tuple)) else [cls]
+            for name in names:
+                seen.setdefault((model_type, name), task)
+    return [(mt, cls, task) for (mt, cls), task in seen.items()]
+
+
+def _shrink(doc: Any, sizes: bool = True) -> Any:
+    """A config dict made small: counts (and with ``sizes``, widths) down, per-layer
+    lists and per-layer dicts cut to the new count."""
+    if isinstance(doc, list):
+        return [_shrink(v, sizes) for v in doc]
+    if not isinstance(doc, dict):
+        return doc
+    out = {}
+    old_layers = [doc[k] for k in LAYERS if isinstance(doc.get(k), int) and doc[k] > 2]
+    heads = doc.get("num_attention_heads")
+    for key, value in doc.items():
+        if isinstance(value, bool) or value is None:
+            out[key] = value
+        elif key in LAYERS and isinstance(value, int):
+            out[key] = min(value, 2)
+        elif not sizes and (key in SIZES or key == "num_key_value_heads"):
+            out[key] = value
+        elif key == "num_key_value_heads" and isinstance(value, int):
+            out[key] = 4 if value == heads else 2
+        elif key in ("num_experts_per_tok", "top_k", "moe_topk") and isinstance(value, int):
+            out[key] = min(value, 2)
+        elif key in SIZES and isinstance(value, int):
+            out[key] = min(value, SIZES[key])
+        elif isinstance(value, list) and old_layers and len(value) in old_layers:
+            out[key] = value[:2]
+        elif (
+            isinstance(value, dict)
+            and old_layers
+            and value
+            and all(str(k).isdigit() for k in value)
+        ):
+            out[key] = {k: v for k, v in value.items() if int(k) < 2}
+        elif isinstance(value, dict):
+            out[key] = _shrink(value, sizes)
+        else:
+            out[key] = value
+    ids = [
+        v
+        for k, v in out.items()
+        if isinstance(v, int) and not isinstance(v, bool) and k.endswith(("_token_id", "_index"))
+    ]
+    if isinstance(out.get("vocab_size"), int) and all(i < VOCAB for i in ids):
+        out["vocab_size"] = min(out["vocab_size"], VOCAB)
+    return out
+
+
+def _set_flag(doc: dict[str, Any], value: bool) -> dict[str, Any]:
+    """The tie flag set at the top and in every nested config that carries or takes it."""
+    out = dict(doc)
+    out[FLAG] = value
+    for key in ("text_config", "decoder", "generator", "language_config", "llm_config"):
+        if isinstance(out.get(key), dict):
+            out[key] = {**out[key], FLAG: value}
+    return out
+
+
+def tiny_config(model_type: str, tie: bool = True, sizes: bool = True) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        base = AutoConfig.for_model(model_type)
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"no default config ({_first(e)})") from None
+    doc = _set_flag(_shrink(base.to_dict(), sizes), tie)
+    doc.pop("model_type", None)
+    for k in ("transformers_version", "architectures", "_name_or_path"):
+        doc.pop(k, None)
+    try:
+        return type(base)(**doc)
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"the shrunk config is refused ({_first(e)})") from None
+
+
+def _first(e: BaseException) -> str:
+    text = " ".join(line.strip() for line in str(e).strip().splitlines()[:4])
+    return (text[:200] if text else type(e).__name__).replace("|", "/")
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    logging.disable(logging.WARNING)
+    with (
+        warnings.catch_warnings(),
+        contextlib.redirect_stderr(io.StringIO()),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextlib.contextmanager
+def _deadline(seconds: int) -> Any:
+    def fire(*_: Any) -> None:
+        raise _Timeout
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def build(cls_name: str, config: Any) -> Any:
+    import torch
+    import transformers
+
+    cls = getattr(transformers, cls_name, None)
+    if cls is None:
+        raise Skip(f"transformers exports no {cls_name}")
+    torch.manual_seed(0)
+    try:
+        model = cls(config)
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"cannot build tiny ({_first(e)})") from None
+    n = sum(p.numel() for p in model.parameters())
+    if n > 60_000_000:
+        raise Skip(f"still {n // 1_000_000}M parameters once shrunk")
+    return model.eval()
+
+
+def memory_ties(model: Any) -> dict[str, str]:
+    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
+    if callable(expanded):
+        return {str(a): str(s) for a, s in (expanded(all_submodels=True) or {}).items() if a != s}
+    from tiecli.declared import ties_by_identity
+
+    return ties_by_identity(model)
+
+
+def on_disk_truth(model: Any, stored: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
+    """transformers' full state dict in its on-disk naming, and ``{alias: source}`` for the
+    names ``save_pretrained`` left out (the source: the stored tensor sharing its memory)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    full = revert_weight_conversion(model, dict(model.state_dict()))
+    by_ptr: dict[tuple[int, tuple[int, ...], str], str] = {}
+    for name in stored:
+        t = full.get(name)
+        if t is not None:
+            by_ptr[(t.data_ptr(), tuple(t.shape), str(t.dtype))] = name
+    ties = {}
+    for name, t in full.items():
+        if name in stored:
+            continue
+        src = by_ptr.get((t.data_ptr(), tuple(t.shape), str(t.dtype)))
+        ties[name] = src if src is not None else "?"
+    return full, ties
+
+
+def _logits(model: Any, vocab: int) -> Any:
+    import torch
+
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, min(vocab, 100), (1, 8), generator=g)
+    kwargs: dict[str, Any] = {"input_ids": ids}
+    if getattr(model.config, "is_encoder_decoder", False):
+        kwargs["decoder_input_ids"] = ids[:, :5]
+    with torch.no_grad():
+        out = model(**kwargs)
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def _safetensors(folder: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _perturbed(src: Path, dst: Path, names: set[str]) -> None:
+    """A copy of ``src`` with one stored weight moved by one step (the largest tied source)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, dst)
+    f = dst / "model.safetensors"
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    pick = max(
+        (k for k in tensors if k in names and tensors[k].is_floating_point()),
+        key=lambda k: tensors[k].numel(),
+        default=None,
+    )
+    if pick is None:
+        pick = max(
+            (k for k in tensors if tensors[k].is_floating_point()), key=lambda k: tensors[k].numel()
+        )
+    t = tensors[pick].clone()
+    t.view(-1)[0] += 0.5
+    tensors[pick] = t
+    save_file(tensors, str(f), metadata=meta)
+
+
+def check(model_type: str, cls_name: str, work: Path, timeout: int = 240) -> dict[str, Any]:
+    """One architecture's row: ``{"ties": {...}, "checks": {check: "ok" | "FAIL: ..."}}``,
+    or ``{"skip": why}`` / ``{"untied": True}``."""
+    row: dict[str, Any] = {"model_type": model_type, "class": cls_name}
+    start = time.monotonic()
+    try:
+        with _deadline(timeout), _quiet():
+            _check(model_type, cls_name, work, row)
+    except Skip as e:
+        row["skip"] = str(e)
+    except _Timeout:
+        row["skip"] = f"took over {timeout} s"
+    except Exception as e:  # noqa: BLE001 - a harness failure is reported, not hidden
+        row.setdefault("checks", {})["harness"] = f"FAIL: {type(e).__name__}: {_first(e)}"
+        row["trace"] = traceback.format_exc()[-2000:]
+    row["seconds"] = round(time.monotonic() - start, 1)
+    return row
+
+
+def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> None:
+    import torch
+
+    from tiecli import api
+
+    try:
+        config = tiny_config(model_type, tie=True)
+        model = build(cls_name, config)
+        sizes = True
+    except Skip as first:  # a config that ties widths together: fewer layers only
+        try:
+            config = tiny_config(model_type, tie=True, sizes=False)
+            model = build(cls_name, config)
+            sizes = False
+        except Skip as second:
+            raise Skip(f"{first}; with its widths kept: {second}") from None
+    ties = memory_ties(model)
+    if not ties:
+        row["untied"] = True
+        return
+    row["memory_ties"] = ties
+    untied_cfg = tiny_config(model_type, tie=False, sizes=sizes)
+    try:
+        with torch.device("meta"):
+            plain = type(model)(untied_cfg)
+        from tiecli.declared import on_disk_names
+
+        flagged = set(ties) - set(memory_ties(plain))
+        renamed = on_disk_names(model, sorted(flagged))
+        row["flag_ties"] = sorted(renamed.get(a, a) for a in flagged)
+    except Exception:  # noqa: BLE001 - the flag is then unknown: every tie 'always'
+        row["flag_ties"] = []
+    row["config_default"] = getattr(type(config)(), FLAG, None)
+
+    sp = work / "save_pretrained"
+    try:
+        model.save_pretrained(sp)
+    except Exception as e:  # noqa: BLE001
+        raise Skip(f"save_pretrained fails ({_first(e)})") from None
+    stored = set(_safetensors(sp))
+    full, disk_ties = on_disk_truth(model, stored)
+    row["ties"] = disk_ties
+    checks: dict[str, str] = {}
+    row["checks"] = checks
+
+    def found(path: Path) -> str:
+        r = api.inspect(path)
+        got = {(t.alias, t.source) for t in r.ties}
+        members = {t.alias: t.source for t in r.ties}
+        missing = [
+            f"{a}<-{s}" for a, s in disk_ties.items() if (a, s) not in got and members.get(a) != s
+        ]
+        return "ok" if not missing else "FAIL: not found " + ", ".join(missing[:3])
+
+    checks["inspect"] = found(sp)
+    binf = work / "bin"
+    binf.mkdir()
+    shutil.copy(sp / "config.json", binf / "config.json")
+    torch.save(_safetensors(sp), binf / "pytorch_model.bin")
+    checks["inspect-bin"] = found(binf)
+
+    un = work / "untied"
+    api.untie(sp, un)
+    got = _safetensors(un)
+    bad = sorted(set(full) ^ set(got))
+    bad += [k for k in full if k in got and not torch.equal(full[k].detach(), got[k])]
+    checks["untie"] = "ok" if not bad else "FAIL: differs at " + ", ".join(bad[:3])
+
+    dd = work / "deduped"
+    api.dedupe(un, dd)
+    errors = []
+    for p in (sp, dd):
+        v = api.verify(p)
+        errors += [f"{p.name}: {x.code}" for x in v.failures]
+    checks["verify"] = "ok" if not errors else "FAIL: " + ", ".join(errors[:3])
+
+    vocab = int(getattr(config.get_text_config(), "vocab_size", VOCAB) or VOCAB)
+    try:
+        want = _logits(model, vocab)
+    except Exception as e:  # noqa: BLE001 - transformers' own model does not run this tiny
+        why = f"n/a: the tiny model does not run ({_first(e)})"
+        checks["dedupe"] = checks["forward"] = why
+        return
+    try:
+        loaded = type(model).from_pretrained(dd).eval()
+        same = torch.equal(want, _logits(loaded, vocab))
+        checks["dedupe"] = "ok" if same else "FAIL: logits differ after from_pretrained"
+    except Exception as e:  # noqa: BLE001
+        checks["dedupe"] = f"FAIL: from_pretrained: {_first(e)}"
+
+    good = api.verify(dd, forward=True, device="cpu", against=un)
+    bent = work / "perturbed"
+    _perturbed(dd, bent, set(disk_ties.values()))
+    wrong = api.verify(bent, forward=True, device="cpu", against=un)
+    if not good.ok:
+        checks["forward"] = "FAIL: deduped: " + ", ".join(p.code for p in good.failures[:3])
+    elif wrong.ok:
+        checks["forward"] = "FAIL: a perturbed copy passes"
+    else:
+        checks["forward"] = "ok"
+
+
+def status(row: dict[str, Any]) -> str:
+    if "skip" in row:
+        return "skipped"
+    if row.get("untied"):
+        return "no tie"
+    checks = row.get("checks", {}).values()
+    return "ok" if all(v == "ok" or v.startswith("n/a") for v in checks) else "FAIL"
+
+
+def render(rows: list[dict[str, Any]], version: str, total: int) -> str:
+    tied = [r for r in rows if "skip" not in r and not r.get("untied")]
+    ok = [r for r in tied if status(r) == "ok"]
+    lines = [
+        "# Architecture coverage",
+        "",
+        "Generated by `tools/coverage.py` (do not edit by hand): every architecture the",
+        "causal-LM, masked-LM, seq2seq and image-text-to-text auto mappings of",
+        f"**transformers {version}** name, built tiny from its default config with its tie flag",
+        "on, saved with `save_pretrained` (and as `.bin`), and checked against transformers'",
+        "own loading. Ties are listed in the names the file uses (`alias <- source`).",
+        "",
+        "Checks: **inspect** (each declared tie found, safetensors / `.bin`), **untie** (of",
+        "the `save_pretrained` folder: transformers' full state dict in on-disk names,",
+        "bit-identical), **dedupe** (of that: `from_pretrained` gives bit-identical logits),",
+        "**verify** (no error on the saved nor the deduped folder), **forward**",
+        "(`verify --forward --against` passes on the deduped copy, fails on a perturbed one).",
+        "",
+        f"Walked {len(rows)} of {total} classes: {len(tied)} declare a tie, {len(ok)} pass every",
+        "check they can run (`n/a`: transformers' own tiny model does not run a forward pass);",
+        f"{sum(1 for r in rows if r.get('untied'))} declare none; "
+        f"{sum(1 for r in rows if 'skip' in r)} skipped.",
+        "",
+        "## Tied architectures",
+        "",
+        "| model_type | class | ties (on disk) | " + " | ".join(CHECKS) + " |",
+        "|---|---|---|" + "---|" * len(CHECKS),
+    ]
+    for r in sorted(tied, key=lambda r: (r["model_type"], r["class"])):
+        ties = "<br>".join(f"`{a}` <- `{s}`" for a, s in sorted(r.get("ties", {}).items()))
+        cells = [r["checks"].get(c, "-").replace("|", "/") for c in CHECKS]
+        if "harness" in r["checks"]:
+            cells[-1] += " " + r["checks"]["harness"]
+        lines.append(
+            f"| {r['model_type']} | {r['class']} | {ties or '-'} | " + " | ".join(cells) + " |"
+        )
+    lines += ["", "## Skipped", "", "| model_type | class | why |", "|---|---|---|"]
+    for r in sorted((r for r in rows if "skip" in r), key=lambda r: (r["model_type"], r["class"])):
+        lines.append(f"| {r['model_type']} | {r['class']} | {r['skip'].replace('|', '/')} |")
+    untied = sorted(f"{r['model_type']} ({r['class']})" for r in rows if r.get("untied"))
+    lines += ["", "## No tie declared", "", ", ".join(untied) or "-", ""]
+    lines += [
+        "## Without transformers: the pattern table",
+        "",
+        "`tools/coverage.py --table` writes the walk's ties, in on-disk names, into",
+        "`tiecli/data/tie_patterns.json`: `architectures` (by the class config.json names),",
+        "`model_types` (a model type takes its first class's ties, causal-LM first) and",
+        "`model_type_defaults` (the tie flag's default when config.json leaves it out). A tie",
+        "is `when: tie_word_embeddings` when building with the flag off drops it, else",
+        "`always`. Only ties whose `inspect` check passed are written; hand-written model",
+        "types the walk does not reach stay. Regenerate after a transformers upgrade:",
+        "",
+        "    nice .venv/bin/python tools/coverage.py --table",
+        "",
+        f"With transformers made unimportable, these {len(TOP)} most downloaded tied",
+        "architectures must give the same ties from config.json as the walk",
+        "(`tests/test_coverage.py`); chosen from the model types of the Hub's most downloaded",
+        "fill-mask, text-generation, text2text and image-text-to-text checkpoints:",
+        "",
+        ", ".join(f"{mt} ({cls})" for mt, cls in TOP),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def pattern_rules(rows: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model_types, architectures)`` for the pattern table, from the walk's rows.
+
+    A class's rules are its ties in on-disk names, each ``when`` the tie flag when
+    building with the flag off drops it, else ``always``. A model_type takes the rules
+    of its first class in mapping order (causal-LM first); the class's own rules win
+    when config.json names it in ``architectures``.
+    """
+    by_class: dict[str, list[dict[str, str]]] = {}
+    by_type: dict[str, list[dict[str, str]]] = {}
+    defaults: dict[str, bool] = {}
+    for r in rows:
+        if "skip" in r or r.get("untied") or "?" in r.get("ties", {}).values():
+            continue
+        if r.get("checks", {}).get("inspect") != "ok":
+            continue
+        flagged = set(r.get("flag_ties", []))
+        rules = [
+            {"alias": a, "source": s, "when": FLAG if a in flagged else "always"}
+            for a, s in sorted(r["ties"].items())
+        ]
+        by_class[r["class"]] = rules
+        by_type.setdefault(r["model_type"], rules)
+        if isinstance(r.get("config_default"), bool):
+            defaults.setdefault(r["model_type"], r["config_default"])
+    return by_type, by_class | {"__defaults__": defaults}  # type: ignore[dict-item]
+
+
+def write_table(rows: list[dict[str, Any]], version: str) -> None:
+    path = ROOT / "tiecli" / "data" / "tie_patterns.json"
+    table = json.loads(path.read_text(encoding="utf-8"))
+    by_type, by_class = pattern_rules(rows)
+    defaults = by_class.pop("__defaults__")
+    merged = dict(table["model_types"])
+    merged.update(by_type)
+    # a hand-written model type whose every walked class declares no tie is stale
+    kinds: dict[str, set[str]] = {}
+    for r in rows:
+        kinds.setdefault(r["model_type"], set()).add(status(r))
+    for model_type, seen in kinds.items():
+        if seen == {"no tie"}:
+            merged.pop(model_type, None)
+    table["model_types"] = dict(sorted(merged.items()))
+    table["architectures"] = dict(sorted(by_class.items()))
+    table["model_type_defaults"] = dict(sorted(defaults.items()))
+    table["about"] = (
+        "Known tie names, in the names the file uses (what save_pretrained writes). "
+        "'architectures' applies when config.json's architectures names the class, else "
+        "'model_types' when it names the model_type; 'when' names the config flag that "
+        "switches the tie on (its default: 'model_type_defaults', else 'defaults'), or "
+        "'always'. 'common' lists name pairs tried on checkpoints with no config ('when' "
+        "there marks the pairs the tie flag governs). Names match at any '.'-boundary prefix "
+        "(e.g. a Lightning 'model.' prefix). A pattern is a hypothesis: it ties a pair only "
+        "when their values are equal, or, with a config, when the alias is absent."
+    )
+    table["generated"] = (
+        f"model_types, architectures and model_type_defaults from tools/coverage.py --table, "
+        f"transformers {version}"
+    )
+    text = json.dumps(table, indent=1, ensure_ascii=False)
+    path.write_text(text + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", help="comma-separated model_types (or class names)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
+    ap.add_argument("--resume", action="store_true", help="keep rows already in the .json")
+    ap.add_argument("--rerun-failed", action="store_true", help="with --resume: redo FAIL rows")
+    ap.add_argument("--rerun-skipped", action="store_true", help="with --resume: redo skips")
+    ap.add_argument("--range", help="a:b, only architectures a..b-1 of the walk (to split it)")
+    ap.add_argument("--merge", nargs="*", default=[], help="add the rows of other walks' .json")
+    ap.add_argument("--table", action="store_true", help="regenerate the pattern table")
+    ap.add_argument("--timeout", type=int, default=240, help="seconds per architecture")
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TIECLI_CACHE_DIR", tempfile.mkdtemp(prefix="tiecli-coverage-cache-"))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    out = Path(args.out)
+    state = out.with_suffix(".json")
+    rows: list[dict[str, Any]] = []
+    if args.resume and state.exists():
+        rows = json.loads(state.read_text(encoding="utf-8"))["rows"]
+        if args.rerun_failed:
+            rows = [r for r in rows if status(r) != "FAIL"]
+        if args.rerun_skipped:
+            rows = [r for r in rows if status(r) != "skipped"]
+    for extra in args.merge:
+        known = {(r["model_type"], r["class"]) for r in rows}
+        more = json.loads(Path(extra).read_text(encoding="utf-8"))["rows"]
+        rows += [r for r in more if (r["model_type"], r["class"]) not in known]
+    done = {(r["model_type"], r["class"]) for r in rows}
+    todo = architectures()
+    total = len(todo)
+    if args.range:
+        a, b = (int(x) if x else None for x in args.range.split(":"))
+        todo = todo[a:b]
+    if args.only:
+        wanted = set(args.only.split(","))
+        todo = [a for a in todo if a[0] in wanted or a[1] in wanted]
+    version = transformers.__version__
+    if args.merge:
+        state.write_text(
+            json.dumps({"transformers": version, "rows": rows}, indent=1) + "\n", encoding="utf-8"
+        )
+        out.write_text(render(rows, version, total), encoding="utf-8")
+    for model_type, cls_name, _task in todo:
+        if (model_type, cls_name) in done:
+            continue
+        with tempfile.TemporaryDirectory(prefix="tiecli-coverage-") as tmp:
+            row = check(model_type, cls_name, Path(tmp), args.timeout)
+        rows.append(row)
+        print(f"{status(row):8} {row['seconds']:6.1f}s {model_type} {cls_name}", flush=True)
+        if status(row) == "FAIL":
+            print("         " + json.dumps(row.get("checks")), flush=True)
+        state.write_text(
+            json.dumps({"transformers": version, "rows": rows}, indent=1) + "\n", encoding="utf-8"
+        )
+        out.write_text(render(rows, version, total), encoding="utf-8")
+    if args.table:
+        write_table(rows, version)
+    failed = [r for r in rows if status(r) == "FAIL"]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
