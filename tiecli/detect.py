@@ -216,7 +216,9 @@ class _Finder:
         if declared is not None:
             self.declared_by = f"transformers ({declared.architecture})"
             self.architecture = declared.architecture or "its architecture"
-            for alias, source in declared.ties_for(self.entries).items():
+            # the file's names: those it stores and the absent ones its record names
+            named = [*self.entries, *self.recorded]
+            for alias, source in declared.ties_for(named).items():
                 if alias in self.entries or source in self.entries:
                     self.claims.append(
                         _Claim(alias, source, self._shape_transform(alias, source), "declared")
