@@ -80,28 +80,30 @@ def model_type_of(config: dict[str, Any] | None) -> str | None:
     return None
 
 
-def architecture_of(config: dict[str, Any] | None) -> str | None:
-    """The first class config.json's ``architectures`` names that the table knows."""
+def _class_rules(config: dict[str, Any] | None) -> list[dict[str, str]] | None:
+    """The rules of the class config.json's ``architectures`` names, where the table gives
+    that class of the config's model_type rules of its own (``architectures``)."""
+    model_type = model_type_of(config)
+    classes: dict[str, Any] = table().get("architectures", {}).get(model_type or "", {})
     names = (config or {}).get("architectures")
-    known = table().get("architectures", {})
     for name in names if isinstance(names, list) else []:
-        if isinstance(name, str) and name in known:
-            return name
+        if isinstance(name, str) and name in classes:
+            rules: list[dict[str, str]] = classes[name]
+            return rules
     return None
 
 
 def _config_rules(config: dict[str, Any] | None) -> list[dict[str, str]] | None:
-    """The rules of the config's class (``architectures``), else of its model_type.
+    """The rules of the config's class, else of its model_type.
 
     Classes of one model_type may name their ties differently in the file (a
-    masked-LM head beside a causal-LM one), so the class the config names wins."""
-    t = table()
-    arch = architecture_of(config)
-    if arch is not None:
-        rules: list[dict[str, str]] = t["architectures"][arch]
+    masked-LM head beside a causal-LM one): the table lists, per model type, the
+    classes whose ties differ from the model type's own."""
+    rules = _class_rules(config)
+    if rules is not None:
         return rules
     model_type = model_type_of(config)
-    return t["model_types"].get(model_type) if model_type is not None else None
+    return table()["model_types"].get(model_type) if model_type is not None else None
 
 
 def rules_for(config: dict[str, Any] | None) -> tuple[list[tuple[str, str]], bool]:
@@ -116,7 +118,12 @@ def rules_for(config: dict[str, Any] | None) -> tuple[list[tuple[str, str]], boo
                 chosen.append((rule["alias"], rule["source"]))
         return chosen, True
     every = [(r["alias"], r["source"]) for rs in t["model_types"].values() for r in rs]
-    every += [(r["alias"], r["source"]) for rs in t.get("architectures", {}).values() for r in rs]
+    every += [
+        (r["alias"], r["source"])
+        for classes in t.get("architectures", {}).values()
+        for rs in classes.values()
+        for r in rs
+    ]
     every += [(r["alias"], r["source"]) for r in t["common"]]
     return list(dict.fromkeys(every)), False
 
@@ -139,7 +146,7 @@ def governing_flag(alias: str) -> str | None:
 def _flag_aliases() -> dict[str, str]:
     t = table()
     every = [r for rs in t["model_types"].values() for r in rs] + t["common"]
-    every += [r for rs in t.get("architectures", {}).values() for r in rs]
+    every += [r for cs in t.get("architectures", {}).values() for rs in cs.values() for r in rs]
     return {r["alias"]: r["when"] for r in every if r.get("when", "always") != "always"}
 
 
