@@ -567,6 +567,11 @@ def render(rows: list[dict[str, Any]], version: str, total: int) -> str:
     lines += ["", "## Skipped", "", "| model_type | class | why |", "|---|---|---|"]
     for r in sorted((r for r in rows if "skip" in r), key=lambda r: (r["model_type"], r["class"])):
         lines.append(f"| {r['model_type']} | {r['class']} | {r['skip'].replace('|', '/')} |")
+    walked = {(r["model_type"], r["class"]) for r in rows}
+    unreached = [f"{mt} ({cls})" for mt, cls, _ in architectures() if (mt, cls) not in walked]
+    if unreached:
+        lines += ["", "## Not reached", "", "The walk stopped before these:", ""]
+        lines += [", ".join(unreached)]
     untied = sorted(f"{r['model_type']} ({r['class']})" for r in rows if r.get("untied"))
     lines += ["", "## No tie declared", "", ", ".join(untied) or "-", ""]
     lines += [
