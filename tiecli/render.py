@@ -270,3 +270,36 @@ def render_verify(r: Any, console: Console) -> None:
             f"[red]FAILED[/red]: {failing} problem(s)"
             + (" (--strict: warnings count)" if r.strict else "")
         )
+
+
+def render_fix(r: Any, console: Console) -> None:
+    console.print(f"[bold]{shown(r.path)}[/bold]  ({r.format})")
+    for res in r.resolutions:
+        console.print(
+            f"{shown(res.alias)} / {shown(res.source)} ({shown(res.situation)}): {shown(res.action)}"
+        )
+    verb = "Would" if r.dry_run else "Did"
+    if r.config_edits:
+        table = Table(title=f"{verb} edit {shown(r.config)}", title_justify="left")
+        for col in ("key", "from", "to"):
+            table.add_column(col, overflow="fold")
+        for e in r.config_edits:
+            before = "absent" if e.before is None else json.dumps(e.before)
+            table.add_row(shown(e.key), before, json.dumps(e.after))
+        console.print(table)
+    if r.tensor_writes:
+        table = Table(title=f"{verb} write", title_justify="left")
+        for col in ("name", "action", "from", "shape", "bytes"):
+            table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
+        for w in r.tensor_writes:
+            table.add_row(
+                shown(w.name),
+                w.action,
+                shown(w.origin),
+                "x".join(map(str, w.shape)),
+                human_bytes(w.bytes),
+            )
+        console.print(table)
+    for note in r.notes:
+        console.print(shown(note))
+    _outcome(r, console, "nothing changed")
