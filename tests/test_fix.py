@@ -164,8 +164,11 @@ def test_a_padded_tie_is_trimmed_only_when_asked(tmp_path: Path, form: str) -> N
     assert torch.equal(loaded[EMB], _t(0)) and torch.equal(loaded[HEAD], _t(0))
 
 
-def test_a_padded_tie_under_an_untied_config_is_found_and_trimmed(tmp_path: Path) -> None:
-    path = _case(tmp_path, "padded-untied")
+@pytest.mark.parametrize("form", FORMS)
+def test_a_padded_tie_under_an_untied_config_is_found_and_trimmed(
+    tmp_path: Path, form: str
+) -> None:
+    path = _case(tmp_path, "padded-untied", form)
     doc = _json(["inspect", str(path)])
     (p,) = [p for p in doc["problems"] if p["code"] == "padded"]
     assert "12 rows" in p["message"] and "10 rows" in p["message"]
@@ -232,8 +235,9 @@ def test_tie_and_untie_head_together_are_refused(tmp_path: Path) -> None:
 # -- nested flags --------------------------------------------------------------------
 
 
-def test_a_flag_only_in_text_config_is_changed_there_and_on_top(tmp_path: Path) -> None:
-    path = _case(tmp_path, "nested-only")
+@pytest.mark.parametrize("form", FORMS)
+def test_a_flag_only_in_text_config_is_changed_there_and_on_top(tmp_path: Path, form: str) -> None:
+    path = _case(tmp_path, "nested-only", form)
     _disagrees(path)
     doc = _json(["fix", str(path)])
     assert {e["key"]: e["to"] for e in doc["config_edits"]} == {
@@ -247,8 +251,9 @@ def test_a_flag_only_in_text_config_is_changed_there_and_on_top(tmp_path: Path) 
     _agrees(path)
 
 
-def test_levels_that_disagree_are_made_to_agree(tmp_path: Path) -> None:
-    path = _case(tmp_path, "nested-disagree")
+@pytest.mark.parametrize("form", FORMS)
+def test_levels_that_disagree_are_made_to_agree(tmp_path: Path, form: str) -> None:
+    path = _case(tmp_path, "nested-disagree", form)
     _disagrees(path)
     doc = _json(["fix", str(path)])
     assert doc["flags_before"] == {
@@ -428,3 +433,12 @@ def test_a_new_flag_goes_last_in_the_config_style() -> None:
     original = json.dumps({"model_type": "llama", "vocab_size": 10}, indent=3) + "\n"
     new = {"model_type": "llama", "vocab_size": 10, "tie_word_embeddings": False}
     assert config_text(original, new) == json.dumps(new, indent=3) + "\n"
+
+
+def test_a_config_temporary_left_by_a_killed_run_is_removed(tmp_path: Path) -> None:
+    path = _case(tmp_path, "head-differs")
+    leftover = path / ".config.json.999999999-0123abcd.tiecli-tmp"  # its writer is gone
+    leftover.write_text("{")
+    _json(["fix", str(path)])
+    assert not leftover.exists()
+    _agrees(path)

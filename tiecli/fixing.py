@@ -211,11 +211,10 @@ def decide(
                     hint="leave out --tie: fix makes the config say untied",
                 )
             want(p, False)
-            resolutions.append(
-                Resolution(
-                    p.alias, p.source, situation, "config says untied: the stored head is used"
-                )
-            )
+            action = "config says untied: every consumer uses the stored head"
+            if said is False:
+                action = "nothing: the config says untied, every consumer uses the stored head"
+            resolutions.append(Resolution(p.alias, p.source, situation, action))
         elif situation == "source_absent":
             if said is False and not tie:
                 raise UsageError(
@@ -462,8 +461,11 @@ def _fix(
             hint=f"fix the folder: tiecli fix {ckpt.config_path.parent if ckpt.config_path else ''}"
             " -o OUT_FOLDER",
         )
+    from .atomic import clean_leftovers
     from .rewrite import execute
 
+    if out is None and ckpt.config_path is not None:
+        clean_leftovers(ckpt.config_path.parent, {CONFIG})  # of a run killed mid-write
     if out is not None or plan.changes(ckpt):
         written = execute(
             ckpt,
