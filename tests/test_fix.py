@@ -442,3 +442,16 @@ def test_a_config_temporary_left_by_a_killed_run_is_removed(tmp_path: Path) -> N
     _json(["fix", str(path)])
     assert not leftover.exists()
     _agrees(path)
+
+
+def test_a_linked_config_is_replaced_never_written_through(tmp_path: Path) -> None:
+    path = _case(tmp_path, "head-differs")
+    blob = path / "blob-of-config"
+    (path / "config.json").rename(blob)
+    (path / "config.json").symlink_to(blob.name)
+    shared = blob.read_bytes()
+    _json(["fix", str(path)])
+    assert blob.read_bytes() == shared  # the link's target, perhaps shared, is untouched
+    assert not (path / "config.json").is_symlink()
+    assert _config(path)["tie_word_embeddings"] is False
+    _agrees(path)
