@@ -216,9 +216,10 @@ def render_untie(r: Any, console: Console) -> None:
         table = Table(title="Restored" if not r.dry_run else "Would restore", title_justify="left")
         for col in ("name", "from", "transform", "bytes"):
             table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
-        for t in r.restored:
-            made, origin = (t.alias, t.source) if t.source_stored else (t.source, t.alias)
-            table.add_row(shown(made), shown(origin), t.transform, human_bytes(t.bytes))
+        by_name = {n: t for t in r.restored for n in (t.alias, t.source)}
+        for made, (origin, transform) in r.made.items():
+            t = by_name[made]
+            table.add_row(shown(made), shown(origin), transform, human_bytes(t.bytes))
         console.print(table)
     else:
         console.print("nothing to restore: every name is stored")
