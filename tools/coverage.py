@@ -759,6 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         out.write_text(render(rows, version, total), encoding="utf-8")
     current.unlink(missing_ok=True)
+    out.write_text(render(rows, version, total), encoding="utf-8")
     if args.table:
         write_table(rows, version)
     failed = [r for r in rows if status(r) == "FAIL"]

@@ -1,0 +1,170 @@
+"""Architecture coverage: declared ties in the names the file uses, with and without transformers.
+
+The full walk is ``tools/coverage.py`` (its table: docs/coverage.md, its data:
+docs/coverage.json); these tests run a fast subset of it, check the pattern table
+finds the walk's ties from config.json alone for the most downloaded tied
+architectures, and check a file written in the model's own names is read in those.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import ROOT
+
+from tiecli import api
+
+WALK_SCRIPT = ROOT / "tools" / "coverage.py"
+WALK = json.loads((ROOT / "docs" / "coverage.json").read_text(encoding="utf-8"))
+ROWS = {(r["model_type"], r["class"]): r for r in WALK["rows"]}
+
+
+def _walker() -> Any:
+    spec = importlib.util.spec_from_file_location("tiecli_coverage_walk", WALK_SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# A handful of the walk, run in CI: a renamed head (GPT-NeoX), a vision-language model
+# whose file keeps transformers 4 names (Llava), an encoder-decoder with three aliases
+# (T5), a masked-LM head with a tied bias (BERT), and a plain decoder (Qwen2).
+FAST = [
+    ("gpt_neox", "GPTNeoXForCausalLM"),
+    ("llava", "LlavaForConditionalGeneration"),
+    ("t5", "T5ForConditionalGeneration"),
+    ("bert", "BertForMaskedLM"),
+    ("qwen2", "Qwen2ForCausalLM"),
+]
+ON_DISK = {
+    "GPTNeoXForCausalLM": {"embed_out.weight": "gpt_neox.embed_in.weight"},
+    "LlavaForConditionalGeneration": {
+        "language_model.lm_head.weight": "language_model.model.embed_tokens.weight"
+    },
+}
+
+# The most downloaded tied architectures (tools/coverage.py TOP, listed in
+# docs/coverage.md): the transformers-free path must find their ties from config.json.
+TOP = _walker().TOP
+
+
+@pytest.mark.parametrize(("model_type", "cls"), FAST, ids=[c for c, _ in FAST])
+def test_a_tiny_architecture_passes_every_check_in_its_on_disk_names(
+    tmp_path: Path, model_type: str, cls: str
+) -> None:
+    walk = _walker()
+    row = walk.check(model_type, cls, tmp_path)
+    assert "skip" not in row, row.get("skip")
+    assert row["checks"] == {c: "ok" for c in walk.CHECKS}, row.get("trace")
+    if cls in ON_DISK:
+        assert row["ties"] == ON_DISK[cls]
+    import transformers
+
+    if WALK["transformers"] == transformers.__version__:
+        assert row["ties"] == ROWS[model_type, cls]["ties"]  # the committed walk is this one'
+
+
+def test_the_top_architectures_are_in_the_walk_and_pass_it() -> None:
+    assert len(TOP) >= 40
+    missing = [c for c in TOP if c not in ROWS]
+    assert missing == []
+    for model_type, cls in TOP:
+        row = ROWS[model_type, cls]
+        assert row.get("ties"), f"{cls} declares no tie in the walk"
+        naming = {c: row["checks"][c] for c in ("inspect", "inspect-bin", "untie", "verify")}
+        assert naming == dict.fromkeys(naming, "ok"), cls
+
+
+def _sources_only(folder: Path, model_type: str, cls: str, ties: dict[str, str]) -> Path:
+    """A save_pretrained-like folder: config.json and each tie's source, aliases left out."""
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    config = {"model_type": model_type, "architectures": [cls], "tie_word_embeddings": True}
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
+    tensors = {s: torch.full((4, 4), float(i)) for i, s in enumerate(sorted(set(ties.values())))}
+    tensors["some.other.weight"] = torch.zeros(2)
+    save_file(tensors, str(folder / "model.safetensors"))
+    return folder
+
+
+FREE = """
+import json, sys
+sys.modules["transformers"] = None
+from tiecli import api
+out = {}
+for folder in sys.argv[1:]:
+    r = api.inspect(folder)
+    out[folder] = {"by": r.declared_by, "ties": sorted([t.alias, t.source] for t in r.ties)}
+print(json.dumps(out))
+"""
+
+
+def test_without_transformers_the_table_finds_the_walks_ties_from_config_json(
+    tmp_path: Path,
+) -> None:
+    folders = {}
+    for model_type, cls in TOP:
+        ties = ROWS[model_type, cls]["ties"]
+        folders[str(_sources_only(tmp_path / cls, model_type, cls, ties))] = ties
+    env = {**os.environ, "TIECLI_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run(
+        [sys.executable, "-c", FREE, *folders],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    got = json.loads(done.stdout)
+    wrong = {}
+    for folder, ties in folders.items():
+        want = sorted([a, s] for a, s in ties.items())
+        if got[folder]["ties"] != want or got[folder]["by"] != "pattern table":
+            wrong[Path(folder).name] = (got[folder], want)
+    assert wrong == {}
+
+
+def test_a_file_in_the_models_own_names_is_read_in_those(tmp_path: Path) -> None:
+    """save_pretrained writes GPT-NeoX's head as embed_out.weight; a plain state_dict()
+    keeps lm_head.weight. Each file's tie is found in its own names, and dedupe then
+    untie restores the head under the name that file uses."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    config = GPTNeoXConfig(
+        vocab_size=64,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = GPTNeoXForCausalLM(config)
+    disk = tmp_path / "save_pretrained"
+    model.save_pretrained(disk)
+    memory = tmp_path / "state_dict"
+    memory.mkdir()
+    (memory / "config.json").write_text((disk / "config.json").read_text())
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(memory / "model.safetensors"))  # the head as its own copy
+
+    for folder, head in ((disk, "embed_out.weight"), (memory, "lm_head.weight")):
+        ties = {(t.alias, t.source) for t in api.inspect(folder).ties}
+        assert ties == {(head, "gpt_neox.embed_in.weight")}, folder.name
+        deduped = tmp_path / f"{folder.name}-deduped"
+        api.dedupe(folder, deduped)
+        out = api.untie(deduped, tmp_path / f"{folder.name}-untied")
+        assert [t.alias for t in out.restored] == [head], folder.name
