@@ -600,6 +600,12 @@ def render(rows: list[dict[str, Any]], version: str, total: int) -> str:
     return "\n".join(lines)
 
 
+def _head(alias: str) -> bool:
+    """Not an encoder's or decoder's input embedding: those stay ``always`` in the table,
+    as other consumers (transformers 4, vLLM) tie them whatever the head's flag says."""
+    return not alias.endswith(("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"))
+
+
 def pattern_rules(
     rows: list[dict[str, Any]],
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, bool]]:
@@ -627,7 +633,7 @@ def pattern_rules(
             continue
         flagged = set(r.get("flag_ties", []))
         rules = [
-            {"alias": a, "source": s, "when": FLAG if a in flagged else "always"}
+            {"alias": a, "source": s, "when": FLAG if a in flagged and _head(a) else "always"}
             for a, s in sorted(r["ties"].items())
         ]
         mt = r["model_type"]
@@ -645,6 +651,12 @@ def write_table(rows: list[dict[str, Any]], version: str) -> None:
     table = json.loads(path.read_text(encoding="utf-8"))
     by_type, by_class, defaults = pattern_rules(rows)
     merged = dict(table["model_types"])
+    # a hand-written rule's flag stays: it also says which flag other consumers
+    # (transformers 4, vLLM) resolve the pair by, where transformers 5 may keep it tied
+    known = {(mt, r["alias"], r["source"]): r["when"] for mt, rs in merged.items() for r in rs}
+    for mt, rules in by_type.items():
+        for r in rules:
+            r["when"] = known.get((mt, r["alias"], r["source"]), r["when"])
     merged.update(by_type)
     # a hand-written model type whose every walked class declares no tie is stale
     kinds: dict[str, set[str]] = {}
