@@ -27,7 +27,7 @@ import torch
 INPUT = [[1, 5, 9, 17, 33, 65, 3, 2]]
 SIZES = {
     "small": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "layers": 2},
-    "large": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5504, "layers": 2},
+    "large": {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 8192, "layers": 2},
 }
 
 

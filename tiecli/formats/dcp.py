@@ -30,6 +30,7 @@ from __future__ import annotations
 import bisect
 import io
 import math
+import mmap
 import os
 import pickle
 import zipfile
@@ -347,6 +348,27 @@ class DcpBlob:
             f.preadinto(at + skip, view[done : done + k])
             done += k
             i += 1
+
+    def window(self, offset: int, length: int) -> tuple[mmap.mmap, int]:
+        """A mapping holding ``length`` bytes at ``offset`` (close it when done), and where
+        they start in it: a copy-on-write mapping of the file when one run holds them all
+        (nothing copied to user space), else an anonymous one they are read into."""
+        i = max(0, bisect.bisect_right(self._pos, offset) - 1)
+        pos, f, at, n = self._runs[i] if self._runs else (0, None, 0, 0)
+        if f is not None and offset + length <= pos + n:
+            absolute = at + offset - pos
+            start = absolute - absolute % mmap.ALLOCATIONGRANULARITY
+            f.bytes_read += length
+            with f.opened() as fd:
+                m = mmap.mmap(fd, absolute + length - start, offset=start, access=mmap.ACCESS_COPY)
+            return m, absolute - start
+        m = mmap.mmap(-1, max(length, 1))
+        view = memoryview(m)
+        try:
+            self.readinto(offset, view[:length])
+        finally:
+            view.release()
+        return m, 0
 
     def read(self, offset: int, size: int) -> bytes:
         buf = bytearray(size)
