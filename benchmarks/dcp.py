@@ -48,6 +48,23 @@ def generate(workdir: Path) -> Path:
     return out / "fsdp"
 
 
+def reference(dcp: Path, workdir: Path) -> Path:
+    """The same model as one safetensors file with the tie stored twice (made with tiecli,
+    untimed): the form whose dedupe SPEC section 9 measures, timed beside the DCP as a
+    reference for what the machine gives at that moment."""
+    ref = workdir / "dcp-large" / "reference.safetensors"
+    if ref.is_file():
+        return ref
+    folder = workdir / "dcp-large" / "hf"
+    remove(folder)
+    cmd = [*tiecli_argv(), "dedupe", str(dcp), "--to", "safetensors", "-o", str(folder), "-q"]
+    subprocess.run(cmd, check=True)
+    deduped = folder / "model.safetensors"
+    subprocess.run([*tiecli_argv(), "untie", str(deduped), "-o", str(ref), "-q"], check=True)
+    remove(folder)
+    return ref
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
@@ -58,9 +75,11 @@ def main() -> int:
     args.workdir.mkdir(parents=True, exist_ok=True)
     dcp = generate(args.workdir)
     size = du(dcp)
+    ref = reference(dcp, args.workdir)
     scratch = args.workdir / "scratch"
     scratch.mkdir(exist_ok=True)
     cp_out, tie_out = scratch / "cp-copy", scratch / "deduped"
+    outs = [cp_out, tie_out, scratch / "ref-copy.safetensors", scratch / "ref-deduped.safetensors"]
     cases = {
         "cp": ["cp", "-r", str(dcp), str(cp_out)],
         "tiecli": [
@@ -73,38 +92,45 @@ def main() -> int:
             str(tie_out),
             "-q",
         ],
+        "cp-ref": ["cp", str(ref), str(outs[2])],
+        "tiecli-ref": [*tiecli_argv(), "dedupe", str(ref), "-o", str(outs[3]), "-q"],
     }
     load_before = os.getloadavg()
     samples: dict[str, list[Sample]] = {k: [] for k in cases}
     failed = False
     for key in cases:  # one untimed round: the page cache holds the input for every timed one
-        remove(cp_out)
-        remove(tie_out)
+        for o in outs:
+            remove(o)
         subprocess.run(cases[key], check=True, capture_output=True)
+    out_size = 0
     for _ in range(args.repeat):
         for key, argv in cases.items():
-            remove(cp_out)
-            remove(tie_out)
+            for o in outs:
+                remove(o)
             s = measure(argv, scratch)
+            if key == "tiecli" and s.rc == 0:
+                out_size = du(tie_out)
             if s.rc != 0:
                 failed = True
                 print(f"FAIL: {' '.join(argv)} exited {s.rc}: {s.stderr[-2000:]}", file=sys.stderr)
             samples[key].append(s)
     load_after = os.getloadavg()
-    out_size = du(tie_out)
-    remove(cp_out)
-    remove(tie_out)
+    for o in outs:
+        remove(o)
     if not args.keep:
         remove(dcp.parent)
 
     med = {k: statistics.median(x.seconds for x in v) for k, v in samples.items()}
     ratios = [t.seconds / c.seconds for t, c in zip(samples["tiecli"], samples["cp"], strict=True)]
     x_cp = med["tiecli"] / med["cp"]
+    x_ref = med["tiecli-ref"] / med["cp-ref"]
     peak = max(s.peak_rss for s in samples["tiecli"]) / MB
     rows = []
     for key, label in (
         ("cp", "`cp -r` of the DCP folder"),
         ("tiecli", "`tiecli dedupe --to safetensors -o`"),
+        ("cp-ref", "reference: `cp` of the same model as one safetensors file"),
+        ("tiecli-ref", "reference: `tiecli dedupe -o` of that file"),
     ):
         t = [s.seconds for s in samples[key]]
         rss = max(s.peak_rss for s in samples[key]) / MB
@@ -127,7 +153,8 @@ def main() -> int:
             *rows,
             "",
             f"Ratio of medians: **{x_cp:.2f}× `cp -r`** (per-round ratios "
-            f"{min(ratios):.2f}–{max(ratios):.2f}).",
+            f"{min(ratios):.2f}–{max(ratios):.2f}). Reference, same rounds: `tiecli dedupe -o` "
+            f"of the model as one safetensors file is **{x_ref:.2f}× `cp`**.",
             "",
             *[f"- {'PASS' if ok else 'FAIL'}: {text}" for ok, text in checks],
             "",
@@ -150,6 +177,7 @@ def main() -> int:
                 "seconds": {k: [s.seconds for s in v] for k, v in samples.items()},
                 "peak_rss": {k: [s.peak_rss for s in v] for k, v in samples.items()},
                 "x_cp": x_cp,
+                "x_cp_reference": x_ref,
                 "ratios": ratios,
                 "machine": info,
             },
