@@ -143,6 +143,30 @@ def test_inspect_reads_a_dcp_without_importing_torch(saved: Path) -> None:
     assert proc.returncode == 0, proc.stderr
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
+def test_load_gives_what_torch_dcp_load_gives(saved: Path) -> None:
+    """tiecli.load gathers each tensor from its chunks as torch's own reader does."""
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    import tiecli
+
+    ours = tiecli.load(saved / "fsdp")
+    theirs = {n: torch.zeros_like(t) for n, t in ours.items()}
+    dcp.load(theirs, checkpoint_id=str(saved / "fsdp"), no_dist=True)
+    assert len(ours) == 21
+    for name, tensor in ours.items():
+        assert torch.equal(tensor, theirs[name]), name
+
+
+def test_verify_forward_runs_the_model_from_a_dcp(saved: Path, tmp_path: Path) -> None:
+    x = copy(saved, "fsdp", tmp_path / "ckpt")
+    shutil.copy(saved / "config.json", x / "config.json")
+    code, doc, err = cli("verify", x, "--forward", "--device", "cpu")
+    assert code == 0, err
+    assert doc["forward"]["ties_shared_on_device"] is True
+
+
 def test_nested_training_state_picks_the_model_part_and_says_so(saved: Path) -> None:
     code, doc, _err = cli("inspect", saved / "nested", "--config", saved / "config.json")
     assert code == 0
