@@ -254,6 +254,19 @@ def test_in_place_dedupe_and_untie_are_refused_naming_the_conversion(
     assert not (tmp_path / "o").exists() and not (tmp_path / "u").exists()
 
 
+def test_fix_is_refused_naming_the_conversion(saved: Path, tmp_path: Path) -> None:
+    """fix rewrites files as they are; a DCP folder would come out as safetensors files
+    named .metadata and __0_0.distcp."""
+    x = copy(saved, "fsdp", tmp_path / "ckpt")
+    shutil.copy(saved / "config.json", x / "config.json")
+    before = {p.name: p.read_bytes() for p in x.iterdir()}
+    for args in (["fix", x], ["fix", x, "-o", tmp_path / "o"]):
+        line = one_line_error(args)
+        assert "--to safetensors -o OUT; then fix OUT" in line
+    assert {p.name: p.read_bytes() for p in x.iterdir()} == before
+    assert not (tmp_path / "o").exists()
+
+
 # -- hostile and broken folders ------------------------------------------------------------
 
 

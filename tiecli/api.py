@@ -247,12 +247,13 @@ def _refuse_dcp(path: PathLike, out: PathLike | None, to: str | None, command: s
     from .errors import UsageError
 
     shown = shlex.quote(str(path))
-    if command == "untie":
+    if command != "dedupe":
         raise UsageError(
             "is a torch distributed checkpoint, which tiecli does not rewrite as one; "
             "nothing was changed",
             Path(path),
-            hint=f"convert it first: tiecli dedupe {shown} --to safetensors -o OUT; then untie OUT",
+            hint=f"convert it first: tiecli dedupe {shown} --to safetensors -o OUT; "
+            f"then {command} OUT",
         )
     if out is None or to != "safetensors":
         raise UsageError(
