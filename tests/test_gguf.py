@@ -282,10 +282,6 @@ def _valid(tmp_path: Path) -> bytes:
     return write_gguf(tmp_path / "valid.gguf").read_bytes()
 
 
-def _kv_start() -> int:
-    return 24
-
-
 def _hostile(raw: bytes) -> dict[str, bytes]:
     """Corruptions of a valid file, each a header a careless reader trusts."""
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", raw, 4)
@@ -306,6 +302,10 @@ def _hostile(raw: bytes) -> dict[str, bytes]:
         "bad-magic": b"GGUX" + raw[4:],
         "truncated-data": raw[: len(raw) - 100],
     }
+    # tokenizer.ggml.tokens: an array of strings; its count, then its first string's length
+    at = raw.index(b"tokenizer.ggml.tokens") + len(b"tokenizer.ggml.tokens") + 4 + 4
+    out["huge-array-count"] = raw[:at] + struct.pack("<Q", 1 << 60) + raw[at + 8 :]
+    out["absurd-string-length"] = raw[: at + 8] + struct.pack("<Q", 1 << 62) + raw[at + 16 :]
     return out
 
 
@@ -326,24 +326,27 @@ def _hostile_tensors(raw: bytes) -> dict[str, bytes]:
     }
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        "truncated-header",
-        "truncated-kv",
-        "huge-kv-count",
-        "huge-tensor-count",
-        "absurd-key-length",
-        "unknown-value-type",
-        "bad-version",
-        "big-endian",
-        "truncated-data",
-        "unknown-tensor-type",
-        "offset-past-end",
-        "offset-misaligned",
-        "huge-dims",
-    ],
-)
+# each hostile case, and what its one-line error says
+HOSTILE = {
+    "truncated-header": "too short for a GGUF header",
+    "truncated-kv": "metadata keys, more than the file can hold",
+    "huge-kv-count": "metadata keys, more than the file can hold",
+    "huge-tensor-count": "tensors, more than the file can hold",
+    "absurd-key-length": "a metadata key runs past the end of the file",
+    "unknown-value-type": "has unknown value type 99",
+    "bad-version": "is GGUF version 1",
+    "big-endian": "big-endian GGUF",
+    "truncated-data": "its data runs past the end of the file",
+    "huge-array-count": "array items, more than the file can hold",
+    "absurd-string-length": "'tokenizer.ggml.tokens' runs past the end of the file",
+    "unknown-tensor-type": "has unknown type 200",
+    "offset-past-end": "its data runs past the end of the file",
+    "offset-misaligned": "not a multiple of the alignment",
+    "huge-dims": "its data runs past the end of the file",
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE))
 @pytest.mark.parametrize("command", ["inspect", "verify", "dedupe", "untie"])
 def test_hostile_gguf_is_a_clean_error(tmp_path: Path, case: str, command: str) -> None:
     raw = _valid(tmp_path)
@@ -357,6 +360,7 @@ def test_hostile_gguf_is_a_clean_error(tmp_path: Path, case: str, command: str) 
     assert r.stdout == ""
     lines = r.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"Error: {bad}: "), r.stderr
+    assert HOSTILE[case] in lines[0]
     assert "Traceback" not in r.output
     assert sha(bad) == before
     assert sorted(x.name for x in tmp_path.iterdir()) == sorted(["valid.gguf", bad.name])
@@ -367,3 +371,202 @@ def test_bad_magic_with_gguf_suffix(tmp_path: Path) -> None:
     bad.write_bytes(_hostile(_valid(tmp_path))["bad-magic"])
     r = run("inspect", str(bad))
     assert r.exit_code == 2 and "GGUF magic" in r.stderr
+
+
+@pytest.mark.parametrize(
+    "case", ["huge-kv-count", "huge-tensor-count", "huge-array-count", "absurd-string-length"]
+)
+def test_hostile_counts_allocate_nothing_large(tmp_path: Path, case: str) -> None:
+    """A count or length is checked against the file size before anything is built by it."""
+    import tracemalloc
+
+    from tiecli.errors import CheckpointFormatError
+    from tiecli.formats.gguf import GGUFFile
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(_hostile(_valid(tmp_path))[case])
+    tracemalloc.start()
+    try:
+        with pytest.raises(CheckpointFormatError):
+            GGUFFile(bad)
+        _size, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+
+
+def test_split_gguf_is_refused_with_the_fix(tmp_path: Path) -> None:
+    p = tmp_path / "m-00001-of-00002.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_uint16("split.no", 0)
+    w.add_uint16("split.count", 2)
+    w.add_tensor("token_embd.weight", _tensors()["token_embd.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = run("inspect", str(p))
+    assert r.exit_code == 2
+    assert "split GGUF (2 parts)" in r.stderr and "llama-gguf-split --merge" in r.stderr
+
+
+def test_gguf_magic_without_the_suffix(tmp_path: Path) -> None:
+    p = write_gguf(tmp_path / "m.gguf", head="copy")
+    q = p.rename(tmp_path / "model.weights")
+    d = doc("inspect", str(q))
+    assert d["format"] == "gguf" and d["dedupable_bytes"] > 0
+
+
+def test_unknown_architecture_is_noted_and_left_alone(tmp_path: Path) -> None:
+    p = write_gguf(tmp_path / "m.gguf", arch="not-an-arch", head="copy")
+    d = doc("inspect", str(p))
+    assert any("not in tiecli's llama.cpp table" in n for n in d["notes"])
+    assert all("declared" not in t["evidence"] for t in d["ties"])
+    before = sha(p)
+    r = doc("dedupe", str(p), "--by-value", "--min-bytes", "0")
+    assert r["removed"] == [] and sha(p) == before
+
+
+def test_a_bad_write_is_caught_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The written file is read back with GGUFReader and compared; a flipped byte
+    fails the run (exit 1) and leaves the input as it was."""
+    import tiecli.formats.gguf as gguf_format
+
+    p = write_gguf(tmp_path / "m.gguf", head="copy")
+    before = sha(p)
+    real = gguf_format._copy_range
+
+    def flipped(src, dst, src_off, dst_off, count, *args):  # type: ignore[no-untyped-def]
+        real(src, dst, src_off, dst_off, count, *args)
+        import os
+
+        byte = os.pread(src, 1, src_off)
+        os.pwrite(dst, bytes([byte[0] ^ 1]), dst_off)
+
+    monkeypatch.setattr(gguf_format, "_copy_range", flipped)
+    r = run("dedupe", str(p))
+    assert r.exit_code == 1, r.output
+    assert "verification failed" in r.stderr and "does not equal" in r.stderr
+    assert sha(p) == before
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["m.gguf"]
+
+
+def test_forward_and_conversion_are_refused(tmp_path: Path) -> None:
+    p = write_gguf(tmp_path / "m.gguf", head="copy")
+    before = sha(p)
+    r = run("dedupe", str(p), "--to", "safetensors", "-o", str(tmp_path / "x.safetensors"))
+    assert r.exit_code == 2 and "GGUF" in r.stderr
+    assert not (tmp_path / "x.safetensors").exists()
+    r = run("verify", str(p), "--forward")
+    assert r.exit_code == 2 and "GGUF" in r.stderr
+    assert sha(p) == before
+
+
+# -- the generator ------------------------------------------------------------
+
+ARCH_CPP = """
+static const std::map<llm_arch, const char *> LLM_ARCH_NAMES = {
+    { LLM_ARCH_LLAMA,   "llama"   },
+    { LLM_ARCH_GEMMA,   "gemma"   },
+    { LLM_ARCH_OLMO2,   "olmo2"   },
+    { LLM_ARCH_BERT,    "bert"    },
+    { LLM_ARCH_EAGLE,   "eagle"   },
+};
+"""
+LLAMA_BODY = """
+    tok_embd = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, 0);
+    output = create_tensor(tn(LLM_TENSOR_OUTPUT, "weight"), {n_embd, n_vocab}, TENSOR_NOT_REQUIRED);
+    // if output is NULL, init from the input tok embed
+    if (output == NULL) {
+        output = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, TENSOR_DUPLICATED);
+    }
+"""
+GEMMA_BODY = """
+    tok_embd = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, 0);
+    output = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, TENSOR_DUPLICATED);
+"""
+OLMO2_BODY = """
+    output = create_tensor(tn(LLM_TENSOR_OUTPUT, "weight"), {n_embd, n_vocab}, 0);
+"""
+BERT_BODY = """
+    tok_embd = create_tensor(tn(LLM_TENSOR_TOKEN_EMBD, "weight"), {n_embd, n_vocab}, 0);
+"""
+EAGLE_BODY = """
+    output = create_tensor(tn(LLM_TENSOR_OUTPUT, "weight"), {n_embd, n_vocab}, TENSOR_NOT_REQUIRED);
+"""
+WANT = {
+    "llama": "falls-back",
+    "gemma": "always-tied",
+    "olmo2": "required",
+    "bert": "no-head",
+    "eagle": "optional",
+}
+
+
+def _generate(tree: Path) -> dict:
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "tools/gguf_fallback.py"), str(tree), "--source", "test"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout)
+
+
+def test_generator_reads_the_switch_layout(tmp_path: Path) -> None:
+    src = tmp_path / "llama.cpp/src"
+    src.mkdir(parents=True)
+    (src / "llama-arch.cpp").write_text(ARCH_CPP)
+    cases = "".join(
+        f"        case LLM_ARCH_{arch.upper()}:\n            {{{body}            }} break;\n"
+        for arch, body in [
+            ("llama", LLAMA_BODY),
+            ("gemma", GEMMA_BODY),
+            ("olmo2", OLMO2_BODY),
+            ("bert", BERT_BODY),
+            ("eagle", EAGLE_BODY),
+        ]
+    )
+    (src / "llama-model.cpp").write_text(
+        "bool llama_model::load_tensors(llama_model_loader & ml) {\n"
+        f"    switch (arch) {{\n{cases}        default: throw;\n    }}\n    return true;\n}}\n"
+    )
+    doc = _generate(tmp_path / "llama.cpp")
+    assert doc["architectures"] == WANT
+    assert doc["source"]["path"] == "src/llama-model.cpp load_tensors"
+
+
+def test_generator_reads_the_per_model_layout(tmp_path: Path) -> None:
+    src = tmp_path / "llama.cpp/src"
+    (src / "models").mkdir(parents=True)
+    (src / "llama-arch.cpp").write_text(ARCH_CPP)
+    classes = {"llama": "llama", "gemma": "gemma", "olmo2": "olmo2", "bert": "bert"}
+    factory = "".join(
+        f"        case LLM_ARCH_{a.upper()}:\n            return new llama_model_{c}(params);\n"
+        for a, c in classes.items()
+    )
+    # eagle inherits llama's loader, with nothing of its own
+    factory += "        case LLM_ARCH_EAGLE:\n            return new llama_model_eagle(params);\n"
+    (src / "llama-model.cpp").write_text(f"switch (arch) {{\n{factory}}}\n")
+    (src / "models/models.h").write_text(
+        "struct llama_model_llama : public llama_model_base {};\n"
+        "struct llama_model_eagle : public llama_model_llama {};\n"
+    )
+    for arch, body in [
+        ("llama", LLAMA_BODY),
+        ("gemma", GEMMA_BODY),
+        ("olmo2", OLMO2_BODY),
+        ("bert", BERT_BODY),
+    ]:
+        (src / f"models/{arch}.cpp").write_text(
+            f"void llama_model_{arch}::load_arch_tensors(llama_model_loader &) {{{body}}}\n"
+        )
+    doc = _generate(tmp_path / "llama.cpp")
+    assert doc["architectures"] == WANT | {"eagle": "falls-back"}

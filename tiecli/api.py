@@ -485,6 +485,13 @@ def _dedupe(
     from .plan import plan_dedupe
 
     _refuse_unreadable_record(ckpt, report)
+    if to == "safetensors" and ckpt.format == "gguf":
+        from .errors import UsageError
+
+        raise UsageError(
+            "is a GGUF file; --to safetensors converts PyTorch pickles only; nothing was changed",
+            ckpt.path,
+        )
     to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
     if to_st and out is None and _pickle_has_more(ckpt):
         raise UnsafeChangeError(
@@ -738,6 +745,11 @@ def verify(
         require_deduped=require_deduped,
         for_consumers=for_consumers,
     )
+    if forward and verdicts[0].format == "gguf":
+        raise UsageError(
+            "is a GGUF file; --forward rebuilds PyTorch models only (llama.cpp runs GGUF)",
+            roots[0],
+        )
     if forward:
         from .forward import forward_check
 

@@ -109,8 +109,8 @@ class GGUFFile(ByteFile):
             self.close()
             raise
 
-    def _fail(self, what: str) -> CheckpointFormatError:
-        return CheckpointFormatError(what, self.path)
+    def _fail(self, what: str, hint: str | None = None) -> CheckpointFormatError:
+        return CheckpointFormatError(what, self.path, hint=hint)
 
     def _short_read(self, offset: int) -> Exception:
         return self._fail("short read (file changed or truncated?)")
@@ -149,6 +149,7 @@ class GGUFFile(ByteFile):
         }
         scalar_codes = {int(k): v for k, v in scalar.items()}
         string, array = int(types.STRING), int(types.ARRAY)
+        unsigned = {int(t) for t in (types.UINT8, types.UINT16, types.UINT32, types.UINT64)}
 
         def need(at: int, n: int, what: str) -> None:
             if n < 0 or at + n > self.size:
@@ -212,6 +213,14 @@ class GGUFFile(ByteFile):
                     raise self._fail(f"general.alignment {alignment} is not a power of two")
             elif key == "general.architecture" and vtype == string:
                 self.architecture = buf[start + 8 : pos].decode("utf-8", "replace")
+            elif key == "split.count" and vtype in unsigned:
+                split = int.from_bytes(buf[start:pos], "little")
+                if split > 1:
+                    raise self._fail(
+                        f"is one part of a split GGUF ({split} parts): its tie lies across "
+                        "the parts",
+                        hint="merge it first: llama-gguf-split --merge FIRST-PART merged.gguf",
+                    )
         self.kv_end = pos
         self.alignment = alignment or int(gguf.GGUF_DEFAULT_ALIGNMENT)
         self.version, self.n_kv = version, n_kv
