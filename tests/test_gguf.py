@@ -453,6 +453,40 @@ def test_a_bad_write_is_caught_before_the_rename(
     assert sorted(x.name for x in tmp_path.iterdir()) == ["m.gguf"]
 
 
+def test_changed_metadata_is_caught_before_the_rename(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tiecli.formats.gguf as gguf_format
+
+    p = write_gguf(tmp_path / "m.gguf", head="copy")
+    before = sha(p)
+    real = gguf_format._write_all
+
+    def renamed(fd, data, offset):  # type: ignore[no-untyped-def]
+        return real(fd, bytes(data).replace(b"tiny", b"tinz"), offset)
+
+    monkeypatch.setattr(gguf_format, "_write_all", renamed)
+    r = run("dedupe", str(p), "-o", str(tmp_path / "out.gguf"))
+    assert r.exit_code == 1, r.output
+    assert "its metadata differs" in r.stderr
+    assert sha(p) == before and not (tmp_path / "out.gguf").exists()
+
+
+def test_repeated_metadata_key_is_refused(tmp_path: Path) -> None:
+    p = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_uint32("general.aaaa", 1)
+    w.add_uint32("general.bbbb", 2)
+    w.add_tensor("token_embd.weight", _tensors()["token_embd.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    p.write_bytes(p.read_bytes().replace(b"general.bbbb", b"general.aaaa"))
+    r = run("inspect", str(p))
+    assert r.exit_code == 2 and "names metadata key 'general.aaaa' twice" in r.stderr
+
+
 def test_forward_and_conversion_are_refused(tmp_path: Path) -> None:
     p = write_gguf(tmp_path / "m.gguf", head="copy")
     before = sha(p)
