@@ -166,6 +166,7 @@ def test_different_types_are_reported_never_dropped(tmp_path: Path) -> None:
     before = sha(p)
     r = doc("dedupe", str(p))
     assert r["removed"] == [] and r["changed"] is False
+    assert any("different types" in n for n in r["notes"])
     assert sha(p) == before
 
 
@@ -271,8 +272,17 @@ def test_folder_with_one_gguf(tmp_path: Path) -> None:
     folder = tmp_path / "model"
     folder.mkdir()
     write_gguf(folder / "tiny-Q8_0.gguf", head="copy")
+    (folder / "README.md").write_text("a model card")
     d = doc("inspect", str(folder))
     assert d["format"] == "gguf" and d["dedupable_bytes"] > 0
+    out = tmp_path / "out"
+    r = doc("dedupe", str(folder), "-o", str(out))
+    assert r["removed"] == ["output.weight"]
+    assert sorted(x.name for x in out.iterdir()) == ["README.md", "tiny-Q8_0.gguf"]
+    assert "output.weight" not in tensors(out / "tiny-Q8_0.gguf")
+    doc("dedupe", str(folder))  # in place
+    assert "output.weight" not in tensors(folder / "tiny-Q8_0.gguf")
+    assert sorted(x.name for x in folder.iterdir()) == ["README.md", "tiny-Q8_0.gguf"]
 
 
 # -- hostile files ------------------------------------------------------------

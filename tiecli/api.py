@@ -234,6 +234,7 @@ class RewriteResult:
     # other files of the folder that -o left out, with the reason (links out of it...)
     not_copied: list[dict[str, str]] = field(default_factory=list)
     remote: dict[str, int] | None = None  # a URL's download: requests and bytes_read
+    notes: list[str] = field(default_factory=list)  # what inspect notes too (a GGUF head kept)
 
     @property
     def ok(self) -> bool:
@@ -249,6 +250,7 @@ class RewriteResult:
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after,
                 "not_copied": self.not_copied,
+                "notes": self.notes,
             }
             | ({"remote": self.remote} if self.remote is not None else {})
         )
@@ -300,6 +302,7 @@ def _rewrite_fields(
         "problems": report.problems,
         "dry_run": dry_run,
         "changed": plan.changes(ckpt),
+        "notes": list(ckpt.notes),
     }
 
 
