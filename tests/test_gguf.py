@@ -420,6 +420,20 @@ def test_split_gguf_is_refused_with_the_fix(tmp_path: Path) -> None:
     assert "split GGUF (2 parts)" in r.stderr and "llama-gguf-split --merge" in r.stderr
 
 
+def test_a_long_key_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
+    p = tmp_path / "m.gguf"
+    w = gguf.GGUFWriter(str(p), "llama")
+    w.add_uint32("k" * 70000, 1)
+    w.add_tensor("token_embd.weight", _tensors()["token_embd.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = run("inspect", str(p))
+    assert r.exit_code == 2 and "a metadata key is 70000 bytes long" in r.stderr
+    assert len(r.stderr) < 300
+
+
 def test_gguf_magic_without_the_suffix(tmp_path: Path) -> None:
     p = write_gguf(tmp_path / "m.gguf", head="copy")
     q = p.rename(tmp_path / "model.weights")

@@ -45,6 +45,7 @@ EMBEDDING = "token_embd.weight"
 HEADS_TABLE = Path(__file__).parent.parent / "data" / "gguf_heads.json"
 MAX_DIMS = 4  # GGML_MAX_DIMS
 MAX_NESTING = 4  # arrays of arrays, deeper than any writer makes
+MAX_NAME = 65535  # bytes of a key or tensor name (llama.cpp's tensor names take 64)
 # bytes a key/value and a tensor info take at the least: what bounds their counts
 MIN_KV = 8 + 4 + 1
 MIN_TENSOR_INFO = 8 + 4 + 4 + 8
@@ -164,6 +165,8 @@ class GGUFFile(ByteFile):
             need(at, 8, what)
             (n,) = struct.unpack_from("<Q", buf, at)
             need(at + 8, n, what)
+            if n > MAX_NAME:
+                raise self._fail(f"{what} is {n} bytes long (at most {MAX_NAME})")
             try:
                 return buf[at + 8 : at + 8 + n].decode("utf-8"), at + 8 + n
             except UnicodeDecodeError:
@@ -290,6 +293,7 @@ class GGUFFile(ByteFile):
             if s1 < e0:
                 raise self._fail(f"tensors {_q(k0)} and {_q(k1)} overlap in the file")
         self.infos = {t.name: t for t in infos}
+        self.bytes_read += self.infos_end
 
     # -- gguf-py's reading ---------------------------------------------------
 
@@ -300,7 +304,6 @@ class GGUFFile(ByteFile):
         except (ValueError, IndexError, KeyError, OverflowError, TypeError) as e:
             raise self._fail(f"gguf cannot read it ({type(e).__name__})") from None
         self.fields = reader.fields
-        self.bytes_read += self.data_start
         got = [
             (t.name, tuple(int(d) for d in t.shape), int(t.tensor_type), t.data_offset, t.n_bytes)
             for t in reader.tensors
