@@ -313,6 +313,9 @@ def _to_folder(
             if as_safetensors and ckpt.format.startswith("pytorch"):
                 name = "model.safetensors.index.json"
             _write_index(tmpdir / name, plan, ckpt.index_path, durable)
+        elif plan.index_metadata is not None:  # a checkpoint sharded anew (a DCP's output)
+            _write_index(tmpdir / "model.safetensors.index.json", plan, None, durable)
+        _place_config(ckpt, src_folder, tmpdir)
         for name, data in (files or {}).items():  # after the weights are verified
             replace_file(tmpdir / name, data, durable)
         if durable:
@@ -388,6 +391,13 @@ def _copy_tree(
         shutil.copystat(here, there)
 
 
+def _place_config(ckpt: Checkpoint, src_folder: Path, tmpdir: Path) -> None:
+    """The ``config.json`` named with ``--config`` goes beside the output's weights."""
+    cfg = ckpt.config_path
+    if cfg is not None and cfg.resolve() != (src_folder / "config.json").resolve():
+        shutil.copyfile(cfg, tmpdir / "config.json")
+
+
 def replace_file(path: Path, data: bytes, durable: bool) -> None:
     """Write ``data`` as ``path`` (a fresh file: a link copied there is replaced, not
     followed), fsynced when ``durable``."""
@@ -405,7 +415,7 @@ def replace_file(path: Path, data: bytes, durable: bool) -> None:
         os.close(fd)
 
 
-def _write_index(path: Path, plan: Plan, original: Path, durable: bool) -> None:
+def _write_index(path: Path, plan: Plan, original: Path | None, durable: bool) -> None:
     """The new index: the original's document with its ``weight_map`` and ``metadata``
     replaced; every other key (``quantization_config``...) and metadata entry kept."""
     from .formats import read_json
@@ -415,7 +425,7 @@ def _write_index(path: Path, plan: Plan, original: Path, durable: bool) -> None:
         weight_map |= {
             a: weight_map[s] for a, (s, _t) in plan.pickle_views.items() if s in weight_map
         }
-    before = read_json(original, what="index")
+    before = read_json(original, what="index") if original is not None else {}
     before = before if isinstance(before, dict) else {}
     old_meta = before.get("metadata")
     old_meta = old_meta if isinstance(old_meta, dict) else {}
@@ -453,6 +463,9 @@ def _write_one(
     if not as_safetensors:  # a pickle keeps its aliases, as views of their sources
         names |= {a for a, (s, _t) in plan.pickle_views.items() if s in names}
     checks = [c for c in plan.checks if c.out in names]
+    if ckpt.format == "gguf":
+        _write_gguf(ckpt, f, tmp, checks, shown, progress, durable)
+        return
     if not as_safetensors:
         reader = next(r for r in ckpt.readers if r.path == f.source)
         if _zip_shareable(reader, plan) and _write_zip(
@@ -479,6 +492,29 @@ def _write_one(
     if not followed:  # the writer ended without error, short of what was checked
         raise VerificationError(
             f"verification failed: {tmp.name} was written short; nothing was changed", shown
+        )
+
+
+def _write_gguf(
+    ckpt: Checkpoint,
+    f: FilePlan,
+    tmp: Path,
+    checks: list[Check],
+    shown: Path,
+    progress: Progress,
+    durable: bool,
+) -> None:
+    """A GGUF file: its metadata kept as it is, tensors copied, read back with gguf."""
+    from .formats.gguf import check_written, write_gguf
+
+    src = ckpt.readers[0]
+    with progress.task(f"writing {f.name}", sum(t.nbytes for t in f.tensors)) as bar:
+        with output_errors(shown):
+            write_gguf(src, f.tensors, tmp, bar, durable)
+    wrong = check_written(src, tmp, checks, progress)
+    if wrong is not None:
+        raise VerificationError(
+            f"verification failed: the written {tmp.name}: {wrong}; nothing was changed", shown
         )
 
 
