@@ -26,6 +26,7 @@ class Counts:
         self.requests = 0
         self.bytes = 0
         self.ranges: list[str] = []  # the Range headers received
+        self.multi = 0  # multi-range requests answered multipart/byteranges
         self.paths: list[str] = []
 
     def add(self, path: str, sent: int, range_header: str | None) -> None:
@@ -72,6 +73,10 @@ class _Handler(BaseHTTPRequestHandler):
         size = path.stat().st_size
         headers = {"Accept-Ranges": "bytes", **(extra or {})}
         header = self.headers.get("Range")
+        specs = re.findall(r"(\d+)-(\d*)", header or "")
+        if len(specs) > 1 and not self.server.ignore_ranges:
+            self._ranges(path, size, [(int(a), int(b) + 1 if b else size) for a, b in specs])
+            return
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", header or "")
         start, end, status = 0, size, 200
         if m and not self.server.ignore_ranges:
@@ -107,6 +112,53 @@ class _Handler(BaseHTTPRequestHandler):
                 self.wfile.write(chunk)
                 left -= len(chunk)
 
+    def _ranges(self, path: Path, size: int, ranges: list[tuple[int, int]]) -> None:
+        """A multi-range request, answered as ``server.multi`` says: ``"multipart"``
+        (206 multipart/byteranges, as nginx and Apache do), ``"first"`` (206 with the
+        first range only), ``"whole"`` (200 with the whole file, as nginx with
+        ``max_ranges 1``)."""
+        mode = self.server.multi
+        if mode == "whole":
+            self._whole(path, size)
+            return
+        with open(path, "rb") as f:
+
+            def read(start: int, end: int) -> bytes:
+                f.seek(start)
+                return f.read(min(end, size) - start)
+
+            if mode == "first":
+                start, end = ranges[0]
+                end = min(end, size)
+                self._send(
+                    206, read(start, end), {"Content-Range": f"bytes {start}-{end - 1}/{size}"}
+                )
+                return
+            boundary = "tiecli-test-boundary"
+            body = b""
+            for start, end in ranges:
+                end = min(end, size)
+                body += (
+                    f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+                    f"Content-Range: bytes {start}-{end - 1}/{size}\r\n\r\n"
+                ).encode() + read(start, end)
+            body += f"\r\n--{boundary}--\r\n".encode()
+        self.server.counts.multi += 1
+        self._send(206, body, {"Content-Type": f"multipart/byteranges; boundary={boundary}"})
+
+    def _whole(self, path: Path, size: int) -> None:
+        """200 with the whole file, streamed; counted as sent when its headers are."""
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        self.server.counts.add(self.path, size, self.headers.get("Range"))
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    self.wfile.write(chunk)
+        except OSError:
+            pass  # the client hung up: it read the headers only
+
     def _delay(self) -> None:
         if self.server.delay:
             time.sleep(self.server.delay)
@@ -119,7 +171,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FileHandler(_Handler):
-    """Serves ``server.root`` as static files, with single byte ranges."""
+    """Serves ``server.root`` as static files, with byte ranges (one, or several in one
+    request: see :meth:`_Handler._ranges`)."""
 
     def do_GET(self) -> None:  # noqa: N802
         self._delay()
@@ -239,6 +292,7 @@ def serve(
     refuse: bool = False,
     delay: float = 0.0,
     ignore_ranges: bool = False,
+    multi: str = "multipart",
 ) -> Iterator[tuple[str, Counts]]:
     """A server on 127.0.0.1 for ``root``: its base URL and its counts."""
     server = _Server(("127.0.0.1", 0), HubHandler if hub else FileHandler)
@@ -247,6 +301,7 @@ def serve(
     server.refuse = refuse  # type: ignore[attr-defined]
     server.delay = delay  # type: ignore[attr-defined]
     server.ignore_ranges = ignore_ranges  # type: ignore[attr-defined]
+    server.multi = multi  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

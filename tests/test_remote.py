@@ -223,13 +223,13 @@ def test_sampled_elements_are_fetched_in_few_coalesced_requests(tmp_path: Path) 
     with serve(tmp_path) as (base, counts):
         _code, doc = _json(["inspect", "--json", f"{base}/m/small.safetensors"])
         assert doc["ties"] == [] and doc["tensors"] == 200
-        # a HEAD for the size, the first 64 KiB, the 200 first elements in one request
-        # (none shared: no sampled element is read), and the look for config.json
-        # beside the file (fsspec tries HEAD, then GET)
-        assert doc["remote"]["requests"] == counts.requests == 5
+        # the first 64 KiB (with the size), the 200 first elements in one range (none
+        # shared: no sampled element is read), and the look for config.json beside the file
+        assert doc["remote"]["requests"] == counts.requests == 3
         _code, doc = _json(["inspect", "--json", f"{base}/m/large.safetensors"])
+        assert counts.multi == 1
     assert doc["ties"] == []
-    assert doc["remote"]["requests"] == 2 + 10 + 2  # one request per first element
+    assert doc["remote"]["requests"] == 1 + 1 + 1  # the ten first elements in one request
     size = (folder / "large.safetensors").stat().st_size
     assert doc["remote"]["bytes_read"] < 0.01 * size
 
@@ -564,8 +564,9 @@ def test_many_small_tensors_cost_few_requests(tmp_path: Path) -> None:
 
 
 def len_of(header: str) -> int:
-    start, end = header.removeprefix("bytes=").split("-")
-    return int(end) - int(start) + 1
+    """The longest range a ``Range`` header asks for."""
+    spans = [r.split("-") for r in header.removeprefix("bytes=").split(",")]
+    return max(int(end) - int(start) + 1 for start, end in spans)
 
 
 def test_a_range_answer_longer_than_asked_is_not_read(tmp_path: Path) -> None:
@@ -637,3 +638,86 @@ def test_a_padded_tie_past_max_download_is_judged_from_rows(tmp_path: Path) -> N
         r = runner.invoke(app, ["inspect", "--json", url])  # within the budget: compared whole
         (tie,) = json.loads(r.stdout)["ties"]
         assert tie["pad"] == {"source_rows": 1024, "alias_rows": 1000}
+
+
+# -- multi-range requests -------------------------------------------------------
+
+
+def _layers(folder: Path, n: int = 40, tie: bool = False) -> Path:
+    """``n`` same-shaped 256 KiB tensors nobody declared (a pair of them equal when
+    ``tie``): every one is a tie candidate until its first element is read."""
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    tensors = {
+        f"layers.{i}.w": rng.standard_normal((256, 256)).astype(np.float32) for i in range(n)
+    }
+    if tie:
+        tensors[f"layers.{n - 1}.w"] = tensors["layers.0.w"].copy()
+    _safetensors(folder / "model.safetensors", tensors)
+    return folder / "model.safetensors"
+
+
+def test_no_candidate_costs_three_requests_per_file(tmp_path: Path) -> None:
+    path = _layers(tmp_path / "m")
+    with serve(tmp_path) as (base, counts):
+        _code, doc = _json(["inspect", "--json", f"{base}/m/model.safetensors"])
+        served = (counts.requests, counts.bytes)
+    _code, local = _json(["inspect", "--json", str(path)])
+    _same(doc, local)
+    assert doc["ties"] == []
+    # the header (with the size), the 40 first elements in one multi-range request, and
+    # the look for config.json: one request per tensor before
+    assert doc["remote"]["requests"] == served[0] == 3 and counts.multi == 1
+    assert doc["remote"]["bytes_read"] == served[1] < 0.01 * path.stat().st_size
+    # 39 ranges: the first tensor's first element came with the header
+    assert max(r.count(",") for r in counts.ranges) == 38
+
+
+@pytest.mark.parametrize("multi", ["multipart", "first", "whole"])
+def test_servers_that_refuse_multi_range_are_read_one_range_at_a_time(
+    multi: str, tmp_path: Path
+) -> None:
+    """A server may answer a multi-range request with the first range only, or with the
+    whole file (nginx with max_ranges 1): the whole file is refused from its headers,
+    and every range is then asked alone; the results are those of a local run."""
+    path = _layers(tmp_path / "m", tie=True)
+    size = path.stat().st_size
+    with serve(tmp_path, multi=multi) as (base, counts):
+        _code, doc = _json(
+            ["inspect", "--json", "--max-download", "0", f"{base}/m/model.safetensors"]
+        )
+        requests = counts.requests
+        singles = [r for r in counts.ranges if "," not in r]
+    _code, local = _json(["inspect", "--json", str(path)])
+    [tie] = doc["ties"]
+    assert (tie["alias"], tie["source"], tie["evidence"]) == (
+        "layers.39.w",
+        "layers.0.w",
+        ["sampled"],
+    )
+    assert [t["alias"] for t in local["ties"]] == ["layers.39.w"]
+    assert doc["remote"]["requests"] == requests
+    assert doc["remote"]["bytes_read"] < 0.01 * size  # never the whole file
+    if multi == "multipart":
+        # header, first elements, the pair's samples, config.json
+        assert requests == 4 and counts.multi == 2
+    else:
+        # one refused multi-range request, then one request per range (the samples too)
+        assert counts.multi == 0
+        assert requests >= 2 + 40 + 8
+        assert sum("," in r for r in counts.ranges) == 1 and len(singles) >= 40
+
+
+def test_multipart_parts_are_cut_by_their_content_range() -> None:
+    from tiecli.errors import TiecliError
+    from tiecli.formats.remote import _parts
+
+    data = b"--b\r\n--b--\r\n"  # the boundary inside a part's bytes
+    body = (
+        b"\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 10-21/100"
+        b"\r\n\r\n" + data + b"\r\n--b\r\ncontent-range: bytes 50-50/100\r\n\r\nx\r\n--b--\r\n"
+    )
+    assert _parts(body, b"b", "http://h/m") == [(10, data), (50, b"x")]
+    for bad in (body.replace(b"21/", b"99/"), body[:40], b"no parts"):
+        with pytest.raises(TiecliError, match="malformed"):
+            _parts(bad, b"b", "http://h/m")
