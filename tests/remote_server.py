@@ -27,6 +27,7 @@ class Counts:
         self.bytes = 0
         self.ranges: list[str] = []  # the Range headers received
         self.multi = 0  # multi-range requests answered multipart/byteranges
+        self.flooded = 0  # bytes of an over-long answer written (see _Handler._flood)
         self.paths: list[str] = []
 
     def add(self, path: str, sent: int, range_header: str | None) -> None:
@@ -55,14 +56,15 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
         length: int | None = None,
     ) -> None:
+        # counted before anything is sent: the client may be done the moment it has the
+        # headers (an error) or the body
+        sent = len(body) if self.command != "HEAD" and status < 400 else 0
+        self.server.counts.add(self.path, sent, self.headers.get("Range"))
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
-        # counted before it is sent: the client may be done the moment it has the body
-        sent = len(body) if self.command != "HEAD" and status < 400 else 0
-        self.server.counts.add(self.path, sent, self.headers.get("Range"))
         if self.command != "HEAD":
             self.wfile.write(body)  # an error's text is sent, but no client reads it
 
@@ -87,6 +89,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
             status = 206
+        if self.server.flood and status == 206 and self.command != "HEAD":
+            self._flood(headers, end - start)
+            return
         if self.command == "HEAD" or end - start <= 1 << 20:
             data = b""
             if self.command != "HEAD":
@@ -96,12 +101,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, data, headers, length=end - start)
             return
         # a large body is streamed, never held whole
+        self.server.counts.add(self.path, end - start, header)
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
-        self.server.counts.add(self.path, end - start, header)
         with open(path, "rb") as f:
             f.seek(start)
             left = end - start
@@ -148,16 +153,37 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _whole(self, path: Path, size: int) -> None:
         """200 with the whole file, streamed; counted as sent when its headers are."""
+        self.server.counts.add(self.path, size, self.headers.get("Range"))
         self.send_response(200)
         self.send_header("Content-Length", str(size))
         self.end_headers()
-        self.server.counts.add(self.path, size, self.headers.get("Range"))
         try:
             with open(path, "rb") as f:
                 while chunk := f.read(1 << 20):
                     self.wfile.write(chunk)
         except OSError:
             pass  # the client hung up: it read the headers only
+
+    def _flood(self, headers: dict[str, str], asked: int) -> None:
+        """A hostile answer to a range: ``server.flood`` bytes more than asked, declared in
+        Content-Length and streamed until the client hangs up; ``counts.flooded`` is what
+        the client took (the socket's buffers aside)."""
+        total = asked + self.server.flood
+        self.server.counts.add(self.path, 0, self.headers.get("Range"))
+        self.send_response(206)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(total))
+        self.end_headers()
+        chunk = b"\0" * (1 << 20)
+        try:
+            while total > 0:
+                self.wfile.write(chunk[: min(total, len(chunk))])
+                total -= len(chunk)
+                with self.server.counts.lock:
+                    self.server.counts.flooded += len(chunk)
+        except OSError:
+            pass
 
     def _delay(self) -> None:
         if self.server.delay:
@@ -178,6 +204,9 @@ class FileHandler(_Handler):
         self._delay()
         if self.server.refuse:
             self._send(503, b"unavailable <secret server text>")
+            return
+        if self.server.status:
+            self._send(self.server.status, b"<secret server text>")
             return
         rel = unquote(urlsplit(self.path).path).lstrip("/")
         self._file(self.server.root / rel)
@@ -293,6 +322,8 @@ def serve(
     delay: float = 0.0,
     ignore_ranges: bool = False,
     multi: str = "multipart",
+    flood: int = 0,
+    status: int = 0,
 ) -> Iterator[tuple[str, Counts]]:
     """A server on 127.0.0.1 for ``root``: its base URL and its counts."""
     server = _Server(("127.0.0.1", 0), HubHandler if hub else FileHandler)
@@ -302,6 +333,8 @@ def serve(
     server.delay = delay  # type: ignore[attr-defined]
     server.ignore_ranges = ignore_ranges  # type: ignore[attr-defined]
     server.multi = multi  # type: ignore[attr-defined]
+    server.flood = flood  # type: ignore[attr-defined]
+    server.status = status  # type: ignore[attr-defined]  # every answer, when set
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

@@ -310,6 +310,41 @@ def test_nothing_listens_is_one_line() -> None:
     assert f"{base}/gpt2/full/model.safetensors" in _one_error_line(res)
 
 
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_server_that_wants_credentials_is_one_line(status: int) -> None:
+    with serve(FIXTURES, status=status) as (base, _counts):
+        url = f"{base}/gpt2/full/model.safetensors"
+        res = runner.invoke(app, ["inspect", "--json", url])
+        verify = runner.invoke(app, ["verify", url])
+    assert res.exit_code == verify.exit_code == 2 and res.stdout == ""
+    line = _one_error_line(res)
+    assert (
+        line
+        == f"Error: {url}: the server answered HTTP {status} (access denied: credentials missing or refused)"
+    )
+    assert _one_error_line(verify) == line
+    assert "secret" not in res.output
+
+
+def test_a_host_name_that_does_not_resolve_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DNS failure, made without a network: the resolver says the name is unknown."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    url = "https://tiecli-test.invalid/m/model.safetensors"
+    for cmd in ("inspect", "verify"):
+        res = runner.invoke(app, [cmd, url])
+        assert res.exit_code == 2 and res.stdout == ""
+        assert _one_error_line(res) == f"Error: {url}: cannot resolve the host name"
+
+
 def test_a_server_without_range_support_is_refused_not_downloaded(tmp_path: Path) -> None:
     path = _large_pair(tmp_path / "m")
     with serve(tmp_path, ignore_ranges=True) as (base, _counts):
@@ -498,6 +533,58 @@ def test_hub_paths_read_through_huggingface_hub(tmp_path: Path) -> None:
         "config.json",
         "model.safetensors",
     ]
+
+
+def test_the_pre_commit_hook_checks_a_hub_repository(tmp_path: Path) -> None:
+    """The shipped hook, pointed at ``hf://`` paths as a .pre-commit-config.yaml does it
+    (``args`` with the URL, ``pass_filenames: false``, ``always_run: true``): pre-commit
+    runs its entry with the args, and the URL reaches tiecli as it was written."""
+    import shlex
+
+    import yaml
+
+    pytest.importorskip("huggingface_hub")
+    (hook,) = yaml.safe_load((FIXTURES.parent / ".pre-commit-hooks.yaml").read_text())
+    hub = tmp_path / "hub"
+    shutil.copytree(FIXTURES / "gpt2/hf", hub / "acme/deduped")
+    shutil.copytree(FIXTURES / "gpt2/full-sharded", hub / "acme/copy")
+    for repo in ("deduped", "copy"):  # no config: transformers is not imported (faster)
+        (hub / "acme" / repo / "config.json").unlink()
+    runs = {}
+    with serve(hub, hub=True) as (base, _counts):
+        for repo in ("deduped", "copy"):
+            config = {
+                **hook,
+                "args": ["--json", f"hf://acme/{repo}@main"],
+                "pass_filenames": False,
+                "always_run": True,
+            }
+            argv = shlex.split(config["entry"]) + config["args"]
+            assert argv[0] == "tiecli"
+            runs[repo] = _hub_run(argv[1:], base, tmp_path)
+    ok, copy = runs["deduped"], runs["copy"]
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["checked"] == ["hf://acme/deduped@main"]
+    assert copy.returncode == 1, copy.stderr
+    [problem] = json.loads(copy.stdout)["problems"]
+    assert problem["code"] == "duplicate-stored" and problem["path"] == "hf://acme/copy@main"
+
+
+def test_a_hub_range_answer_longer_than_asked_is_not_read(tmp_path: Path) -> None:
+    """The Hub's resolve endpoint answers a range with 1 GB more than asked: refused from
+    its headers (huggingface_hub's client calls a hook before it reads a body)."""
+    pytest.importorskip("huggingface_hub")
+    hub = tmp_path / "hub"
+    shutil.copytree(FIXTURES / "gpt2/full", hub / "acme/gpt2")
+    with serve(hub, hub=True, flood=1 << 30) as (base, counts):
+        res = _hub_run(["inspect", "--json", "hf://acme/gpt2"], base, tmp_path)
+        time.sleep(0.5)  # the server writes until the client's hang-up reaches it
+        flooded = counts.flooded
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith("Error: hf://acme/gpt2/model.safetensors: asked for 29776 bytes")
+    assert "not read" in line
+    assert flooded < 64 << 20, flooded  # the client hung up after the headers
 
 
 def test_an_http_folder_url_is_refused_before_any_request() -> None:
@@ -721,3 +808,25 @@ def test_multipart_parts_are_cut_by_their_content_range() -> None:
     for bad in (body.replace(b"21/", b"99/"), body[:40], b"no parts"):
         with pytest.raises(TiecliError, match="malformed"):
             _parts(bad, b"b", "http://h/m")
+
+
+def test_remote_reads_show_a_progress_bar_but_not_with_json_or_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tiecli import progress as progress_module
+
+    monkeypatch.setattr(progress_module._RichProgress, "DELAY", 0.0)  # show every bar
+    _layers(tmp_path / "m", tie=True)
+    env = {"TTY_COMPATIBLE": "1", "COLUMNS": "200", "NO_COLOR": "1"}
+    with serve(tmp_path) as (base, _counts):
+        url = f"{base}/m/model.safetensors"
+        shown = runner.invoke(app, ["inspect", url], env=env)
+        as_json = runner.invoke(app, ["inspect", "--json", url], env=env)
+        quiet = runner.invoke(app, ["verify", "-q", url], env=env)
+        verify_json = runner.invoke(app, ["verify", "--json", url], env=env)
+    assert shown.exit_code == as_json.exit_code == 0
+    assert "reading sampled elements" in shown.stderr  # on stderr, never stdout
+    assert "reading sampled elements" not in shown.stdout
+    for silent in (as_json, quiet, verify_json):
+        assert silent.stderr == "", silent.stderr
+    assert json.loads(as_json.stdout)["ties"]

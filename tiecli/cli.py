@@ -113,6 +113,12 @@ def _emit(result: Any, json_out: bool, render: Any) -> None:
         render(result, Console(soft_wrap=False, emoji=False))  # ":warning:" in a name stays text
 
 
+def _remote_json(json_out: bool, *paths: object) -> bool:
+    """Whether ``--json`` silences the progress bar: it does for a URL, whose reads the
+    JSON's ``remote`` object reports (a local run keeps its bar on stderr)."""
+    return json_out and any(isinstance(p, str) and "://" in p for p in paths)
+
+
 @app.command()
 def inspect(
     path: RemotePathArg,
@@ -126,7 +132,8 @@ def inspect(
     from .progress import console_progress
     from .render import render_inspect
 
-    result = run(path, progress=console_progress(quiet), max_download=max_download, timeout=timeout)
+    progress = console_progress(quiet or _remote_json(json_out, path))
+    result = run(path, progress=progress, max_download=max_download, timeout=timeout)
     _emit(result, json_out, render_inspect)
 
 
@@ -192,7 +199,7 @@ def dedupe(
         to=to,
         force=force,
         fsync=fsync,
-        progress=console_progress(quiet),
+        progress=console_progress(quiet or _remote_json(json_out, path)),
         timeout=timeout,
     )
     _emit(result, json_out, render_dedupe)
@@ -220,7 +227,7 @@ def untie(
         dry_run=dry_run,
         force=force,
         fsync=fsync,
-        progress=console_progress(quiet),
+        progress=console_progress(quiet or _remote_json(json_out, path)),
         timeout=timeout,
     )
     _emit(result, json_out, render_untie)
@@ -339,7 +346,7 @@ def verify(
         device_map=device_map,
         max_memory=max_memory,
         for_consumers=for_consumers,
-        progress=console_progress(quiet),
+        progress=console_progress(quiet or _remote_json(json_out, *paths)),
         max_download=max_download,
         timeout=timeout,
     )

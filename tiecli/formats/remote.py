@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -156,8 +157,15 @@ def _why(e: BaseException, timeout: float) -> str:
     name = type(e).__name__
     status = getattr(e, "status", None)
     response = getattr(e, "response", None)
-    if status is None and response is not None:
+    if isinstance(response, dict):  # botocore's ClientError (s3fs)
+        name = str(response.get("Error", {}).get("Code") or name)
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    elif status is None and response is not None:
         status = getattr(response, "status_code", None)
+    if name == "NoSuchBucket":
+        return "no such bucket"
+    if name == "NoSuchKey":
+        return "not found"
     if name == "OfflineModeIsEnabled":
         return "huggingface_hub is in offline mode (HF_HUB_OFFLINE=1); tiecli reads nothing remote then"
     if name == "RepositoryNotFoundError":
@@ -176,6 +184,8 @@ def _why(e: BaseException, timeout: float) -> str:
         return f"the server answered HTTP {status}"
     if isinstance(e, ValueError) and "range" in str(e).lower():
         return "the server does not answer range requests"
+    if "DNS" in name or isinstance(e, socket.gaierror) or isinstance(cause, socket.gaierror):
+        return "cannot resolve the host name"
     if "Connect" in name or isinstance(e, ConnectionError):
         return f"cannot connect ({name})"
     return f"cannot read it ({name})"
@@ -229,6 +239,10 @@ class _Remote:
         if self.protocol in ("http", "https"):
             kwargs["client_kwargs"] = self._http_client()
             self.requests_by_transport = self.bytes_by_transport = True
+        elif self.protocol in ("s3", "s3a"):
+            session = self._s3_session()
+            if session is not None:
+                kwargs["session"] = session
         try:
             with self.guard(self.url):  # a backend may connect while it is made
                 fs, root = fsspec.core.url_to_fs(self.url, **kwargs)
@@ -282,22 +296,52 @@ class _Remote:
             "timeout": aiohttp.ClientTimeout(total=self.options.timeout),
         }
 
+    def _s3_session(self) -> Any:
+        """An aiobotocore session for s3fs whose clients count every request they send
+        (retries too); s3fs answers some lookups from its own cache, with none."""
+        try:
+            from aiobotocore.session import AioSession
+        except ImportError:
+            return None  # s3fs is missing too: url_to_fs says so
+        stats = self.stats
+
+        def sent(**_kwargs: Any) -> None:
+            stats.add(1, 0)
+
+        session = AioSession()
+        session.register("before-send.s3", sent)
+        self.requests_by_transport = True
+        return session
+
     def _count_hub_requests(self) -> None:
         """Count every request huggingface_hub's shared client sends while this location
         is open (API calls included); the bytes counted are those of the files read."""
         from huggingface_hub.utils import get_session
 
-        hooks = get_session().event_hooks["request"]
+        hooks = get_session().event_hooks
         stats = self.stats
 
         def hook(request: Any) -> None:
             stats.add(1, 0)
 
-        def unhook() -> None:
-            if hook in hooks:
-                hooks.remove(hook)
+        def answered(response: Any) -> None:
+            # httpx calls this with the headers, before the body is read: a range answer
+            # longer than the range asked for (or of no stated length) is refused here
+            asked = _range_length(response.request.headers.get("range"))
+            if asked is None or response.status_code not in (200, 206):
+                return
+            length = response.headers.get("content-length")
+            if length is None or not length.isdigit() or int(length) > asked:
+                response.close()
+                raise _TooLong(asked, int(length) if length and length.isdigit() else None)
 
-        hooks.append(hook)
+        def unhook() -> None:
+            for kind, f in (("request", hook), ("response", answered)):
+                if f in hooks[kind]:
+                    hooks[kind].remove(f)
+
+        hooks["request"].append(hook)
+        hooks["response"].append(answered)
         self.requests_by_transport = True
         self._unhook = unhook
 
@@ -406,11 +450,12 @@ class _Remote:
             return got, left
         return [(start, self.fetch(handle, path, start, end)) for start, end in ranges], []
 
-    def listing(self, folder: str) -> list[str] | None:
-        """The file names in ``folder``; None where the file system cannot list (HTTP)."""
+    def listing(self, folder: str, named: str | None = None) -> list[str] | None:
+        """The file names in ``folder``; None where the file system cannot list (HTTP).
+        A failure names ``named`` (the file the user named in it) where given."""
         if self.protocol in ("http", "https"):
             return None
-        with self.guard(folder):
+        with self.guard(named or folder):
             self.count(1)
             found = self.fs.ls(folder, detail=True)
         return sorted(
@@ -986,7 +1031,9 @@ def _locate(remote: _Remote) -> tuple[str, str, list[str] | None]:
     name = urlsplit(root).path if remote.protocol in ("http", "https") else root
     if name.endswith((".safetensors", INDEX_SUFFIX)):
         names = (
-            None if remote.protocol in ("http", "https") else remote.listing(remote.folder_of(root))
+            None
+            if remote.protocol in ("http", "https")
+            else remote.listing(remote.folder_of(root), named=root)
         )
         return root, remote.folder_of(root), names
     if remote.protocol in ("http", "https"):
