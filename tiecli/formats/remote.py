@@ -11,8 +11,10 @@ only when a remote path is named.
 What detection will sample is fetched up front, in two rounds: the first
 element of every tensor another could equal by dtype and shape, then the eight
 sampled elements of those whose first element another shares. Each round's
-ranges are sorted, ranges closer than :data:`MERGE_GAP` merged into one
-request, and the requests sent :data:`WORKERS` at a time.
+ranges are sorted, ranges closer than :data:`MERGE_GAP` merged, and over HTTP(S)
+up to :data:`MAX_RANGES` of them asked in one multi-range request (one range per
+request where the server refuses those, and for the Hub and object stores); the
+requests are sent :data:`WORKERS` at a time.
 """
 
 from __future__ import annotations
