@@ -159,7 +159,10 @@ def main() -> int:
     if a.s3:
         keys = {"single.safetensors": single, "deduped.safetensors": deduped}
         with moto_s3(keys) as (bucket, env):
-            urls = {"single": f"{bucket}/single.safetensors", "deduped": f"{bucket}/deduped.safetensors"}
+            urls = {
+                "single": f"{bucket}/single.safetensors",
+                "deduped": f"{bucket}/deduped.safetensors",
+            }
             rows = measure(urls, sizes, a.repeat, env)
         print(f"\nS3 (moto server, s3fs), {a.repeat} runs each:\n{header}\n" + "\n".join(rows))
     return 0
