@@ -592,11 +592,10 @@ def _written_equal(got: Entry, check: Check, mark: _Mark, at: int, bar: Progress
 
 
 def _zip_shareable(reader: Any, plan: Plan) -> bool:
-    """Whether torch can be left out: a zip read without it, aliases shared as they are."""
-    return (
-        isinstance(reader, TorchZip)
-        and not plan.pickle_copies
-        and all(t == "identity" for _s, t in plan.pickle_views.values())
+    """Whether torch can be left out: a zip read without it, aliases shared as they are
+    and copies made as they are (no transpose)."""
+    return isinstance(reader, TorchZip) and all(
+        t == "identity" for _s, t in (*plan.pickle_views.values(), *plan.pickle_copies.values())
     )
 
 
@@ -616,6 +615,7 @@ def _write_zip(
 
     False (and nothing left behind) when the archive would need zip64."""
     shared = {a: s for a, (s, _t) in plan.pickle_views.items()}
+    copies = {a: s for a, (s, _t) in plan.pickle_copies.items()}
     mark = _Mark()
     placed: list[tuple[int, int, int]] = []  # (output offset, size, input offset)
 
@@ -633,6 +633,7 @@ def _write_zip(
             ),
             place,
             mark.reached,
+            copies,
         )
         _sync_file(tmp, durable)
 
