@@ -28,22 +28,31 @@ def _positions(n: int, k: int = SAMPLES) -> list[int]:
 
 def sample(e: Entry) -> bytes:
     """Elements at fixed positions of the tensor (bytes, for sub-byte types)."""
-    size = itemsize(e.dtype)
-    if size is None:
-        return b"".join(e.blob.read(p, 1) for p in _positions(e.nbytes))
-    return b"".join(e.blob.read(p * size, size) for p in _positions(e.numel))
+    return b"".join(e.blob.read(at, size) for at, size in _sampled(e))
 
 
 def sample_transposed(e: Entry) -> bytes:
     """What :func:`sample` would return for the transpose of a 2-D tensor."""
+    return b"".join(e.blob.read(at, size) for at, size in _sampled_transposed(e))
+
+
+def _sampled(e: Entry) -> list[tuple[int, int]]:
+    """Where :func:`sample` reads: (byte offset, size) of each element."""
+    size = itemsize(e.dtype)
+    if size is None:
+        return [(p, 1) for p in _positions(e.nbytes)]
+    return [(p * size, size) for p in _positions(e.numel)]
+
+
+def _sampled_transposed(e: Entry) -> list[tuple[int, int]]:
     rows, cols = e.shape
     size = itemsize(e.dtype)
     assert size is not None
     out = []
     for p in _positions(e.numel):
         r, c = divmod(p, rows)  # position (r, c) in the (cols, rows) transpose
-        out.append(e.blob.read((c * cols + r) * size, size))
-    return b"".join(out)
+        out.append(((c * cols + r) * size, size))
+    return out
 
 
 def _uniform(data: bytes, size: int) -> bool:
@@ -303,41 +312,49 @@ GATHER_GAP = 4096  # elements of a local file this close are read in one call...
 GATHER_SPAN = 64 << 10  # ...of at most this many bytes
 
 
-def gather(items: list[Entry], where: Callable[[Entry], tuple[int, int]]) -> dict[str, bytes]:
-    """For each tensor, the ``size`` bytes at ``offset`` of it (``where(e)``), by name.
+def gather(
+    items: list[Entry], where: Callable[[Entry], list[tuple[int, int]]]
+) -> dict[str, bytes]:
+    """For each tensor, by name, the bytes at the places ``where(e)`` names (byte
+    offset and size in the tensor), joined in that order: what reading them one by one
+    would give.
 
-    Ranges of a local file lying close together (thousands of small experts) are read
+    Places in a local file lying close together (thousands of small experts) are read
     in one call each; any other blob reads its own (a remote file serves what was
     fetched ahead). Only the bytes asked for count as read."""
     from .formats.safetensors import FileBlob
 
-    out: dict[str, bytes] = {}
-    local: dict[Any, list[tuple[int, int, str]]] = defaultdict(list)
+    parts: dict[str, list[bytes]] = {}
+    local: dict[Any, list[tuple[int, int, list[bytes], int]]] = defaultdict(list)
     for e in items:
-        offset, size = where(e)
         blob = e.blob
+        places = where(e)
+        got = parts[e.name] = [b""] * len(places)
         if type(blob) is FileBlob:
-            local[blob.file].append((blob.start + offset, size, e.name))
+            wants = local[blob.file]
+            for i, (offset, size) in enumerate(places):
+                wants.append((blob.start + offset, size, got, i))
         else:
-            out[e.name] = blob.read(offset, size)
+            for i, (offset, size) in enumerate(places):
+                got[i] = blob.read(offset, size)
     for file, wants in local.items():
-        wants.sort()
+        wants.sort(key=lambda w: w[0])
         start = end = -1
-        batch: list[tuple[int, int, str]] = []
-        for want in [*wants, (-1, 0, "")]:  # the last, a marker, reads the last batch
+        batch: list[tuple[int, int, list[bytes], int]] = []
+        for want in [*wants, (-1, 0, [], 0)]:  # the last, a marker, reads the last batch
             at, size = want[0], want[1]
             if not batch or at < 0 or at - end > GATHER_GAP or at + size - start > GATHER_SPAN:
                 if batch:
                     data = file.pread(file.data_start + start, end - start)
                     file.bytes_read -= end - start
-                    for b_at, b_size, name in batch:
-                        out[name] = data[b_at - start : b_at - start + b_size]
+                    for b_at, b_size, got, i in batch:
+                        got[i] = data[b_at - start : b_at - start + b_size]
                         file.bytes_read += b_size
                 start, end, batch = at, at + size, []
             elif at + size > end:
                 end = at + size
             batch.append(want)
-    return out
+    return {name: b"".join(p) for name, p in parts.items()}
 
 
 def shaped_like_another(items: list[Entry]) -> list[Entry]:
@@ -396,13 +413,13 @@ def _narrowed(entries: list[Entry]) -> list[Entry]:
     return [e for k, e in keyed if count[k] > 1]
 
 
-def _first_of(e: Entry) -> tuple[int, int]:
-    return (0, itemsize(e.dtype) or 1)
+def _first_of(e: Entry) -> list[tuple[int, int]]:
+    return [(0, itemsize(e.dtype) or 1)]
 
 
-def _last_of(e: Entry) -> tuple[int, int]:
+def _last_of(e: Entry) -> list[tuple[int, int]]:
     size = itemsize(e.dtype) or 1
-    return (e.nbytes - size, size)
+    return [(e.nbytes - size, size)]
 
 
 @dataclass
@@ -438,18 +455,20 @@ def find_equal(
 
     # 1. samples at fixed positions, only where a partner could exist
     normal: dict[tuple[Any, ...], list[Entry]] = defaultdict(list)
-    for key, group in by_shape.items():
-        if len(group) > 1 or wanted_transposed(key):
-            for e in group:
-                normal[key + (sample(e),)].append(e)
+    sampled = [e for k, g in by_shape.items() if len(g) > 1 or wanted_transposed(k) for e in g]
+    samples = gather(sampled, _sampled)
+    for e in sampled:
+        normal[(e.dtype, e.shape, samples[e.name])].append(e)
     transposed_candidates: list[tuple[Entry, Entry]] = []
     order = {e.name: i for i, e in enumerate(items)}
+    flipped = [e for k, g in by_shape.items() if wanted_transposed(k) for e in g]
+    samples_t = gather(flipped, _sampled_transposed)
     for key, group in by_shape.items():
         if not wanted_transposed(key):
             continue
         dtype, shape = key
         for x in group:
-            for y in normal.get((dtype, shape[::-1], sample_transposed(x)), []):
+            for y in normal.get((dtype, shape[::-1], samples_t[x.name]), []):
                 if y is not x and order[x.name] < order[y.name]:
                     transposed_candidates.append((x, y))
 
