@@ -280,11 +280,12 @@ class DedupeResult(RewriteResult):
 @dataclass(kw_only=True)
 class UntieResult(RewriteResult):
     restored: list[Tie]
+    made: dict[str, tuple[str, str]]  # name written -> (stored tensor it copies, transform)
     command: str = "untie"
 
     def to_dict(self) -> dict[str, Any]:
         return super().to_dict() | {
-            "restored": [t.alias if t.source_stored else t.source for t in self.restored],
+            "restored": list(self.made),
             "restored_ties": [t.to_dict() for t in self.restored],
         }
 
@@ -552,7 +553,9 @@ def untie(
         _refuse_unreadable_record(ckpt, report)
         plan = plan_untie(ckpt, report)
         result = UntieResult(
-            **_rewrite_fields(ckpt, report, plan, out, dry_run), restored=plan.restored
+            **_rewrite_fields(ckpt, report, plan, out, dry_run),
+            restored=plan.restored,
+            made=plan.made,
         )
         return _carry_out(result, ckpt, plan, out, force, False, fsync, progress)
 

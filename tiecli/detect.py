@@ -9,6 +9,7 @@ layout.
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,8 +217,14 @@ class _Finder:
         if declared is not None:
             self.declared_by = f"transformers ({declared.architecture})"
             self.architecture = declared.architecture or "its architecture"
+            # a whole group when any member is stored: T5 with only encoder.embed_tokens
+            # still ties shared, decoder.embed_tokens and lm_head to it
+            adj: dict[str, list[tuple[str, str]]] = defaultdict(list)
             for alias, source in declared.ties.items():
-                if alias in self.entries or source in self.entries:
+                adj[alias].append((source, "identity"))
+                adj[source].append((alias, "identity"))
+            for alias, source in declared.ties.items():
+                if any(n in self.entries for n in _component(adj, alias)):
                     self.claims.append(
                         _Claim(alias, source, self._shape_transform(alias, source), "declared")
                     )
@@ -350,6 +357,9 @@ class _Finder:
                 continue
             component = _component(adj, start)
             seen.update(component)
+            held = [self.entries[n] for n in component if n in self.entries]
+            if not held:
+                continue  # nothing of the group is stored: nothing to tell
             source = min(
                 component, key=lambda n: (rank(n), n not in self.entries, self.order.get(n, 0))
             )
@@ -360,7 +370,7 @@ class _Finder:
                     # the bytes an absent alias stands for are those the record names,
                     # even when that tensor drifts from the rest of its group
                     src, transform = self.recorded[alias]
-                ties.append(self._tie(alias, src, transform, evidence, structural))
+                ties.append(self._tie(alias, src, transform, evidence, structural, held[0]))
         return ties
 
     def _tie(
@@ -370,14 +380,14 @@ class _Finder:
         transform: str,
         evidence: dict[str, set[str]],
         structural: dict[str, bool],
+        held: Entry,
     ) -> Tie:
         a, s = self.entries.get(alias), self.entries.get(source)
         ev = set(evidence[alias])
         shared = (
             a is not None and s is not None and a.storage is not None and a.storage == s.storage
         )
-        ref = a or s
-        assert ref is not None
+        ref = a or s or held  # neither stored: the group's stored member tells the size
         tie = Tie(
             alias,
             source,
@@ -583,6 +593,46 @@ class _Finder:
                         [t.source, t.alias],
                     )
                 )
+
+
+@dataclass(frozen=True)
+class Fill:
+    """A tie member absent from the file, rebuilt from a stored tensor of its group:
+    ``name`` is ``transform`` applied to ``origin`` (which is stored)."""
+
+    name: str
+    origin: str
+    transform: str
+    tie: Tie
+
+
+def fills(ties: list[Tie], stored: Container[str]) -> list[Fill]:
+    """Every absent member of ``ties`` that a stored member of its group gives, in tie
+    order: an absent alias from its source, an absent source from a stored alias, and
+    an alias whose source is absent too from whichever member is stored (a T5 file
+    holding only ``encoder.embed_tokens.weight`` gives ``shared.weight``,
+    ``decoder.embed_tokens.weight`` and ``lm_head.weight``)."""
+    made: dict[str, Fill] = {}
+
+    def root(n: str) -> tuple[str, str] | None:
+        if n in stored:
+            return n, "identity"
+        f = made.get(n)
+        return (f.origin, f.transform) if f is not None else None
+
+    changed = True
+    while changed:
+        changed = False
+        for t in ties:
+            for want, have in ((t.alias, t.source), (t.source, t.alias)):
+                if want in stored or want in made:
+                    continue
+                got = root(have)
+                if got is not None:
+                    made[want] = Fill(want, got[0], _compose(t.transform, got[1]), t)
+                    changed = True
+    order = {t.alias: i for i, t in enumerate(ties)}
+    return sorted(made.values(), key=lambda f: order.get(f.tie.alias, 0))
 
 
 def _same_prefix(short: Entry, long: Entry) -> bool:

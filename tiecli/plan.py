@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHUNK, Checkpoint, Entry
-from .detect import Tie, TieReport, declared
+from .detect import Tie, TieReport, declared, fills
 from .record import RECORD_KEY, RECORD_VERSION, RecordedTie, read_record
 
 
@@ -77,6 +77,8 @@ class Plan:
     checks: list[Check]
     removed: list[Tie] = field(default_factory=list)
     restored: list[Tie] = field(default_factory=list)
+    # untie: each name written anew -> (the stored tensor it copies, transform)
+    made: dict[str, tuple[str, str]] = field(default_factory=dict)
     kept: list[tuple[Tie, str]] = field(default_factory=list)  # ties left stored, and why
     record: list[RecordedTie] = field(default_factory=list)
     # Pickles kept as pickles: {name: (other name, transform)} saved as a view of
@@ -256,27 +258,23 @@ def plan_untie(ckpt: Checkpoint, report: TieReport) -> Plan:
     restored: list[Tie] = []
     extra: dict[str, list[OutTensor]] = {}  # by the name of the input tensor they follow
     checks = [Check(n, e) for n, e in ckpt.entries.items()]
-    for t in report.ties:
-        if t.drift is not None:
-            continue
-        if not t.stored and t.source_stored and not _in_storage(t, ckpt):
-            src = ckpt.entries[t.source]
-            extra.setdefault(t.source, []).append(OutTensor(t.alias, src, t.transform))
-            checks.append(Check(t.alias, src, t.transform))
-            restored.append(t)
-        elif _in_storage(t, ckpt):
+    whole = [t for t in report.ties if t.drift is None]
+    made: dict[str, tuple[str, str]] = {}
+    for f in fills(whole, ckpt.entries):
+        origin = ckpt.entries[f.origin]
+        extra.setdefault(f.origin, []).append(OutTensor(f.name, origin, f.transform))
+        checks.append(Check(f.name, origin, f.transform))
+        made[f.name] = (f.origin, f.transform)
+        if f.tie not in restored:
+            restored.append(f.tie)
+    for t in whole:
+        if _in_storage(t, ckpt):
             restored.append(t)  # a pickle view, written as its own copy
-        elif t.stored and not t.source_stored:
-            alias = ckpt.entries[t.alias]
-            extra.setdefault(t.alias, []).append(OutTensor(t.source, alias, t.transform))
-            checks.append(Check(t.source, alias, t.transform))
-            restored.append(t)
-    plan = Plan("untie", [], None, checks, restored=restored)
+            made[t.alias] = (t.source, t.transform)
+    plan = Plan("untie", [], None, checks, restored=restored, made=made)
     plan.pickle_output = ckpt.format.startswith("pytorch")
     if plan.pickle_output:
-        for t in restored:
-            made, origin = (t.alias, t.source) if t.source_stored else (t.source, t.alias)
-            plan.pickle_copies[made] = (origin, t.transform)
+        plan.pickle_copies.update(made)
     _fill_files(plan, ckpt, keep=lambda n: True, extra=extra)
     return plan
 
@@ -297,8 +295,7 @@ def _fill_files(plan: Plan, ckpt: Checkpoint, keep: Any, extra: dict[str, list[O
         if keep(name):
             by_file[entry.file].append(OutTensor(name, entry))
         by_file[entry.file].extend(extra.get(name, []))
-    made = frozenset(t.alias if t.source_stored else t.source for t in plan.restored)
-    meta = record_metadata(ckpt.metadata, names_after, plan.record, restored=made)
+    meta = record_metadata(ckpt.metadata, names_after, plan.record, restored=frozenset(plan.made))
     if sharded:
         plan.index_metadata = meta
     for f, tensors in by_file.items():

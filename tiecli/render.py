@@ -216,9 +216,10 @@ def render_untie(r: Any, console: Console) -> None:
         table = Table(title="Restored" if not r.dry_run else "Would restore", title_justify="left")
         for col in ("name", "from", "transform", "bytes"):
             table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
-        for t in r.restored:
-            made, origin = (t.alias, t.source) if t.source_stored else (t.source, t.alias)
-            table.add_row(shown(made), shown(origin), t.transform, human_bytes(t.bytes))
+        by_name = {n: t for t in r.restored for n in (t.alias, t.source)}
+        for made, (origin, transform) in r.made.items():
+            t = by_name[made]
+            table.add_row(shown(made), shown(origin), transform, human_bytes(t.bytes))
         console.print(table)
     else:
         console.print("nothing to restore: every name is stored")
@@ -238,10 +239,34 @@ def render_forward(f: Any, console: Console) -> None:
         f"  load {s.load_seconds:.3f} s   forward {s.forward_seconds:.3f} s   "
         f"outputs finite: {'yes' if f.outputs_finite else 'NO'}"
     )
+    if s.device_map is not None:
+        _render_placement(f, console)
     if f.against is not None:
         same = "bit-identical" if f.max_abs_diff == 0 else f"max abs diff {f.max_abs_diff:g}"
         verdict = "equal" if f.outputs_equal else "DIFFERENT"
         console.print(f"  against {shown(f.against)}: {verdict} ({same})")
+
+
+def _render_placement(f: Any, console: Console) -> None:
+    """Where a --device-map run put the weights, each tie, and the memory it peaked at."""
+    s = f.stats
+    spread = ", ".join(f"{shown(d)} {human_bytes(n)}" for d, n in s.bytes_by_device.items())
+    console.print(f"  placement: {spread or 'nothing placed'}")
+    if s.offloaded:
+        console.print(
+            f"  offloaded: {len(s.offloaded)} module(s), {human_bytes(s.offload_bytes)} written "
+            f"to the offload folder"
+        )
+    for t in f.tie_devices:
+        where = t["device"] if isinstance(t["device"], str) else ", ".join(map(str, t["device"]))
+        state = "one storage" if t["shared"] else "NOT SHARED"
+        console.print(
+            f"  tie {shown(t['alias'])} -> {shown(t['source'])}: {shown(where)} ({state})"
+        )
+    peaks = [f"host {human_bytes(f.peak_host_bytes)}"] + [
+        f"{shown(d)} {human_bytes(n)}" for d, n in f.device_peak_bytes.items()
+    ]
+    console.print(f"  peak memory: {', '.join(peaks)}")
 
 
 def render_verify(r: Any, console: Console) -> None:
