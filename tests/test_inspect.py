@@ -433,9 +433,8 @@ def test_thousands_of_small_experts_are_sampled_in_few_reads(
     for i in range(1500):
         w = torch.randn(8, 16, generator=g).to(torch.bfloat16)
         w[0, 0] = 1.0  # every first element the same
-        sd[f"layers.{i}.w1"], sd[f"layers.{i}.w2"] = w, torch.randn(16, 8, generator=g).to(
-            torch.bfloat16
-        )
+        sd[f"layers.{i}.w1"] = w
+        sd[f"layers.{i}.w2"] = torch.randn(16, 8, generator=g).to(torch.bfloat16)
     sd["layers.1499.w_copy"] = sd["layers.7.w1"].clone()
     sd["layers.1499.w_t"] = sd["layers.3.w1"].t().contiguous()
     path = tmp_path / "experts.safetensors"

@@ -312,9 +312,7 @@ GATHER_GAP = 4096  # elements of a local file this close are read in one call...
 GATHER_SPAN = 64 << 10  # ...of at most this many bytes
 
 
-def gather(
-    items: list[Entry], where: Callable[[Entry], list[tuple[int, int]]]
-) -> dict[str, bytes]:
+def gather(items: list[Entry], where: Callable[[Entry], list[tuple[int, int]]]) -> dict[str, bytes]:
     """For each tensor, by name, the bytes at the places ``where(e)`` names (byte
     offset and size in the tensor), joined in that order: what reading them one by one
     would give.
