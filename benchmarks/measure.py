@@ -60,6 +60,7 @@ class Sample:
     peak_rss: int  # bytes: max(GNU time %M of the command, polled process-tree VmRSS sum)
     peak_anon: int  # bytes: polled process-tree RssAnon sum (file-backed mmap pages excluded)
     stderr: str = ""
+    cpu: float | None = None  # user + system seconds of the command (GNU time), all threads
 
 
 GNU_TIME = "/usr/bin/time" if os.access("/usr/bin/time", os.X_OK) else None
@@ -83,7 +84,7 @@ def measure(argv: list[str], scratch: Path, poll_s: float = 0.005) -> Sample:
 
     out, err, tfile = scratch / ".stdout", scratch / ".stderr", scratch / ".maxrss"
     remove(tfile)
-    full = [GNU_TIME, "-f", "%M", "-o", str(tfile)] + argv if GNU_TIME else argv
+    full = [GNU_TIME, "-f", "%M %U %S", "-o", str(tfile)] + argv if GNU_TIME else argv
     with open(out, "wb") as fo, open(err, "wb") as fe:
         t0 = time.perf_counter()
         proc = subprocess.Popen(full, stdout=fo, stderr=fe, stdin=subprocess.DEVNULL, cwd=scratch)
@@ -116,13 +117,14 @@ def measure(argv: list[str], scratch: Path, poll_s: float = 0.005) -> Sample:
         stop.set()
         th.join()
     stderr = err.read_bytes().decode(errors="replace")
-    kernel_peak = 0
+    kernel_peak, cpu = 0, None
     if GNU_TIME:
         try:
-            kernel_peak = int(tfile.read_text().strip().splitlines()[-1]) * 1024
+            rss, user, system = tfile.read_text().strip().splitlines()[-1].split()
+            kernel_peak, cpu = int(rss) * 1024, float(user) + float(system)
         except (OSError, ValueError, IndexError):
             pass
-    return Sample(seconds, rc, max(kernel_peak, peak["rss"]), peak["anon"], stderr)
+    return Sample(seconds, rc, max(kernel_peak, peak["rss"]), peak["anon"], stderr, cpu)
 
 
 @dataclass

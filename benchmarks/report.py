@@ -34,6 +34,9 @@ def summarize(c: Case, cp: Case | None) -> dict:
         "x_cp": x[0] if x else None,
         "x_cp_min": x[1] if x else None,
         "x_cp_max": x[2] if x else None,
+        "cpu_s": spread(cpu)[0]
+        if (cpu := [s.cpu for s in c.samples if s.cpu is not None])
+        else None,
         "max_peak_rss_mb": max(s.peak_rss for s in c.samples) / MB,
         "max_peak_anon_mb": max(s.peak_anon for s in c.samples) / MB,
         "ok": all(s.rc == 0 for s in c.samples),
@@ -47,16 +50,17 @@ def ratio_text(r: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     head = (
-        "| command | median s | min–max s | × cp (min–max) | peak RSS MB | peak anon MB |\n"
-        "|---|---:|---:|---:|---:|---:|\n"
+        "| command | median s | min–max s | × cp (min–max) | CPU s | peak RSS MB | peak anon MB |\n"
+        "|---|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = []
     for r in rows:
         xcp = ratio_text(r).replace("×", "") if r["x_cp"] is not None else "—"
         label = r["label"] + ("" if r["ok"] else f" **(exit {sorted(set(r['rc']) - {0})})**")
+        cpu = f"{r['cpu_s']:.3f}" if r.get("cpu_s") is not None else "—"
         lines.append(
             f"| {label} | {r['median_s']:.3f} | {r['min_s']:.3f}–{r['max_s']:.3f} | {xcp} "
-            f"| {r['max_peak_rss_mb']:.0f} | {r['max_peak_anon_mb']:.0f} |"
+            f"| {cpu} | {r['max_peak_rss_mb']:.0f} | {r['max_peak_anon_mb']:.0f} |"
         )
     return head + "\n".join(lines) + "\n"
 
@@ -75,8 +79,8 @@ def scaling_table(results: dict) -> str:
         return ""
     lines = [
         "| tensors | inspect median s (min–max) | µs per tensor | µs per added tensor "
-        "| peak RSS MB |",
-        "|---:|---:|---:|---:|---:|",
+        "| CPU s | peak RSS MB |",
+        "|---:|---:|---:|---:|---:|---:|",
     ]
     before = None
     for n, r in sorted(rows, key=lambda x: x[0]):
@@ -85,7 +89,9 @@ def scaling_table(results: dict) -> str:
             added = f"{(r['median_s'] - before[1]) / (n - before[0]) * 1e6:.1f}"
         lines.append(
             f"| {n:,} | {r['median_s']:.3f} ({r['min_s']:.3f}–{r['max_s']:.3f}) "
-            f"| {r['median_s'] / n * 1e6:.1f} | {added} | {r['max_peak_rss_mb']:.0f} |"
+            f"| {r['median_s'] / n * 1e6:.1f} | {added} "
+            f"| {r['cpu_s'] if r.get('cpu_s') is None else format(r['cpu_s'], '.3f')} "
+            f"| {r['max_peak_rss_mb']:.0f} |"
         )
         before = (n, r["median_s"])
     return "\n".join(lines) + "\n"
@@ -203,7 +209,11 @@ def check_targets(results: dict) -> list[tuple[bool, str]]:
             memory(size, "single", "inspect", 100)
         r = row(size, "sharded", "inspect")
         if r and size == "moe":
-            add(r["median_s"] <= 1.0, f"[{size}] sharded: inspect ≤ 1.0 s: {r['median_s']:.3f} s")
+            cpu = f" (CPU {r['cpu_s']:.3f} s)" if r.get("cpu_s") is not None else ""
+            add(
+                r["median_s"] <= 1.0,
+                f"[{size}] sharded: inspect ≤ 1.0 s: {r['median_s']:.3f} s{cpu}",
+            )
             memory(size, "sharded", "inspect", 150)
     per = sorted(
         (g["sharded"]["tensors"], r["median_s"])
