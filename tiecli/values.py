@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .checkpoint import CHUNK, Entry
 from .dtypes import itemsize, to_float64
 from .progress import NO_PROGRESS, Progress
 
 SAMPLES = 8
+T = TypeVar("T")
 
 
 def _positions(n: int, k: int = SAMPLES) -> list[int]:
@@ -323,7 +324,7 @@ def gather(items: list[Entry], where: Callable[[Entry], list[tuple[int, int]]]) 
     from .formats.safetensors import FileBlob
 
     parts: dict[str, list[bytes]] = {}
-    local: dict[Any, list[tuple[int, int, list[bytes], int]]] = defaultdict(list)
+    local: dict[Any, list[tuple[int, int, Any]]] = defaultdict(list)
     for e in items:
         blob = e.blob
         places = where(e)
@@ -331,28 +332,72 @@ def gather(items: list[Entry], where: Callable[[Entry], list[tuple[int, int]]]) 
         if type(blob) is FileBlob:
             wants = local[blob.file]
             for i, (offset, size) in enumerate(places):
-                wants.append((blob.start + offset, size, got, i))
+                wants.append((blob.start + offset, size, (got, i)))
         else:
             for i, (offset, size) in enumerate(places):
                 got[i] = blob.read(offset, size)
     for file, wants in local.items():
-        wants.sort(key=lambda w: w[0])
-        start = end = -1
-        batch: list[tuple[int, int, list[bytes], int]] = []
-        for want in [*wants, (-1, 0, [], 0)]:  # the last, a marker, reads the last batch
-            at, size = want[0], want[1]
-            if not batch or at < 0 or at - end > GATHER_GAP or at + size - start > GATHER_SPAN:
-                if batch:
-                    data = file.pread(file.data_start + start, end - start)
-                    file.bytes_read -= end - start
-                    for b_at, b_size, got, i in batch:
-                        got[i] = data[b_at - start : b_at - start + b_size]
-                        file.bytes_read += b_size
-                start, end, batch = at, at + size, []
-            elif at + size > end:
-                end = at + size
-            batch.append(want)
+        for data, start, batch in _read_near(file, wants):
+            for at, size, (got, i) in batch:
+                got[i] = data[at - start : at - start + size]
     return {name: b"".join(p) for name, p in parts.items()}
+
+
+def _ends(items: list[Entry], last: bool) -> dict[str, bytes]:
+    """:func:`gather` of each tensor's first element (its last, with ``last``), by name;
+    the one place per tensor taken without the general bookkeeping."""
+    from .formats.safetensors import FileBlob
+
+    sizes: dict[str, int] = {}
+    out: dict[str, bytes] = {}
+    local: dict[Any, list[tuple[int, int, str]]] = defaultdict(list)
+    for e in items:
+        size = sizes.get(e.dtype)
+        if size is None:
+            size = sizes[e.dtype] = itemsize(e.dtype) or 1
+        offset = e.nbytes - size if last else 0
+        blob = e.blob
+        if type(blob) is FileBlob:
+            local[blob.file].append((blob.start + offset, size, e.name))
+        else:
+            out[e.name] = blob.read(offset, size)
+    for file, wants in local.items():
+        for data, start, batch in _read_near(file, wants):
+            for at, size, name in batch:
+                out[name] = data[at - start : at - start + size]
+    return out
+
+
+def _read_near(
+    file: Any, wants: list[tuple[int, int, T]]
+) -> Iterator[tuple[bytes, int, list[Any]]]:
+    """Read the ranges ``wants`` (start in the file's data, size, a tag) of a local file
+    in few calls: (the bytes read, where they start, the wants they hold)."""
+    wants.sort(key=_first_item)
+    batch: list[tuple[int, int, T]] = []
+    start = end = 0
+    for want in wants:
+        at, size = want[0], want[1]
+        if batch and (at - end > GATHER_GAP or at + size - start > GATHER_SPAN):
+            yield _read_batch(file, start, end, batch), start, batch
+            batch = []
+        if not batch:
+            start, end = at, at + size
+        elif at + size > end:
+            end = at + size
+        batch.append(want)
+    if batch:
+        yield _read_batch(file, start, end, batch), start, batch
+
+
+def _read_batch(file: Any, start: int, end: int, batch: list[Any]) -> bytes:
+    data: bytes = file.pread(file.data_start + start, end - start)
+    file.bytes_read += sum(w[1] for w in batch) - (end - start)  # what was asked for
+    return data
+
+
+def _first_item(t: tuple[Any, ...]) -> Any:
+    return t[0]
 
 
 def shaped_like_another(items: list[Entry]) -> list[Entry]:
@@ -402,22 +447,13 @@ def _narrowed(entries: list[Entry]) -> list[Entry]:
             shape = min(e.shape, e.shape[::-1]) if flip else e.shape
             classes[(e.dtype, e.shape)] = (e.dtype, shape, flip)
     keyed = [(classes[(e.dtype, e.shape)], e) for e in entries]
-    for read in (_first_of, _last_of):
+    for last in (False, True):
         count = Counter(k for k, _e in keyed)
         keyed = [(k, e) for k, e in keyed if count[k] > 1]
-        got = gather([e for _k, e in keyed], read)
+        got = _ends([e for _k, e in keyed], last)
         keyed = [((*k, got[e.name]), e) for k, e in keyed]
     count = Counter(k for k, _e in keyed)
     return [e for k, e in keyed if count[k] > 1]
-
-
-def _first_of(e: Entry) -> list[tuple[int, int]]:
-    return [(0, itemsize(e.dtype) or 1)]
-
-
-def _last_of(e: Entry) -> list[tuple[int, int]]:
-    size = itemsize(e.dtype) or 1
-    return [(e.nbytes - size, size)]
 
 
 @dataclass
