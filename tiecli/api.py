@@ -236,6 +236,7 @@ class RewriteResult:
     # other files of the folder that -o left out, with the reason (links out of it...)
     not_copied: list[dict[str, str]] = field(default_factory=list)
     remote: dict[str, int] | None = None  # a URL's download: requests and bytes_read
+    notes: list[str] = field(default_factory=list)  # what inspect notes too (a GGUF head kept)
 
     @property
     def ok(self) -> bool:
@@ -251,6 +252,7 @@ class RewriteResult:
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after,
                 "not_copied": self.not_copied,
+                "notes": self.notes,
             }
             | ({"remote": self.remote} if self.remote is not None else {})
         )
@@ -303,6 +305,7 @@ def _rewrite_fields(
         "problems": report.problems,
         "dry_run": dry_run,
         "changed": plan.changes(ckpt),
+        "notes": list(ckpt.notes),
     }
 
 
@@ -344,10 +347,16 @@ def _refuse_unreadable_record(ckpt: Checkpoint, report: TieReport) -> None:
 
 @contextlib.contextmanager
 def _rewriting(
-    path: Path, out: Path | None, command: str, dry_run: bool, to: str | None
+    path: Path,
+    out: Path | None,
+    command: str,
+    dry_run: bool,
+    to: str | None,
+    also: Sequence[Path] = (),
 ) -> Iterator[Checkpoint]:
     """Open the checkpoint to rewrite: refuse what would corrupt it, and lock what the
-    rewrite replaces (a dry run writes nothing and takes no lock) for as long as it runs."""
+    rewrite replaces (a dry run writes nothing and takes no lock) for as long as it runs;
+    ``also``: other files it replaces in place (``fix``: the config.json)."""
     if out is None:
         _refuse_shard(path, command)
     if dry_run:
@@ -359,6 +368,8 @@ def _rewriting(
     from .rewrite import lock_targets
 
     targets = lock_targets(path, out, to == "safetensors")
+    if out is None:
+        targets = [*targets, *also]
     with locked(targets, out or path), open_checkpoint(path) as ckpt:
         opened = ckpt.index_path or (ckpt.weight_files[0] if ckpt.weight_files else None)
         held = {t.resolve() for t in targets}
@@ -488,6 +499,13 @@ def _dedupe(
     from .plan import plan_dedupe
 
     _refuse_unreadable_record(ckpt, report)
+    if to == "safetensors" and ckpt.format == "gguf":
+        from .errors import UsageError
+
+        raise UsageError(
+            "is a GGUF file; --to safetensors converts PyTorch pickles only; nothing was changed",
+            ckpt.path,
+        )
     to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
     if to_st and out is None and _pickle_has_more(ckpt):
         raise UnsafeChangeError(
@@ -743,6 +761,11 @@ def verify(
         require_deduped=require_deduped,
         for_consumers=for_consumers,
     )
+    if forward and verdicts[0].format == "gguf":
+        raise UsageError(
+            "is a GGUF file; --forward rebuilds PyTorch models only (llama.cpp runs GGUF)",
+            roots[0],
+        )
     if forward:
         from .forward import forward_check
 

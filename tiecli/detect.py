@@ -205,6 +205,9 @@ class _Finder:
                 self.recorded[t.alias] = (t.source, t.transform)
 
     def from_architecture(self) -> None:
+        if self.ckpt.format == "gguf":
+            self._from_gguf()
+            return
         cfg = self.ckpt.config
         declared = None
         if cfg is not None and self.use_transformers and self.ckpt.config_path is not None:
@@ -246,6 +249,25 @@ class _Finder:
             ):
                 continue  # a hypothesis the values reject: not a tie
             self.claims.append(_Claim(p.alias, p.source, transform, "pattern"))
+
+    def _from_gguf(self) -> None:
+        """llama.cpp's loader is the architecture: its head rule, from the table."""
+        from .formats.gguf import head_finding
+
+        arch = getattr(self.ckpt.readers[0], "architecture", None)
+        found = head_finding(arch, self.entries, lambda a, s: self._equal(a, s, "identity"))
+        # set even when unknown: a GGUF loader restores no name the table does not declare
+        self.architecture = f"llama.cpp {arch!r}"
+        if found.kind is not None:
+            self.declared_by = f"llama.cpp table ({arch}: {found.kind})"
+        if found.tie is not None:
+            self.claims.append(_Claim(*found.tie, "identity", "declared"))
+        if found.missing is not None:
+            self.problems.append(
+                Problem("gguf-head-missing", "error", found.missing, ["output.weight"])
+            )
+        if found.note is not None:
+            self.ckpt.notes.append(found.note)
 
     def from_storage(self) -> None:
         groups: dict[int, list[Entry]] = defaultdict(list)
@@ -517,6 +539,37 @@ class _Finder:
                 )
         return ties
 
+    def add_untied_pads(self, ties: list[Tie]) -> list[Tie]:
+        """A pair of the config's flag that the config unties (so no claim made it a
+        tie) whose shorter tensor is the longer one's first rows: a padded copy, which
+        consumers refuse or read differently all the same. Reported, never deduped."""
+        if self.ckpt.config is None:
+            return ties
+        named = {n for t in ties for n in (t.alias, t.source)}
+        for alias, source in flag_pairs(self.entries, self.ckpt.config):
+            if alias in named or source in named:
+                continue
+            if alias not in self.entries or source not in self.entries:
+                continue
+            pad = self._padded(alias, source)
+            if pad is None:
+                continue
+            a, s = self.entries[alias], self.entries[source]
+            ties.append(
+                Tie(
+                    alias,
+                    source,
+                    "identity",
+                    "duplicate",
+                    ["pattern"],
+                    stored=True,
+                    bytes=a.nbytes,
+                    drift=self._drift(a, s, "identity"),
+                    pad=pad,
+                )
+            )
+        return ties
+
     def report_problems(self, ties: list[Tie]) -> None:
         mismatched = {n for p in self.problems if p.code == "config-mismatch" for n in p.tensors}
         for t in ties:
@@ -551,15 +604,25 @@ class _Finder:
                 )
             if t.pad is not None:
                 p = t.pad
+                how = (
+                    f"are tied ({', '.join(t.evidence)})"
+                    if t.kind == "tied"
+                    else "are untied by config.json, yet one is the other"
+                )
                 self.problems.append(
                     Problem(
                         "padded",
                         "error",
                         f"{t.alias} ({p.alias_rows} rows) and {t.source} ({p.source_rows} rows) "
-                        f"are tied ({', '.join(t.evidence)}) with a padded vocabulary: the "
+                        f"{how} with a padded vocabulary: the "
                         f"first {min(p.alias_rows, p.source_rows)} rows are bit-identical; "
                         f"most consumers refuse the mismatched shapes, so trim the padding to "
-                        f"the config's vocab_size or pad both",
+                        f"the config's vocab_size or pad both"
+                        + (
+                            f" (tiecli fix {self.ckpt.shown} --trim-padding)"
+                            if self.ckpt.url is None and self.ckpt.config is not None
+                            else ""
+                        ),
                         [t.alias, t.source],
                     )
                 )
@@ -721,6 +784,7 @@ def find_ties(
     f.check_config()
     ties = f.assemble()
     ties = f.add_value_matches(ties)
+    ties = f.add_untied_pads(ties)
     ties.sort(
         key=lambda t: (f.order.get(t.source, 1 << 30), f.order.get(t.alias, 1 << 30), t.alias)
     )

@@ -77,7 +77,7 @@ class Plan:
     checks: list[Check]
     removed: list[Tie] = field(default_factory=list)
     restored: list[Tie] = field(default_factory=list)
-    # untie: each name written anew -> (the stored tensor it copies, transform)
+    # untie, fix: each name written anew -> (the stored tensor it copies, transform)
     made: dict[str, tuple[str, str]] = field(default_factory=dict)
     kept: list[tuple[Tie, str]] = field(default_factory=list)  # ties left stored, and why
     record: list[RecordedTie] = field(default_factory=list)
@@ -86,6 +86,8 @@ class Plan:
     pickle_views: dict[str, tuple[str, str]] = field(default_factory=dict)
     pickle_copies: dict[str, tuple[str, str]] = field(default_factory=dict)
     pickle_output: bool = False  # the output stays a pickle (no metadata to compare)
+    # fix: {name: rows} cut to their first rows (a padded vocabulary trimmed)
+    trims: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes_after(self) -> int:
@@ -95,7 +97,7 @@ class Plan:
         )
 
     def changes(self, ckpt: Checkpoint) -> bool:
-        if self.removed or self.restored:
+        if self.removed or self.restored or self.made or self.trims:
             return True
         if self.pickle_output:
             return False
@@ -236,8 +238,10 @@ def plan_dedupe(
         if t.source in ckpt.entries and (t.alias in gone or t.alias not in ckpt.entries)
     ]
     record.sort(key=lambda r: (r.source, r.alias))  # stable across runs: dedupe is idempotent
-    if stays_pickle:
-        record = []  # a pickle keeps no metadata: aliasing itself is its record
+    if stays_pickle or ckpt.format == "gguf":
+        # a pickle keeps no metadata: aliasing itself is its record; a GGUF file keeps
+        # its metadata as it is: the architecture's fall-back is its record
+        record = []
     checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone | copied]
     checks += [Check(t.source, ckpt.entries[t.alias], t.transform) for t in removed]
     checks += [Check(o.name, o.entry, o.transform) for outs in copies.values() for o in outs]
@@ -258,7 +262,10 @@ def plan_untie(ckpt: Checkpoint, report: TieReport) -> Plan:
     restored: list[Tie] = []
     extra: dict[str, list[OutTensor]] = {}  # by the name of the input tensor they follow
     checks = [Check(n, e) for n, e in ckpt.entries.items()]
-    whole = [t for t in report.ties if t.drift is None]
+    # names the format's loader always derives and refuses stored (a GGUF architecture
+    # that never reads output.weight)
+    fixed = {a for r in ckpt.readers for a in getattr(r, "fixed_aliases", ())}
+    whole = [t for t in report.ties if t.drift is None and t.alias not in fixed]
     made: dict[str, tuple[str, str]] = {}
     for f in fills(whole, ckpt.entries):
         origin = ckpt.entries[f.origin]
@@ -284,7 +291,14 @@ def _in_storage(t: Tie, ckpt: Checkpoint) -> bool:
     return t.alias in ckpt.entries and "storage" in t.evidence and not t.stored
 
 
-def _fill_files(plan: Plan, ckpt: Checkpoint, keep: Any, extra: dict[str, list[OutTensor]]) -> None:
+def _fill_files(
+    plan: Plan,
+    ckpt: Checkpoint,
+    keep: Any,
+    extra: dict[str, list[OutTensor]],
+    replace: dict[str, Entry] | None = None,
+) -> None:
+    replace = replace or {}
     names_after: set[str] = {n for n in ckpt.entries if keep(n)} | {
         o.name for outs in extra.values() for o in outs
     }
@@ -293,7 +307,7 @@ def _fill_files(plan: Plan, ckpt: Checkpoint, keep: Any, extra: dict[str, list[O
     for name, entry in ckpt.entries.items():
         assert entry.file is not None
         if keep(name):
-            by_file[entry.file].append(OutTensor(name, entry))
+            by_file[entry.file].append(OutTensor(name, replace.get(name, entry)))
         by_file[entry.file].extend(extra.get(name, []))
     meta = record_metadata(ckpt.metadata, names_after, plan.record, restored=frozenset(plan.made))
     if sharded:
@@ -311,3 +325,73 @@ def _file_metadata(ckpt: Checkpoint, f: Path) -> dict[str, str]:
         if getattr(r, "path", None) == f:
             return dict(getattr(r, "metadata", {}) or {})
     return {}
+
+
+# -- fix -------------------------------------------------------------------------
+
+
+class _FirstBytes:
+    """The first ``nbytes`` of another tensor's blob: its first rows."""
+
+    def __init__(self, blob: Any, nbytes: int, shape: tuple[int, ...]):
+        self.blob, self.nbytes, self.shape = blob, nbytes, shape
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return tuple(self.blob.order)  # type: ignore[return-value]
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.blob.read(offset, size))
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        self.blob.readinto(offset, view)
+
+    def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
+        full = self.blob.array(dtype, self.shape)
+        return None if full is None else full[: shape[0]]
+
+
+def first_rows(entry: Entry, rows: int) -> Entry:
+    """``entry`` cut to its first ``rows`` rows, read from the same bytes."""
+    from .formats.safetensors import RangeBlob
+
+    row = entry.nbytes // entry.shape[0]
+    nbytes = rows * row
+    blob: Any = entry.blob
+    if isinstance(blob, RangeBlob):
+        blob = type(blob)(blob.file, blob.start, nbytes)
+    else:
+        blob = _FirstBytes(blob, nbytes, entry.shape)
+    return Entry(
+        entry.name,
+        entry.dtype,
+        (rows, *entry.shape[1:]),
+        nbytes,
+        blob,
+        storage=entry.storage,
+        view=entry.view,
+        file=entry.file,
+    )
+
+
+def plan_fix(ckpt: Checkpoint, copies: list[tuple[str, str]], trims: dict[str, int]) -> Plan:
+    """Store each ``(name, origin)`` of ``copies`` as a copy of ``origin``'s bytes (as
+    ``untie`` stores an alias), and cut each tensor of ``trims`` to its first rows;
+    every other tensor and metadata entry is kept. A name now stored leaves the record."""
+    cut = {n: first_rows(ckpt.entries[n], rows) for n, rows in trims.items()}
+    checks = [Check(n, cut.get(n, e)) for n, e in ckpt.entries.items()]
+    extra: dict[str, list[OutTensor]] = {}
+    for name, origin in copies:
+        src = cut.get(origin, ckpt.entries[origin])
+        extra.setdefault(origin, []).append(OutTensor(name, src))
+        checks.append(Check(name, src))
+    made = {name: (origin, "identity") for name, origin in copies}
+    plan = Plan("fix", [], None, checks, made=made, trims=dict(trims))
+    shapes = {n: (e.shape, e.dtype) for n, e in ckpt.entries.items()}
+    plan.record = [r for r in read_record(ckpt.metadata, shapes).ties if r.alias not in made]
+    plan.pickle_output = ckpt.format.startswith("pytorch")
+    if plan.pickle_output:
+        plan.record = []  # a pickle keeps no metadata
+        plan.pickle_copies = dict(made)
+    _fill_files(plan, ckpt, keep=lambda n: True, extra=extra, replace=cut)
+    return plan

@@ -157,6 +157,9 @@ def render_inspect(r: Any, console: Console) -> None:
         console.print(problems_table(r.problems))
     else:
         console.print("problems: none")
+    if r.format == "gguf":  # what llama.cpp's head rule says beside the ties
+        for note in r.notes:
+            console.print(f"note: {shown(note)}")
     render_consumers(r, console)
     if r.remote is not None:
         console.print(remote_line(r.remote))
@@ -294,4 +297,47 @@ def render_verify(r: Any, console: Console) -> None:
         console.print(
             f"[red]FAILED[/red]: {failing} problem(s)"
             + (" (--strict: warnings count)" if r.strict else "")
+        )
+
+
+def render_fix(r: Any, console: Console) -> None:
+    console.print(f"[bold]{shown(r.path)}[/bold]  ({r.format})")
+    for res in r.resolutions:
+        console.print(
+            f"{shown(res.alias)} / {shown(res.source)} ({shown(res.situation)}): {shown(res.action)}"
+        )
+    if r.config_edits:
+        title = f"{'Would edit' if r.dry_run else 'Edited'} {shown(r.config)}"
+        table = Table(title=title, title_justify="left")
+        for col in ("key", "from", "to"):
+            table.add_column(col, overflow="fold")
+        for e in r.config_edits:
+            before = "absent" if e.before is None else json.dumps(e.before)
+            table.add_row(shown(e.key), before, json.dumps(e.after))
+        console.print(table)
+    if r.tensor_writes:
+        table = Table(title="Would write" if r.dry_run else "Written", title_justify="left")
+        for col in ("name", "action", "from", "shape", "bytes"):
+            table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
+        for w in r.tensor_writes:
+            table.add_row(
+                shown(w.name),
+                w.action,
+                shown(w.origin),
+                "x".join(map(str, w.shape)),
+                human_bytes(w.bytes),
+            )
+        console.print(table)
+    for note in r.notes:
+        console.print(shown(note))
+    if r.dry_run:
+        _outcome(r, console, "nothing changed")  # the problems fix would resolve
+        return
+    if not r.changed:
+        console.print(f"{shown(str(r.output))}: nothing changed")
+    else:
+        console.print(f"written: {shown(str(r.output))} (verified)")
+    if r.problems:  # the input's, found before the fix: the result is verify's to judge
+        console.print(
+            f"problems found before the fix: {len(r.problems)} (tiecli verify checks the result)"
         )
