@@ -339,7 +339,7 @@ def _write_files(
             _write_one(ckpt, plan, f, folder / f.name, as_safetensors, shown, progress, durable)
         return
     total = sum(_write_total(plan, f) for f in files)
-    with progress.task(f"writing {len(files)} files", total) as bar:
+    with progress.task(f"writing {files[0].name}", total) as bar:
         within = _Within(bar)
         pool = ThreadPoolExecutor(2)
         try:
@@ -365,6 +365,7 @@ class _Within(Progress):
 
     @contextmanager
     def task(self, description: str, total: int) -> Iterator[Progress]:
+        self._bar.describe(description)
         yield self
 
     def advance(self, amount: int) -> None:
