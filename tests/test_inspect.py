@@ -419,3 +419,35 @@ def test_declared_ties_are_cached_and_the_cache_skips_transformers(tmp_path: Pat
     )
     assert "lm_head.weight" not in third.stdout.splitlines()[0]
     assert len(list((tmp_path / "cache" / "declared").glob("*.json"))) == 2
+
+
+def test_thousands_of_small_experts_are_sampled_in_few_reads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Same-shaped experts whose first elements collide (bf16 holds few values): the
+    last elements rule most out, and elements lying close are read together."""
+    import os
+
+    g = torch.Generator().manual_seed(5)
+    sd = {}
+    for i in range(1500):
+        w = torch.randn(8, 16, generator=g).to(torch.bfloat16)
+        w[0, 0] = 1.0  # every first element the same
+        sd[f"layers.{i}.w1"] = w
+        sd[f"layers.{i}.w2"] = torch.randn(16, 8, generator=g).to(torch.bfloat16)
+    sd["layers.1499.w_copy"] = sd["layers.7.w1"].clone()
+    sd["layers.1499.w_t"] = sd["layers.3.w1"].t().contiguous()
+    path = tmp_path / "experts.safetensors"
+    save_file(sd, path)
+    reads = []
+    real = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: reads.append(n) or real(fd, n, at))
+    result = tiecli.inspect(path)
+    pairs = {(frozenset((t.alias, t.source)), t.transform) for t in result.ties}
+    assert pairs == {
+        (frozenset(("layers.1499.w_copy", "layers.7.w1")), "identity"),
+        (frozenset(("layers.1499.w_t", "layers.3.w1")), "transpose"),
+    }
+    assert len(reads) < 300, len(reads)  # one by one: 3,000 tensors, a read or more each
+    header = path.stat().st_size - result.bytes
+    assert result.bytes_read - header < 0.1 * result.bytes  # only the elements asked for

@@ -434,3 +434,73 @@ def _target_of(temporary: str) -> str:
     m = re.fullmatch(r"\.(.+)\.(\d+)-[0-9a-f]{8}\.tiecli-tmp", temporary)
     assert m and int(m.group(2)) == os.getpid(), temporary
     return m.group(1)
+
+
+def _four_shards(folder: Path) -> Path:
+    """Four safetensors shards, the last holding lm_head, a stored copy of the embedding."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    g = torch.Generator().manual_seed(3)
+    embed = torch.randn(64, 32, generator=g)
+    shards: dict[str, dict[str, torch.Tensor]] = {
+        f"model-0000{i}-of-00004.safetensors": {
+            f"layers.{i}.{k}.weight": torch.randn(32, 32, generator=g) for k in ("q", "k")
+        }
+        for i in range(1, 5)
+    }
+    shards["model-00001-of-00004.safetensors"]["model.embed_tokens.weight"] = embed
+    shards["model-00004-of-00004.safetensors"]["lm_head.weight"] = embed.clone()
+    for name, tensors in shards.items():
+        save_file(tensors, folder / name)
+    weight_map = {n: f for f, ts in shards.items() for n in ts}
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_shards_are_written_two_at_a_time_and_a_failure_leaves_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One shard's verification tail overlaps the next shard's copy; a shard that fails
+    verification still fails the run, with nothing left behind."""
+    import threading
+    import time
+
+    from tiecli import rewrite
+
+    src = _four_shards(tmp_path / "in")
+    before = snapshot(src)
+    lock, active, most = threading.Lock(), [0], [0]
+    real_write = rewrite.write_file
+
+    def slow_write(*args, **kwargs):
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+        try:
+            time.sleep(0.2)
+            return real_write(*args, **kwargs)
+        finally:
+            with lock:
+                active[0] -= 1
+
+    monkeypatch.setattr(rewrite, "write_file", slow_write)
+    r = tiecli.dedupe(src, tmp_path / "out")
+    assert [t.alias for t in r.removed] == ["lm_head.weight"]
+    assert most[0] == 2
+    assert tiecli.verify(tmp_path / "out").ok
+
+    real_equal = rewrite._written_equal
+    monkeypatch.setattr(
+        rewrite,
+        "_written_equal",
+        lambda got, check, *a: got.name != "layers.3.q.weight" and real_equal(got, check, *a),
+    )
+    with pytest.raises(tiecli.TiecliError, match="verification failed") as e:
+        tiecli.dedupe(src, tmp_path / "again")
+    assert e.value.exit_code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
+    assert snapshot(src) == before

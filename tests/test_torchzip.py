@@ -252,3 +252,82 @@ def test_large_records_keep_their_offset_within_a_page(tmp_path: Path) -> None:
     loaded = torch.load(out, weights_only=True)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
     assert not tiecli.dedupe(out).changed
+
+
+_NO_TORCH = (
+    "import sys\n"
+    "class _Refuse:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'torch' or name.startswith('torch.'):\n"
+    "            raise ImportError('torch is not importable here')\n"
+    "sys.meta_path.insert(0, _Refuse())\n"
+    "import tiecli\n"
+)
+
+
+def _run_without_torch(code: str) -> None:
+    """Run ``code`` where ``import torch`` fails."""
+    subprocess.run([sys.executable, "-c", _NO_TORCH + code], check=True, timeout=120)
+
+
+def _shared_bin(folder: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """A flat .bin whose lm_head shares the embedding's storage (a deduped checkpoint)."""
+    folder.mkdir(parents=True)
+    sd = torch.load(fixture_path("llama-tied", "bin") / "pytorch_model.bin", weights_only=True)
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"]
+    sd |= extra or {}
+    torch.save(sd, folder / "pytorch_model.bin")
+    return folder / "pytorch_model.bin"
+
+
+def test_untie_of_a_bin_needs_no_torch_and_torch_reads_the_result(tmp_path: Path) -> None:
+    src = _shared_bin(tmp_path / "in")
+    out = tmp_path / "out.bin"
+    _run_without_torch(
+        f"r = tiecli.untie({str(src)!r}, {str(out)!r})\n"
+        "assert [t.alias for t in r.restored] == ['lm_head.weight'], r.restored\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    before = torch.load(src, weights_only=True)
+    after = torch.load(out, weights_only=True)
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    head, embed = after["lm_head.weight"], after["model.embed_tokens.weight"]
+    assert head.untyped_storage().data_ptr() != embed.untyped_storage().data_ptr()
+    assert head.untyped_storage().nbytes() == head.nbytes  # a storage of its own
+    # laid out as torch lays it out: its offsets agree with the ones torch computes
+    env = dict(os.environ, TORCH_SERIALIZATION_DEBUG="1")
+    check = f"import torch; torch.load({str(out)!r}, weights_only=True, map_location='meta')"
+    subprocess.run([sys.executable, "-c", check], check=True, env=env, timeout=120)
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
+    # and dedupe, also without torch, shares the storage again
+    again = tmp_path / "again.bin"
+    _run_without_torch(
+        f"r = tiecli.dedupe({str(out)!r}, {str(again)!r})\n"
+        "assert [t.alias for t in r.removed] == ['lm_head.weight'], r.removed\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    sd = torch.load(again, weights_only=True)
+    assert sd["lm_head.weight"].data_ptr() == sd["model.embed_tokens.weight"].data_ptr()
+    assert all(torch.equal(sd[k], before[k]) for k in before)
+
+
+def test_untie_copies_only_the_aliased_part_of_a_storage(tmp_path: Path) -> None:
+    """A source that is a view into a larger storage: the copy holds its elements only,
+    with a checksum of its own."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    base = torch.randn(3, 16, 8)
+    embed = base[1]  # a contiguous view at an offset
+    torch.save({"embed.weight": embed, "head.weight": embed, "other": base[2]}, folder / "m.bin")
+    out = tmp_path / "out.bin"
+    _run_without_torch(f"tiecli.untie({str(folder / 'm.bin')!r}, {str(out)!r})\n")
+    with zipfile.ZipFile(out) as z:
+        assert z.testzip() is None
+    sd = torch.load(out, weights_only=True)
+    assert torch.equal(sd["head.weight"], embed) and torch.equal(sd["embed.weight"], embed)
+    assert sd["head.weight"].untyped_storage().nbytes() == embed.nbytes
+    assert (
+        sd["head.weight"].untyped_storage().data_ptr() != sd["other"].untyped_storage().data_ptr()
+    )

@@ -213,8 +213,10 @@ def inspect(
     any fsspec URL): it is read by ranges, downloading at most ``max_download``
     bytes of whole tensors to confirm ties, each request given ``timeout`` seconds.
     """
+    from .checkpoint import collecting_less
+
     options = _remote_options(path, max_download, timeout)
-    with open_checkpoint(path, remote=options, progress=progress) as ckpt:
+    with collecting_less(), open_checkpoint(path, remote=options, progress=progress) as ckpt:
         _use_config(ckpt, config)
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         return _inspect_opened(ckpt, report)

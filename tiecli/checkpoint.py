@@ -8,8 +8,10 @@ format module builds them for its own files.
 
 from __future__ import annotations
 
+import gc
 import math
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -117,3 +119,20 @@ class Checkpoint:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextmanager
+def collecting_less() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector for the block, as it was before after.
+
+    Opening a checkpoint of 100,000 tensors makes a million small objects that hold
+    no cycles; the collector, run every 700 allocations, would scan them over and
+    over and take about a third of ``inspect``'s time, more the more tensors.
+    Reference counting still frees everything as it goes."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()

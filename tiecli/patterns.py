@@ -176,7 +176,13 @@ def _match(
     wanted = {n for rule in rules for n in rule}
     present = set(names)
     prefixes: dict[str, set[str]] = {}
+    # a name ends with a wanted suffix only if its last two components (its last, for
+    # a one-component suffix) are that suffix's: most names are passed over at once
+    tails = {".".join(w.split(".")[-2:]) for w in wanted}
     for name in present:
+        cut = name.rfind(".", 0, max(0, name.rfind(".")))
+        if name[cut + 1 :] not in tails and name[name.rfind(".") + 1 :] not in tails:
+            continue
         start = 0
         while True:
             suffix = name[start:]

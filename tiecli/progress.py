@@ -21,6 +21,9 @@ class Progress:
     def task(self, description: str, total: int) -> Iterator[Progress]:
         yield self
 
+    def describe(self, description: str) -> None:
+        """Rename the task under way (one bar for several files names the latest)."""
+
     def advance(self, amount: int) -> None:
         pass
 
@@ -55,6 +58,12 @@ class _RichProgress(Progress):
         with self._lock:  # a writer and the reader that follows it both report
             self._advance(amount)
 
+    def describe(self, description: str) -> None:
+        with self._lock:
+            self._description = description
+            if self._bar is not None:
+                self._bar.update(self._task, description=_shown(description))
+
     def _advance(self, amount: int) -> None:
         if self._bar is None:
             self._pending += amount
@@ -80,15 +89,18 @@ class _RichProgress(Progress):
                 transient=True,
             )
             self._bar.start()
-            # shard names come from files: never markup, never raw control characters
-            from rich.markup import escape
-
-            from .terminal import printable
-
-            description = escape(printable(self._description))
-            self._task = self._bar.add_task(description, total=self._total)
+            self._task = self._bar.add_task(_shown(self._description), total=self._total)
             amount, self._pending = self._pending, 0
         self._bar.advance(self._task, amount)
+
+
+def _shown(description: str) -> str:
+    """Shard names come from files: never markup, never raw control characters."""
+    from rich.markup import escape
+
+    from .terminal import printable
+
+    return str(escape(printable(description)))
 
 
 def console_progress(quiet: bool) -> Progress:

@@ -12,8 +12,9 @@ import json
 import os
 import shutil
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -306,8 +307,7 @@ def _to_folder(
         skip |= {p.resolve() for p in src_folder.glob(".*" + LOCK_SUFFIX)}
         if ckpt.folder is not None or ckpt.index_path is not None:
             _copy_other_files(src_folder, tmpdir, skip, durable, not_copied)
-        for f in plan.files:
-            _write_one(ckpt, plan, f, tmpdir / f.name, as_safetensors, output, progress, durable)
+        _write_files(ckpt, plan, tmpdir, as_safetensors, output, progress, durable)
         if ckpt.index_path is not None:
             name = ckpt.index_path.name
             if as_safetensors and ckpt.format.startswith("pytorch"):
@@ -321,6 +321,65 @@ def _to_folder(
         if durable:
             fsync_dir(tmpdir)
     return [output / f.name for f in plan.files], not_copied
+
+
+def _write_files(
+    ckpt: Checkpoint,
+    plan: Plan,
+    folder: Path,
+    as_safetensors: bool,
+    shown: Path,
+    progress: Progress,
+    durable: bool,
+) -> None:
+    """Write every file of ``plan`` into ``folder``. Safetensors shards are written two
+    at a time: the comparison that ends one shard (the follower catching up with the
+    writer) overlaps the next shard's copy instead of leaving the disk idle. The first
+    failure in file order is raised once no shard is being written any more."""
+    files = plan.files
+    if not as_safetensors or len(files) < 2:
+        for f in files:
+            _write_one(ckpt, plan, f, folder / f.name, as_safetensors, shown, progress, durable)
+        return
+    total = sum(_write_total(plan, f) for f in files)
+    with progress.task(f"writing {files[0].name}", total) as bar:
+        within = _Within(bar)
+        pool = ThreadPoolExecutor(2)
+        try:
+            jobs = [
+                pool.submit(
+                    _write_one, ckpt, plan, f, folder / f.name, True, shown, within, durable
+                )
+                for f in files
+            ]
+            for job in jobs:
+                job.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
+
+
+class _Within(Progress):
+    """One file's progress, reported into a bar that covers several files."""
+
+    def __init__(self, bar: Progress):
+        self._bar = bar
+
+    @contextmanager
+    def task(self, description: str, total: int) -> Iterator[Progress]:
+        self._bar.describe(description)
+        yield self
+
+    def advance(self, amount: int) -> None:
+        self._bar.advance(amount)
+
+
+def _write_total(plan: Plan, f: FilePlan) -> int:
+    """What writing ``f`` as safetensors reports: its bytes, and both sides of each check."""
+    names = {t.name for t in f.tensors}
+    checks = sum(2 * c.input.nbytes for c in plan.checks if c.out in names)
+    return sum(t.nbytes for t in f.tensors) + checks
 
 
 def _copy_other_files(
@@ -480,7 +539,7 @@ def _write_one(
                 with_torch.close()
         _verify_pickle(tmp, checks, shown, progress)
         return
-    total = sum(t.nbytes for t in f.tensors) + sum(2 * c.input.nbytes for c in checks)
+    total = _write_total(plan, f)
     mark = _Mark()
     with progress.task(f"writing {f.name}", total) as bar:
         followed = _beside(
@@ -653,12 +712,14 @@ def _written_equal(got: Entry, check: Check, mark: _Mark, at: int, bar: Progress
 
 
 def _zip_shareable(reader: Any, plan: Plan) -> bool:
-    """Whether torch can be left out: a zip read without it, aliases shared as they are."""
+    """Whether torch can be left out: a zip read without it, aliases shared as they are
+    and copies made as they are (no transpose), nothing trimmed."""
     return (
         isinstance(reader, TorchZip)
-        and not plan.pickle_copies
         and not plan.trims
-        and all(t == "identity" for _s, t in plan.pickle_views.values())
+        and all(
+            t == "identity" for _s, t in (*plan.pickle_views.values(), *plan.pickle_copies.values())
+        )
     )
 
 
@@ -678,6 +739,7 @@ def _write_zip(
 
     False (and nothing left behind) when the archive would need zip64."""
     shared = {a: s for a, (s, _t) in plan.pickle_views.items()}
+    copies = {a: s for a, (s, _t) in plan.pickle_copies.items()}
     mark = _Mark()
     placed: list[tuple[int, int, int]] = []  # (output offset, size, input offset)
 
@@ -695,6 +757,7 @@ def _write_zip(
             ),
             place,
             mark.reached,
+            copies,
         )
         _sync_file(tmp, durable)
 

@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from .checkpoint import CHUNK, Entry
 from .dtypes import itemsize, to_float64
 from .progress import NO_PROGRESS, Progress
 
 SAMPLES = 8
+T = TypeVar("T")
 
 
 def _positions(n: int, k: int = SAMPLES) -> list[int]:
@@ -28,22 +29,31 @@ def _positions(n: int, k: int = SAMPLES) -> list[int]:
 
 def sample(e: Entry) -> bytes:
     """Elements at fixed positions of the tensor (bytes, for sub-byte types)."""
-    size = itemsize(e.dtype)
-    if size is None:
-        return b"".join(e.blob.read(p, 1) for p in _positions(e.nbytes))
-    return b"".join(e.blob.read(p * size, size) for p in _positions(e.numel))
+    return b"".join(e.blob.read(at, size) for at, size in _sampled(e))
 
 
 def sample_transposed(e: Entry) -> bytes:
     """What :func:`sample` would return for the transpose of a 2-D tensor."""
+    return b"".join(e.blob.read(at, size) for at, size in _sampled_transposed(e))
+
+
+def _sampled(e: Entry) -> list[tuple[int, int]]:
+    """Where :func:`sample` reads: (byte offset, size) of each element."""
+    size = itemsize(e.dtype)
+    if size is None:
+        return [(p, 1) for p in _positions(e.nbytes)]
+    return [(p * size, size) for p in _positions(e.numel)]
+
+
+def _sampled_transposed(e: Entry) -> list[tuple[int, int]]:
     rows, cols = e.shape
     size = itemsize(e.dtype)
     assert size is not None
     out = []
     for p in _positions(e.numel):
         r, c = divmod(p, rows)  # position (r, c) in the (cols, rows) transpose
-        out.append(e.blob.read((c * cols + r) * size, size))
-    return b"".join(out)
+        out.append(((c * cols + r) * size, size))
+    return out
 
 
 def _uniform(data: bytes, size: int) -> bool:
@@ -299,6 +309,97 @@ def first_element(e: Entry) -> bytes:
     return e.blob.read(0, itemsize(e.dtype) or 1)
 
 
+GATHER_GAP = 4096  # elements of a local file this close are read in one call...
+GATHER_SPAN = 64 << 10  # ...of at most this many bytes
+
+
+def gather(items: list[Entry], where: Callable[[Entry], list[tuple[int, int]]]) -> dict[str, bytes]:
+    """For each tensor, by name, the bytes at the places ``where(e)`` names (byte
+    offset and size in the tensor), joined in that order: what reading them one by one
+    would give.
+
+    Places in a local file lying close together (thousands of small experts) are read
+    in one call each; any other blob reads its own (a remote file serves what was
+    fetched ahead). Only the bytes asked for count as read."""
+    from .formats.safetensors import FileBlob
+
+    parts: dict[str, list[bytes]] = {}
+    local: dict[Any, list[tuple[int, int, Any]]] = defaultdict(list)
+    for e in items:
+        blob = e.blob
+        places = where(e)
+        got = parts[e.name] = [b""] * len(places)
+        if type(blob) is FileBlob:
+            wants = local[blob.file]
+            for i, (offset, size) in enumerate(places):
+                wants.append((blob.start + offset, size, (got, i)))
+        else:
+            for i, (offset, size) in enumerate(places):
+                got[i] = blob.read(offset, size)
+    for file, wants in local.items():
+        for data, start, batch in _read_near(file, wants):
+            for at, size, (got, i) in batch:
+                got[i] = data[at - start : at - start + size]
+    return {name: b"".join(p) for name, p in parts.items()}
+
+
+def _ends(items: list[Entry], last: bool) -> dict[str, bytes]:
+    """:func:`gather` of each tensor's first element (its last, with ``last``), by name;
+    the one place per tensor taken without the general bookkeeping."""
+    from .formats.safetensors import FileBlob
+
+    sizes: dict[str, int] = {}
+    out: dict[str, bytes] = {}
+    local: dict[Any, list[tuple[int, int, str]]] = defaultdict(list)
+    for e in items:
+        size = sizes.get(e.dtype)
+        if size is None:
+            size = sizes[e.dtype] = itemsize(e.dtype) or 1
+        offset = e.nbytes - size if last else 0
+        blob = e.blob
+        if type(blob) is FileBlob:
+            local[blob.file].append((blob.start + offset, size, e.name))
+        else:
+            out[e.name] = blob.read(offset, size)
+    for file, wants in local.items():
+        for data, start, batch in _read_near(file, wants):
+            for at, size, name in batch:
+                out[name] = data[at - start : at - start + size]
+    return out
+
+
+def _read_near(
+    file: Any, wants: list[tuple[int, int, T]]
+) -> Iterator[tuple[bytes, int, list[Any]]]:
+    """Read the ranges ``wants`` (start in the file's data, size, a tag) of a local file
+    in few calls: (the bytes read, where they start, the wants they hold)."""
+    wants.sort(key=_first_item)
+    batch: list[tuple[int, int, T]] = []
+    start = end = 0
+    for want in wants:
+        at, size = want[0], want[1]
+        if batch and (at - end > GATHER_GAP or at + size - start > GATHER_SPAN):
+            yield _read_batch(file, start, end, batch), start, batch
+            batch = []
+        if not batch:
+            start, end = at, at + size
+        elif at + size > end:
+            end = at + size
+        batch.append(want)
+    if batch:
+        yield _read_batch(file, start, end, batch), start, batch
+
+
+def _read_batch(file: Any, start: int, end: int, batch: list[Any]) -> bytes:
+    data: bytes = file.pread(file.data_start + start, end - start)
+    file.bytes_read += sum(w[1] for w in batch) - (end - start)  # what was asked for
+    return data
+
+
+def _first_item(t: tuple[Any, ...]) -> Any:
+    return t[0]
+
+
 def shaped_like_another(items: list[Entry]) -> list[Entry]:
     """The tensors whose dtype and shape another shares, or whose transposed shape
     another has (2-D, whole-byte elements): the only ones that could equal another."""
@@ -333,6 +434,28 @@ def could_match(items: list[Entry]) -> list[Entry]:
     return [e for e in shaped if live(e)]
 
 
+def _narrowed(entries: list[Entry]) -> list[Entry]:
+    """:func:`could_match`, narrowed once more by the last element, which a tensor
+    shares with any tensor equal to it or to its transpose: one more small read per
+    tensor spares the sixteen sampled reads (eight, and eight of the transpose) of
+    most of them, which matters where thousands of same-shaped experts share a first
+    element. Reads of neighbouring elements of a local file are made together."""
+    classes: dict[tuple[str, tuple[int, ...]], tuple[Any, ...]] = {}
+    for e in entries:  # a dtype and shape, or its transpose: the tensors that could match
+        if (e.dtype, e.shape) not in classes:
+            flip = len(e.shape) == 2 and itemsize(e.dtype) is not None
+            shape = min(e.shape, e.shape[::-1]) if flip else e.shape
+            classes[(e.dtype, e.shape)] = (e.dtype, shape, flip)
+    keyed = [(classes[(e.dtype, e.shape)], e) for e in entries]
+    for last in (False, True):
+        count = Counter(k for k, _e in keyed)
+        keyed = [(k, e) for k, e in keyed if count[k] > 1]
+        got = _ends([e for _k, e in keyed], last)
+        keyed = [((*k, got[e.name]), e) for k, e in keyed]
+    count = Counter(k for k, _e in keyed)
+    return [e for k, e in keyed if count[k] > 1]
+
+
 @dataclass
 class ValueMatches:
     groups: list[list[Entry]]  # each: bitwise-equal tensors, in file order
@@ -355,7 +478,7 @@ def find_equal(
     candidates match by their samples and are listed in ``unconfirmed``.
     """
     known = known or {}
-    items = could_match([e for e in entries if e.nbytes > 0 and e.numel > 1])
+    items = _narrowed([e for e in entries if e.nbytes > 0 and e.numel > 1])
     by_shape: dict[tuple[str, tuple[int, ...]], list[Entry]] = defaultdict(list)
     for e in items:
         by_shape[(e.dtype, e.shape)].append(e)
@@ -366,18 +489,20 @@ def find_equal(
 
     # 1. samples at fixed positions, only where a partner could exist
     normal: dict[tuple[Any, ...], list[Entry]] = defaultdict(list)
-    for key, group in by_shape.items():
-        if len(group) > 1 or wanted_transposed(key):
-            for e in group:
-                normal[key + (sample(e),)].append(e)
+    sampled = [e for k, g in by_shape.items() if len(g) > 1 or wanted_transposed(k) for e in g]
+    samples = gather(sampled, _sampled)
+    for e in sampled:
+        normal[(e.dtype, e.shape, samples[e.name])].append(e)
     transposed_candidates: list[tuple[Entry, Entry]] = []
     order = {e.name: i for i, e in enumerate(items)}
+    flipped = [e for k, g in by_shape.items() if wanted_transposed(k) for e in g]
+    samples_t = gather(flipped, _sampled_transposed)
     for key, group in by_shape.items():
         if not wanted_transposed(key):
             continue
         dtype, shape = key
         for x in group:
-            for y in normal.get((dtype, shape[::-1], sample_transposed(x)), []):
+            for y in normal.get((dtype, shape[::-1], samples_t[x.name]), []):
                 if y is not x and order[x.name] < order[y.name]:
                     transposed_candidates.append((x, y))
 

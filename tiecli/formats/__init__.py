@@ -217,15 +217,19 @@ def index_entries(
     weight_map: dict[str, str], files: dict[str, dict[str, Entry]], index: str | Path
 ) -> dict[str, Entry]:
     """The entries an index maps, in file order, each found in the shard it names."""
-    entries: dict[str, Entry] = {}
-    for name, shard in sorted(weight_map.items(), key=lambda kv: _order(files, kv)):
-        entry = files[shard].get(name)
-        if entry is None:
-            raise CheckpointFormatError(
-                f"index maps tensor {name!r} to {shard!r}, which does not hold it", index
-            )
-        entries[name] = entry
-    return entries
+    found = []
+    for shard, held in files.items():  # each shard's entries are in file order already
+        for name, entry in held.items():
+            if weight_map.get(name) == shard:
+                found.append((*entry.blob.order, name, entry))
+    if len(found) != len(weight_map):
+        missing = sorted((n, s) for n, s in weight_map.items() if files.get(s, {}).get(n) is None)
+        name, shard = missing[0]
+        raise CheckpointFormatError(
+            f"index maps tensor {name!r} to {shard!r}, which does not hold it", index
+        )
+    found.sort(key=lambda t: t[:3])  # by file, offset, and name (empty tensors share offsets)
+    return {t[2]: t[3] for t in found}
 
 
 def _open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
@@ -264,14 +268,6 @@ def _open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
     return Checkpoint(
         shown, fmt, entries, paths, index_path=index, metadata=dict(metadata), readers=readers
     )
-
-
-def _order(files: dict[str, Any], kv: tuple[str, str]) -> tuple[int, int, str]:
-    name, shard = kv
-    entry = files.get(shard, {}).get(name)
-    if entry is None:
-        return (1 << 30, 0, name)
-    return (*entry.blob.order, name)
 
 
 def checkpoint_roots(paths: list[Path]) -> list[Path]:

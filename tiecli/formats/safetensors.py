@@ -33,11 +33,13 @@ class RepeatedKey(Exception):
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """``json.loads`` hook that refuses repeated keys instead of keeping the last."""
-    out: dict[str, Any] = {}
-    for key, value in pairs:
-        if key in out:
-            raise RepeatedKey(key)
-        out[key] = value
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _value in pairs:
+            if key in seen:
+                raise RepeatedKey(key)
+            seen.add(key)
     return out
 
 
@@ -342,6 +344,22 @@ class SafetensorsFile(ByteFile):
     def _tensor_info(
         self, name: str, info: Any, data_size: int
     ) -> tuple[str, tuple[int, ...], int, int]:
+        # the usual entry, checked in few steps; anything else takes the steps below
+        if type(info) is dict:
+            dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+            if (
+                type(shape) is list
+                and type(offsets) is list
+                and len(offsets) == 2
+                and type(offsets[0]) is int
+                and type(offsets[1]) is int
+                and 0 <= offsets[0] <= offsets[1] <= data_size
+                and all(type(d) is int and d >= 0 for d in shape)
+                and type(dtype) is str
+                and dtype in BITS
+                and nbytes_of(dtype, math.prod(shape)) == offsets[1] - offsets[0]
+            ):
+                return dtype, tuple(shape), offsets[0], offsets[1]
         if not isinstance(info, dict):
             raise self._fail(f"tensor {name!r}: header entry is not an object")
         dtype = info.get("dtype")

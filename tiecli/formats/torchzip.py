@@ -27,7 +27,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Entry
+from ..checkpoint import CHUNK, Entry
 from ..dtypes import itemsize
 from . import safetensors as st
 from .safetensors import FileBlob
@@ -435,9 +435,13 @@ def write_shared(
     copy: Callable[[int, int, int, int, int], None],
     placed: Callable[[int, int, int], None] = lambda at, n, src_at: None,
     reached: Callable[[int], None] = lambda n: None,
+    copies: dict[str, str] | None = None,
 ) -> None:
     """Write ``src`` to ``path`` with each ``alias`` of ``shared`` saved as its source
-    tensor itself (one storage, as ``torch.save`` writes a tensor kept twice).
+    tensor itself (one storage, as ``torch.save`` writes a tensor kept twice), and
+    each ``name`` of ``copies`` saved as a copy of its source tensor in a storage of
+    its own (as ``torch.save`` writes ``source.clone()``): its record holds exactly
+    the source tensor's bytes, copied from the input like any other record.
 
     ``placed(at, size, src_at)`` says where each record taken from ``src`` goes
     (``size`` bytes at ``at``, copied from ``src_at``) before it is written, and
@@ -457,15 +461,26 @@ def write_shared(
     for alias, source in shared.items():
         if alias in items and source in items:
             items[alias] = items[source]
+    made: dict[int, _Record] = {}  # id of a copy's call -> where its bytes are in src
+    for name, source in (copies or {}).items():
+        if source in src.items:
+            items[name] = _clone(src, src.items[source], made)
     renamed: dict[str, _Storage] = {}  # old key -> the storage under its new key
+    records: dict[str, _Record] = {}  # new key -> the bytes its record is copied from
     calls: dict[int, _Call] = {}
     for name, call in items.items():
         if id(call) not in calls:
             old = call.args[0]
-            if old.key not in renamed:
-                pid = (*old.pid[:2], str(len(renamed)), *old.pid[3:])
-                renamed[old.key] = _Storage(pid)
-            new = _Call(call.func, (renamed[old.key], *call.args[1:]))
+            if id(call) in made:  # a copy: a storage of its own, never shared
+                storage = _Storage((*old.pid[:2], str(len(records)), *old.pid[3:]))
+                records[storage.key] = made[id(call)]
+            else:
+                if old.key not in renamed:
+                    pid = (*old.pid[:2], str(len(records)), *old.pid[3:])
+                    renamed[old.key] = _Storage(pid)
+                    records[renamed[old.key].key] = src.storage_records[old.key]
+                storage = renamed[old.key]
+            new = _Call(call.func, (storage, *call.args[1:]))
             calls[id(call)] = new
         items[name] = calls[id(call)]
     top = src.top.with_items(items) if isinstance(src.top, _Call) else items
@@ -479,9 +494,7 @@ def write_shared(
     )
     tail = [r for r in src.records[first:] if r.name not in storage_names]
     order: list[tuple[str, _Record]] = [(r.name, r) for r in src.records[:first]]
-    order += [
-        (src.prefix + "data/" + new.key, src.storage_records[old]) for old, new in renamed.items()
-    ]
+    order += [(src.prefix + "data/" + key, record) for key, record in records.items()]
     order += [(r.name, r) for r in tail]
 
     pkl += b" " * _page_pad(src, order, pkl)
@@ -550,6 +563,31 @@ def write_shared(
         reached(pos)
     finally:
         os.close(fd)
+
+
+def _clone(src: TorchZip, call: _Call, made: dict[int, _Record]) -> _Call:
+    """A call rebuilding a copy of the tensor ``call`` rebuilds, in a storage of its own
+    holding exactly its elements; ``made`` learns where those bytes are in ``src``."""
+    storage, offset, shape, _stride, *rest = call.args
+    size = itemsize(STORAGE_DTYPES[storage.kind.name]) or 0
+    numel = 1
+    for d in shape:
+        numel *= d
+    record = src.storage_records[storage.key]
+    start, nbytes = record.start + offset * size, numel * size
+    if offset == 0 and nbytes == record.size:
+        crc = record.crc
+    else:  # part of a storage: its checksum is its own
+        crc = 0
+        for at in range(start, start + nbytes, CHUNK):
+            crc = zlib.crc32(src.pread(at, min(CHUNK, start + nbytes - at)), crc)
+    hooks = _Call(rest[1].func, ())  # an empty OrderedDict of its own, as torch writes it
+    pid = (storage.pid[0], storage.kind, storage.key, storage.pid[3], numel)
+    clone = _Call(
+        call.func, (_Storage(pid), 0, shape, _contiguous(shape), rest[0], hooks, *rest[2:])
+    )
+    made[id(clone)] = _Record(src.prefix + "data/copy", start, nbytes, crc)
+    return clone
 
 
 _COPY_FROM = 1 << 20  # records this large are copied in the kernel; smaller ones read
