@@ -164,7 +164,9 @@ def observe(consumer: str, status: dict, entry: dict, stored: dict, refs: dict) 
     if not status.get("ok"):
         err = status.get("error") or ""
         # the consumer does not load this kind of model or file at all (MLX-LM and a .bin)
-        if ("Model type" in err and "not supported" in err) or "No safetensors" in err:
+        # (vLLM's Llava: its model class imports torchvision, which this venv cannot have)
+        if (("Model type" in err and "not supported" in err) or "No safetensors" in err
+                or "failed to be inspected" in err):
             return {"outcome": "n/a", "error": err}
         return {"outcome": "refuses", "error": err, embed: "refuses", head: "refuses"}
     arr = status["arrays"]
