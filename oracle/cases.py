@@ -46,36 +46,128 @@ LLAMA = {
     "eos_token_id": 2,
     "torch_dtype": "float32",
 }
-QWEN2 = dict(LLAMA, architectures=["Qwen2ForCausalLM"], model_type="qwen2",
-             use_sliding_window=False, sliding_window=None, max_window_layers=2)
+QWEN2 = dict(
+    LLAMA,
+    architectures=["Qwen2ForCausalLM"],
+    model_type="qwen2",
+    use_sliding_window=False,
+    sliding_window=None,
+    max_window_layers=2,
+)
 QWEN2.pop("head_dim")
 
 # name, base, situation (tiecli's), form, flag settings, what is stored, note
 CASES = [
     ("llama-tied", "llama", "alias_absent", "safetensors", {"top": True}, "embed", "healthy tied"),
-    ("llama-untied", "llama", "both_differ", "safetensors", {"top": False}, "both", "healthy untied"),
+    (
+        "llama-untied",
+        "llama",
+        "both_differ",
+        "safetensors",
+        {"top": False},
+        "both",
+        "healthy untied",
+    ),
     ("qwen2-tied", "qwen2", "alias_absent", "safetensors", {"top": True}, "embed", "healthy tied"),
-    ("qwen2-untied", "qwen2", "both_differ", "safetensors", {"top": False}, "both", "healthy untied"),
-    ("llama-tied-head-differs", "llama", "both_differ", "safetensors", {"top": True}, "both",
-     "flag tied, a stored head that differs"),
-    ("llama-tied-head-differs-bin", "llama", "both_differ", "pytorch", {"top": True}, "both",
-     "flag tied, a stored head that differs (.bin)"),
-    ("qwen2-tied-head-differs", "qwen2", "both_differ", "safetensors", {"top": True}, "both",
-     "flag tied, a stored head that differs"),
-    ("llama-untied-head-absent", "llama", "alias_absent", "safetensors", {"top": False}, "embed",
-     "flag untied, head absent"),
-    ("llama-untied-head-absent-bin", "llama", "alias_absent", "pytorch", {"top": False}, "embed",
-     "flag untied, head absent (.bin)"),
-    ("llama-head-only", "llama", "source_absent", "safetensors", {"top": True}, "head",
-     "only the head stored (MobileLLM)"),
-    ("llama-head-only-bin", "llama", "source_absent", "pytorch", {"top": True}, "head",
-     "only the head stored (MobileLLM, .bin)"),
-    ("llama-padded", "llama", "padded", "safetensors", {"top": True}, "padded",
-     "embedding padded past the head's rows, shared rows equal"),
-    ("llava-nested-tied", "llava", "alias_absent", "safetensors", {"nested": True}, "embed",
-     "VLM: the flag only in text_config (tied), head absent"),
-    ("llava-flags-disagree", "llava", "alias_absent", "safetensors", {"top": True, "nested": False},
-     "embed", "VLM: top-level tied, text_config untied, head absent"),
+    (
+        "qwen2-untied",
+        "qwen2",
+        "both_differ",
+        "safetensors",
+        {"top": False},
+        "both",
+        "healthy untied",
+    ),
+    (
+        "llama-tied-head-differs",
+        "llama",
+        "both_differ",
+        "safetensors",
+        {"top": True},
+        "both",
+        "flag tied, a stored head that differs",
+    ),
+    (
+        "llama-tied-head-differs-bin",
+        "llama",
+        "both_differ",
+        "pytorch",
+        {"top": True},
+        "both",
+        "flag tied, a stored head that differs (.bin)",
+    ),
+    (
+        "qwen2-tied-head-differs",
+        "qwen2",
+        "both_differ",
+        "safetensors",
+        {"top": True},
+        "both",
+        "flag tied, a stored head that differs",
+    ),
+    (
+        "llama-untied-head-absent",
+        "llama",
+        "alias_absent",
+        "safetensors",
+        {"top": False},
+        "embed",
+        "flag untied, head absent",
+    ),
+    (
+        "llama-untied-head-absent-bin",
+        "llama",
+        "alias_absent",
+        "pytorch",
+        {"top": False},
+        "embed",
+        "flag untied, head absent (.bin)",
+    ),
+    (
+        "llama-head-only",
+        "llama",
+        "source_absent",
+        "safetensors",
+        {"top": True},
+        "head",
+        "only the head stored (MobileLLM)",
+    ),
+    (
+        "llama-head-only-bin",
+        "llama",
+        "source_absent",
+        "pytorch",
+        {"top": True},
+        "head",
+        "only the head stored (MobileLLM, .bin)",
+    ),
+    (
+        "llama-padded",
+        "llama",
+        "padded",
+        "safetensors",
+        {"top": True},
+        "padded",
+        "embedding padded past the head's rows, shared rows equal",
+    ),
+    (
+        "llava-nested-tied",
+        "llava",
+        "alias_absent",
+        "safetensors",
+        {"nested": True},
+        "embed",
+        "VLM: the flag only in text_config (tied), head absent",
+    ),
+    (
+        "llava-flags-disagree",
+        "llava",
+        "alias_absent",
+        "safetensors",
+        {"top": True, "nested": False},
+        "embed",
+        "VLM: top-level tied, text_config untied, head absent",
+    ),
 ]
 
 
@@ -89,8 +181,16 @@ def train_tokenizer(where: Path) -> Path:
     text.write_text("\n".join(" ".join(rng.choice(words) for _ in range(12)) for _ in range(2000)))
     prefix = where / "spm"
     spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(prefix), vocab_size=VOCAB, model_type="unigram",
-        character_coverage=1.0, bos_id=1, eos_id=2, unk_id=0, pad_id=-1, minloglevel=2,
+        input=str(text),
+        model_prefix=str(prefix),
+        vocab_size=VOCAB,
+        model_type="unigram",
+        character_coverage=1.0,
+        bos_id=1,
+        eos_id=2,
+        unk_id=0,
+        pad_id=-1,
+        minloglevel=2,
     )
     return prefix.with_suffix(".model")
 
@@ -106,9 +206,14 @@ def config_for(base: str, flags: dict) -> dict:
             "model_type": "llava",
             "text_config": text,
             "vision_config": {
-                "model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
-                "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32,
-                "patch_size": 8, "projection_dim": 32,
+                "model_type": "clip_vision_model",
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 2,
+                "num_attention_heads": 2,
+                "image_size": 32,
+                "patch_size": 8,
+                "projection_dim": 32,
             },
             "image_token_index": VOCAB - 1,
             "projector_hidden_act": "gelu",
@@ -135,18 +240,19 @@ def base_state(base: str, cfg: dict) -> dict[str, torch.Tensor]:
         conf = transformers.LlavaConfig(**{k: v for k, v in untied.items() if k != "architectures"})
         model = transformers.LlavaForConditionalGeneration(conf)
     else:
-        conf = transformers.AutoConfig.for_model(**{k: v for k, v in untied.items()
-                                                    if k not in ("architectures", "model_type")},
-                                                 model_type=untied["model_type"])
+        conf = transformers.AutoConfig.for_model(
+            **{k: v for k, v in untied.items() if k not in ("architectures", "model_type")},
+            model_type=untied["model_type"],
+        )
         model = transformers.AutoModelForCausalLM.from_config(conf)
     state = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
     if base == "llava":  # the original llava-hf key names, which every consumer reads
         out = {}
         for k, v in state.items():
             if k.startswith("model.language_model."):
-                k = "language_model.model." + k[len("model.language_model."):]
+                k = "language_model.model." + k[len("model.language_model.") :]
             elif k.startswith("model."):
-                k = k[len("model."):]
+                k = k[len("model.") :]
             elif k == "lm_head.weight":
                 k = LLAVA_HEAD
             elif k.startswith("language_model.") or k.startswith("vision_tower."):
@@ -187,18 +293,38 @@ def build(out: Path) -> list[dict]:
             f.unlink()
         (d / "config.json").write_text(json.dumps(cfg, indent=2))
         (d / "tokenizer.model").write_bytes(tok.read_bytes())
-        (d / "tokenizer_config.json").write_text(json.dumps({
-            "tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>",
-            "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-            "model_max_length": 256}))
-        (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+        (d / "tokenizer_config.json").write_text(
+            json.dumps(
+                {
+                    "tokenizer_class": "LlamaTokenizer",
+                    "bos_token": "<s>",
+                    "eos_token": "</s>",
+                    "unk_token": "<unk>",
+                    "add_bos_token": True,
+                    "add_eos_token": False,
+                    "model_max_length": 256,
+                }
+            )
+        )
+        (d / "generation_config.json").write_text(
+            json.dumps({"bos_token_id": 1, "eos_token_id": 2})
+        )
         if form == "safetensors":
             save_file(state, str(d / "model.safetensors"), metadata={"format": "pt"})
         else:
             torch.save(state, d / "pytorch_model.bin")
-        entries.append({"name": name, "base": base, "situation": situation, "form": form,
-                        "note": note, "embed": embed_key, "head": head_key,
-                        "flags": flags})
+        entries.append(
+            {
+                "name": name,
+                "base": base,
+                "situation": situation,
+                "form": form,
+                "note": note,
+                "embed": embed_key,
+                "head": head_key,
+                "flags": flags,
+            }
+        )
     (out / "cases.json").write_text(json.dumps(entries, indent=2))
     return entries
 

