@@ -406,3 +406,25 @@ def test_a_transposed_tie_is_placed_whole_or_refused(
     assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "transposed tie of embed.weight" in r.stderr
     sys.modules.pop(name, None)
+
+
+def test_human_output_shows_the_placement_and_each_tie(private_tmp: Path) -> None:
+    r = runner.invoke(
+        app,
+        [
+            "verify",
+            "-q",
+            "--forward",
+            "--device",
+            "cpu",
+            *PARTLY_ON_DISK,
+            str(fixture_path("gpt2", "full")),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.stdout.split())  # rich wraps long lines
+    assert "placement: cpu" in out and "disk" in out
+    assert "offloaded:" in out
+    assert "tie lm_head.weight -> transformer.wte.weight:" in out
+    assert "(one storage)" in out
+    assert "peak memory: host" in out

@@ -34,6 +34,8 @@ _LAZY = {
     "InspectResult": "api",
     "DedupeResult": "api",
     "UntieResult": "api",
+    "fix": "fixing",
+    "FixResult": "fixing",
 }
 
 __all__ = [

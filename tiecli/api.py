@@ -278,11 +278,12 @@ class DedupeResult(RewriteResult):
 @dataclass(kw_only=True)
 class UntieResult(RewriteResult):
     restored: list[Tie]
+    made: dict[str, tuple[str, str]]  # name written -> (stored tensor it copies, transform)
     command: str = "untie"
 
     def to_dict(self) -> dict[str, Any]:
         return super().to_dict() | {
-            "restored": [t.alias if t.source_stored else t.source for t in self.restored],
+            "restored": list(self.made),
             "restored_ties": [t.to_dict() for t in self.restored],
         }
 
@@ -341,10 +342,16 @@ def _refuse_unreadable_record(ckpt: Checkpoint, report: TieReport) -> None:
 
 @contextlib.contextmanager
 def _rewriting(
-    path: Path, out: Path | None, command: str, dry_run: bool, to: str | None
+    path: Path,
+    out: Path | None,
+    command: str,
+    dry_run: bool,
+    to: str | None,
+    also: Sequence[Path] = (),
 ) -> Iterator[Checkpoint]:
     """Open the checkpoint to rewrite: refuse what would corrupt it, and lock what the
-    rewrite replaces (a dry run writes nothing and takes no lock) for as long as it runs."""
+    rewrite replaces (a dry run writes nothing and takes no lock) for as long as it runs;
+    ``also``: other files it replaces in place (``fix``: the config.json)."""
     if out is None:
         _refuse_shard(path, command)
     if dry_run:
@@ -356,6 +363,8 @@ def _rewriting(
     from .rewrite import lock_targets
 
     targets = lock_targets(path, out, to == "safetensors")
+    if out is None:
+        targets = [*targets, *also]
     with locked(targets, out or path), open_checkpoint(path) as ckpt:
         opened = ckpt.index_path or (ckpt.weight_files[0] if ckpt.weight_files else None)
         held = {t.resolve() for t in targets}
@@ -550,7 +559,9 @@ def untie(
         _refuse_unreadable_record(ckpt, report)
         plan = plan_untie(ckpt, report)
         result = UntieResult(
-            **_rewrite_fields(ckpt, report, plan, out, dry_run), restored=plan.restored
+            **_rewrite_fields(ckpt, report, plan, out, dry_run),
+            restored=plan.restored,
+            made=plan.made,
         )
         return _carry_out(result, ckpt, plan, out, force, False, fsync, progress)
 

@@ -227,6 +227,59 @@ def untie(
 
 
 @app.command()
+def fix(
+    path: PathArg,
+    output: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    tie: Annotated[
+        bool,
+        typer.Option(
+            "--tie",
+            help="Where the config unties a head that is absent: make it say tied, so every "
+            "consumer uses the embedding as the head.",
+        ),
+    ] = False,
+    untie_head: Annotated[
+        bool,
+        typer.Option(
+            "--untie-head",
+            help="Where the head is absent: store a copy of the embedding as the head and "
+            "make the config say untied.",
+        ),
+    ] = False,
+    trim_padding: Annotated[
+        bool,
+        typer.Option(
+            "--trim-padding",
+            help="Cut a padded embedding (more rows than the head, the first ones equal) to "
+            "the config's vocab_size.",
+        ),
+    ] = False,
+    force: ForceOpt = False,
+    fsync: FsyncOpt = False,
+    json_out: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Rewrite so that every consumer (transformers 4/5, vLLM, MLX-LM, llama.cpp) loads the same model."""
+    from .fixing import fix as run
+    from .progress import console_progress
+    from .render import render_fix
+
+    result = run(
+        path,
+        output,
+        dry_run=dry_run,
+        tie=tie,
+        untie_head=untie_head,
+        trim_padding=trim_padding,
+        force=force,
+        fsync=fsync,
+        progress=console_progress(quiet),
+    )
+    _emit(result, json_out, render_fix)
+
+
+@app.command()
 def verify(
     paths: Annotated[
         list[str],

@@ -101,6 +101,8 @@ def pairs_of(
     for t in ties:
         if t.kind != "tied" and governing_flag(t.alias) is None:
             continue  # a coincidental duplicate: every consumer loads what is stored
+        if t.alias not in present and t.source not in present:
+            continue  # judged through the group's stored member
         out.append(
             Pair(
                 t.alias,

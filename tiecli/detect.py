@@ -9,6 +9,7 @@ layout.
 from __future__ import annotations
 
 from collections import defaultdict, deque
+from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -216,8 +217,14 @@ class _Finder:
         if declared is not None:
             self.declared_by = f"transformers ({declared.architecture})"
             self.architecture = declared.architecture or "its architecture"
+            # a whole group when any member is stored: T5 with only encoder.embed_tokens
+            # still ties shared, decoder.embed_tokens and lm_head to it
+            adj: dict[str, list[tuple[str, str]]] = defaultdict(list)
             for alias, source in declared.ties.items():
-                if alias in self.entries or source in self.entries:
+                adj[alias].append((source, "identity"))
+                adj[source].append((alias, "identity"))
+            for alias, source in declared.ties.items():
+                if any(n in self.entries for n in _component(adj, alias)):
                     self.claims.append(
                         _Claim(alias, source, self._shape_transform(alias, source), "declared")
                     )
@@ -350,6 +357,9 @@ class _Finder:
                 continue
             component = _component(adj, start)
             seen.update(component)
+            held = [self.entries[n] for n in component if n in self.entries]
+            if not held:
+                continue  # nothing of the group is stored: nothing to tell
             source = min(
                 component, key=lambda n: (rank(n), n not in self.entries, self.order.get(n, 0))
             )
@@ -360,7 +370,7 @@ class _Finder:
                     # the bytes an absent alias stands for are those the record names,
                     # even when that tensor drifts from the rest of its group
                     src, transform = self.recorded[alias]
-                ties.append(self._tie(alias, src, transform, evidence, structural))
+                ties.append(self._tie(alias, src, transform, evidence, structural, held[0]))
         return ties
 
     def _tie(
@@ -370,14 +380,14 @@ class _Finder:
         transform: str,
         evidence: dict[str, set[str]],
         structural: dict[str, bool],
+        held: Entry,
     ) -> Tie:
         a, s = self.entries.get(alias), self.entries.get(source)
         ev = set(evidence[alias])
         shared = (
             a is not None and s is not None and a.storage is not None and a.storage == s.storage
         )
-        ref = a or s
-        assert ref is not None
+        ref = a or s or held  # neither stored: the group's stored member tells the size
         tie = Tie(
             alias,
             source,
@@ -507,6 +517,37 @@ class _Finder:
                 )
         return ties
 
+    def add_untied_pads(self, ties: list[Tie]) -> list[Tie]:
+        """A pair of the config's flag that the config unties (so no claim made it a
+        tie) whose shorter tensor is the longer one's first rows: a padded copy, which
+        consumers refuse or read differently all the same. Reported, never deduped."""
+        if self.ckpt.config is None:
+            return ties
+        named = {n for t in ties for n in (t.alias, t.source)}
+        for alias, source in flag_pairs(self.entries, self.ckpt.config):
+            if alias in named or source in named:
+                continue
+            if alias not in self.entries or source not in self.entries:
+                continue
+            pad = self._padded(alias, source)
+            if pad is None:
+                continue
+            a, s = self.entries[alias], self.entries[source]
+            ties.append(
+                Tie(
+                    alias,
+                    source,
+                    "identity",
+                    "duplicate",
+                    ["pattern"],
+                    stored=True,
+                    bytes=a.nbytes,
+                    drift=self._drift(a, s, "identity"),
+                    pad=pad,
+                )
+            )
+        return ties
+
     def report_problems(self, ties: list[Tie]) -> None:
         mismatched = {n for p in self.problems if p.code == "config-mismatch" for n in p.tensors}
         for t in ties:
@@ -541,15 +582,25 @@ class _Finder:
                 )
             if t.pad is not None:
                 p = t.pad
+                how = (
+                    f"are tied ({', '.join(t.evidence)})"
+                    if t.kind == "tied"
+                    else "are untied by config.json, yet one is the other"
+                )
                 self.problems.append(
                     Problem(
                         "padded",
                         "error",
                         f"{t.alias} ({p.alias_rows} rows) and {t.source} ({p.source_rows} rows) "
-                        f"are tied ({', '.join(t.evidence)}) with a padded vocabulary: the "
+                        f"{how} with a padded vocabulary: the "
                         f"first {min(p.alias_rows, p.source_rows)} rows are bit-identical; "
                         f"most consumers refuse the mismatched shapes, so trim the padding to "
-                        f"the config's vocab_size or pad both",
+                        f"the config's vocab_size or pad both"
+                        + (
+                            f" (tiecli fix {self.ckpt.shown} --trim-padding)"
+                            if self.ckpt.url is None and self.ckpt.config is not None
+                            else ""
+                        ),
                         [t.alias, t.source],
                     )
                 )
@@ -583,6 +634,46 @@ class _Finder:
                         [t.source, t.alias],
                     )
                 )
+
+
+@dataclass(frozen=True)
+class Fill:
+    """A tie member absent from the file, rebuilt from a stored tensor of its group:
+    ``name`` is ``transform`` applied to ``origin`` (which is stored)."""
+
+    name: str
+    origin: str
+    transform: str
+    tie: Tie
+
+
+def fills(ties: list[Tie], stored: Container[str]) -> list[Fill]:
+    """Every absent member of ``ties`` that a stored member of its group gives, in tie
+    order: an absent alias from its source, an absent source from a stored alias, and
+    an alias whose source is absent too from whichever member is stored (a T5 file
+    holding only ``encoder.embed_tokens.weight`` gives ``shared.weight``,
+    ``decoder.embed_tokens.weight`` and ``lm_head.weight``)."""
+    made: dict[str, Fill] = {}
+
+    def root(n: str) -> tuple[str, str] | None:
+        if n in stored:
+            return n, "identity"
+        f = made.get(n)
+        return (f.origin, f.transform) if f is not None else None
+
+    changed = True
+    while changed:
+        changed = False
+        for t in ties:
+            for want, have in ((t.alias, t.source), (t.source, t.alias)):
+                if want in stored or want in made:
+                    continue
+                got = root(have)
+                if got is not None:
+                    made[want] = Fill(want, got[0], _compose(t.transform, got[1]), t)
+                    changed = True
+    order = {t.alias: i for i, t in enumerate(ties)}
+    return sorted(made.values(), key=lambda f: order.get(f.tie.alias, 0))
 
 
 def _same_prefix(short: Entry, long: Entry) -> bool:
@@ -671,6 +762,7 @@ def find_ties(
     f.check_config()
     ties = f.assemble()
     ties = f.add_value_matches(ties)
+    ties = f.add_untied_pads(ties)
     ties.sort(
         key=lambda t: (f.order.get(t.source, 1 << 30), f.order.get(t.alias, 1 << 30), t.alias)
     )

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import Checkpoint
-from .detect import Problem, Tie, find_ties
+from .detect import Problem, Tie, fills, find_ties
 from .errors import (
     CheckpointFormatError,
     MissingDependencyError,
@@ -583,14 +583,8 @@ def _sources(ckpt: Checkpoint, report: Any) -> dict[str, tuple[str, bool]]:
     if bad:
         raise TieRecordError(bad[0].message, ckpt.path)
     src = {n: (n, False) for n in ckpt.entries}
-    for tie in report.ties:
-        flip = tie.transform == "transpose"
-        if tie.alias not in src and tie.source in src:
-            stored, transposed = src[tie.source]
-            src[tie.alias] = (stored, transposed != flip)
-        elif tie.source not in src and tie.alias in src:
-            stored, transposed = src[tie.alias]
-            src[tie.source] = (stored, transposed != flip)
+    for f in fills(report.ties, ckpt.entries):
+        src[f.name] = (f.origin, f.transform == "transpose")
     return src
 
 

@@ -151,11 +151,26 @@ def _match(
             if dot < 0:
                 break
             start = dot + 1
+    # rules sharing a name form a group (T5's three aliases of shared.weight); with a
+    # config, one stored member at a prefix brings in the whole group there
+    group = {n: n for n in wanted}
+
+    def find(n: str) -> str:
+        while group[n] != n:
+            group[n] = group[group[n]]
+            n = group[n]
+        return n
+
+    for alias, source in rules:
+        group[find(alias)] = find(source)
+    at: dict[str, set[str]] = {}
+    for n, ps in prefixes.items():
+        at.setdefault(find(n), set()).update(ps)
     found: list[PatternTie] = []
     for alias, source in rules:
-        for prefix in sorted(prefixes.get(alias, set()) | prefixes.get(source, set())):
+        for prefix in sorted(at.get(find(alias), set())):
             a, s = prefix + alias, prefix + source
             has_a, has_s = a in present, s in present
-            if (has_a and has_s) or (from_config and (has_a or has_s)):
+            if (has_a and has_s) or from_config:  # a member is stored at this prefix
                 found.append(PatternTie(a, s, from_config))
     return found

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHUNK, Checkpoint, Entry
-from .detect import Tie, TieReport, declared
+from .detect import Tie, TieReport, declared, fills
 from .record import RECORD_KEY, RECORD_VERSION, RecordedTie, read_record
 
 
@@ -77,6 +77,8 @@ class Plan:
     checks: list[Check]
     removed: list[Tie] = field(default_factory=list)
     restored: list[Tie] = field(default_factory=list)
+    # untie, fix: each name written anew -> (the stored tensor it copies, transform)
+    made: dict[str, tuple[str, str]] = field(default_factory=dict)
     kept: list[tuple[Tie, str]] = field(default_factory=list)  # ties left stored, and why
     record: list[RecordedTie] = field(default_factory=list)
     # Pickles kept as pickles: {name: (other name, transform)} saved as a view of
@@ -84,6 +86,8 @@ class Plan:
     pickle_views: dict[str, tuple[str, str]] = field(default_factory=dict)
     pickle_copies: dict[str, tuple[str, str]] = field(default_factory=dict)
     pickle_output: bool = False  # the output stays a pickle (no metadata to compare)
+    # fix: {name: rows} cut to their first rows (a padded vocabulary trimmed)
+    trims: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes_after(self) -> int:
@@ -93,7 +97,7 @@ class Plan:
         )
 
     def changes(self, ckpt: Checkpoint) -> bool:
-        if self.removed or self.restored:
+        if self.removed or self.restored or self.made or self.trims:
             return True
         if self.pickle_output:
             return False
@@ -256,27 +260,23 @@ def plan_untie(ckpt: Checkpoint, report: TieReport) -> Plan:
     restored: list[Tie] = []
     extra: dict[str, list[OutTensor]] = {}  # by the name of the input tensor they follow
     checks = [Check(n, e) for n, e in ckpt.entries.items()]
-    for t in report.ties:
-        if t.drift is not None:
-            continue
-        if not t.stored and t.source_stored and not _in_storage(t, ckpt):
-            src = ckpt.entries[t.source]
-            extra.setdefault(t.source, []).append(OutTensor(t.alias, src, t.transform))
-            checks.append(Check(t.alias, src, t.transform))
-            restored.append(t)
-        elif _in_storage(t, ckpt):
+    whole = [t for t in report.ties if t.drift is None]
+    made: dict[str, tuple[str, str]] = {}
+    for f in fills(whole, ckpt.entries):
+        origin = ckpt.entries[f.origin]
+        extra.setdefault(f.origin, []).append(OutTensor(f.name, origin, f.transform))
+        checks.append(Check(f.name, origin, f.transform))
+        made[f.name] = (f.origin, f.transform)
+        if f.tie not in restored:
+            restored.append(f.tie)
+    for t in whole:
+        if _in_storage(t, ckpt):
             restored.append(t)  # a pickle view, written as its own copy
-        elif t.stored and not t.source_stored:
-            alias = ckpt.entries[t.alias]
-            extra.setdefault(t.alias, []).append(OutTensor(t.source, alias, t.transform))
-            checks.append(Check(t.source, alias, t.transform))
-            restored.append(t)
-    plan = Plan("untie", [], None, checks, restored=restored)
+            made[t.alias] = (t.source, t.transform)
+    plan = Plan("untie", [], None, checks, restored=restored, made=made)
     plan.pickle_output = ckpt.format.startswith("pytorch")
     if plan.pickle_output:
-        for t in restored:
-            made, origin = (t.alias, t.source) if t.source_stored else (t.source, t.alias)
-            plan.pickle_copies[made] = (origin, t.transform)
+        plan.pickle_copies.update(made)
     _fill_files(plan, ckpt, keep=lambda n: True, extra=extra)
     return plan
 
@@ -286,7 +286,14 @@ def _in_storage(t: Tie, ckpt: Checkpoint) -> bool:
     return t.alias in ckpt.entries and "storage" in t.evidence and not t.stored
 
 
-def _fill_files(plan: Plan, ckpt: Checkpoint, keep: Any, extra: dict[str, list[OutTensor]]) -> None:
+def _fill_files(
+    plan: Plan,
+    ckpt: Checkpoint,
+    keep: Any,
+    extra: dict[str, list[OutTensor]],
+    replace: dict[str, Entry] | None = None,
+) -> None:
+    replace = replace or {}
     names_after: set[str] = {n for n in ckpt.entries if keep(n)} | {
         o.name for outs in extra.values() for o in outs
     }
@@ -295,10 +302,9 @@ def _fill_files(plan: Plan, ckpt: Checkpoint, keep: Any, extra: dict[str, list[O
     for name, entry in ckpt.entries.items():
         assert entry.file is not None
         if keep(name):
-            by_file[entry.file].append(OutTensor(name, entry))
+            by_file[entry.file].append(OutTensor(name, replace.get(name, entry)))
         by_file[entry.file].extend(extra.get(name, []))
-    made = frozenset(t.alias if t.source_stored else t.source for t in plan.restored)
-    meta = record_metadata(ckpt.metadata, names_after, plan.record, restored=made)
+    meta = record_metadata(ckpt.metadata, names_after, plan.record, restored=frozenset(plan.made))
     if sharded:
         plan.index_metadata = meta
     for f, tensors in by_file.items():
@@ -314,3 +320,73 @@ def _file_metadata(ckpt: Checkpoint, f: Path) -> dict[str, str]:
         if getattr(r, "path", None) == f:
             return dict(getattr(r, "metadata", {}) or {})
     return {}
+
+
+# -- fix -------------------------------------------------------------------------
+
+
+class _FirstBytes:
+    """The first ``nbytes`` of another tensor's blob: its first rows."""
+
+    def __init__(self, blob: Any, nbytes: int, shape: tuple[int, ...]):
+        self.blob, self.nbytes, self.shape = blob, nbytes, shape
+
+    @property
+    def order(self) -> tuple[int, int]:
+        return tuple(self.blob.order)  # type: ignore[return-value]
+
+    def read(self, offset: int, size: int) -> bytes:
+        return bytes(self.blob.read(offset, size))
+
+    def readinto(self, offset: int, view: memoryview) -> None:
+        self.blob.readinto(offset, view)
+
+    def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
+        full = self.blob.array(dtype, self.shape)
+        return None if full is None else full[: shape[0]]
+
+
+def first_rows(entry: Entry, rows: int) -> Entry:
+    """``entry`` cut to its first ``rows`` rows, read from the same bytes."""
+    from .formats.safetensors import RangeBlob
+
+    row = entry.nbytes // entry.shape[0]
+    nbytes = rows * row
+    blob: Any = entry.blob
+    if isinstance(blob, RangeBlob):
+        blob = type(blob)(blob.file, blob.start, nbytes)
+    else:
+        blob = _FirstBytes(blob, nbytes, entry.shape)
+    return Entry(
+        entry.name,
+        entry.dtype,
+        (rows, *entry.shape[1:]),
+        nbytes,
+        blob,
+        storage=entry.storage,
+        view=entry.view,
+        file=entry.file,
+    )
+
+
+def plan_fix(ckpt: Checkpoint, copies: list[tuple[str, str]], trims: dict[str, int]) -> Plan:
+    """Store each ``(name, origin)`` of ``copies`` as a copy of ``origin``'s bytes (as
+    ``untie`` stores an alias), and cut each tensor of ``trims`` to its first rows;
+    every other tensor and metadata entry is kept. A name now stored leaves the record."""
+    cut = {n: first_rows(ckpt.entries[n], rows) for n, rows in trims.items()}
+    checks = [Check(n, cut.get(n, e)) for n, e in ckpt.entries.items()]
+    extra: dict[str, list[OutTensor]] = {}
+    for name, origin in copies:
+        src = cut.get(origin, ckpt.entries[origin])
+        extra.setdefault(origin, []).append(OutTensor(name, src))
+        checks.append(Check(name, src))
+    made = {name: (origin, "identity") for name, origin in copies}
+    plan = Plan("fix", [], None, checks, made=made, trims=dict(trims))
+    shapes = {n: (e.shape, e.dtype) for n, e in ckpt.entries.items()}
+    plan.record = [r for r in read_record(ckpt.metadata, shapes).ties if r.alias not in made]
+    plan.pickle_output = ckpt.format.startswith("pytorch")
+    if plan.pickle_output:
+        plan.record = []  # a pickle keeps no metadata
+        plan.pickle_copies = dict(made)
+    _fill_files(plan, ckpt, keep=lambda n: True, extra=extra, replace=cut)
+    return plan

@@ -216,9 +216,10 @@ def render_untie(r: Any, console: Console) -> None:
         table = Table(title="Restored" if not r.dry_run else "Would restore", title_justify="left")
         for col in ("name", "from", "transform", "bytes"):
             table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
-        for t in r.restored:
-            made, origin = (t.alias, t.source) if t.source_stored else (t.source, t.alias)
-            table.add_row(shown(made), shown(origin), t.transform, human_bytes(t.bytes))
+        by_name = {n: t for t in r.restored for n in (t.alias, t.source)}
+        for made, (origin, transform) in r.made.items():
+            t = by_name[made]
+            table.add_row(shown(made), shown(origin), transform, human_bytes(t.bytes))
         console.print(table)
     else:
         console.print("nothing to restore: every name is stored")
@@ -238,10 +239,34 @@ def render_forward(f: Any, console: Console) -> None:
         f"  load {s.load_seconds:.3f} s   forward {s.forward_seconds:.3f} s   "
         f"outputs finite: {'yes' if f.outputs_finite else 'NO'}"
     )
+    if s.device_map is not None:
+        _render_placement(f, console)
     if f.against is not None:
         same = "bit-identical" if f.max_abs_diff == 0 else f"max abs diff {f.max_abs_diff:g}"
         verdict = "equal" if f.outputs_equal else "DIFFERENT"
         console.print(f"  against {shown(f.against)}: {verdict} ({same})")
+
+
+def _render_placement(f: Any, console: Console) -> None:
+    """Where a --device-map run put the weights, each tie, and the memory it peaked at."""
+    s = f.stats
+    spread = ", ".join(f"{shown(d)} {human_bytes(n)}" for d, n in s.bytes_by_device.items())
+    console.print(f"  placement: {spread or 'nothing placed'}")
+    if s.offloaded:
+        console.print(
+            f"  offloaded: {len(s.offloaded)} module(s), {human_bytes(s.offload_bytes)} written "
+            f"to the offload folder"
+        )
+    for t in f.tie_devices:
+        where = t["device"] if isinstance(t["device"], str) else ", ".join(map(str, t["device"]))
+        state = "one storage" if t["shared"] else "NOT SHARED"
+        console.print(
+            f"  tie {shown(t['alias'])} -> {shown(t['source'])}: {shown(where)} ({state})"
+        )
+    peaks = [f"host {human_bytes(f.peak_host_bytes)}"] + [
+        f"{shown(d)} {human_bytes(n)}" for d, n in f.device_peak_bytes.items()
+    ]
+    console.print(f"  peak memory: {', '.join(peaks)}")
 
 
 def render_verify(r: Any, console: Console) -> None:
@@ -269,4 +294,47 @@ def render_verify(r: Any, console: Console) -> None:
         console.print(
             f"[red]FAILED[/red]: {failing} problem(s)"
             + (" (--strict: warnings count)" if r.strict else "")
+        )
+
+
+def render_fix(r: Any, console: Console) -> None:
+    console.print(f"[bold]{shown(r.path)}[/bold]  ({r.format})")
+    for res in r.resolutions:
+        console.print(
+            f"{shown(res.alias)} / {shown(res.source)} ({shown(res.situation)}): {shown(res.action)}"
+        )
+    if r.config_edits:
+        title = f"{'Would edit' if r.dry_run else 'Edited'} {shown(r.config)}"
+        table = Table(title=title, title_justify="left")
+        for col in ("key", "from", "to"):
+            table.add_column(col, overflow="fold")
+        for e in r.config_edits:
+            before = "absent" if e.before is None else json.dumps(e.before)
+            table.add_row(shown(e.key), before, json.dumps(e.after))
+        console.print(table)
+    if r.tensor_writes:
+        table = Table(title="Would write" if r.dry_run else "Written", title_justify="left")
+        for col in ("name", "action", "from", "shape", "bytes"):
+            table.add_column(col, overflow="fold", justify="right" if col == "bytes" else "left")
+        for w in r.tensor_writes:
+            table.add_row(
+                shown(w.name),
+                w.action,
+                shown(w.origin),
+                "x".join(map(str, w.shape)),
+                human_bytes(w.bytes),
+            )
+        console.print(table)
+    for note in r.notes:
+        console.print(shown(note))
+    if r.dry_run:
+        _outcome(r, console, "nothing changed")  # the problems fix would resolve
+        return
+    if not r.changed:
+        console.print(f"{shown(str(r.output))}: nothing changed")
+    else:
+        console.print(f"written: {shown(str(r.output))} (verified)")
+    if r.problems:  # the input's, found before the fix: the result is verify's to judge
+        console.print(
+            f"problems found before the fix: {len(r.problems)} (tiecli verify checks the result)"
         )

@@ -96,8 +96,12 @@ def execute(
     to_safetensors: bool = False,
     fsync: bool = False,
     progress: Progress,
+    files: dict[str, bytes] | None = None,
 ) -> Written:
     """Write ``plan``, verify it, and put it in place.
+
+    ``files``: other files of a folder output (``config.json``) that replace the
+    input's copies in it, written once the weights are verified.
 
     Durability: whatever replaces an existing file (in place, or ``-o`` over an
     existing output) is fsynced before the rename, so a power cut leaves the old
@@ -143,7 +147,7 @@ def execute(
             written = _in_place(ckpt, plan, staging, as_safetensors, src_folder, progress)
         elif folder_like:
             written, not_copied = _to_folder(
-                ckpt, plan, staging, as_safetensors, src_folder, output, progress, durable
+                ckpt, plan, staging, as_safetensors, src_folder, output, progress, durable, files
             )
         else:
             with output_errors(output):
@@ -274,6 +278,7 @@ def _file_changes(ckpt: Checkpoint, plan: Plan, f: FilePlan) -> bool:
     before = [n for n, e in ckpt.entries.items() if e.file == f.source]
     return (
         before != [t.name for t in f.tensors]
+        or any(t.name in plan.trims for t in f.tensors)
         or bool(plan.pickle_views or plan.pickle_copies)
         or bool(stale_copies(ckpt, plan, f))
     )
@@ -288,6 +293,7 @@ def _to_folder(
     output: Path,
     progress: Progress,
     durable: bool,
+    files: dict[str, bytes] | None = None,
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """The written files, and the other files of the folder left out (with the reason)."""
     not_copied: list[tuple[Path, str]] = []
@@ -307,6 +313,8 @@ def _to_folder(
             if as_safetensors and ckpt.format.startswith("pytorch"):
                 name = "model.safetensors.index.json"
             _write_index(tmpdir / name, plan, ckpt.index_path, durable)
+        for name, data in (files or {}).items():  # after the weights are verified
+            replace_file(tmpdir / name, data, durable)
         if durable:
             fsync_dir(tmpdir)
     return [output / f.name for f in plan.files], not_copied
@@ -378,6 +386,23 @@ def _copy_tree(
                 os.symlink(os.path.relpath(real, item.parent.resolve()), there / item.name)
     for here, there in reversed(folders[1:]):
         shutil.copystat(here, there)
+
+
+def replace_file(path: Path, data: bytes, durable: bool) -> None:
+    """Write ``data`` as ``path`` (a fresh file: a link copied there is replaced, not
+    followed), fsynced when ``durable``."""
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            n = os.write(fd, view)
+            view = view[n:]
+        if durable:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_index(path: Path, plan: Plan, original: Path, durable: bool) -> None:
@@ -596,6 +621,7 @@ def _zip_shareable(reader: Any, plan: Plan) -> bool:
     return (
         isinstance(reader, TorchZip)
         and not plan.pickle_copies
+        and not plan.trims
         and all(t == "identity" for _s, t in plan.pickle_views.values())
     )
 
@@ -751,6 +777,9 @@ def _save_with_torch(reader: PickleFile, plan: Plan, tmp: Path, durable: bool) -
     import torch
 
     new: dict[str, Any] = copy.copy(reader.state_dict)  # an OrderedDict keeps its _metadata
+    for name, rows in plan.trims.items():  # a padded vocabulary cut to its first rows
+        if name in new:
+            new[name] = new[name][:rows].clone()
     for name, (src, transform) in plan.pickle_views.items():
         if name in new and src in new:
             new[name] = new[src] if transform == "identity" else new[src].t()

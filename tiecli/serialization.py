@@ -14,7 +14,7 @@ from typing import Any
 
 from .atomic import Staging, fsync_file, output_errors
 from .checkpoint import Checkpoint
-from .detect import TieReport, find_ties
+from .detect import TieReport, fills, find_ties
 from .errors import TieRecordError, UsageError
 from .formats import open_checkpoint
 from .formats.pytorch import PickleFile
@@ -47,11 +47,8 @@ def load_opened(ckpt: Checkpoint, report: TieReport) -> dict[str, Any]:
             with safe_open(str(file), framework="pt") as f:
                 tensors.update({n: f.get_tensor(n) for n in names})
     tensors = {n: tensors[n] for n in ckpt.entries}  # file order
-    for tie in report.ties:
-        if tie.alias not in tensors and tie.source in tensors:
-            tensors[tie.alias] = _restore(tensors[tie.source], tie.transform, tie.kind)
-        elif tie.source not in tensors and tie.alias in tensors:
-            tensors[tie.source] = _restore(tensors[tie.alias], tie.transform, tie.kind)
+    for f in fills(report.ties, ckpt.entries):
+        tensors[f.name] = _restore(tensors[f.origin], f.transform, f.tie.kind)
     return tensors
 
 
