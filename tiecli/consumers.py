@@ -78,11 +78,14 @@ class Pair:
     equal: bool  # both stored and bit-identical (up to the tie's transform)
     padded: bool = False
     governed: bool = True  # a config flag decides whether the tie is on
+    # padded, and the config's vocab_size is below the source's rows: the model is built
+    # smaller than the embedding the file holds
+    short_vocab: bool = False
 
     @property
     def situation(self) -> str:
         if self.padded:
-            return "padded"
+            return "padded_short_vocab" if self.short_vocab else "padded"
         if not self.alias_stored:
             return "alias_absent"
         if not self.source_stored:
@@ -112,6 +115,7 @@ def pairs_of(
                 t.drift is None and t.pad is None,
                 padded=t.pad is not None,
                 governed=governing_flag(t.alias) is not None,
+                short_vocab=t.pad is not None and _vocab_below(config, t.pad.source_rows),
             )
         )
         seen.add((t.alias, t.source))
@@ -124,6 +128,16 @@ def pairs_of(
             continue
         out.append(Pair(alias, source, a, s, False))
     return out
+
+
+def _vocab_below(config: dict[str, Any] | None, rows: int) -> bool:
+    """Whether the config's vocab_size (the text model's, where nested) is below ``rows``."""
+    cfg = config or {}
+    text = cfg.get("text_config")
+    vocab = text.get("vocab_size") if isinstance(text, dict) else None
+    if vocab is None:
+        vocab = cfg.get("vocab_size")
+    return isinstance(vocab, int) and not isinstance(vocab, bool) and vocab < rows
 
 
 # -- outcomes -------------------------------------------------------------------
