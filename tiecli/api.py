@@ -234,6 +234,7 @@ class RewriteResult:
     # other files of the folder that -o left out, with the reason (links out of it...)
     not_copied: list[dict[str, str]] = field(default_factory=list)
     remote: dict[str, int] | None = None  # a URL's download: requests and bytes_read
+    notes: list[str] = field(default_factory=list)  # what inspect notes too (a GGUF head kept)
 
     @property
     def ok(self) -> bool:
@@ -249,6 +250,7 @@ class RewriteResult:
                 "bytes_before": self.bytes_before,
                 "bytes_after": self.bytes_after,
                 "not_copied": self.not_copied,
+                "notes": self.notes,
             }
             | ({"remote": self.remote} if self.remote is not None else {})
         )
@@ -301,6 +303,7 @@ def _rewrite_fields(
         "problems": report.problems,
         "dry_run": dry_run,
         "changed": plan.changes(ckpt),
+        "notes": list(ckpt.notes),
     }
 
 
@@ -494,6 +497,13 @@ def _dedupe(
     from .plan import plan_dedupe
 
     _refuse_unreadable_record(ckpt, report)
+    if to == "safetensors" and ckpt.format == "gguf":
+        from .errors import UsageError
+
+        raise UsageError(
+            "is a GGUF file; --to safetensors converts PyTorch pickles only; nothing was changed",
+            ckpt.path,
+        )
     to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
     if to_st and out is None and _pickle_has_more(ckpt):
         raise UnsafeChangeError(
@@ -749,6 +759,11 @@ def verify(
         require_deduped=require_deduped,
         for_consumers=for_consumers,
     )
+    if forward and verdicts[0].format == "gguf":
+        raise UsageError(
+            "is a GGUF file; --forward rebuilds PyTorch models only (llama.cpp runs GGUF)",
+            roots[0],
+        )
     if forward:
         from .forward import forward_check
 

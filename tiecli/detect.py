@@ -205,6 +205,9 @@ class _Finder:
                 self.recorded[t.alias] = (t.source, t.transform)
 
     def from_architecture(self) -> None:
+        if self.ckpt.format == "gguf":
+            self._from_gguf()
+            return
         cfg = self.ckpt.config
         declared = None
         if cfg is not None and self.use_transformers and self.ckpt.config_path is not None:
@@ -246,6 +249,25 @@ class _Finder:
             ):
                 continue  # a hypothesis the values reject: not a tie
             self.claims.append(_Claim(p.alias, p.source, transform, "pattern"))
+
+    def _from_gguf(self) -> None:
+        """llama.cpp's loader is the architecture: its head rule, from the table."""
+        from .formats.gguf import head_finding
+
+        arch = getattr(self.ckpt.readers[0], "architecture", None)
+        found = head_finding(arch, self.entries, lambda a, s: self._equal(a, s, "identity"))
+        # set even when unknown: a GGUF loader restores no name the table does not declare
+        self.architecture = f"llama.cpp {arch!r}"
+        if found.kind is not None:
+            self.declared_by = f"llama.cpp table ({arch}: {found.kind})"
+        if found.tie is not None:
+            self.claims.append(_Claim(*found.tie, "identity", "declared"))
+        if found.missing is not None:
+            self.problems.append(
+                Problem("gguf-head-missing", "error", found.missing, ["output.weight"])
+            )
+        if found.note is not None:
+            self.ckpt.notes.append(found.note)
 
     def from_storage(self) -> None:
         groups: dict[int, list[Entry]] = defaultdict(list)

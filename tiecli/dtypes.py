@@ -75,9 +75,10 @@ def nbytes_of(dtype: str, numel: int) -> int | None:
 
 
 def itemsize(dtype: str) -> int | None:
-    """Bytes per element, or None for sub-byte types."""
-    bits = BITS[dtype]
-    return bits // 8 if bits % 8 == 0 else None
+    """Bytes per element, or None for sub-byte types and block-quantized ones (a GGUF
+    ``Q8_0``...), whose bytes are compared as bytes."""
+    bits = BITS.get(dtype)
+    return bits // 8 if bits is not None and bits % 8 == 0 else None
 
 
 def uint_view(dtype: str) -> str | None:

@@ -238,8 +238,10 @@ def plan_dedupe(
         if t.source in ckpt.entries and (t.alias in gone or t.alias not in ckpt.entries)
     ]
     record.sort(key=lambda r: (r.source, r.alias))  # stable across runs: dedupe is idempotent
-    if stays_pickle:
-        record = []  # a pickle keeps no metadata: aliasing itself is its record
+    if stays_pickle or ckpt.format == "gguf":
+        # a pickle keeps no metadata: aliasing itself is its record; a GGUF file keeps
+        # its metadata as it is: the architecture's fall-back is its record
+        record = []
     checks = [Check(n, e) for n, e in ckpt.entries.items() if n not in gone | copied]
     checks += [Check(t.source, ckpt.entries[t.alias], t.transform) for t in removed]
     checks += [Check(o.name, o.entry, o.transform) for outs in copies.values() for o in outs]
@@ -260,7 +262,10 @@ def plan_untie(ckpt: Checkpoint, report: TieReport) -> Plan:
     restored: list[Tie] = []
     extra: dict[str, list[OutTensor]] = {}  # by the name of the input tensor they follow
     checks = [Check(n, e) for n, e in ckpt.entries.items()]
-    whole = [t for t in report.ties if t.drift is None]
+    # names the format's loader always derives and refuses stored (a GGUF architecture
+    # that never reads output.weight)
+    fixed = {a for r in ckpt.readers for a in getattr(r, "fixed_aliases", ())}
+    whole = [t for t in report.ties if t.drift is None and t.alias not in fixed]
     made: dict[str, tuple[str, str]] = {}
     for f in fills(whole, ckpt.entries):
         origin = ckpt.entries[f.origin]

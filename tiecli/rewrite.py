@@ -453,6 +453,9 @@ def _write_one(
     if not as_safetensors:  # a pickle keeps its aliases, as views of their sources
         names |= {a for a, (s, _t) in plan.pickle_views.items() if s in names}
     checks = [c for c in plan.checks if c.out in names]
+    if ckpt.format == "gguf":
+        _write_gguf(ckpt, f, tmp, checks, shown, progress, durable)
+        return
     if not as_safetensors:
         reader = next(r for r in ckpt.readers if r.path == f.source)
         if _zip_shareable(reader, plan) and _write_zip(
@@ -479,6 +482,29 @@ def _write_one(
     if not followed:  # the writer ended without error, short of what was checked
         raise VerificationError(
             f"verification failed: {tmp.name} was written short; nothing was changed", shown
+        )
+
+
+def _write_gguf(
+    ckpt: Checkpoint,
+    f: FilePlan,
+    tmp: Path,
+    checks: list[Check],
+    shown: Path,
+    progress: Progress,
+    durable: bool,
+) -> None:
+    """A GGUF file: its metadata kept as it is, tensors copied, read back with gguf."""
+    from .formats.gguf import check_written, write_gguf
+
+    src = ckpt.readers[0]
+    with progress.task(f"writing {f.name}", sum(t.nbytes for t in f.tensors)) as bar:
+        with output_errors(shown):
+            write_gguf(src, f.tensors, tmp, bar, durable)
+    wrong = check_written(src, tmp, checks, progress)
+    if wrong is not None:
+        raise VerificationError(
+            f"verification failed: the written {tmp.name}: {wrong}; nothing was changed", shown
         )
 
 

@@ -64,7 +64,7 @@ def open_checkpoint(
     else:
         ckpt = _open_weights(p, p, torch_free)
     cfg_path = (p if p.is_dir() else p.parent) / "config.json"
-    if cfg_path.is_file():
+    if cfg_path.is_file() and ckpt.format != "gguf":  # a GGUF file carries its own metadata
         try:
             _refuse_escape(cfg_path.parent, cfg_path)
             ckpt.config = read_json(cfg_path, what="config.json")
@@ -102,6 +102,7 @@ def find_weights(folder: Path) -> Path:
         [f for f in files if f.suffix == ".safetensors"],
         [f for f in files if f.name.endswith(INDEX_SUFFIX)],
         [f for f in files if f.suffix in PICKLE_SUFFIXES],
+        [f for f in files if f.suffix == ".gguf"],  # llama.cpp's single-file form, last
     ):
         if len(group) == 1:
             return group[0]
@@ -113,7 +114,8 @@ def find_weights(folder: Path) -> Path:
                 hint="point tiecli at one file, or add a *.index.json",
             )
     raise CheckpointNotFoundError(
-        "no weights found (expected *.safetensors, *.safetensors.index.json or a PyTorch .bin/.pt)",
+        "no weights found (expected *.safetensors, *.safetensors.index.json, a PyTorch .bin/.pt "
+        "or a .gguf)",
         folder,
     )
 
@@ -146,6 +148,10 @@ def _open_weights(p: Path, shown: Path, torch_free: bool) -> Checkpoint:
         return _single(SafetensorsFile(p), "safetensors", shown)
     if p.suffix in PICKLE_SUFFIXES:
         return _single_pickle(_pickle_reader(p, 0, torch_free), shown)
+    from .gguf import is_gguf, open_gguf
+
+    if is_gguf(p):
+        return open_gguf(p, shown)
     # Unknown extension: sniff.
     if zipfile.is_zipfile(p):
         return _single_pickle(_pickle_reader(p, 0, torch_free), shown)
