@@ -151,6 +151,15 @@ CASES = [
         "embedding padded past the head's rows, shared rows equal",
     ),
     (
+        "llama-padded-head-vocab",
+        "llama",
+        "padded",
+        "safetensors",
+        {"top": True},
+        "padded-head-vocab",
+        "embedding padded past the head's rows; config vocab_size = the head's rows",
+    ),
+    (
         "llava-nested-tied",
         "llava",
         "alias_absent",
@@ -287,6 +296,9 @@ def build(out: Path) -> list[dict]:
             padded = torch.cat([embed, torch.randn(PAD_ROWS, HIDDEN, generator=g)])
             state[embed_key], state[head_key] = padded, embed.clone()
             cfg["vocab_size"] = VOCAB + PAD_ROWS
+        elif stored == "padded-head-vocab":  # the config counts the head's rows
+            padded = torch.cat([embed, torch.randn(PAD_ROWS, HIDDEN, generator=g)])
+            state[embed_key], state[head_key] = padded, embed.clone()
         d = out / name
         d.mkdir(exist_ok=True)
         for f in d.iterdir():

@@ -54,6 +54,8 @@ def available(envs: Path, venv: str) -> tuple[bool, str]:
     if (envs / f"{venv}.failed").exists():
         return False, (envs / f"{venv}.failed").read_text().strip()
     if not (envs / venv / ".done").exists():
+        if (envs / venv).exists():
+            return False, f"its setup has not finished (see {envs}/setup.log)"
         return False, f"not set up (bash oracle/setup.sh {envs} {venv})"
     return True, ""
 
@@ -192,17 +194,21 @@ def from_reference(lp: np.ndarray | None, refs: dict, embed: str, head: str) -> 
     return {}
 
 
+def not_applicable(err: str) -> bool:
+    """The consumer does not load this kind of model or file at all (MLX-LM and a .bin;
+    vLLM's Llava, whose model class imports torchvision, which this venv cannot have)."""
+    return (
+        ("Model type" in err and "not supported" in err)
+        or "No safetensors" in err
+        or "failed to be inspected" in err
+    )
+
+
 def observe(consumer: str, status: dict, entry: dict, stored: dict, refs: dict) -> dict:
     embed, head = entry["embed"], entry["head"]
     if not status.get("ok"):
         err = status.get("error") or ""
-        # the consumer does not load this kind of model or file at all (MLX-LM and a .bin)
-        # (vLLM's Llava: its model class imports torchvision, which this venv cannot have)
-        if (
-            ("Model type" in err and "not supported" in err)
-            or "No safetensors" in err
-            or "failed to be inspected" in err
-        ):
+        if not_applicable(err):
             return {"outcome": "n/a", "error": err}
         return {"outcome": "refuses", "error": err, embed: "refuses", head: "refuses"}
     arr = status["arrays"]
@@ -330,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(row)
     fix = {"ran": False, "why": "tiecli fix is not in this checkout"}
     if not args.no_fix and has_fix():
-        fix = run_fix(envs, work, entries, wanted, envinfo)
+        fix = run_fix(envs, work, entries, wanted, envinfo, reuse=args.reuse)
     data = {
         "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d"),
         "envs": envinfo,
@@ -344,14 +350,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-FIX_FLAGS = {  # the choice a person makes for the ambiguous cases
-    "both_differ": ["--untie-head"],
+FIX_FLAGS = {  # the choice a person makes where fix asks for one (exit 2)
+    "alias_absent": ["--tie"],
     "padded": ["--trim-padding"],
 }
 
 
-def run_fix(envs: Path, work: Path, entries: list, wanted: list, envinfo: dict) -> dict:
+def run_fix(
+    envs: Path, work: Path, entries: list, wanted: list, envinfo: dict, reuse: bool = False
+) -> dict:
     out: dict = {"ran": True, "cases": {}}
+    fixed_dirs = []
     for e in entries:
         case = work / "cases" / e["name"]
         fixed = work / "fixed" / e["name"]
@@ -360,33 +369,44 @@ def run_fix(envs: Path, work: Path, entries: list, wanted: list, envinfo: dict) 
         fixed.parent.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "tiecli", "fix", str(case), "-o", str(fixed), "--json"]
         r = subprocess.run(cmd, capture_output=True, text=True)
+        flags: list[str] = []
         if r.returncode == 2 and e["situation"] in FIX_FLAGS:
-            r = subprocess.run(cmd + FIX_FLAGS[e["situation"]], capture_output=True, text=True)
-        res: dict = {"rc": r.returncode, "message": (r.stderr or "").strip()[-300:], "logprobs": {}}
-        if r.returncode not in (0, 1) or not fixed.exists():
-            res["agree"] = None
-            out["cases"][e["name"]] = res
+            flags = FIX_FLAGS[e["situation"]]
+            r = subprocess.run(cmd + flags, capture_output=True, text=True)
+        out["cases"][e["name"]] = {
+            "rc": r.returncode,
+            "flags": flags,
+            "message": (r.stderr or "").strip()[-300:],
+            "logprobs": {},
+            "agree": None,
+        }
+        if r.returncode in (0, 1) and fixed.exists():
+            fixed_dirs.append(fixed)
+    lps: dict[str, dict] = {}
+    for c in wanted:
+        if not envinfo[c]["available"]:
             continue
-        lps = {}
-        for c in wanted:
-            if not envinfo[c]["available"]:
-                continue
-            venv, kind = CONSUMERS[c]
-            st = probe(envs, venv, kind, [fixed], work / "out-fixed" / venv)[fixed.name]
+        venv, kind = CONSUMERS[c]
+        for name, st in probe(
+            envs, venv, kind, fixed_dirs, work / "out-fixed" / venv, reuse=reuse
+        ).items():
             if st.get("ok") and "logprobs" in st["arrays"]:
-                lps[c] = st["arrays"]["logprobs"]
-            else:
-                res["logprobs"][c] = st.get("error") or "no log-probs"
-        names = list(lps)
+                lps.setdefault(name, {})[c] = st["arrays"]["logprobs"]
+            elif not not_applicable(st.get("error") or ""):
+                out["cases"][name]["logprobs"][c] = st.get("error") or "no log-probs"
+    for d in fixed_dirs:
+        res = out["cases"][d.name]
+        got = lps.get(d.name, {})
+        names = list(got)
         worst = 0.0
         for a in names[1:]:
-            if lps[a].shape != lps[names[0]].shape:
+            if got[a].shape != got[names[0]].shape:
                 worst = float("inf")
             else:
-                worst = max(worst, float(np.nanmax(np.abs(lps[a] - lps[names[0]]))))
+                worst = max(worst, float(np.nanmax(np.abs(got[a] - got[names[0]]))))
         res["agree"] = bool(names) and worst < TOL and not res["logprobs"]
         res["max_diff"] = worst
-        out["cases"][e["name"]] = res
+        res["consumers"] = names
     return out
 
 
@@ -471,15 +491,23 @@ def render(data: dict) -> str:
         lines.append(f"Skipped: {fix['why']}.")
     else:
         lines += [
-            "| case | fix exit | every consumer computes the same log-probs |",
-            "| --- | --- | --- |",
+            "| case | fix exit (flags) | consumers compared | same log-probs (max difference) |",
+            "| --- | --- | --- | --- |",
         ]
         for name, res in fix["cases"].items():
             agree = res.get("agree")
-            txt = ("yes" if agree else "no" if agree is False else "-") + (
-                f" ({res['logprobs']})" if res.get("logprobs") else ""
+            txt = "yes" if agree else "no" if agree is False else "-"
+            if res.get("max_diff") is not None and res.get("consumers"):
+                txt += f" ({res['max_diff']:.1e})"
+            if res.get("logprobs"):
+                txt += f"; failed: {res['logprobs']}"
+            if res["rc"] not in (0, 1):
+                txt += f"; fix said: `{res['message'].splitlines()[-1] if res['message'] else ''}`"
+            flags = " ".join(res.get("flags") or [])
+            lines.append(
+                f"| `{name}` | {res['rc']}{' (' + flags + ')' if flags else ''} | "
+                f"{', '.join(res.get('consumers') or []) or '-'} | {txt} |"
             )
-            lines.append(f"| `{name}` | {res['rc']} | {txt} |")
     return "\n".join(lines) + "\n"
 
 
