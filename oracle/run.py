@@ -501,7 +501,7 @@ def render(data: dict) -> str:
                 txt += f" ({res['max_diff']:.1e})"
             if res.get("logprobs"):
                 txt += f"; failed: {res['logprobs']}"
-            if res["rc"] not in (0, 1):
+            if res.get("agree") is None:
                 txt += f"; fix said: `{res['message'].splitlines()[-1] if res['message'] else ''}`"
             flags = " ".join(res.get("flags") or [])
             lines.append(
