@@ -4,7 +4,8 @@ Runs only with TIECLI_ORACLE=1 and the consumer venvs made by `bash oracle/setup
 (in $TIECLI_ORACLE_ENVS, default /work/consumer-envs). It builds the oracle's cases, loads each
 one in transformers 4 and 5, vLLM (CPU), MLX-LM (CPU) and llama.cpp, and asserts that what each
 consumer really loads for the embedding and the head is what `tiecli inspect --json` predicts.
-A consumer whose venv is missing is skipped, not failed. Takes several minutes.
+A consumer whose venv is missing is skipped, not failed. Takes 20 minutes or more on 2 cores;
+TIECLI_ORACLE_WORK=DIR resumes in DIR (its cases and consumer results are kept).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ pytestmark = pytest.mark.skipif(
 @pytest.fixture(scope="module")
 def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("oracle")
+    # TIECLI_ORACLE_WORK: resume in that folder (keeps its cases and consumer results)
+    work = os.environ.get("TIECLI_ORACLE_WORK")
     r = subprocess.run(
         [
             sys.executable,
@@ -36,11 +39,12 @@ def oracle(tmp_path_factory: pytest.TempPathFactory) -> dict:
             "--envs",
             str(ENVS),
             "--work",
-            str(tmp / "work"),
+            work or str(tmp / "work"),
             "--doc",
             str(tmp / "oracle.md"),
             "--json",
             str(tmp / "oracle.json"),
+            *(["--reuse"] if work else []),
         ],
         capture_output=True,
         text=True,
