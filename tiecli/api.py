@@ -205,6 +205,7 @@ def inspect(
     progress: Progress = NO_PROGRESS,
     max_download: int | None = None,
     timeout: float | None = None,
+    config: PathLike | None = None,
 ) -> InspectResult:
     """Tensors, ties and problems of the checkpoint at ``path``; changes nothing.
 
@@ -214,8 +215,53 @@ def inspect(
     """
     options = _remote_options(path, max_download, timeout)
     with open_checkpoint(path, remote=options, progress=progress) as ckpt:
+        _use_config(ckpt, config)
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         return _inspect_opened(ckpt, report)
+
+
+def _use_config(ckpt: Checkpoint, config: PathLike | None) -> None:
+    """Describe the checkpoint with the ``config.json`` the user named (``--config``),
+    in place of one beside it."""
+    if config is None:
+        return
+    from .errors import CheckpointFormatError, CheckpointNotFoundError
+    from .formats import read_json
+
+    path = Path(config)
+    if not path.is_file():
+        raise CheckpointNotFoundError("no such file (given with --config)", path)
+    doc = read_json(path, what="config.json")
+    if not isinstance(doc, dict):
+        raise CheckpointFormatError("config.json is not a JSON object", path)
+    ckpt.config, ckpt.config_path = doc, path
+
+
+def _refuse_dcp(path: PathLike, out: PathLike | None, to: str | None, command: str) -> None:
+    """A torch distributed checkpoint is read, never rewritten as one: its deduped or
+    untied form is a Hugging Face safetensors folder written elsewhere."""
+    from .formats.dcp import is_dcp
+
+    if isinstance(path, str) and "://" in path or not is_dcp(Path(path)):
+        return
+    from .errors import UsageError
+
+    shown = shlex.quote(str(path))
+    if command != "dedupe":
+        raise UsageError(
+            "is a torch distributed checkpoint, which tiecli does not rewrite as one; "
+            "nothing was changed",
+            Path(path),
+            hint=f"convert it first: tiecli dedupe {shown} --to safetensors -o OUT; "
+            f"then {command} OUT",
+        )
+    if out is None or to != "safetensors":
+        raise UsageError(
+            "is a torch distributed checkpoint; tiecli writes its deduped form as a "
+            "Hugging Face safetensors folder beside it, never in place; nothing was changed",
+            Path(path),
+            hint=f"tiecli dedupe {shown} --to safetensors -o OUT",
+        )
 
 
 @dataclass(kw_only=True)
@@ -420,6 +466,8 @@ def dedupe(
     use_transformers: bool = True,
     progress: Progress = NO_PROGRESS,
     timeout: float | None = None,
+    config: PathLike | None = None,
+    max_shard_size: int | str | None = None,
 ) -> DedupeResult:
     """Rewrite with one stored copy per tie plus the tie record (in place without ``output``).
 
@@ -450,8 +498,11 @@ def dedupe(
         from .errors import UsageError
 
         raise UsageError(f"--to {to!r}: the only conversion is --to safetensors")
+    _refuse_dcp(path, output, to, "dedupe")
+    shard_size = _shard_size(max_shard_size)
     out = Path(output) if output is not None else None
     with _rewriting(Path(path), out, "dedupe", dry_run, to) as ckpt:
+        _use_config(ckpt, config)
         # Ties are taken as equal from their samples; the verification of the rewrite
         # compares every removed alias in full. A dry run writes nothing, so it reads all.
         report = find_ties(
@@ -459,7 +510,17 @@ def dedupe(
         )
         try:
             return _dedupe(
-                ckpt, report, out, by_value, min_bytes, dry_run, to, force, fsync, progress
+                ckpt,
+                report,
+                out,
+                by_value,
+                min_bytes,
+                dry_run,
+                to,
+                force,
+                fsync,
+                progress,
+                shard_size,
             )
         except _KeptUnchecked:
             pass  # a tie kept for another reason is reported as it is: decide it exactly
@@ -468,7 +529,28 @@ def dedupe(
                 raise
         # a tie equal in its samples but not in full: decide every tie exactly and start over
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
-        return _dedupe(ckpt, report, out, by_value, min_bytes, dry_run, to, force, fsync, progress)
+        return _dedupe(
+            ckpt, report, out, by_value, min_bytes, dry_run, to, force, fsync, progress, shard_size
+        )
+
+
+def _shard_size(size: int | str | None) -> int:
+    """``--max-shard-size``: bytes, or ``5GB``/``500MB``/``2GiB``; transformers' default."""
+    from .formats.dcp import MAX_SHARD_SIZE
+
+    if size is None:
+        return MAX_SHARD_SIZE
+    if isinstance(size, int):
+        value = size
+    else:
+        from .forward import parse_size
+
+        value = parse_size(size, "--max-shard-size")
+    if value <= 0:
+        from .errors import UsageError
+
+        raise UsageError("--max-shard-size must be more than 0 bytes")
+    return value
 
 
 class _KeptUnchecked(Exception):
@@ -493,6 +575,7 @@ def _dedupe(
     force: bool,
     fsync: bool,
     progress: Progress,
+    shard_size: int | None = None,
 ) -> DedupeResult:
     from .plan import plan_dedupe
 
@@ -514,6 +597,10 @@ def _dedupe(
             hint="write the conversion elsewhere with -o",
         )
     plan = plan_dedupe(ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st)
+    if ckpt.format == "dcp":
+        from .formats.dcp import shard_plan
+
+        shard_plan(plan, shard_size or _shard_size(None))
     if report.assumed:
         assumed = set(report.assumed)
         if any((t.alias, t.source, t.transform) in assumed for t, _why in plan.kept):
@@ -563,6 +650,7 @@ def untie(
     )
     if remote is not None:
         return remote
+    _refuse_dcp(path, output, None, "untie")
     out = Path(output) if output is not None else None
     with _rewriting(Path(path), out, "untie", dry_run, None) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
@@ -651,11 +739,13 @@ class VerifyResult:
         return d
 
 
-def _duplicate_stored(path: str, report: TieReport) -> list[Problem]:
+def _duplicate_stored(path: str, report: TieReport, dcp: bool = False) -> list[Problem]:
     out = []
     for t in report.ties:
         if t.duplicated:
             fix = f"tiecli dedupe {path}" + (" --to safetensors" if t.across_files else "")
+            if dcp:
+                fix = f"tiecli dedupe {path} --to safetensors -o OUT"
             if _remote_options(path, None, None) is not None:
                 fix = "download it, run tiecli dedupe on the local copy and upload the result"
             out.append(
@@ -688,6 +778,7 @@ def verify(
     progress: Progress = NO_PROGRESS,
     max_download: int | None = None,
     timeout: float | None = None,
+    config: PathLike | None = None,
 ) -> VerifyResult:
     """Check each checkpoint's ties; ``ok`` is False with every problem listed when not.
 
@@ -736,10 +827,11 @@ def verify(
     for root in roots:
         options = _remote_options(root, max_download, timeout)
         with open_checkpoint(root, remote=options, progress=progress) as ckpt:
+            _use_config(ckpt, config)
             report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
             problems = list(report.problems)
             if require_deduped:
-                problems += _duplicate_stored(ckpt.shown, report)
+                problems += _duplicate_stored(ckpt.shown, report, ckpt.format == "dcp")
             loads, found = _predict(ckpt, report, for_consumers)
             problems += _fold(problems, found)
             verdicts.append(

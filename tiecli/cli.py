@@ -78,6 +78,15 @@ TimeoutOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+ConfigOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--config",
+        help="The model's config.json, when none sits beside the weights (a torch distributed "
+        "checkpoint); dedupe -o places it in the output.",
+        show_default=False,
+    ),
+]
 QuietOpt = Annotated[bool, typer.Option("-q", "--quiet", help="No progress output.")]
 
 
@@ -120,13 +129,20 @@ def inspect(
     quiet: QuietOpt = False,
     max_download: MaxDownloadOpt = None,
     timeout: TimeoutOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """List tensors, ties (kind, evidence, transform, bytes) and problems. Always exits 0."""
     from .api import inspect as run
     from .progress import console_progress
     from .render import render_inspect
 
-    result = run(path, progress=console_progress(quiet), max_download=max_download, timeout=timeout)
+    result = run(
+        path,
+        progress=console_progress(quiet),
+        max_download=max_download,
+        timeout=timeout,
+        config=config,
+    )
     _emit(result, json_out, render_inspect)
 
 
@@ -168,7 +184,8 @@ def dedupe(
         str | None,
         typer.Option(
             "--to",
-            help="Convert on the way: 'safetensors' (from a PyTorch pickle).",
+            help="Convert on the way: 'safetensors' (from a PyTorch pickle, or a torch "
+            "distributed checkpoint folder to a Hugging Face folder with -o).",
             show_default=False,
         ),
     ] = None,
@@ -177,6 +194,16 @@ def dedupe(
     timeout: TimeoutOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
+    config: ConfigOpt = None,
+    max_shard_size: Annotated[
+        str | None,
+        typer.Option(
+            "--max-shard-size",
+            help="Torch distributed checkpoints: the largest safetensors shard written, "
+            "e.g. 5GB or 2GiB [default: 50GB, as transformers' save_pretrained].",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
     """Rewrite with one stored copy per tie plus a tie record. In place without -o."""
     from .api import dedupe as run
@@ -194,6 +221,8 @@ def dedupe(
         fsync=fsync,
         progress=console_progress(quiet),
         timeout=timeout,
+        config=config,
+        max_shard_size=max_shard_size,
     )
     _emit(result, json_out, render_dedupe)
 
@@ -373,6 +402,7 @@ def verify(
     quiet: QuietOpt = False,
     max_download: MaxDownloadOpt = None,
     timeout: TimeoutOpt = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Exit 0 when every checkpoint's ties are consistent, 1 with every problem listed when not."""
     from .api import verify as run
@@ -395,6 +425,7 @@ def verify(
         progress=console_progress(quiet),
         max_download=max_download,
         timeout=timeout,
+        config=config,
     )
     _emit(result, json_out, render_verify)
     if not result.ok:

@@ -26,7 +26,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .api import PathLike, RewriteResult, _refuse_shard, _refuse_unreadable_record, _rewriting
+from .api import (
+    PathLike,
+    RewriteResult,
+    _refuse_dcp,
+    _refuse_shard,
+    _refuse_unreadable_record,
+    _rewriting,
+)
 from .checkpoint import Checkpoint
 from .consumers import FLAG, Pair, pairs_of, rules, tied_by
 from .detect import TieReport, find_ties
@@ -380,6 +387,7 @@ def fix(
             path,
             hint="download it first (or run tiecli untie/dedupe on the URL with -o)",
         )
+    _refuse_dcp(path, output, None, "fix")
     p = Path(path)
     out = Path(output) if output is not None else None
     if out is None:

@@ -313,6 +313,9 @@ def _to_folder(
             if as_safetensors and ckpt.format.startswith("pytorch"):
                 name = "model.safetensors.index.json"
             _write_index(tmpdir / name, plan, ckpt.index_path, durable)
+        elif plan.index_metadata is not None:  # a checkpoint sharded anew (a DCP's output)
+            _write_index(tmpdir / "model.safetensors.index.json", plan, None, durable)
+        _place_config(ckpt, src_folder, tmpdir)
         for name, data in (files or {}).items():  # after the weights are verified
             replace_file(tmpdir / name, data, durable)
         if durable:
@@ -388,6 +391,13 @@ def _copy_tree(
         shutil.copystat(here, there)
 
 
+def _place_config(ckpt: Checkpoint, src_folder: Path, tmpdir: Path) -> None:
+    """The ``config.json`` named with ``--config`` goes beside the output's weights."""
+    cfg = ckpt.config_path
+    if cfg is not None and cfg.resolve() != (src_folder / "config.json").resolve():
+        shutil.copyfile(cfg, tmpdir / "config.json")
+
+
 def replace_file(path: Path, data: bytes, durable: bool) -> None:
     """Write ``data`` as ``path`` (a fresh file: a link copied there is replaced, not
     followed), fsynced when ``durable``."""
@@ -405,7 +415,7 @@ def replace_file(path: Path, data: bytes, durable: bool) -> None:
         os.close(fd)
 
 
-def _write_index(path: Path, plan: Plan, original: Path, durable: bool) -> None:
+def _write_index(path: Path, plan: Plan, original: Path | None, durable: bool) -> None:
     """The new index: the original's document with its ``weight_map`` and ``metadata``
     replaced; every other key (``quantization_config``...) and metadata entry kept."""
     from .formats import read_json
@@ -415,7 +425,7 @@ def _write_index(path: Path, plan: Plan, original: Path, durable: bool) -> None:
         weight_map |= {
             a: weight_map[s] for a, (s, _t) in plan.pickle_views.items() if s in weight_map
         }
-    before = read_json(original, what="index")
+    before = read_json(original, what="index") if original is not None else {}
     before = before if isinstance(before, dict) else {}
     old_meta = before.get("metadata")
     old_meta = old_meta if isinstance(old_meta, dict) else {}

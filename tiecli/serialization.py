@@ -43,6 +43,8 @@ def load_opened(ckpt: Checkpoint, report: TieReport) -> dict[str, Any]:
         if file in pickles:
             sd = pickles[file].state_dict
             tensors.update({n: sd[n] for n in names})
+        elif ckpt.format == "dcp":  # gathered from chunks across files: read into memory
+            tensors.update({n: _gathered(ckpt.entries[n]) for n in names})
         else:
             with safe_open(str(file), framework="pt") as f:
                 tensors.update({n: f.get_tensor(n) for n in names})
@@ -50,6 +52,20 @@ def load_opened(ckpt: Checkpoint, report: TieReport) -> dict[str, Any]:
     for f in fills(report.ties, ckpt.entries):
         tensors[f.name] = _restore(tensors[f.origin], f.transform, f.tie.kind)
     return tensors
+
+
+def _gathered(entry: Any) -> Any:
+    """A tensor whose bytes lie in several ranges (a DCP's chunks), read into one buffer."""
+    import torch
+
+    from .dtypes import CODE_TO_TORCH
+
+    dtype = getattr(torch, CODE_TO_TORCH[entry.dtype])
+    if entry.nbytes == 0:
+        return torch.empty(entry.shape, dtype=dtype)
+    buf = bytearray(entry.nbytes)
+    entry.blob.readinto(0, memoryview(buf))
+    return torch.frombuffer(buf, dtype=dtype).reshape(entry.shape)
 
 
 def _restore(t: Any, transform: str, kind: str) -> Any:

@@ -56,7 +56,14 @@ def open_checkpoint(
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError("no such file or folder", p)
-    if p.is_dir():
+    from .dcp import is_dcp
+
+    if is_dcp(p):  # a torch distributed checkpoint: .metadata plus .distcp files
+        from .dcp import open_dcp
+
+        ckpt = open_dcp(p)
+        p = ckpt.path
+    elif p.is_dir():
         weights = find_weights(p)
         _refuse_escape(p, weights)
         ckpt = _open_weights(weights, p, torch_free)

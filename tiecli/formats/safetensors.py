@@ -567,7 +567,15 @@ def _runs(items: list[Any]) -> list[Any]:
     runs: list[Any] = []
     for item in items:
         blob = item.entry.blob
-        if item.transform == "identity" and isinstance(blob, FileBlob):
+        pieces = getattr(blob, "ranges", None)  # a tensor gathered from several ranges
+        if item.transform == "identity" and pieces is not None:
+            for file, start, nbytes in pieces:
+                last = runs[-1] if runs else None
+                if isinstance(last, tuple) and last[0] is file and last[1] + last[2] == start:
+                    runs[-1] = (file, last[1], last[2] + nbytes)
+                else:
+                    runs.append((file, start, nbytes))
+        elif item.transform == "identity" and isinstance(blob, FileBlob):
             last = runs[-1] if runs else None
             if isinstance(last, tuple) and last[0] is blob.file and last[1] + last[2] == blob.start:
                 runs[-1] = (last[0], last[1], last[2] + blob.nbytes)
