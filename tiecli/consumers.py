@@ -85,12 +85,17 @@ class Pair:
     @property
     def situation(self) -> str:
         if self.padded:
-            return "padded_short_vocab" if self.short_vocab else "padded"
+            return "padded"
         if not self.alias_stored:
             return "alias_absent"
         if not self.source_stored:
             return "source_absent"
         return "both_equal" if self.equal else "both_differ"
+
+    @property
+    def rule(self) -> str:
+        """The consumers.json situation whose outcomes apply (a padded tie splits by vocab_size)."""
+        return "padded_short_vocab" if self.padded and self.short_vocab else self.situation
 
 
 def pairs_of(
@@ -220,7 +225,7 @@ def evaluate(
                 _put(load.loads, p.alias, default_alias)
                 _put(load.loads, p.source, default_source)
                 continue
-            spec = _rule_for(rule, p.situation, tied)
+            spec = _rule_for(rule, p.rule, tied)
             note = spec.get("note")
             if note and note not in load.notes:
                 load.notes.append(str(note))
