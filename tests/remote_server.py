@@ -26,6 +26,8 @@ class Counts:
         self.requests = 0
         self.bytes = 0
         self.ranges: list[str] = []  # the Range headers received
+        self.multi = 0  # multi-range requests answered multipart/byteranges
+        self.flooded = 0  # bytes of an over-long answer written (see _Handler._flood)
         self.paths: list[str] = []
 
     def add(self, path: str, sent: int, range_header: str | None) -> None:
@@ -54,14 +56,15 @@ class _Handler(BaseHTTPRequestHandler):
         headers: dict[str, str] | None = None,
         length: int | None = None,
     ) -> None:
+        # counted before anything is sent: the client may be done the moment it has the
+        # headers (an error) or the body
+        sent = len(body) if self.command != "HEAD" and status < 400 else 0
+        self.server.counts.add(self.path, sent, self.headers.get("Range"))
         self.send_response(status)
         for k, v in (headers or {}).items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(len(body) if length is None else length))
         self.end_headers()
-        # counted before it is sent: the client may be done the moment it has the body
-        sent = len(body) if self.command != "HEAD" and status < 400 else 0
-        self.server.counts.add(self.path, sent, self.headers.get("Range"))
         if self.command != "HEAD":
             self.wfile.write(body)  # an error's text is sent, but no client reads it
 
@@ -72,6 +75,10 @@ class _Handler(BaseHTTPRequestHandler):
         size = path.stat().st_size
         headers = {"Accept-Ranges": "bytes", **(extra or {})}
         header = self.headers.get("Range")
+        specs = re.findall(r"(\d+)-(\d*)", header or "")
+        if len(specs) > 1 and not self.server.ignore_ranges:
+            self._ranges(path, size, [(int(a), int(b) + 1 if b else size) for a, b in specs])
+            return
         m = re.fullmatch(r"bytes=(\d+)-(\d*)", header or "")
         start, end, status = 0, size, 200
         if m and not self.server.ignore_ranges:
@@ -82,6 +89,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
             status = 206
+        if self.server.flood and status == 206 and self.command != "HEAD":
+            self._flood(headers, end - start)
+            return
         if self.command == "HEAD" or end - start <= 1 << 20:
             data = b""
             if self.command != "HEAD":
@@ -91,12 +101,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(status, data, headers, length=end - start)
             return
         # a large body is streamed, never held whole
+        self.server.counts.add(self.path, end - start, header)
         self.send_response(status)
         for k, v in headers.items():
             self.send_header(k, v)
         self.send_header("Content-Length", str(end - start))
         self.end_headers()
-        self.server.counts.add(self.path, end - start, header)
         with open(path, "rb") as f:
             f.seek(start)
             left = end - start
@@ -106,6 +116,74 @@ class _Handler(BaseHTTPRequestHandler):
                     break
                 self.wfile.write(chunk)
                 left -= len(chunk)
+
+    def _ranges(self, path: Path, size: int, ranges: list[tuple[int, int]]) -> None:
+        """A multi-range request, answered as ``server.multi`` says: ``"multipart"``
+        (206 multipart/byteranges, as nginx and Apache do), ``"first"`` (206 with the
+        first range only), ``"whole"`` (200 with the whole file, as nginx with
+        ``max_ranges 1``)."""
+        mode = self.server.multi
+        if mode == "whole":
+            self._whole(path, size)
+            return
+        with open(path, "rb") as f:
+
+            def read(start: int, end: int) -> bytes:
+                f.seek(start)
+                return f.read(min(end, size) - start)
+
+            if mode == "first":
+                start, end = ranges[0]
+                end = min(end, size)
+                self._send(
+                    206, read(start, end), {"Content-Range": f"bytes {start}-{end - 1}/{size}"}
+                )
+                return
+            boundary = "tiecli-test-boundary"
+            body = b""
+            for start, end in ranges:
+                end = min(end, size)
+                body += (
+                    f"\r\n--{boundary}\r\nContent-Type: application/octet-stream\r\n"
+                    f"Content-Range: bytes {start}-{end - 1}/{size}\r\n\r\n"
+                ).encode() + read(start, end)
+            body += f"\r\n--{boundary}--\r\n".encode()
+        self.server.counts.multi += 1
+        self._send(206, body, {"Content-Type": f"multipart/byteranges; boundary={boundary}"})
+
+    def _whole(self, path: Path, size: int) -> None:
+        """200 with the whole file, streamed; counted as sent when its headers are."""
+        self.server.counts.add(self.path, size, self.headers.get("Range"))
+        self.send_response(200)
+        self.send_header("Content-Length", str(size))
+        self.end_headers()
+        try:
+            with open(path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    self.wfile.write(chunk)
+        except OSError:
+            pass  # the client hung up: it read the headers only
+
+    def _flood(self, headers: dict[str, str], asked: int) -> None:
+        """A hostile answer to a range: ``server.flood`` bytes more than asked, declared in
+        Content-Length and streamed until the client hangs up; ``counts.flooded`` is what
+        the client took (the socket's buffers aside)."""
+        total = asked + self.server.flood
+        self.server.counts.add(self.path, 0, self.headers.get("Range"))
+        self.send_response(206)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(total))
+        self.end_headers()
+        chunk = b"\0" * (1 << 20)
+        try:
+            while total > 0:
+                self.wfile.write(chunk[: min(total, len(chunk))])
+                total -= len(chunk)
+                with self.server.counts.lock:
+                    self.server.counts.flooded += len(chunk)
+        except OSError:
+            pass
 
     def _delay(self) -> None:
         if self.server.delay:
@@ -119,12 +197,16 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class FileHandler(_Handler):
-    """Serves ``server.root`` as static files, with single byte ranges."""
+    """Serves ``server.root`` as static files, with byte ranges (one, or several in one
+    request: see :meth:`_Handler._ranges`)."""
 
     def do_GET(self) -> None:  # noqa: N802
         self._delay()
         if self.server.refuse:
             self._send(503, b"unavailable <secret server text>")
+            return
+        if self.server.status:
+            self._send(self.server.status, b"<secret server text>")
             return
         rel = unquote(urlsplit(self.path).path).lstrip("/")
         self._file(self.server.root / rel)
@@ -239,6 +321,9 @@ def serve(
     refuse: bool = False,
     delay: float = 0.0,
     ignore_ranges: bool = False,
+    multi: str = "multipart",
+    flood: int = 0,
+    status: int = 0,
 ) -> Iterator[tuple[str, Counts]]:
     """A server on 127.0.0.1 for ``root``: its base URL and its counts."""
     server = _Server(("127.0.0.1", 0), HubHandler if hub else FileHandler)
@@ -247,6 +332,9 @@ def serve(
     server.refuse = refuse  # type: ignore[attr-defined]
     server.delay = delay  # type: ignore[attr-defined]
     server.ignore_ranges = ignore_ranges  # type: ignore[attr-defined]
+    server.multi = multi  # type: ignore[attr-defined]
+    server.flood = flood  # type: ignore[attr-defined]
+    server.status = status  # type: ignore[attr-defined]  # every answer, when set
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:

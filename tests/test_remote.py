@@ -223,13 +223,13 @@ def test_sampled_elements_are_fetched_in_few_coalesced_requests(tmp_path: Path) 
     with serve(tmp_path) as (base, counts):
         _code, doc = _json(["inspect", "--json", f"{base}/m/small.safetensors"])
         assert doc["ties"] == [] and doc["tensors"] == 200
-        # a HEAD for the size, the first 64 KiB, the 200 first elements in one request
-        # (none shared: no sampled element is read), and the look for config.json
-        # beside the file (fsspec tries HEAD, then GET)
-        assert doc["remote"]["requests"] == counts.requests == 5
+        # the first 64 KiB (with the size), the 200 first elements in one range (none
+        # shared: no sampled element is read), and the look for config.json beside the file
+        assert doc["remote"]["requests"] == counts.requests == 3
         _code, doc = _json(["inspect", "--json", f"{base}/m/large.safetensors"])
+        assert counts.multi == 1
     assert doc["ties"] == []
-    assert doc["remote"]["requests"] == 2 + 10 + 2  # one request per first element
+    assert doc["remote"]["requests"] == 1 + 1 + 1  # the ten first elements in one request
     size = (folder / "large.safetensors").stat().st_size
     assert doc["remote"]["bytes_read"] < 0.01 * size
 
@@ -308,6 +308,41 @@ def test_nothing_listens_is_one_line() -> None:
     res = runner.invoke(app, ["inspect", f"{base}/gpt2/full/model.safetensors"])
     assert res.exit_code == 2
     assert f"{base}/gpt2/full/model.safetensors" in _one_error_line(res)
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_a_server_that_wants_credentials_is_one_line(status: int) -> None:
+    with serve(FIXTURES, status=status) as (base, _counts):
+        url = f"{base}/gpt2/full/model.safetensors"
+        res = runner.invoke(app, ["inspect", "--json", url])
+        verify = runner.invoke(app, ["verify", url])
+    assert res.exit_code == verify.exit_code == 2 and res.stdout == ""
+    line = _one_error_line(res)
+    assert (
+        line
+        == f"Error: {url}: the server answered HTTP {status} (access denied: credentials missing or refused)"
+    )
+    assert _one_error_line(verify) == line
+    assert "secret" not in res.output
+
+
+def test_a_host_name_that_does_not_resolve_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DNS failure, made without a network: the resolver says the name is unknown."""
+    import socket
+
+    real = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(host, str) and host.endswith(".invalid"):
+            raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    url = "https://tiecli-test.invalid/m/model.safetensors"
+    for cmd in ("inspect", "verify"):
+        res = runner.invoke(app, [cmd, url])
+        assert res.exit_code == 2 and res.stdout == ""
+        assert _one_error_line(res) == f"Error: {url}: cannot resolve the host name"
 
 
 def test_a_server_without_range_support_is_refused_not_downloaded(tmp_path: Path) -> None:
@@ -500,6 +535,58 @@ def test_hub_paths_read_through_huggingface_hub(tmp_path: Path) -> None:
     ]
 
 
+def test_the_pre_commit_hook_checks_a_hub_repository(tmp_path: Path) -> None:
+    """The shipped hook, pointed at ``hf://`` paths as a .pre-commit-config.yaml does it
+    (``args`` with the URL, ``pass_filenames: false``, ``always_run: true``): pre-commit
+    runs its entry with the args, and the URL reaches tiecli as it was written."""
+    import shlex
+
+    import yaml
+
+    pytest.importorskip("huggingface_hub")
+    (hook,) = yaml.safe_load((FIXTURES.parent / ".pre-commit-hooks.yaml").read_text())
+    hub = tmp_path / "hub"
+    shutil.copytree(FIXTURES / "gpt2/hf", hub / "acme/deduped")
+    shutil.copytree(FIXTURES / "gpt2/full-sharded", hub / "acme/copy")
+    for repo in ("deduped", "copy"):  # no config: transformers is not imported (faster)
+        (hub / "acme" / repo / "config.json").unlink()
+    runs = {}
+    with serve(hub, hub=True) as (base, _counts):
+        for repo in ("deduped", "copy"):
+            config = {
+                **hook,
+                "args": ["--json", f"hf://acme/{repo}@main"],
+                "pass_filenames": False,
+                "always_run": True,
+            }
+            argv = shlex.split(config["entry"]) + config["args"]
+            assert argv[0] == "tiecli"
+            runs[repo] = _hub_run(argv[1:], base, tmp_path)
+    ok, copy = runs["deduped"], runs["copy"]
+    assert ok.returncode == 0, ok.stderr
+    assert json.loads(ok.stdout)["checked"] == ["hf://acme/deduped@main"]
+    assert copy.returncode == 1, copy.stderr
+    [problem] = json.loads(copy.stdout)["problems"]
+    assert problem["code"] == "duplicate-stored" and problem["path"] == "hf://acme/copy@main"
+
+
+def test_a_hub_range_answer_longer_than_asked_is_not_read(tmp_path: Path) -> None:
+    """The Hub's resolve endpoint answers a range with 1 GB more than asked: refused from
+    its headers (huggingface_hub's client calls a hook before it reads a body)."""
+    pytest.importorskip("huggingface_hub")
+    hub = tmp_path / "hub"
+    shutil.copytree(FIXTURES / "gpt2/full", hub / "acme/gpt2")
+    with serve(hub, hub=True, flood=1 << 30) as (base, counts):
+        res = _hub_run(["inspect", "--json", "hf://acme/gpt2"], base, tmp_path)
+        time.sleep(0.5)  # the server writes until the client's hang-up reaches it
+        flooded = counts.flooded
+    assert res.returncode == 2 and res.stdout == "", res.stderr
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith("Error: hf://acme/gpt2/model.safetensors: asked for 29776 bytes")
+    assert "not read" in line
+    assert flooded < 64 << 20, flooded  # the client hung up after the headers
+
+
 def test_an_http_folder_url_is_refused_before_any_request() -> None:
     with serve(FIXTURES) as (base, counts):
         res = runner.invoke(app, ["inspect", f"{base}/gpt2/full/"])
@@ -564,8 +651,9 @@ def test_many_small_tensors_cost_few_requests(tmp_path: Path) -> None:
 
 
 def len_of(header: str) -> int:
-    start, end = header.removeprefix("bytes=").split("-")
-    return int(end) - int(start) + 1
+    """The longest range a ``Range`` header asks for."""
+    spans = [r.split("-") for r in header.removeprefix("bytes=").split(",")]
+    return max(int(end) - int(start) + 1 for start, end in spans)
 
 
 def test_a_range_answer_longer_than_asked_is_not_read(tmp_path: Path) -> None:
@@ -637,3 +725,108 @@ def test_a_padded_tie_past_max_download_is_judged_from_rows(tmp_path: Path) -> N
         r = runner.invoke(app, ["inspect", "--json", url])  # within the budget: compared whole
         (tie,) = json.loads(r.stdout)["ties"]
         assert tie["pad"] == {"source_rows": 1024, "alias_rows": 1000}
+
+
+# -- multi-range requests -------------------------------------------------------
+
+
+def _layers(folder: Path, n: int = 40, tie: bool = False) -> Path:
+    """``n`` same-shaped 256 KiB tensors nobody declared (a pair of them equal when
+    ``tie``): every one is a tie candidate until its first element is read."""
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    tensors = {
+        f"layers.{i}.w": rng.standard_normal((256, 256)).astype(np.float32) for i in range(n)
+    }
+    if tie:
+        tensors[f"layers.{n - 1}.w"] = tensors["layers.0.w"].copy()
+    _safetensors(folder / "model.safetensors", tensors)
+    return folder / "model.safetensors"
+
+
+def test_no_candidate_costs_three_requests_per_file(tmp_path: Path) -> None:
+    path = _layers(tmp_path / "m")
+    with serve(tmp_path) as (base, counts):
+        _code, doc = _json(["inspect", "--json", f"{base}/m/model.safetensors"])
+        served = (counts.requests, counts.bytes)
+    _code, local = _json(["inspect", "--json", str(path)])
+    _same(doc, local)
+    assert doc["ties"] == []
+    # the header (with the size), the 40 first elements in one multi-range request, and
+    # the look for config.json: one request per tensor before
+    assert doc["remote"]["requests"] == served[0] == 3 and counts.multi == 1
+    assert doc["remote"]["bytes_read"] == served[1] < 0.01 * path.stat().st_size
+    # 39 ranges: the first tensor's first element came with the header
+    assert max(r.count(",") for r in counts.ranges) == 38
+
+
+@pytest.mark.parametrize("multi", ["multipart", "first", "whole"])
+def test_servers_that_refuse_multi_range_are_read_one_range_at_a_time(
+    multi: str, tmp_path: Path
+) -> None:
+    """A server may answer a multi-range request with the first range only, or with the
+    whole file (nginx with max_ranges 1): the whole file is refused from its headers,
+    and every range is then asked alone; the results are those of a local run."""
+    path = _layers(tmp_path / "m", tie=True)
+    size = path.stat().st_size
+    with serve(tmp_path, multi=multi) as (base, counts):
+        _code, doc = _json(
+            ["inspect", "--json", "--max-download", "0", f"{base}/m/model.safetensors"]
+        )
+        requests = counts.requests
+        singles = [r for r in counts.ranges if "," not in r]
+    _code, local = _json(["inspect", "--json", str(path)])
+    [tie] = doc["ties"]
+    assert (tie["alias"], tie["source"], tie["evidence"]) == (
+        "layers.39.w",
+        "layers.0.w",
+        ["sampled"],
+    )
+    assert [t["alias"] for t in local["ties"]] == ["layers.39.w"]
+    assert doc["remote"]["requests"] == requests
+    assert doc["remote"]["bytes_read"] < 0.01 * size  # never the whole file
+    if multi == "multipart":
+        # header, first elements, the pair's samples, config.json
+        assert requests == 4 and counts.multi == 2
+    else:
+        # one refused multi-range request, then one request per range (the samples too)
+        assert counts.multi == 0
+        assert requests >= 2 + 40 + 8
+        assert sum("," in r for r in counts.ranges) == 1 and len(singles) >= 40
+
+
+def test_multipart_parts_are_cut_by_their_content_range() -> None:
+    from tiecli.errors import TiecliError
+    from tiecli.formats.remote import _parts
+
+    data = b"--b\r\n--b--\r\n"  # the boundary inside a part's bytes
+    body = (
+        b"\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 10-21/100"
+        b"\r\n\r\n" + data + b"\r\n--b\r\ncontent-range: bytes 50-50/100\r\n\r\nx\r\n--b--\r\n"
+    )
+    assert _parts(body, b"b", "http://h/m") == [(10, data), (50, b"x")]
+    for bad in (body.replace(b"21/", b"99/"), body[:40], b"no parts"):
+        with pytest.raises(TiecliError, match="malformed"):
+            _parts(bad, b"b", "http://h/m")
+
+
+def test_remote_reads_show_a_progress_bar_but_not_with_json_or_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tiecli import progress as progress_module
+
+    monkeypatch.setattr(progress_module._RichProgress, "DELAY", 0.0)  # show every bar
+    _layers(tmp_path / "m", tie=True)
+    env = {"TTY_COMPATIBLE": "1", "COLUMNS": "200", "NO_COLOR": "1"}
+    with serve(tmp_path) as (base, _counts):
+        url = f"{base}/m/model.safetensors"
+        shown = runner.invoke(app, ["inspect", url], env=env)
+        as_json = runner.invoke(app, ["inspect", "--json", url], env=env)
+        quiet = runner.invoke(app, ["verify", "-q", url], env=env)
+        verify_json = runner.invoke(app, ["verify", "--json", url], env=env)
+    assert shown.exit_code == as_json.exit_code == 0
+    assert "reading sampled elements" in shown.stderr  # on stderr, never stdout
+    assert "reading sampled elements" not in shown.stdout
+    for silent in (as_json, quiet, verify_json):
+        assert silent.stderr == "", silent.stderr
+    assert json.loads(as_json.stdout)["ties"]

@@ -122,6 +122,12 @@ def _emit(result: Any, json_out: bool, render: Any) -> None:
         render(result, Console(soft_wrap=False, emoji=False))  # ":warning:" in a name stays text
 
 
+def _remote_json(json_out: bool, *paths: object) -> bool:
+    """Whether ``--json`` silences the progress bar: it does for a URL, whose reads the
+    JSON's ``remote`` object reports (a local run keeps its bar on stderr)."""
+    return json_out and any(isinstance(p, str) and "://" in p for p in paths)
+
+
 @app.command()
 def inspect(
     path: RemotePathArg,
@@ -138,7 +144,7 @@ def inspect(
 
     result = run(
         path,
-        progress=console_progress(quiet),
+        progress=console_progress(quiet or _remote_json(json_out, path)),
         max_download=max_download,
         timeout=timeout,
         config=config,
@@ -219,7 +225,7 @@ def dedupe(
         to=to,
         force=force,
         fsync=fsync,
-        progress=console_progress(quiet),
+        progress=console_progress(quiet or _remote_json(json_out, path)),
         timeout=timeout,
         config=config,
         max_shard_size=max_shard_size,
@@ -249,7 +255,7 @@ def untie(
         dry_run=dry_run,
         force=force,
         fsync=fsync,
-        progress=console_progress(quiet),
+        progress=console_progress(quiet or _remote_json(json_out, path)),
         timeout=timeout,
     )
     _emit(result, json_out, render_untie)
@@ -422,7 +428,7 @@ def verify(
         device_map=device_map,
         max_memory=max_memory,
         for_consumers=for_consumers,
-        progress=console_progress(quiet),
+        progress=console_progress(quiet or _remote_json(json_out, *paths)),
         max_download=max_download,
         timeout=timeout,
         config=config,

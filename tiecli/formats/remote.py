@@ -11,8 +11,10 @@ only when a remote path is named.
 What detection will sample is fetched up front, in two rounds: the first
 element of every tensor another could equal by dtype and shape, then the eight
 sampled elements of those whose first element another shares. Each round's
-ranges are sorted, ranges closer than :data:`MERGE_GAP` merged into one
-request, and the requests sent :data:`WORKERS` at a time.
+ranges are sorted, ranges closer than :data:`MERGE_GAP` merged, and over HTTP(S)
+up to :data:`MAX_RANGES` of them asked in one multi-range request (one range per
+request where the server refuses those, and for the Hub and object stores); the
+requests are sent :data:`WORKERS` at a time.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import socket
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -49,6 +52,9 @@ HEAD_GUESS = 64 << 10  # the first read of a file: the header of most checkpoint
 MERGE_GAP = 4 << 10  # ranges closer than this are read in one request
 MAX_SPAN = 1 << 20  # ... up to this many bytes in one request
 WORKERS = 8  # requests in flight at once
+MAX_RANGES = 200  # ranges in one multi-range request (Apache's MaxRanges default)
+MAX_RANGE_HEADER = 6000  # characters of its Range header (servers refuse lines over 8 KiB)
+PART_OVERHEAD = 256  # bytes a part of a multipart/byteranges answer may add to its data
 MAX_JSON = 64 << 20
 INDEX_SUFFIX = ".index.json"
 FOLDER_PREFERENCE = ("model.safetensors.index.json", "model.safetensors")
@@ -145,11 +151,23 @@ def _why(e: BaseException, timeout: float) -> str:
     cause = e.__cause__ or e.__context__
     if isinstance(e, FileNotFoundError) and isinstance(cause, Exception):
         return _why(cause, timeout)  # fsspec's HTTP reports any failed lookup as not found
+    if isinstance(e, _TooLong):
+        said = "more" if e.length is None else f"{e.length} bytes"
+        return f"asked for {e.asked} bytes, the server answers with {said}; not read"
+    if isinstance(e, _NotTheRange):
+        return f"the server answers another range than {e.args[0]} asked for; not read"
     name = type(e).__name__
     status = getattr(e, "status", None)
     response = getattr(e, "response", None)
-    if status is None and response is not None:
+    if isinstance(response, dict):  # botocore's ClientError (s3fs)
+        name = str(response.get("Error", {}).get("Code") or name)
+        status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    elif status is None and response is not None:
         status = getattr(response, "status_code", None)
+    if name == "NoSuchBucket":
+        return "no such bucket"
+    if name == "NoSuchKey":
+        return "not found"
     if name == "OfflineModeIsEnabled":
         return "huggingface_hub is in offline mode (HF_HUB_OFFLINE=1); tiecli reads nothing remote then"
     if name == "RepositoryNotFoundError":
@@ -162,10 +180,14 @@ def _why(e: BaseException, timeout: float) -> str:
         return f"timed out (no answer within {timeout:g} s; raise --timeout)"
     if status == 404:
         return "not found"
+    if status in (401, 403):
+        return f"the server answered HTTP {status} (access denied: credentials missing or refused)"
     if isinstance(status, int):
         return f"the server answered HTTP {status}"
     if isinstance(e, ValueError) and "range" in str(e).lower():
         return "the server does not answer range requests"
+    if "DNS" in name or isinstance(e, socket.gaierror) or isinstance(cause, socket.gaierror):
+        return "cannot resolve the host name"
     if "Connect" in name or isinstance(e, ConnectionError):
         return f"cannot connect ({name})"
     return f"cannot read it ({name})"
@@ -183,6 +205,8 @@ class _Remote:
         self.requests_by_transport = False
         self.bytes_by_transport = False
         self._unhook: Any = None
+        # whether the server answers multi-range requests (None: not asked yet)
+        self.multi_range: bool | None = None
         self.protocol = url.split("://", 1)[0].lower()
         if self.protocol in LOCAL_SCHEMES or "::" in url:
             # a local file under another name, or a chain of file systems: local paths
@@ -217,6 +241,10 @@ class _Remote:
         if self.protocol in ("http", "https"):
             kwargs["client_kwargs"] = self._http_client()
             self.requests_by_transport = self.bytes_by_transport = True
+        elif self.protocol in ("s3", "s3a"):
+            session = self._s3_session()
+            if session is not None:
+                kwargs["session"] = session
         try:
             with self.guard(self.url):  # a backend may connect while it is made
                 fs, root = fsspec.core.url_to_fs(self.url, **kwargs)
@@ -233,7 +261,8 @@ class _Remote:
         return fs, root
 
     def _http_client(self) -> dict[str, Any]:
-        """aiohttp settings: the timeout, and hooks that count every request and byte."""
+        """aiohttp settings: the timeout, and hooks that count every request (the body
+        bytes are counted by :class:`_HttpFile` as it reads them)."""
         try:
             import aiohttp
         except ImportError:
@@ -244,9 +273,6 @@ class _Remote:
 
         async def started(session: Any, ctx: Any, params: Any) -> None:
             stats.add(1, 0)
-
-        async def received(session: Any, ctx: Any, params: Any) -> None:
-            stats.add(0, len(params.chunk))
 
         async def answered(session: Any, ctx: Any, params: Any) -> None:
             # fsspec reads a range answer's whole body into memory: its length is
@@ -267,28 +293,57 @@ class _Remote:
         trace = aiohttp.TraceConfig()
         trace.on_request_start.append(started)
         trace.on_request_end.append(answered)
-        trace.on_response_chunk_received.append(received)
         return {
             "trace_configs": [trace],
             "timeout": aiohttp.ClientTimeout(total=self.options.timeout),
         }
+
+    def _s3_session(self) -> Any:
+        """An aiobotocore session for s3fs whose clients count every request they send
+        (retries too); s3fs answers some lookups from its own cache, with none."""
+        try:
+            from aiobotocore.session import AioSession
+        except ImportError:
+            return None  # s3fs is missing too: url_to_fs says so
+        stats = self.stats
+
+        def sent(**_kwargs: Any) -> None:
+            stats.add(1, 0)
+
+        session = AioSession()
+        session.register("before-send.s3", sent)
+        self.requests_by_transport = True
+        return session
 
     def _count_hub_requests(self) -> None:
         """Count every request huggingface_hub's shared client sends while this location
         is open (API calls included); the bytes counted are those of the files read."""
         from huggingface_hub.utils import get_session
 
-        hooks = get_session().event_hooks["request"]
+        hooks = get_session().event_hooks
         stats = self.stats
 
         def hook(request: Any) -> None:
             stats.add(1, 0)
 
-        def unhook() -> None:
-            if hook in hooks:
-                hooks.remove(hook)
+        def answered(response: Any) -> None:
+            # httpx calls this with the headers, before the body is read: a range answer
+            # longer than the range asked for (or of no stated length) is refused here
+            asked = _range_length(response.request.headers.get("range"))
+            if asked is None or response.status_code not in (200, 206):
+                return
+            length = response.headers.get("content-length")
+            if length is None or not length.isdigit() or int(length) > asked:
+                response.close()
+                raise _TooLong(asked, int(length) if length and length.isdigit() else None)
 
-        hooks.append(hook)
+        def unhook() -> None:
+            for kind, f in (("request", hook), ("response", answered)):
+                if f in hooks[kind]:
+                    hooks[kind].remove(f)
+
+        hooks["request"].append(hook)
+        hooks["response"].append(answered)
         self.requests_by_transport = True
         self._unhook = unhook
 
@@ -341,12 +396,16 @@ class _Remote:
         )
 
     def open(self, path: str) -> Any:
-        """A handle with the file's ``size`` whose ranges :meth:`fetch` reads: the file
-        system's buffered file where it reads ranges itself (HTTP, the Hub: each range
-        one request, checked to be one), else its ``cat_file`` (s3fs, gcsfs, memory)."""
+        """A handle with the file's ``size`` whose ranges :meth:`fetch` reads: for HTTP(S)
+        an :class:`_HttpFile` (its first bytes read with the size), for the Hub the file
+        system's buffered file (each range one request, checked to be one), else the file
+        system's ``cat_file`` (s3fs, gcsfs, memory)."""
+        handle: Any
         with self.guard(path):
             self.count(1)
-            if self.protocol in ("http", "https", "hf"):
+            if self.protocol in ("http", "https"):
+                handle = _HttpFile(self.fs, path, self.stats)
+            elif self.protocol == "hf":
                 handle = self.fs.open(path, "rb", cache_type="none")
             else:
                 handle = _CatFile(self.fs, path, self.fs.size(path))
@@ -368,11 +427,37 @@ class _Remote:
             )
         return bytes(data)
 
-    def listing(self, folder: str) -> list[str] | None:
-        """The file names in ``folder``; None where the file system cannot list (HTTP)."""
+    def fetch_many(
+        self, handle: Any, path: str, ranges: list[tuple[int, int]]
+    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, int]]]:
+        """``ranges`` (sorted, apart) asked in one multi-range request: the parts the
+        server sent, and the ranges they leave out (all of them where the server does not
+        answer multi-range requests: each is then asked alone, and so are later ones)."""
+        got: list[tuple[int, bytes]] = []
+        if len(ranges) > 1 and self.multi_range is not False and isinstance(handle, _HttpFile):
+            with self.guard(path):
+                parts = handle.fetch_ranges(ranges)
+            for start, data in parts or []:
+                if start < 0 or start + len(data) > handle.size:
+                    raise RemoteError(
+                        f"the server sent bytes {start}-{start + len(data) - 1}, outside the "
+                        "file; not read",
+                        self.shown(path),
+                    )
+                got.append((start, data))
+            covered = [(s, s + len(d)) for s, d in got]
+            left = [(a, b) for a, b in ranges if not any(s <= a and b <= e for s, e in covered)]
+            # a server that answers with a whole file or fewer ranges is asked one at a time
+            self.multi_range = not left
+            return got, left
+        return [(start, self.fetch(handle, path, start, end)) for start, end in ranges], []
+
+    def listing(self, folder: str, named: str | None = None) -> list[str] | None:
+        """The file names in ``folder``; None where the file system cannot list (HTTP).
+        A failure names ``named`` (the file the user named in it) where given."""
         if self.protocol in ("http", "https"):
             return None
-        with self.guard(folder):
+        with self.guard(named or folder):
             self.count(1)
             found = self.fs.ls(folder, detail=True)
         return sorted(
@@ -403,6 +488,193 @@ class _Remote:
             ) from None
         except (UnicodeDecodeError, ValueError, RecursionError):
             raise CheckpointFormatError(f"{what} is not valid JSON", self.shown(path)) from None
+
+
+class _HttpFile:
+    """A file on an HTTP(S) server, read by ranges through the aiohttp session of fsspec's
+    HTTP file system (its client settings, trace hooks and event loop).
+
+    Opening it is one GET of its first :data:`HEAD_GUESS` bytes, whose ``Content-Range``
+    says how large the file is (no HEAD). Ranges are read one per request
+    (:meth:`_fetch_range`) or many per request (:meth:`fetch_ranges`, ``Range:
+    bytes=a-b,c-d,...`` answered ``206 multipart/byteranges``). Every answer's headers
+    are checked before its body is read: a body longer than what was asked is refused,
+    and a whole file is never read where a range was asked.
+    """
+
+    def __init__(self, fs: Any, url: str, stats: RemoteStats):
+        self.fs = fs
+        self.url = url
+        self.stats = stats  # body bytes are counted here (aiohttp counts only read())
+        self.size, self.first = self._sync(self._open)
+
+    def _sync(self, func: Any, *args: Any) -> Any:
+        from fsspec.asyn import sync
+
+        return sync(self.fs.loop, func, *args)
+
+    async def _get(self, ranges: list[tuple[int, int]] | None) -> Any:
+        session = await self.fs.set_session()
+        kwargs = dict(self.fs.kwargs)
+        headers = dict(kwargs.pop("headers", None) or {})
+        if ranges:
+            headers["Range"] = "bytes=" + ",".join(f"{s}-{e - 1}" for s, e in ranges)
+        response = await session.get(self.fs.encode_url(self.url), headers=headers, **kwargs)
+        if response.status == 404:
+            response.close()
+            raise FileNotFoundError(self.url)
+        if response.status >= 400 and response.status != 416:
+            response.close()
+            response.raise_for_status()
+        return response
+
+    async def _open(self) -> tuple[int, bytes]:
+        response = await self._get([(0, HEAD_GUESS)])
+        async with response:
+            if response.status == 416:  # an empty file has no byte 0
+                if _content_range(response.headers) == (None, None, 0):
+                    return 0, b""
+                response.raise_for_status()
+            if response.status == 206:
+                start, end, total = _content_range(response.headers)
+                if start != 0 or total is None or end != min(HEAD_GUESS, total):
+                    response.close()
+                    raise _NotTheRange(f"bytes 0-{HEAD_GUESS - 1}")
+                return total, await _body(response, end, self.stats)
+            # 200: the whole file, acceptable only when it is no more than was asked
+            length = response.content_length
+            if length is None or length > HEAD_GUESS:
+                response.close()
+                raise ValueError("the server does not answer range requests")
+            return length, await _body(response, length, self.stats)
+
+    def _fetch_range(self, start: int, end: int) -> bytes:
+        have = self.first[start:end] if start < len(self.first) else b""
+        if start + len(have) >= end:
+            return have
+        return have + self._sync(self._one, start + len(have), end)
+
+    async def _one(self, start: int, end: int) -> bytes:
+        response = await self._get([(start, end)])
+        async with response:
+            if response.status != 206:
+                response.close()
+                raise ValueError("the server does not answer range requests")
+            if _content_range(response.headers)[:2] != (start, end):
+                response.close()
+                raise _NotTheRange(f"bytes {start}-{end - 1}")
+            return await _body(response, end - start, self.stats)
+
+    def fetch_ranges(self, ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]] | None:
+        """The parts the server sends for ``ranges`` asked in one request (``(start, bytes)``,
+        possibly fewer than asked); None when it answers a multi-range request with
+        anything but ranges (read nothing then: the caller reads them one by one)."""
+        return self._sync(self._many, ranges)  # type: ignore[no-any-return]
+
+    async def _many(self, ranges: list[tuple[int, int]]) -> list[tuple[int, bytes]] | None:
+        asked = sum(e - s for s, e in ranges)
+        response = await self._get(ranges)
+        async with response:
+            kind, _, params = (response.headers.get("Content-Type") or "").partition(";")
+            if response.status != 206:
+                response.close()  # a whole file, or an error: not a byte of it is read
+                return None
+            if kind.strip().lower() != "multipart/byteranges":
+                # one range: the server merged them, or answers the first one only
+                start, end, _total = _content_range(response.headers)
+                if start is None or end is None or end - start > asked:
+                    response.close()
+                    return None
+                return [(start, await _body(response, end - start, self.stats))]
+            m = re.search(r'boundary="?([^";]+)"?', params)
+            cap = asked + len(ranges) * PART_OVERHEAD
+            if m is None or (response.content_length or 0) > cap:
+                response.close()
+                return None
+            body = await _capped(response, cap, self.stats)
+        return _parts(body, m.group(1).encode("latin-1"), self.url)
+
+    def close(self) -> None:
+        self.first = b""
+
+
+class _NotTheRange(Exception):
+    """A range answer that is not the range asked for."""
+
+
+def _content_range(headers: Any) -> tuple[int | None, int | None, int | None]:
+    """``Content-Range: bytes a-b/total`` as ``(a, b + 1, total)``; Nones where absent."""
+    m = re.fullmatch(
+        r"\s*bytes\s+(?:(\d+)-(\d+)|\*)/(\d+|\*)\s*", headers.get("Content-Range") or ""
+    )
+    if m is None:
+        return None, None, None
+    start = int(m.group(1)) if m.group(1) else None
+    end = int(m.group(2)) + 1 if m.group(2) else None
+    return start, end, int(m.group(3)) if m.group(3) != "*" else None
+
+
+async def _capped(response: Any, cap: int, stats: RemoteStats) -> bytes:
+    """A body of at most ``cap`` bytes, its length checked from the headers first."""
+    length = response.content_length
+    if length is not None and length > cap:
+        response.close()
+        raise _TooLong(cap, length)
+    chunks: list[bytes] = []
+    got = 0
+    while True:
+        chunk = await response.content.read(1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        got += len(chunk)
+        stats.add(0, len(chunk))
+        if got > cap:
+            response.close()
+            raise _TooLong(cap, None)
+        chunks.append(chunk)
+
+
+async def _body(response: Any, nbytes: int, stats: RemoteStats) -> bytes:
+    """Exactly ``nbytes`` of body, or an error."""
+    data = await _capped(response, nbytes, stats)
+    if len(data) != nbytes:
+        raise _TooLong(nbytes, len(data))
+    return data
+
+
+class _TooLong(Exception):
+    """An answer of another length than asked for."""
+
+    def __init__(self, asked: int, length: int | None):
+        super().__init__(asked, length)
+        self.asked = asked
+        self.length = length
+
+
+def _parts(body: bytes, boundary: bytes, url: str) -> list[tuple[int, bytes]]:
+    """The ``(start, bytes)`` parts of a ``multipart/byteranges`` body; each part's length
+    is taken from its ``Content-Range``, so a boundary inside the data cannot cut it."""
+    out: list[tuple[int, bytes]] = []
+    delimiter = b"--" + boundary
+    at = body.find(delimiter)
+    while at >= 0:
+        at += len(delimiter)
+        if body[at : at + 2] == b"--":
+            return out
+        head_end = body.find(b"\r\n\r\n", at)
+        if head_end < 0:
+            break
+        head = body[at:head_end].decode("latin-1")
+        m = re.search(r"(?im)^content-range:\s*bytes\s+(\d+)-(\d+)/", head)
+        if m is None:
+            break
+        start, end = int(m.group(1)), int(m.group(2)) + 1
+        data = body[head_end + 4 : head_end + 4 + end - start]
+        if end <= start or len(data) != end - start:
+            break
+        out.append((start, data))
+        at = body.find(delimiter, head_end + 4 + len(data))
+    raise RemoteError("the server's multi-range answer is malformed; not read", shown_url(url))
 
 
 class _CatFile:
@@ -442,6 +714,22 @@ class RemoteFile:
 
     def fetch(self, start: int, end: int) -> bytes:
         return self.remote.fetch(self._handle, self.fspath, start, end)
+
+    def has(self, start: int, end: int) -> bool:
+        """Whether bytes ``[start, end)`` are here already (no request needed)."""
+        first = getattr(self._handle, "first", b"")
+        return end <= len(first) or self._cached(start, end - start)[1] == end - start
+
+    @property
+    def multi_range(self) -> bool:
+        """Whether several ranges may be asked in one request (an HTTP server that has
+        not refused them)."""
+        return isinstance(self._handle, _HttpFile) and self.remote.multi_range is not False
+
+    def fetch_many(
+        self, ranges: list[tuple[int, int]]
+    ) -> tuple[list[tuple[int, bytes]], list[tuple[int, int]]]:
+        return self.remote.fetch_many(self._handle, self.fspath, ranges)
 
     def keep(self, start: int, data: bytes) -> None:
         """Hold ``data``, read at ``start``, for later reads (from any thread).
@@ -596,27 +884,54 @@ def sample_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
     return out
 
 
+def batches(ranges: list[tuple[int, int]], multi: bool) -> list[list[tuple[int, int]]]:
+    """Sorted ranges grouped as requests send them: one each, or (``multi``) up to
+    :data:`MAX_RANGES` in one request whose ``Range`` header stays within
+    :data:`MAX_RANGE_HEADER` characters."""
+    if not multi:
+        return [[r] for r in ranges]
+    out: list[list[tuple[int, int]]] = []
+    width = 0
+    for start, end in ranges:
+        text = len(f"{start}-{end - 1},")
+        if not out or len(out[-1]) >= MAX_RANGES or width + text > MAX_RANGE_HEADER:
+            out.append([])
+            width = len("bytes=")
+        out[-1].append((start, end))
+        width += text
+    return out
+
+
 def fetch_ahead(
     ranges: list[tuple[RemoteFile, int, int]], progress: Progress = NO_PROGRESS
 ) -> None:
-    """Fetch ``ranges`` coalesced per file, :data:`WORKERS` requests at a time."""
+    """Fetch ``ranges`` coalesced per file, several in one request where the server takes
+    multi-range requests (HTTP), :data:`WORKERS` requests at a time."""
     by_file: dict[RemoteFile, list[tuple[int, int]]] = {}
     for f, start, end in ranges:
-        by_file.setdefault(f, []).append((start, end))
-    jobs = [(f, s, e) for f, spans in by_file.items() for s, e in coalesce(spans)]
+        if not f.has(start, end):
+            by_file.setdefault(f, []).append((start, end))
+    jobs = [
+        (f, batch)
+        for f, spans in by_file.items()
+        for batch in batches(coalesce(spans), f.multi_range)
+    ]
     if not jobs:
         return
-    total = sum(e - s for _f, s, e in jobs)
+    total = sum(e - s for _f, batch in jobs for s, e in batch)
     with progress.task("reading sampled elements", total) as bar:
 
-        def one(job: tuple[RemoteFile, int, int]) -> None:
-            f, s, e = job
-            f.keep(s, f.fetch(s, e))
-            bar.advance(e - s)
+        def one(job: tuple[RemoteFile, list[tuple[int, int]]]) -> list[Any]:
+            f, batch = job
+            parts, left = f.fetch_many(batch)
+            for start, data in parts:
+                f.keep(start, data)
+            bar.advance(sum(e - s for s, e in batch) - sum(e - s for s, e in left))
+            return [(f, [r]) for r in left]
 
-        with ThreadPoolExecutor(max_workers=min(WORKERS, len(jobs))) as pool:
-            for _ in pool.map(one, jobs):
-                pass
+        with ThreadPoolExecutor(max_workers=WORKERS) as pool:
+            while jobs:  # what a multi-range answer left out: one range per request
+                jobs = [again for left in pool.map(one, jobs) for again in left]
 
 
 # -- opening ------------------------------------------------------------------
@@ -718,7 +1033,9 @@ def _locate(remote: _Remote) -> tuple[str, str, list[str] | None]:
     name = urlsplit(root).path if remote.protocol in ("http", "https") else root
     if name.endswith((".safetensors", INDEX_SUFFIX)):
         names = (
-            None if remote.protocol in ("http", "https") else remote.listing(remote.folder_of(root))
+            None
+            if remote.protocol in ("http", "https")
+            else remote.listing(remote.folder_of(root), named=root)
         )
         return root, remote.folder_of(root), names
     if remote.protocol in ("http", "https"):
