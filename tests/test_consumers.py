@@ -55,9 +55,12 @@ def _case(tmp_path: Path, name: str) -> Path:
         return _folder(d, LLAMA | {"tie_word_embeddings": False}, {EMB: e})
     if name == "only-head":  # the MobileLLM case
         return _folder(d, LLAMA | {"tie_word_embeddings": True}, {HEAD: h})
-    if name == "padded":  # 12 embedding rows, the head's 10 equal to the first 10
+    if name == "only-head-bin":
+        return _folder(d, LLAMA | {"tie_word_embeddings": True}, {HEAD: h}, "bin")
+    if name == "padded":  # 12 embedding rows (vocab_size), the head's 10 equal to the first 10
         padded = torch.cat([e, _t(2, rows=2)])
-        return _folder(d, LLAMA | {"tie_word_embeddings": True}, {EMB: padded, HEAD: e.clone()})
+        cfg = LLAMA | {"vocab_size": 12, "tie_word_embeddings": True}
+        return _folder(d, cfg, {EMB: padded, HEAD: e.clone()})
     if name == "nested-only":  # the flag only in text_config; the head differs
         cfg = {"model_type": "llava", "text_config": LLAMA | {"tie_word_embeddings": True}}
         return _folder(d, cfg, {V_EMB: e, V_HEAD: h})
@@ -99,8 +102,16 @@ EXPECTED: dict[str, dict[str, dict[str, str]]] = {
     "only-head": {
         "transformers-4": {HEAD: "refuses", EMB: "refuses"},
         "transformers-5": {HEAD: "stored", EMB: "source"},
-        "vllm": {HEAD: "uninitialized", EMB: "uninitialized"},
+        # vLLM 0.32 unties (a safetensors checkpoint stores lm_head): the embedding stays empty
+        "vllm": {HEAD: "stored", EMB: "uninitialized"},
         "mlx-lm": {HEAD: "refuses", EMB: "refuses"},
+        "llama.cpp": {HEAD: "refuses", EMB: "refuses"},
+    },
+    "only-head-bin": {  # a .bin is not looked into: vLLM keeps the tie and its loader fails
+        "transformers-4": {HEAD: "refuses", EMB: "refuses"},
+        "transformers-5": {HEAD: "stored", EMB: "source"},
+        "vllm": {HEAD: "refuses", EMB: "refuses"},
+        "mlx-lm": {},  # reads safetensors only: left out
         "llama.cpp": {HEAD: "refuses", EMB: "refuses"},
     },
     "padded": {
@@ -428,3 +439,29 @@ def test_inspect_with_a_config_stays_torch_free(tmp_path: Path) -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_padded_tie_under_a_vocab_size_of_the_heads_rows_refuses_everywhere(
+    tmp_path: Path, no_transformers: None
+) -> None:
+    """MLX-LM serves a padded embedding as the head only when the model is built with its
+    rows: with vocab_size counting the head's rows, its strict load fails on the shape (as
+    observed with MLX-LM 0.32), like every other consumer."""
+    e = _t(0)
+    padded = torch.cat([e, _t(2, rows=2)])
+    tensors = {EMB: padded, HEAD: e.clone()}
+    short = _folder(tmp_path / "short", LLAMA | {"tie_word_embeddings": True}, tensors)
+    full = _folder(
+        tmp_path / "full", LLAMA | {"vocab_size": 12, "tie_word_embeddings": True}, tensors
+    )
+    loads = {}
+    for name, path in (("short", short), ("full", full)):
+        r = runner.invoke(app, ["inspect", "--json", str(path)])
+        assert r.exit_code == 0, r.output
+        loads[name] = _loads(json.loads(r.stdout))
+    assert all(set(v.values()) == {"refuses"} for v in loads["short"].values())
+    assert loads["full"]["mlx-lm"] == {HEAD: "source", EMB: "stored"}
+    nested = {"model_type": "llava", "text_config": LLAMA | {"tie_word_embeddings": True}}
+    v = _folder(tmp_path / "nested", nested, {V_EMB: padded, V_HEAD: e.clone()})
+    r = runner.invoke(app, ["inspect", "--json", str(v)])
+    assert _loads(json.loads(r.stdout))["mlx-lm"] == {V_HEAD: "refuses", V_EMB: "refuses"}

@@ -78,6 +78,9 @@ class Pair:
     equal: bool  # both stored and bit-identical (up to the tie's transform)
     padded: bool = False
     governed: bool = True  # a config flag decides whether the tie is on
+    # padded, and the config's vocab_size is below the source's rows: the model is built
+    # smaller than the embedding the file holds
+    short_vocab: bool = False
 
     @property
     def situation(self) -> str:
@@ -88,6 +91,11 @@ class Pair:
         if not self.source_stored:
             return "source_absent"
         return "both_equal" if self.equal else "both_differ"
+
+    @property
+    def rule(self) -> str:
+        """The consumers.json situation whose outcomes apply (a padded tie splits by vocab_size)."""
+        return "padded_short_vocab" if self.padded and self.short_vocab else self.situation
 
 
 def pairs_of(
@@ -112,6 +120,7 @@ def pairs_of(
                 t.drift is None and t.pad is None,
                 padded=t.pad is not None,
                 governed=governing_flag(t.alias) is not None,
+                short_vocab=t.pad is not None and _vocab_below(config, t.pad.source_rows),
             )
         )
         seen.add((t.alias, t.source))
@@ -124,6 +133,16 @@ def pairs_of(
             continue
         out.append(Pair(alias, source, a, s, False))
     return out
+
+
+def _vocab_below(config: dict[str, Any] | None, rows: int) -> bool:
+    """Whether the config's vocab_size (the text model's, where nested) is below ``rows``."""
+    cfg = config or {}
+    text = cfg.get("text_config")
+    vocab = text.get("vocab_size") if isinstance(text, dict) else None
+    if vocab is None:
+        vocab = cfg.get("vocab_size")
+    return isinstance(vocab, int) and not isinstance(vocab, bool) and vocab < rows
 
 
 # -- outcomes -------------------------------------------------------------------
@@ -206,7 +225,7 @@ def evaluate(
                 _put(load.loads, p.alias, default_alias)
                 _put(load.loads, p.source, default_source)
                 continue
-            spec = _rule_for(rule, p.situation, tied)
+            spec = _rule_for(rule, p.rule, tied)
             note = spec.get("note")
             if note and note not in load.notes:
                 load.notes.append(str(note))
