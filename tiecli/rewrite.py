@@ -462,7 +462,12 @@ def replace_file(path: Path, data: bytes, durable: bool) -> None:
     followed), fsynced when ``durable``."""
     if path.is_symlink() or path.exists():
         path.unlink()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    _write_new(path, data, durable, os.O_EXCL)
+
+
+def _write_new(path: Path, data: bytes, durable: bool, mode: int) -> None:
+    """Write ``data`` to ``path`` opened with ``O_CREAT | mode``, fsynced when ``durable``."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | mode, 0o644)
     try:
         view = memoryview(data)
         while view:
@@ -493,17 +498,7 @@ def _write_index(path: Path, plan: Plan, original: Path | None, durable: bool) -
         meta.pop("format", None)
     meta["total_size"] = plan.bytes_after
     doc = dict(before) | {"metadata": meta, "weight_map": weight_map}
-    data = (json.dumps(doc, indent=2) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            n = os.write(fd, view)
-            view = view[n:]
-        if durable:
-            os.fsync(fd)
-    finally:
-        os.close(fd)
+    _write_new(path, (json.dumps(doc, indent=2) + "\n").encode(), durable, os.O_TRUNC)
 
 
 def _write_one(

@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Entry
-from ..errors import CheckpointFormatError, CheckpointNotFoundError, MissingDependencyError
-from .safetensors import ByteFile, FileBlob, _copy_range, _write_all
+from ..errors import CheckpointFormatError, MissingDependencyError
+from .safetensors import ByteFile, FileBlob, _copy_range, _write_all, open_input
 
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"
@@ -92,19 +92,7 @@ class GGUFFile(ByteFile):
     def __init__(self, path: Path, file_number: int = 0, with_gguf: bool = False):
         """``with_gguf``: also parse the header with ``GGUFReader`` (``fields``), its
         tensor infos checked against the walk's."""
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CheckpointNotFoundError("no such file", path) from None
-        except IsADirectoryError:
-            raise CheckpointFormatError("is a folder, expected a .gguf file", path) from None
-        except OSError as e:
-            raise CheckpointFormatError(f"cannot open: {e.strerror}", path) from None
-        try:
-            super().__init__(path, file_number, fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        super().__init__(path, file_number, open_input(path, ".gguf"))
         try:
             with self.opened() as fd:
                 self.size = os.fstat(fd).st_size

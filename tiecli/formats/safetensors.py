@@ -154,6 +154,19 @@ def _dtype_shown(dtype: Any) -> str:
     return ""
 
 
+def open_input(path: Path, suffix: str) -> int:
+    """A read-only descriptor of the input ``path``, its failure one clear error naming
+    the file form expected (``suffix``)."""
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError("no such file", path) from None
+    except IsADirectoryError:
+        raise CheckpointFormatError(f"is a folder, expected a {suffix} file", path) from None
+    except OSError as e:
+        raise CheckpointFormatError(f"cannot open: {e.strerror}", path) from None
+
+
 class ByteFile:
     """An open file as :class:`FileBlob` reads it: positioned reads that fail on a
     short read, one lazy whole-file mapping, and a count of the bytes read.
@@ -172,7 +185,11 @@ class ByteFile:
         self._users = 0
         self._closed = False
         self._fd = os.open(path, os.O_RDONLY) if fd is None else fd
-        st = os.fstat(self._fd)
+        try:
+            st = os.fstat(self._fd)
+        except BaseException:
+            os.close(self._fd)
+            raise
         self._identity = (st.st_dev, st.st_ino)
         _OPEN.add(self)
 
@@ -251,19 +268,7 @@ class SafetensorsFile(ByteFile):
     """One open safetensors file: parsed header plus positioned reads."""
 
     def __init__(self, path: Path, file_number: int = 0):
-        try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise CheckpointNotFoundError("no such file", path) from None
-        except IsADirectoryError:
-            raise CheckpointFormatError("is a folder, expected a .safetensors file", path) from None
-        except OSError as e:
-            raise CheckpointFormatError(f"cannot open: {e.strerror}", path) from None
-        try:
-            super().__init__(path, file_number, fd)
-        except BaseException:
-            os.close(fd)
-            raise
+        super().__init__(path, file_number, open_input(path, ".safetensors"))
         try:
             with self.opened() as fd:
                 self.size = os.fstat(fd).st_size
