@@ -70,7 +70,7 @@ def test_tiny_model_deduped_and_perturbed(name: str, tmp_path: Path) -> None:
     assert [p["code"] for p in doc["problems"]] == ["forward-mismatch"]
 
 
-@pytest.mark.parametrize("name", ["llava", "mixtral"])
+@pytest.mark.parametrize("name", ["llava", "mixtral", "marian"])
 def test_loaded_model_is_what_transformers_loads(name: str, tmp_path: Path) -> None:
     # composite names renamed, the tied head filled from the embeddings, experts merged:
     # the model that runs is the one transformers' from_pretrained gives

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import dataclass, field, replace
@@ -738,6 +738,39 @@ def _tie_on_meta(model: Any, pairs: dict[str, str]) -> None:
         setattr(model.get_submodule(owner), leaf, s)
 
 
+def _never_saved(model: Any, missing: list[str]) -> set[str]:
+    """Missing parameters the architecture never writes and always computes on load
+    (``_keys_to_ignore_on_save``: Marian's sinusoidal position tables), where every
+    parameter of their module is missing: transformers initialises those modules from
+    the config alone, so the forward pass may too."""
+    import re
+
+    patterns = getattr(model, "_keys_to_ignore_on_save", None) or []
+    ignored = {k for k in missing if any(re.search(p, k) for p in patterns)}
+    out: set[str] = set()
+    for key in ignored:
+        prefix = key.rpartition(".")[0]
+        module = model.get_submodule(prefix)
+        names = {f"{prefix}.{n}" for n, _ in module.named_parameters(recurse=False)}
+        if names <= ignored:
+            out |= names
+    return out
+
+
+def _initialise(model: Any, names: set[str], device_of: Callable[[str], Any]) -> None:
+    """Give each parameter in ``names`` (still on meta) storage on its device and let the
+    model's own ``_init_weights`` fill its module, as ``from_pretrained`` does."""
+    import torch
+
+    for prefix in sorted({n.rpartition(".")[0] for n in names}):
+        module = model.get_submodule(prefix)
+        for name, p in list(module.named_parameters(recurse=False)):
+            fresh = torch.empty(p.shape, dtype=p.dtype, device=device_of(f"{prefix}.{name}"))
+            setattr(module, name, torch.nn.Parameter(fresh, requires_grad=False))
+        with torch.no_grad():
+            model._init_weights(module)
+
+
 def load_onto(
     model: Any,
     path: Path,
@@ -878,11 +911,15 @@ def load_onto(
         raise _LoadFailed(f"the weights do not fit the model: {detail}") from None
     _one_parameter_per_tensor(model, placed)
     problems = []
-    stats.missing = len(result.missing_keys)
-    if result.missing_keys:
+    never_saved = _never_saved(model, result.missing_keys)
+    if never_saved:
+        _initialise(model, never_saved, lambda n: cpu if where(n) == "disk" else where(n))
+    missing = [k for k in result.missing_keys if k not in never_saved]
+    stats.missing = len(missing)
+    if missing:
         problems.append(
-            f"missing from the checkpoint: {', '.join(result.missing_keys[:8])}"
-            + (" ..." if len(result.missing_keys) > 8 else "")
+            f"missing from the checkpoint: {', '.join(missing[:8])}"
+            + (" ..." if len(missing) > 8 else "")
         )
     if result.unexpected_keys:
         problems.append(f"not used by the model: {', '.join(result.unexpected_keys[:8])}")
