@@ -465,3 +465,39 @@ def test_padded_tie_under_a_vocab_size_of_the_heads_rows_refuses_everywhere(
     v = _folder(tmp_path / "nested", nested, {V_EMB: padded, V_HEAD: e.clone()})
     r = runner.invoke(app, ["inspect", "--json", str(v)])
     assert _loads(json.loads(r.stdout))["mlx-lm"] == {V_HEAD: "refuses", V_EMB: "refuses"}
+
+
+def test_servers_leave_out_a_model_class_they_have_no_implementation_for(tmp_path: Path) -> None:
+    # transformers' own save of a vision encoder-decoder: the decoder's flag ties its head,
+    # the top level says untied; vLLM, MLX-LM and llama.cpp serve no such class
+    transformers = pytest.importorskip("transformers")
+    enc = transformers.ViTConfig(
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        image_size=8,
+        patch_size=4,
+    )
+    dec = transformers.BertConfig(
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=32,
+        is_decoder=True,
+        add_cross_attention=True,
+    )
+    cfg = transformers.VisionEncoderDecoderConfig(encoder=enc.to_dict(), decoder=dec.to_dict())
+    torch.manual_seed(0)
+    transformers.VisionEncoderDecoderModel(cfg).save_pretrained(tmp_path / "ved")
+
+    doc = json.loads(runner.invoke(app, ["inspect", "--json", str(tmp_path / "ved")]).stdout)
+    by_name = {c["name"]: c for c in doc["consumers"]}
+    for name in ("vllm", "mlx-lm", "llama.cpp"):
+        assert by_name[name]["applies"] is False
+        assert any("VisionEncoderDecoderModel" in n for n in by_name[name]["notes"])
+    assert by_name["transformers-5"]["applies"] is True
+    assert doc["consumers_agree"] is True
+    r = runner.invoke(app, ["verify", "--json", str(tmp_path / "ved")])
+    assert r.exit_code == 0, r.stdout

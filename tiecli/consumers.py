@@ -194,6 +194,20 @@ def _outcome(value: Any, form: str) -> str:
     return str(value)
 
 
+def _unserved(rule: dict[str, Any], config: dict[str, Any] | None) -> str | None:
+    """The config's model class when the consumer serves no model of that class (an
+    inference server loads text generators: a masked-LM head or an encoder-decoder
+    wrapper it has no implementation for is not its concern); None when it may."""
+    pattern = rule.get("serves")
+    classes = (config or {}).get("architectures")
+    if not pattern or not isinstance(classes, list) or not classes:
+        return None
+    first = classes[0]
+    if not isinstance(first, str) or re.search(pattern, first):
+        return None
+    return first
+
+
 def _form(fmt: str) -> str:
     return "pytorch" if fmt.startswith("pytorch") else "safetensors"
 
@@ -216,6 +230,11 @@ def evaluate(
         if form not in rule["reads"]:
             load.applies = False
             load.notes.append(f"reads only {', '.join(rule['reads'])} checkpoints")
+            continue
+        unserved = _unserved(rule, config)
+        if unserved:
+            load.applies = False
+            load.notes.append(f"serves no {unserved} (a generative model class only)")
             continue
         refused = False
         for p in pairs:
