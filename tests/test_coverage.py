@@ -36,13 +36,17 @@ def _walker() -> Any:
 
 # A handful of the walk, run in CI: a renamed head (GPT-NeoX), a vision-language model
 # whose file keeps transformers 4 names (Llava), an encoder-decoder with three aliases
-# (T5), a masked-LM head with a tied bias (BERT), and a plain decoder (Qwen2).
+# (T5), a masked-LM head with a tied bias (BERT), a plain decoder (Qwen2), a model whose
+# forward needs a run without the attention mask (Qwen3-Omni's thinker) and one whose
+# position tables are never saved (Marian).
 FAST = [
     ("gpt_neox", "GPTNeoXForCausalLM"),
     ("llava", "LlavaForConditionalGeneration"),
     ("t5", "T5ForConditionalGeneration"),
     ("bert", "BertForMaskedLM"),
     ("qwen2", "Qwen2ForCausalLM"),
+    ("qwen3_omni_moe_thinker", "Qwen3OmniMoeThinkerForConditionalGeneration"),
+    ("marian", "MarianMTModel"),
 ]
 ON_DISK = {
     "GPTNeoXForCausalLM": {"embed_out.weight": "gpt_neox.embed_in.weight"},

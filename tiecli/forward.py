@@ -1298,7 +1298,17 @@ def run_forward(model: Any, example: Any, device: Any) -> tuple[list[Any], float
     args, kwargs = example_input(model, example, device)
     started = time.perf_counter()
     with torch.inference_mode():
-        out = model(*args, **kwargs)
+        try:
+            out = model(*args, **kwargs)
+        except AttributeError:
+            # an all-ones mask says nothing the model does not assume, but some models
+            # take another path with one that reads config fields their config class
+            # lacks (Qwen3-Omni's thinker asks for vision_start_token_id): run without
+            if "attention_mask" not in kwargs or example is not None:
+                raise
+            kwargs.pop("attention_mask")
+            started = time.perf_counter()
+            out = model(*args, **kwargs)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return [t.detach().float().cpu() for t in _float_outputs(out)], time.perf_counter() - started
