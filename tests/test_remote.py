@@ -391,7 +391,13 @@ def test_a_huge_header_length_is_refused_before_it_is_read(tmp_path: Path) -> No
 
 def test_rewrites_of_a_url_need_an_output_and_never_run_in_place(tmp_path: Path) -> None:
     url = "https://127.0.0.1:9/m.safetensors"
-    for cmd in (["dedupe"], ["untie"], ["dedupe", "--dry-run", "-o", str(tmp_path / "o")]):
+    for cmd in (
+        ["dedupe"],
+        ["untie"],
+        ["fix"],
+        ["dedupe", "--dry-run", "-o", str(tmp_path / "o")],
+        ["fix", "--dry-run", "-o", str(tmp_path / "o")],
+    ):
         res = runner.invoke(app, [*cmd, url])
         assert res.exit_code == 2, cmd
         line = _one_error_line(res)
@@ -830,3 +836,24 @@ def test_remote_reads_show_a_progress_bar_but_not_with_json_or_quiet(
     for silent in (as_json, quiet, verify_json):
         assert silent.stderr == "", silent.stderr
     assert json.loads(as_json.stdout)["ties"]
+
+
+def test_fix_of_a_url_writes_the_fixed_local_folder(tmp_path: Path) -> None:
+    # a head trained untied under a config that says tied, served over HTTP
+    served = tmp_path / "served"
+    shutil.copytree(FIXTURES / "llama-untied" / "hf", served)
+    cfg = served / "config.json"
+    cfg.write_text(
+        cfg.read_text().replace('"tie_word_embeddings": false', '"tie_word_embeddings": true')
+    )
+    before = {p.name: p.read_bytes() for p in served.iterdir()}
+    out = tmp_path / "fixed"
+    with serve(served) as (base, counts):
+        code, doc = _json(["fix", "--json", f"{base}/model.safetensors", "-o", str(out)])
+        requests = counts.requests
+    assert code == 0, doc
+    assert doc["remote"]["requests"] == requests > 0
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    assert runner.invoke(app, ["verify", str(out)]).exit_code == 0
+    assert {p.name: p.read_bytes() for p in served.iterdir()} == before
+    assert _leftovers(tmp_path) == []

@@ -292,6 +292,7 @@ def fix(
     ] = False,
     force: ForceOpt = False,
     fsync: FsyncOpt = False,
+    timeout: TimeoutOpt = None,
     json_out: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -309,7 +310,8 @@ def fix(
         trim_padding=trim_padding,
         force=force,
         fsync=fsync,
-        progress=console_progress(quiet),
+        progress=console_progress(quiet or _remote_json(json_out, path)),
+        timeout=timeout,
     )
     _emit(result, json_out, render_fix)
 

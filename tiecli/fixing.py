@@ -29,6 +29,7 @@ from typing import Any
 from .api import (
     PathLike,
     RewriteResult,
+    _from_remote,
     _refuse_dcp,
     _refuse_shard,
     _refuse_unreadable_record,
@@ -357,6 +358,14 @@ def config_text(original: str, config: dict[str, Any]) -> str:
 # -- the command ------------------------------------------------------------------------
 
 
+def _model_folder(local: Path) -> Path:
+    """What a URL's download is fixed as: the private folder it was downloaded into when
+    it holds the file's config.json (a fixed config needs a folder), else the file."""
+    if local.is_file() and (local.parent / CONFIG).is_file():
+        return local.parent
+    return local
+
+
 def fix(
     path: PathLike,
     output: PathLike | None = None,
@@ -369,9 +378,13 @@ def fix(
     fsync: bool = False,
     use_transformers: bool = True,
     progress: Progress = NO_PROGRESS,
+    timeout: float | None = None,
 ) -> FixResult:
     """Rewrite the checkpoint at ``path`` (in place without ``output``) so that every
     consumer loads the model its stored tensors describe.
+
+    A URL is downloaded first (streamed to disk, beside ``output``, which it requires),
+    as for ``dedupe`` and ``untie``; ``timeout`` bounds each request.
 
     ``tie``: where the config unties a head that is absent, make it say tied (every
     consumer uses the embedding). ``untie_head``: store a copy of the embedding as
@@ -381,12 +394,28 @@ def fix(
     be safe; nothing is changed then."""
     if tie and untie_head:
         raise UsageError("--tie and --untie-head choose opposite models; pass one of them")
-    if isinstance(path, str) and "://" in path:
-        raise UsageError(
-            "fix rewrites local checkpoints only; nothing was changed",
-            path,
-            hint="download it first (or run tiecli untie/dedupe on the URL with -o)",
-        )
+    remote: FixResult | None = _from_remote(
+        path,
+        output,
+        "fix",
+        dry_run,
+        force,
+        timeout,
+        progress,
+        lambda local: fix(
+            _model_folder(local),
+            output,
+            tie=tie,
+            untie_head=untie_head,
+            trim_padding=trim_padding,
+            force=force,
+            fsync=fsync,
+            use_transformers=use_transformers,
+            progress=progress,
+        ),
+    )
+    if remote is not None:
+        return remote
     _refuse_dcp(path, output, None, "fix")
     p = Path(path)
     out = Path(output) if output is not None else None
