@@ -31,7 +31,10 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from bench import MB, RSS_METHOD, Sample, du, machine_info, measure, remove, tiecli_argv  # noqa: E402
+from cases import tiecli_argv  # noqa: E402
+from measure import RSS_METHOD, Sample, measure, remove  # noqa: E402
+from report import machine_info  # noqa: E402
+from synth import MB, du  # noqa: E402
 
 TARGET_X_CP = 1.5
 TARGET_RSS_MB = 150
