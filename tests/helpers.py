@@ -55,3 +55,38 @@ def sharded_pickle(x: Path) -> Path:
     }
     (x / "pytorch_model.bin.index.json").write_text(json.dumps(index))
     return x
+
+
+def small_tensor(seed: int, rows: int = 10) -> Any:
+    """Seeded ``rows`` x 4 values: an embedding or head of a tiny model."""
+    import torch
+
+    return torch.randn(rows, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def model_folder(
+    path: Path, config: dict[str, Any], tensors: dict[str, Any], form: str = "st"
+) -> Path:
+    """A model folder: ``config`` and ``tensors`` (plus a norm) as one safetensors file
+    (``st``), a ``bin``, or two shards with an index (``sharded``)."""
+    import torch
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    tensors = {**tensors, "model.norm.weight": torch.arange(4.0)}
+    if form == "st":
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    elif form == "bin":
+        torch.save(tensors, path / "pytorch_model.bin")
+    else:  # two shards: the norm apart from the pair
+        names = list(tensors)
+        shards = {"model-00001-of-00002.safetensors": names[:-1]}
+        shards["model-00002-of-00002.safetensors"] = names[-1:]
+        weight_map = {}
+        for shard, members in shards.items():
+            save_file({n: tensors[n] for n in members}, path / shard, metadata={"format": "pt"})
+            weight_map |= dict.fromkeys(members, shard)
+        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+        (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    return path

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import FORMS, MODELS, fixture_path
+from helpers import FORMS, MODELS, fixture_path, model_folder, small_tensor
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
@@ -26,21 +26,8 @@ V_EMB, V_HEAD = "language_model.model.embed_tokens.weight", "language_model.lm_h
 LLAMA = {"model_type": "llama", "hidden_size": 4, "vocab_size": 10}
 
 
-def _t(seed: int, rows: int = 10) -> torch.Tensor:
-    return torch.randn(rows, 4, generator=torch.Generator().manual_seed(seed))
-
-
-def _folder(
-    path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], form: str = "st"
-) -> Path:
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(config))
-    tensors = {**tensors, "model.norm.weight": torch.arange(4.0)}
-    if form == "st":
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    else:
-        torch.save(tensors, path / "pytorch_model.bin")
-    return path
+_t = small_tensor
+_folder = model_folder
 
 
 def _case(tmp_path: Path, name: str) -> Path:

@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from helpers import model_folder, small_tensor
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import tiecli
@@ -28,31 +29,8 @@ LLAMA = {"model_type": "llama", "hidden_size": 4, "vocab_size": 10}
 FORMS = ["st", "sharded", "bin"]
 
 
-def _t(seed: int, rows: int = 10) -> torch.Tensor:
-    return torch.randn(rows, 4, generator=torch.Generator().manual_seed(seed))
-
-
-def _folder(
-    path: Path, config: dict[str, Any], tensors: dict[str, torch.Tensor], form: str = "st"
-) -> Path:
-    path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tensors = {**tensors, NORM: torch.arange(4.0)}
-    if form == "st":
-        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    elif form == "bin":
-        torch.save(tensors, path / "pytorch_model.bin")
-    else:  # two shards: the norm apart from the pair
-        names = list(tensors)
-        shards = {"model-00001-of-00002.safetensors": names[:-1]}
-        shards["model-00002-of-00002.safetensors"] = names[-1:]
-        weight_map = {}
-        for shard, members in shards.items():
-            save_file({n: tensors[n] for n in members}, path / shard, metadata={"format": "pt"})
-            weight_map |= dict.fromkeys(members, shard)
-        index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
-        (path / "model.safetensors.index.json").write_text(json.dumps(index))
-    return path
+_t = small_tensor
+_folder = model_folder
 
 
 def _case(tmp_path: Path, name: str, form: str = "st") -> Path:
