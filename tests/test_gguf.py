@@ -9,7 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -86,6 +88,18 @@ def write_gguf(
 
 def run(*args: str):
     return runner.invoke(app, [*args])
+
+
+def one_tensor_gguf(path: Path, keys: Callable[[Any], None]) -> Path:
+    """A llama GGUF with only ``token_embd.weight``, after the metadata ``keys`` adds."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    keys(w)
+    w.add_tensor("token_embd.weight", _tensors()["token_embd.weight"])
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
 
 
 def doc(*args: str) -> dict:
@@ -406,29 +420,21 @@ def test_hostile_counts_allocate_nothing_large(tmp_path: Path, case: str) -> Non
 
 
 def test_split_gguf_is_refused_with_the_fix(tmp_path: Path) -> None:
-    p = tmp_path / "m-00001-of-00002.gguf"
-    w = gguf.GGUFWriter(str(p), "llama")
-    w.add_uint16("split.no", 0)
-    w.add_uint16("split.count", 2)
-    w.add_tensor("token_embd.weight", _tensors()["token_embd.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def keys(w: Any) -> None:
+        w.add_uint16("split.no", 0)
+        w.add_uint16("split.count", 2)
+
+    p = one_tensor_gguf(tmp_path / "m-00001-of-00002.gguf", keys)
     r = run("inspect", str(p))
     assert r.exit_code == 2
     assert "split GGUF (2 parts)" in r.stderr and "llama-gguf-split --merge" in r.stderr
 
 
 def test_a_long_key_is_refused_before_it_is_decoded(tmp_path: Path) -> None:
-    p = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(p), "llama")
-    w.add_uint32("k" * 70000, 1)
-    w.add_tensor("token_embd.weight", _tensors()["token_embd.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def keys(w: Any) -> None:
+        w.add_uint32("k" * 70000, 1)
+
+    p = one_tensor_gguf(tmp_path / "m.gguf", keys)
     r = run("inspect", str(p))
     assert r.exit_code == 2 and "a metadata key is 70000 bytes long" in r.stderr
     assert len(r.stderr) < 300
@@ -497,15 +503,11 @@ def test_changed_metadata_is_caught_before_the_rename(
 
 
 def test_repeated_metadata_key_is_refused(tmp_path: Path) -> None:
-    p = tmp_path / "m.gguf"
-    w = gguf.GGUFWriter(str(p), "llama")
-    w.add_uint32("general.aaaa", 1)
-    w.add_uint32("general.bbbb", 2)
-    w.add_tensor("token_embd.weight", _tensors()["token_embd.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    def keys(w: Any) -> None:
+        w.add_uint32("general.aaaa", 1)
+        w.add_uint32("general.bbbb", 2)
+
+    p = one_tensor_gguf(tmp_path / "m.gguf", keys)
     p.write_bytes(p.read_bytes().replace(b"general.bbbb", b"general.aaaa"))
     r = run("inspect", str(p))
     assert r.exit_code == 2 and "names metadata key 'general.aaaa' twice" in r.stderr
