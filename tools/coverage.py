@@ -57,7 +57,7 @@ MAPPINGS = (
     ("image-text-to-text", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"),
 )
 # The most downloaded tied architectures, by model type: the transformers-free path
-# (pattern table only) must find their ties from config.json (tests/test_coverage.py).
+# (pattern table only) must find their ties from config.json (tests/cli/test_coverage.py).
 # Chosen from the model types of the Hub's most downloaded fill-mask, text-generation,
 # text2text and image-text-to-text checkpoints (BERT/RoBERTa-family encoders, the
 # Llama/Qwen/Gemma/Mistral/Phi decoders, T5/BART-family seq2seq, the common VLMs),
@@ -591,7 +591,7 @@ def render(rows: list[dict[str, Any]], version: str, total: int) -> str:
         "",
         f"With transformers made unimportable, these {len(TOP)} most downloaded tied",
         "architectures must give the same ties from config.json as the walk",
-        "(`tests/test_coverage.py`); chosen from the model types of the Hub's most downloaded",
+        "(`tests/cli/test_coverage.py`); chosen from the model types of the Hub's most downloaded",
         "fill-mask, text-generation, text2text and image-text-to-text checkpoints:",
         "",
         ", ".join(f"{mt} ({cls})" for mt, cls in TOP),

@@ -17,7 +17,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FIX = ROOT / "fixtures"
 SCRIPT = FIX / "make_fixtures.py"
 NOT_GENERATED = {"make_fixtures.py", "README.md"}

@@ -16,7 +16,7 @@ from helpers import fixture_path
 import tiecli
 from tiecli.formats.torchzip import dumps, open_torchzip
 
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 MODELS = json.loads((FIXTURES / "MANIFEST.json").read_text())["models"]
 
 
