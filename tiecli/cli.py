@@ -13,7 +13,7 @@ import typer
 from typer.core import TyperGroup
 
 from . import __version__
-from .errors import TiecliError, debugging
+from .errors import TiecliError, as_flag, debugging
 from .terminal import printable
 
 
@@ -24,7 +24,7 @@ class _Group(TyperGroup):
         except TiecliError as e:
             if debugging():
                 raise
-            typer.echo(f"Error: {printable(e.one_line())}", err=True)
+            typer.echo(f"Error: {printable(e.one_line(as_flag))}", err=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             typer.echo("Error: interrupted", err=True)

@@ -10,7 +10,33 @@ package rewords them.
 from __future__ import annotations
 
 import os
+import re
 import sys
+from collections.abc import Callable
+
+# A parameter named inside a message: ``param("max_shard_size")``. Python callers
+# read the parameter's name; the command line reads its flag (``--max-shard-size``).
+_MARK = "\x0e"  # not whitespace: messages are re-spaced with str.split()
+_PARAM = re.compile(_MARK + r"([a-z][a-z0-9_]*)" + _MARK)
+
+
+def param(name: str) -> str:
+    """``name``, a keyword parameter of the Python API, marked for the message it goes into."""
+    return f"{_MARK}{name}{_MARK}"
+
+
+def as_python(name: str) -> str:
+    return name
+
+
+def as_flag(name: str) -> str:
+    """The command-line flag of a parameter: ``max_shard_size`` -> ``--max-shard-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def spell(text: str, style: Callable[[str], str] = as_python) -> str:
+    """``text`` with every :func:`param` mark written in ``style``."""
+    return _PARAM.sub(lambda m: style(m.group(1)), text)
 
 
 def debugging() -> bool:
@@ -31,11 +57,12 @@ class TiecliError(Exception):
         self.hint = " ".join(hint.split()) if hint else None
         super().__init__(self.one_line())
 
-    def one_line(self) -> str:
+    def one_line(self, style: Callable[[str], str] = as_python) -> str:
+        """The error on one line, parameters named in ``style`` (:func:`as_flag` for the CLI)."""
         text = f"{self.path}: {self.message}" if self.path else self.message
         if self.hint:
             text += f"; {self.hint}"
-        return text
+        return spell(text, style)
 
 
 class CheckpointNotFoundError(TiecliError, FileNotFoundError):
