@@ -21,7 +21,7 @@ SAMPLES = 8
 T = TypeVar("T")
 
 
-def _positions(n: int, k: int = SAMPLES) -> list[int]:
+def sample_positions(n: int, k: int = SAMPLES) -> list[int]:
     if n <= k:
         return list(range(n))
     return sorted({(i * (n - 1)) // (k - 1) for i in range(k)})
@@ -41,8 +41,8 @@ def _sampled(e: Entry) -> list[tuple[int, int]]:
     """Where :func:`sample` reads: (byte offset, size) of each element."""
     size = itemsize(e.dtype)
     if size is None:
-        return [(p, 1) for p in _positions(e.nbytes)]
-    return [(p * size, size) for p in _positions(e.numel)]
+        return [(p, 1) for p in sample_positions(e.nbytes)]
+    return [(p * size, size) for p in sample_positions(e.numel)]
 
 
 def _sampled_transposed(e: Entry) -> list[tuple[int, int]]:
@@ -50,7 +50,7 @@ def _sampled_transposed(e: Entry) -> list[tuple[int, int]]:
     size = itemsize(e.dtype)
     assert size is not None
     out = []
-    for p in _positions(e.numel):
+    for p in sample_positions(e.numel):
         r, c = divmod(p, rows)  # position (r, c) in the (cols, rows) transpose
         out.append(((c * cols + r) * size, size))
     return out

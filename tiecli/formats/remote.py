@@ -860,7 +860,7 @@ def sample_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
     """The byte ranges (file, start, end) of the sampled elements of the tensors that
     could equal another (see :func:`~tiecli.values.could_match`), and of the sampled
     elements of their transposes where a tensor of the transposed shape is among them."""
-    from ..values import _positions, could_match
+    from ..values import sample_positions, could_match
 
     live = could_match([e for e in entries if e.nbytes > 0 and e.numel > 1])
     shapes = {(e.dtype, e.shape) for e in live}
@@ -872,12 +872,12 @@ def sample_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
         base = blob.file.data_start + blob.start
         size = itemsize(e.dtype)
         if size is None:
-            offsets = [(p, 1) for p in _positions(e.nbytes)]
+            offsets = [(p, 1) for p in sample_positions(e.nbytes)]
         else:
-            offsets = [(p * size, size) for p in _positions(e.numel)]
+            offsets = [(p * size, size) for p in sample_positions(e.numel)]
             if len(e.shape) == 2 and (e.dtype, e.shape[::-1]) in shapes:
                 rows, cols = e.shape
-                for p in _positions(e.numel):
+                for p in sample_positions(e.numel):
                     r, c = divmod(p, rows)
                     offsets.append(((c * cols + r) * size, size))
         out += [(blob.file, base + o, base + o + n) for o, n in offsets]
