@@ -207,14 +207,14 @@ def test_mapped_comparison_with_and_without_the_c_library(
 
 def _drift_where_samples_miss(folder: Path) -> float:
     """Change the stored lm_head at one element the 8 samples do not look at."""
-    from tiecli.values import _positions
+    from tiecli.values import sample_positions
 
     for f in folder.glob("*.safetensors"):
         tensors = load_file(f)
         if "lm_head.weight" in tensors:
             head = tensors["lm_head.weight"].clone()
             flat = head.view(-1)
-            spot = next(i for i in range(flat.numel()) if i not in _positions(flat.numel()))
+            spot = next(i for i in range(flat.numel()) if i not in sample_positions(flat.numel()))
             flat[spot] += 1.0
             tensors["lm_head.weight"] = head
             with safe_open(str(f), "pt") as h:
@@ -301,7 +301,7 @@ def test_a_kept_tie_taken_as_equal_from_samples_is_decided_exactly(
     """A tie kept for another reason (its source in another pickle shard) is never
     verified: dedupe must not report it on the strength of its samples."""
     from tiecli import detect
-    from tiecli.values import _positions
+    from tiecli.values import sample_positions
 
     monkeypatch.setattr(detect, "SAMPLED_FROM", 0)
     folder = tmp_path / "x"
@@ -309,7 +309,7 @@ def test_a_kept_tie_taken_as_equal_from_samples_is_decided_exactly(
     sd = load_file(fixture_path("llama-tied", "full") / "model.safetensors")
     head = sd["model.embed_tokens.weight"].clone()
     flat = head.view(-1)
-    flat[next(i for i in range(flat.numel()) if i not in _positions(flat.numel()))] += 1
+    flat[next(i for i in range(flat.numel()) if i not in sample_positions(flat.numel()))] += 1
     shards = {
         "pytorch_model-00001-of-00002.bin": {
             "model.embed_tokens.weight": sd["model.embed_tokens.weight"]

@@ -860,7 +860,7 @@ def sample_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
     """The byte ranges (file, start, end) of the sampled elements of the tensors that
     could equal another (see :func:`~tiecli.values.could_match`), and of the sampled
     elements of their transposes where a tensor of the transposed shape is among them."""
-    from ..values import sample_positions, could_match
+    from ..values import could_match, sample_positions
 
     live = could_match([e for e in entries if e.nbytes > 0 and e.numel > 1])
     shapes = {(e.dtype, e.shape) for e in live}
