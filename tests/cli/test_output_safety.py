@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -11,22 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import fixture_path
+from helpers import fixture_path, snapshot
 from typer.testing import CliRunner
 
 import tiecli
 from tiecli.cli import app
 
 runner = CliRunner()
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        if p.is_file()
-        else "dir"
-        for p in sorted(folder.rglob("*"))
-    }
 
 
 def one_error_line(r) -> str:

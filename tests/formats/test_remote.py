@@ -18,34 +18,14 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import FIXTURES
+from helpers import FIXTURES, run_json, runner, same_but_location
 from remote_server import serve
-from typer.testing import CliRunner
 
 from tiecli.cli import app
 from tiecli.formats.remote import coalesce, shown_url
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
-
-runner = CliRunner()
-WHERE = ("path", "config", "remote", "checked", "checkpoints")  # what names the location
-
-
-def _json(args: list[str]) -> tuple[int, dict[str, Any]]:
-    res = runner.invoke(app, args)
-    assert res.exit_code in (0, 1), res.output
-    return res.exit_code, json.loads(res.stdout)
-
-
-def _same(remote: dict[str, Any], local: dict[str, Any]) -> None:
-    """Equal but for the fields that name where the checkpoint lives."""
-    r = {k: v for k, v in remote.items() if k not in WHERE}
-    loc = {k: v for k, v in local.items() if k not in WHERE}
-    for p in r.get("problems", []) + loc.get("problems", []):
-        p.pop("path", None)
-        p["message"] = p["message"].replace(str(FIXTURES), "").split("fix:")[0]
-    assert r == loc
 
 
 def _safetensors(
@@ -80,10 +60,10 @@ def _safetensors(
 )
 def test_inspect_over_http_reports_what_a_local_run_does(rel: str) -> None:
     with serve(FIXTURES) as (base, counts):
-        _code, remote = _json(["inspect", "--json", f"{base}/{rel}"])
+        _code, remote = run_json(["inspect", "--json", f"{base}/{rel}"], (0, 1))
         served = (counts.requests, counts.bytes)
-    _code, local = _json(["inspect", "--json", str(FIXTURES / rel)])
-    _same(remote, local)
+    _code, local = run_json(["inspect", "--json", str(FIXTURES / rel)], (0, 1))
+    same_but_location(remote, local)
     assert remote["path"] == f"{base}/{rel}"
     assert "remote" not in local
     # what tiecli says it cost is what the server counted
@@ -102,14 +82,14 @@ def test_inspect_over_http_reports_what_a_local_run_does(rel: str) -> None:
 )
 def test_verify_over_http_judges_as_a_local_run_does(rel: str, flags: list[str]) -> None:
     with serve(FIXTURES) as (base, counts):
-        code, remote = _json(["verify", "--json", *flags, f"{base}/{rel}"])
+        code, remote = run_json(["verify", "--json", *flags, f"{base}/{rel}"], (0, 1))
         served = (counts.requests, counts.bytes)
-    local_code, local = _json(["verify", "--json", *flags, str(FIXTURES / rel)])
+    local_code, local = run_json(["verify", "--json", *flags, str(FIXTURES / rel)], (0, 1))
     assert code == local_code
     if "--require-deduped" in flags:  # the fix offered is one that works on a URL
         [problem] = remote["problems"]
         assert "download it, run tiecli dedupe on the local copy" in problem["message"]
-    _same(remote, local)
+    same_but_location(remote, local)
     assert remote["checked"] == [f"{base}/{rel}"]
     assert (remote["remote"]["requests"], remote["remote"]["bytes_read"]) == served
 
@@ -131,8 +111,9 @@ def test_human_output_says_what_reading_cost() -> None:
 
 def test_verify_checks_local_and_remote_checkpoints_in_one_call() -> None:
     with serve(FIXTURES) as (base, _counts):
-        code, doc = _json(
-            ["verify", "--json", str(FIXTURES / "gpt2/full"), f"{base}/drift/model.safetensors"]
+        code, doc = run_json(
+            ["verify", "--json", str(FIXTURES / "gpt2/full"), f"{base}/drift/model.safetensors"],
+            (0, 1),
         )
     assert code == 1
     assert doc["checked"] == [str(FIXTURES / "gpt2/full"), f"{base}/drift/model.safetensors"]
@@ -162,9 +143,9 @@ def test_a_tie_past_max_download_is_unconfirmed_and_not_downloaded(tmp_path: Pat
     size = path.stat().st_size
     with serve(tmp_path) as (base, counts):
         url = f"{base}/m/model.safetensors"
-        _code, capped = _json(["inspect", "--json", "--max-download", "1000000", url])
+        _code, capped = run_json(["inspect", "--json", "--max-download", "1000000", url], (0, 1))
         capped_bytes = counts.bytes
-        _code, full = _json(["inspect", "--json", url])
+        _code, full = run_json(["inspect", "--json", url], (0, 1))
     [tie] = capped["ties"]
     assert (tie["alias"], tie["source"]) == ("b.weight", "a.weight")
     assert tie["evidence"] == ["sampled"] and tie["unconfirmed"] is True
@@ -180,8 +161,10 @@ def test_a_tie_past_max_download_is_unconfirmed_and_not_downloaded(tmp_path: Pat
     # verify: an unconfirmed tie is a warning (fails --strict only)
     with serve(tmp_path) as (base, _counts):
         url = f"{base}/m/model.safetensors"
-        code, _doc = _json(["verify", "--json", "--max-download", "0", url])
-        strict, _doc = _json(["verify", "--json", "--strict", "--max-download", "0", url])
+        code, _doc = run_json(["verify", "--json", "--max-download", "0", url], (0, 1))
+        strict, _doc = run_json(
+            ["verify", "--json", "--strict", "--max-download", "0", url], (0, 1)
+        )
     assert (code, strict) == (0, 1)
 
 
@@ -197,8 +180,8 @@ def test_a_drift_past_max_download_is_measured_on_the_samples(tmp_path: Path) ->
         {"lm_head.weight": "model.embed_tokens.weight"},
     )
     with serve(tmp_path) as (base, counts):
-        code, doc = _json(
-            ["verify", "--json", "--max-download", "0", f"{base}/m/model.safetensors"]
+        code, doc = run_json(
+            ["verify", "--json", "--max-download", "0", f"{base}/m/model.safetensors"], (0, 1)
         )
         served = counts.bytes
     assert code == 1
@@ -221,12 +204,12 @@ def test_sampled_elements_are_fetched_in_few_coalesced_requests(tmp_path: Path) 
     _safetensors(folder / "small.safetensors", small)
     _safetensors(folder / "large.safetensors", large)
     with serve(tmp_path) as (base, counts):
-        _code, doc = _json(["inspect", "--json", f"{base}/m/small.safetensors"])
+        _code, doc = run_json(["inspect", "--json", f"{base}/m/small.safetensors"], (0, 1))
         assert doc["ties"] == [] and doc["tensors"] == 200
         # the first 64 KiB (with the size), the 200 first elements in one range (none
         # shared: no sampled element is read), and the look for config.json beside the file
         assert doc["remote"]["requests"] == counts.requests == 3
-        _code, doc = _json(["inspect", "--json", f"{base}/m/large.safetensors"])
+        _code, doc = run_json(["inspect", "--json", f"{base}/m/large.safetensors"], (0, 1))
         assert counts.multi == 1
     assert doc["ties"] == []
     assert doc["remote"]["requests"] == 1 + 1 + 1  # the ten first elements in one request
@@ -244,12 +227,12 @@ def test_any_fsspec_file_system_reads_through_cat_file(tmp_path: Path) -> None:
     try:
         for f in (FIXTURES / "gpt2/full-sharded").iterdir():
             fs.pipe(f"{root}/ckpt/{f.name}", f.read_bytes())
-        _code, remote = _json(["inspect", "--json", f"memory://{root}/ckpt"])
-        _code, local = _json(["inspect", "--json", str(FIXTURES / "gpt2/full-sharded")])
+        _code, remote = run_json(["inspect", "--json", f"memory://{root}/ckpt"], (0, 1))
+        _code, local = run_json(["inspect", "--json", str(FIXTURES / "gpt2/full-sharded")], (0, 1))
         missing = runner.invoke(app, ["inspect", f"memory://{root}/ckpt/none.safetensors"])
     finally:
         fs.rm(root, recursive=True)
-    _same(remote, local)
+    same_but_location(remote, local)
     assert remote["config"] == f"memory://{root}/ckpt/config.json"
     # a listing of the folder, then per file a size and a read (index, config, 3 shards),
     # then the first elements and samples: each call one request
@@ -425,12 +408,16 @@ def test_dedupe_and_untie_of_a_url_write_the_local_result(
     remote_out.mkdir()
     local_out.mkdir()
     with serve(FIXTURES) as (base, counts):
-        _c, deduped = _json(["dedupe", "--json", f"{base}/{rel}", "-o", str(remote_out / name)])
-        served = (counts.requests, counts.bytes)
-        _c, untied = _json(
-            ["untie", "--json", f"{base}/{rel}", "-o", str(remote_out / ("u" + name))]
+        _c, deduped = run_json(
+            ["dedupe", "--json", f"{base}/{rel}", "-o", str(remote_out / name)], (0, 1)
         )
-    _c, local = _json(["dedupe", "--json", str(FIXTURES / rel), "-o", str(local_out / name)])
+        served = (counts.requests, counts.bytes)
+        _c, untied = run_json(
+            ["untie", "--json", f"{base}/{rel}", "-o", str(remote_out / ("u" + name))], (0, 1)
+        )
+    _c, local = run_json(
+        ["dedupe", "--json", str(FIXTURES / rel), "-o", str(local_out / name)], (0, 1)
+    )
     assert deduped["path"] == f"{base}/{rel}" and deduped["output"] == str(remote_out / name)
     assert deduped["removed"] == local["removed"] and deduped["removed"]
     assert (deduped["remote"]["requests"], deduped["remote"]["bytes_read"]) == served
@@ -513,7 +500,7 @@ def test_hub_paths_read_through_huggingface_hub(tmp_path: Path) -> None:
         assert counts.requests == before  # offline mode: not one request
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    _same(
+    same_but_location(
         doc,
         json.loads(
             runner.invoke(app, ["inspect", "--json", str(FIXTURES / "gpt2/full-sharded")]).stdout
@@ -753,10 +740,10 @@ def _layers(folder: Path, n: int = 40, tie: bool = False) -> Path:
 def test_no_candidate_costs_three_requests_per_file(tmp_path: Path) -> None:
     path = _layers(tmp_path / "m")
     with serve(tmp_path) as (base, counts):
-        _code, doc = _json(["inspect", "--json", f"{base}/m/model.safetensors"])
+        _code, doc = run_json(["inspect", "--json", f"{base}/m/model.safetensors"], (0, 1))
         served = (counts.requests, counts.bytes)
-    _code, local = _json(["inspect", "--json", str(path)])
-    _same(doc, local)
+    _code, local = run_json(["inspect", "--json", str(path)], (0, 1))
+    same_but_location(doc, local)
     assert doc["ties"] == []
     # the header (with the size), the 40 first elements in one multi-range request, and
     # the look for config.json: one request per tensor before
@@ -776,12 +763,12 @@ def test_servers_that_refuse_multi_range_are_read_one_range_at_a_time(
     path = _layers(tmp_path / "m", tie=True)
     size = path.stat().st_size
     with serve(tmp_path, multi=multi) as (base, counts):
-        _code, doc = _json(
-            ["inspect", "--json", "--max-download", "0", f"{base}/m/model.safetensors"]
+        _code, doc = run_json(
+            ["inspect", "--json", "--max-download", "0", f"{base}/m/model.safetensors"], (0, 1)
         )
         requests = counts.requests
         singles = [r for r in counts.ranges if "," not in r]
-    _code, local = _json(["inspect", "--json", str(path)])
+    _code, local = run_json(["inspect", "--json", str(path)], (0, 1))
     [tie] = doc["ties"]
     assert (tie["alias"], tie["source"], tie["evidence"]) == (
         "layers.39.w",
@@ -849,7 +836,7 @@ def test_fix_of_a_url_writes_the_fixed_local_folder(tmp_path: Path) -> None:
     before = {p.name: p.read_bytes() for p in served.iterdir()}
     out = tmp_path / "fixed"
     with serve(served) as (base, counts):
-        code, doc = _json(["fix", "--json", f"{base}/model.safetensors", "-o", str(out)])
+        code, doc = run_json(["fix", "--json", f"{base}/model.safetensors", "-o", str(out)], (0, 1))
         requests = counts.requests
     assert code == 0, doc
     assert doc["remote"]["requests"] == requests > 0
