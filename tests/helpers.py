@@ -61,6 +61,15 @@ def run_json(
     return r.exit_code, document(r, code)
 
 
+def error_line(r: Any) -> str:
+    """The one ``Error: ...`` line of a refused run (a CLI result or a finished process):
+    nothing else on stderr, nothing on stdout, no traceback."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and r.stdout == "", (r.stdout, r.stderr)
+    return lines[0]
+
+
 def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
     """Two state dicts hold the same names, dtypes, shapes and values, bit for bit."""
     import torch

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, MANIFEST, sharded_pickle, snapshot
+from helpers import FIXTURES, MANIFEST, error_line, sharded_pickle, snapshot
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -34,12 +34,6 @@ runner = CliRunner()
 
 def unlocked(files: dict[str, str]) -> dict[str, str]:
     return {n: h for n, h in files.items() if not n.endswith(".tiecli.lock")}
-
-
-def error_line(r) -> str:
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
-    return lines[0]
 
 
 # -- two runs at once ------------------------------------------------------------

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TIED_MODELS, fixture_path, run_json, runner, with_config
+from helpers import TIED_MODELS, error_line, fixture_path, run_json, runner, with_config
 from safetensors.torch import load_file, save_file
 
 import tiecli
@@ -175,9 +175,7 @@ def test_tie_broken_after_loading_is_reported(custom) -> None:
 def _err(args: list[str]) -> str:
     r = runner.invoke(app, ["verify", "--forward", *args])
     assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.stderr
-    return lines[0]
+    return error_line(r)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import snapshot
+from helpers import error_line, snapshot
 from typer.testing import CliRunner
 
 from tiecli.cli import app
@@ -37,10 +37,9 @@ def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
 def _one_error(result, path: Path) -> str:  # type: ignore[no-untyped-def]
     """The single ``Error: <path>: ...`` line of a refused command."""
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: "), result.stderr
-    return lines[0]
+    line = error_line(result)
+    assert line.startswith(f"Error: {path}: "), line
+    return line
 
 
 def _safetensors(path: Path, tensors: dict[str, bytes], metadata: dict[str, str]) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import FIXTURES, run_json, runner, same_but_location
+from helpers import FIXTURES, error_line, run_json, runner, same_but_location
 from remote_server import serve
 
 from tiecli.cli import app
@@ -238,7 +238,7 @@ def test_any_fsspec_file_system_reads_through_cat_file(tmp_path: Path) -> None:
     # then the first elements and samples: each call one request
     assert 1 + 2 * 5 <= remote["remote"]["requests"] <= 1 + 2 * 5 + 3 * 4
     assert missing.exit_code == 2
-    assert _one_error_line(missing) == f"Error: memory://{root}/ckpt/none.safetensors: not found"
+    assert error_line(missing) == f"Error: memory://{root}/ckpt/none.safetensors: not found"
 
 
 def test_coalesce_merges_overlapping_and_nearby_ranges() -> None:
@@ -254,20 +254,13 @@ def test_coalesce_merges_overlapping_and_nearby_ranges() -> None:
     assert coalesce([(0, 1 << 20)], span=10) == [(0, 1 << 20)]  # one range stays whole
 
 
-def _one_error_line(res: Any) -> str:
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("Error: ") and "Traceback" not in res.output
-    return lines[0]
-
-
 def test_a_refusing_server_is_one_line_with_the_url() -> None:
     with serve(FIXTURES, refuse=True) as (base, _counts):
         url = f"{base}/gpt2/full/model.safetensors"
         res = runner.invoke(app, ["inspect", "--json", url])
         verify = runner.invoke(app, ["verify", url])
     assert res.exit_code == 2 and verify.exit_code == 2
-    line = _one_error_line(res)
+    line = error_line(res)
     assert url in line and "HTTP 503" in line
     assert "secret" not in res.output  # the server's own text is never shown
     assert res.stdout == ""
@@ -280,7 +273,7 @@ def test_a_server_that_does_not_answer_in_time_is_one_line(tmp_path: Path) -> No
         res = runner.invoke(app, ["inspect", "--timeout", "0.3", url])
         took = time.monotonic() - started
     assert res.exit_code == 2
-    line = _one_error_line(res)
+    line = error_line(res)
     assert url in line and "timed out" in line and "--timeout" in line
     assert took < 2.5
 
@@ -290,7 +283,7 @@ def test_nothing_listens_is_one_line() -> None:
         pass  # closed: the port refuses connections now
     res = runner.invoke(app, ["inspect", f"{base}/gpt2/full/model.safetensors"])
     assert res.exit_code == 2
-    assert f"{base}/gpt2/full/model.safetensors" in _one_error_line(res)
+    assert f"{base}/gpt2/full/model.safetensors" in error_line(res)
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -300,12 +293,12 @@ def test_a_server_that_wants_credentials_is_one_line(status: int) -> None:
         res = runner.invoke(app, ["inspect", "--json", url])
         verify = runner.invoke(app, ["verify", url])
     assert res.exit_code == verify.exit_code == 2 and res.stdout == ""
-    line = _one_error_line(res)
+    line = error_line(res)
     assert (
         line
         == f"Error: {url}: the server answered HTTP {status} (access denied: credentials missing or refused)"
     )
-    assert _one_error_line(verify) == line
+    assert error_line(verify) == line
     assert "secret" not in res.output
 
 
@@ -325,7 +318,7 @@ def test_a_host_name_that_does_not_resolve_is_one_line(monkeypatch: pytest.Monke
     for cmd in ("inspect", "verify"):
         res = runner.invoke(app, [cmd, url])
         assert res.exit_code == 2 and res.stdout == ""
-        assert _one_error_line(res) == f"Error: {url}: cannot resolve the host name"
+        assert error_line(res) == f"Error: {url}: cannot resolve the host name"
 
 
 def test_a_server_without_range_support_is_refused_not_downloaded(tmp_path: Path) -> None:
@@ -333,7 +326,7 @@ def test_a_server_without_range_support_is_refused_not_downloaded(tmp_path: Path
     with serve(tmp_path, ignore_ranges=True) as (base, _counts):
         res = runner.invoke(app, ["inspect", f"{base}/m/model.safetensors"])
     assert res.exit_code == 2
-    assert "range requests" in _one_error_line(res)
+    assert "range requests" in error_line(res)
     assert path.is_file()
 
 
@@ -343,7 +336,7 @@ def test_missing_files_and_credentials_in_urls(tmp_path: Path) -> None:
         url = f"http://user:hunter2@{host}/gpt2/full/nothing.safetensors?sig=s3cret"
         res = runner.invoke(app, ["inspect", url])
     assert res.exit_code == 2
-    line = _one_error_line(res)
+    line = error_line(res)
     assert f"{base}/gpt2/full/nothing.safetensors: not found" in line
     assert "hunter2" not in line and "s3cret" not in line
     assert shown_url("https://a:b@h:8/x?y=1#z") == "https://h:8/x"
@@ -359,7 +352,7 @@ def test_an_index_cannot_name_shards_outside_its_folder(tmp_path: Path) -> None:
         for i in range(2):
             res = runner.invoke(app, ["inspect", f"{base}/repo/m{i}.safetensors.index.json"])
             assert res.exit_code == 2
-            assert "outside its folder" in _one_error_line(res)
+            assert "outside its folder" in error_line(res)
         assert not any("secret" in p for p in counts.paths)
 
 
@@ -368,7 +361,7 @@ def test_a_huge_header_length_is_refused_before_it_is_read(tmp_path: Path) -> No
     with serve(tmp_path) as (base, counts):
         res = runner.invoke(app, ["inspect", f"{base}/m.safetensors"])
     assert res.exit_code == 2
-    assert "header length exceeds" in _one_error_line(res)
+    assert "header length exceeds" in error_line(res)
     assert counts.bytes <= 64 << 10
 
 
@@ -383,10 +376,10 @@ def test_rewrites_of_a_url_need_an_output_and_never_run_in_place(tmp_path: Path)
     ):
         res = runner.invoke(app, [*cmd, url])
         assert res.exit_code == 2, cmd
-        line = _one_error_line(res)
+        line = error_line(res)
         assert url in line and "-o" in line and "nothing was changed" in line
     res = runner.invoke(app, ["verify", "--forward", url])
-    assert res.exit_code == 2 and "--forward" in _one_error_line(res)
+    assert res.exit_code == 2 and "--forward" in error_line(res)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -436,7 +429,7 @@ def test_a_failed_download_leaves_nothing(tmp_path: Path) -> None:
         res = runner.invoke(
             app, ["dedupe", f"{base}/gpt2/full/model.safetensors", "-o", str(tmp_path / "o")]
         )
-    assert res.exit_code == 2 and "HTTP 503" in _one_error_line(res)
+    assert res.exit_code == 2 and "HTTP 503" in error_line(res)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "o").write_bytes(b"mine")
     with serve(FIXTURES) as (base, counts):
@@ -444,7 +437,7 @@ def test_a_failed_download_leaves_nothing(tmp_path: Path) -> None:
             app, ["untie", f"{base}/gpt2/full/model.safetensors", "-o", str(tmp_path / "o")]
         )
         assert counts.requests == 0  # refused before anything is downloaded
-    assert res.exit_code == 2 and "already exists" in _one_error_line(res)
+    assert res.exit_code == 2 and "already exists" in error_line(res)
     assert (tmp_path / "o").read_bytes() == b"mine"
 
 
@@ -584,7 +577,7 @@ def test_an_http_folder_url_is_refused_before_any_request() -> None:
     with serve(FIXTURES) as (base, counts):
         res = runner.invoke(app, ["inspect", f"{base}/gpt2/full/"])
     assert res.exit_code == 2
-    assert "must name a .safetensors file" in _one_error_line(res)
+    assert "must name a .safetensors file" in error_line(res)
     assert counts.requests == 0
 
 
@@ -602,7 +595,7 @@ def test_a_missing_remote_library_says_which_extra_to_install(
     monkeypatch.setitem(sys.modules, module, None)
     res = runner.invoke(app, ["inspect", url])
     assert res.exit_code == 2
-    line = _one_error_line(res)
+    line = error_line(res)
     assert "pip install 'tiecli[remote]'" in line and module in line
 
 
