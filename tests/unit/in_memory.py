@@ -58,7 +58,7 @@ class MemoryBlob:
         return sum(size for _offset, size in self.reads)
 
 
-def make_entry(
+def entry(
     name: str, array: Any, dtype: str | None = None, shape: tuple[int, ...] | None = None
 ) -> Entry:
     """An entry holding ``array`` (numpy, or raw bytes with ``dtype`` and ``shape``)."""
@@ -73,7 +73,7 @@ def make_entry(
     return Entry(name, dtype, tuple(shape), len(data), MemoryBlob(data))
 
 
-def make_checkpoint(
+def checkpoint(
     *entries: Entry,
     config: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,

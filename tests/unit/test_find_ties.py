@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-from in_memory import make_checkpoint, make_entry, seeded
+from in_memory import checkpoint, entry, seeded
 
 from tiecli.detect import TieReport, find_ties
 
@@ -25,12 +25,12 @@ def codes(report: TieReport) -> list[str]:
 
 
 def find(*entries, **kw) -> TieReport:  # type: ignore[no-untyped-def]
-    return find_ties(make_checkpoint(*entries, **kw), use_transformers=False)
+    return find_ties(checkpoint(*entries, **kw), use_transformers=False)
 
 
 def test_a_stored_copy_of_the_embedding_is_a_tie_by_pattern_and_value() -> None:
     x = seeded(0, 10, 4)
-    r = find(make_entry(EMB, x), make_entry(HEAD, x.copy()), config=LLAMA)
+    r = find(entry(EMB, x), entry(HEAD, x.copy()), config=LLAMA)
     assert ties(r) == {HEAD: (EMB, "identity", "tied", ["pattern", "value"], True)}
     assert r.problems == [] and r.declared_by == "pattern table"
     assert r.dedupable_bytes == x.nbytes
@@ -40,7 +40,7 @@ def test_copies_that_differ_are_a_drifted_tie() -> None:
     x = seeded(1, 10, 4)
     y = x.copy()
     y[3, 2] += 1.0
-    r = find(make_entry(EMB, x), make_entry(HEAD, y), config=LLAMA)
+    r = find(entry(EMB, x), entry(HEAD, y), config=LLAMA)
     (t,) = r.ties
     assert (t.alias, t.source, t.evidence) == (HEAD, EMB, ["pattern"])
     assert t.drift is not None and (t.drift.differing, t.drift.numel) == (1, 40)
@@ -49,7 +49,7 @@ def test_copies_that_differ_are_a_drifted_tie() -> None:
 
 
 def test_an_absent_head_under_an_untied_config_is_a_config_mismatch() -> None:
-    r = find(make_entry(EMB, seeded(2, 10, 4)), config={**LLAMA, "tie_word_embeddings": False})
+    r = find(entry(EMB, seeded(2, 10, 4)), config={**LLAMA, "tie_word_embeddings": False})
     assert r.ties == []
     assert codes(r) == ["config-mismatch"]
     assert r.problems[0].tensors == [HEAD, EMB]
@@ -58,7 +58,7 @@ def test_an_absent_head_under_an_untied_config_is_a_config_mismatch() -> None:
 def test_the_record_names_an_absent_alias() -> None:
     x = seeded(3, 10, 4)
     record = {"version": 1, "ties": [{"alias": HEAD, "source": EMB}]}
-    r = find(make_entry(EMB, x), metadata={"tiecli": json.dumps(record)})
+    r = find(entry(EMB, x), metadata={"tiecli": json.dumps(record)})
     assert ties(r) == {HEAD: (EMB, "identity", "tied", ["metadata"], False)}
     assert r.ties[0].bytes == x.nbytes and r.problems == []
 
@@ -67,8 +67,8 @@ def test_a_record_that_cannot_be_true_is_a_problem_not_a_tie() -> None:
     x = seeded(4, 10, 4)
     record = {"version": 1, "ties": [{"alias": HEAD, "source": EMB}]}  # but HEAD is stored
     r = find(
-        make_entry(EMB, x),
-        make_entry(HEAD, seeded(5, 10, 4)),
+        entry(EMB, x),
+        entry(HEAD, seeded(5, 10, 4)),
         metadata={"tiecli": json.dumps(record)},
     )
     assert "bad-record" in codes(r)
@@ -77,19 +77,19 @@ def test_a_record_that_cannot_be_true_is_a_problem_not_a_tie() -> None:
 
 def test_equal_tensors_under_unknown_names_are_duplicates_by_value() -> None:
     x = seeded(6, 5, 3)
-    r = find(make_entry("a", x), make_entry("b", x.copy()), make_entry("c", seeded(7, 5, 3)))
+    r = find(entry("a", x), entry("b", x.copy()), entry("c", seeded(7, 5, 3)))
     assert ties(r) == {"b": ("a", "identity", "duplicate", ["value"], True)}
 
 
 def test_a_transposed_copy_is_found_with_its_transform() -> None:
     x = seeded(8, 10, 4)
-    r = find(make_entry("a", x), make_entry("b", np.ascontiguousarray(x.T)))
+    r = find(entry("a", x), entry("b", np.ascontiguousarray(x.T)))
     assert ties(r) == {"b": ("a", "transpose", "duplicate", ["transposed"], True)}
 
 
 def test_constant_tensors_are_never_tied_by_value() -> None:
     zeros = np.zeros((4, 4), np.float32)
-    assert find(make_entry("a", zeros), make_entry("b", zeros.copy())).ties == []
+    assert find(entry("a", zeros), entry("b", zeros.copy())).ties == []
 
 
 def test_names_sharing_one_pickle_storage_are_tied_by_storage() -> None:
@@ -97,8 +97,8 @@ def test_names_sharing_one_pickle_storage_are_tied_by_storage() -> None:
     storage = (7, x.nbytes)
     view = (0, (4, 1))
     file = Path("pytorch_model.bin")
-    emb = replace(make_entry(EMB, x), storage=storage, view=view, file=file)
-    head = replace(make_entry(HEAD, x), storage=storage, view=view, file=file)
+    emb = replace(entry(EMB, x), storage=storage, view=view, file=file)
+    head = replace(entry(HEAD, x), storage=storage, view=view, file=file)
     r = find(emb, head, format="pytorch")
     (t,) = r.ties
     assert (t.alias, t.source, t.transform) == (HEAD, EMB, "identity")
@@ -109,10 +109,8 @@ def test_names_sharing_one_pickle_storage_are_tied_by_storage() -> None:
 def test_a_transposed_view_of_one_storage_is_a_transpose_tie() -> None:
     x = seeded(10, 10, 4)
     storage, file = (3, x.nbytes), Path("m.bin")
-    a = replace(make_entry("a", x), storage=storage, view=(0, (4, 1)), file=file)
-    b = replace(
-        make_entry("b", np.ascontiguousarray(x.T)), storage=storage, view=(0, (1, 4)), file=file
-    )
+    a = replace(entry("a", x), storage=storage, view=(0, (4, 1)), file=file)
+    b = replace(entry("b", np.ascontiguousarray(x.T)), storage=storage, view=(0, (1, 4)), file=file)
     (t,) = find(a, b, format="pytorch").ties
     assert (t.alias, t.source, t.transform) == ("b", "a", "transpose")
     assert "storage" in t.evidence
