@@ -59,9 +59,14 @@ class MemoryBlob:
 
 
 def entry(
-    name: str, array: Any, dtype: str | None = None, shape: tuple[int, ...] | None = None
+    name: str,
+    array: Any,
+    dtype: str | None = None,
+    shape: tuple[int, ...] | None = None,
+    **fields: Any,
 ) -> Entry:
-    """An entry holding ``array`` (numpy, or raw bytes with ``dtype`` and ``shape``)."""
+    """An entry holding ``array`` (numpy, or raw bytes with ``dtype`` and ``shape``);
+    ``fields``: the rest of the entry (a pickle's ``storage``, ``view`` and ``file``)."""
     if isinstance(array, bytes | bytearray):
         assert dtype is not None and shape is not None, "raw bytes need a dtype and a shape"
         data = bytes(array)
@@ -70,7 +75,7 @@ def entry(
         dtype = dtype or DTYPES[arr.dtype.name]
         shape = tuple(arr.shape) if shape is None else shape
         data = arr.tobytes()
-    return Entry(name, dtype, tuple(shape), len(data), MemoryBlob(data))
+    return Entry(name, dtype, tuple(shape), len(data), MemoryBlob(data), **fields)
 
 
 def checkpoint(

@@ -4,7 +4,6 @@ evidence, drift, and what is never a tie."""
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -97,8 +96,8 @@ def test_names_sharing_one_pickle_storage_are_tied_by_storage() -> None:
     storage = (7, x.nbytes)
     view = (0, (4, 1))
     file = Path("pytorch_model.bin")
-    emb = replace(entry(EMB, x), storage=storage, view=view, file=file)
-    head = replace(entry(HEAD, x), storage=storage, view=view, file=file)
+    emb = entry(EMB, x, storage=storage, view=view, file=file)
+    head = entry(HEAD, x, storage=storage, view=view, file=file)
     r = find(emb, head, format="pytorch")
     (t,) = r.ties
     assert (t.alias, t.source, t.transform) == (HEAD, EMB, "identity")
@@ -109,8 +108,8 @@ def test_names_sharing_one_pickle_storage_are_tied_by_storage() -> None:
 def test_a_transposed_view_of_one_storage_is_a_transpose_tie() -> None:
     x = seeded(10, 10, 4)
     storage, file = (3, x.nbytes), Path("m.bin")
-    a = replace(entry("a", x), storage=storage, view=(0, (4, 1)), file=file)
-    b = replace(entry("b", np.ascontiguousarray(x.T)), storage=storage, view=(0, (1, 4)), file=file)
+    a = entry("a", x, storage=storage, view=(0, (4, 1)), file=file)
+    b = entry("b", np.ascontiguousarray(x.T), storage=storage, view=(0, (1, 4)), file=file)
     (t,) = find(a, b, format="pytorch").ties
     assert (t.alias, t.source, t.transform) == ("b", "a", "transpose")
     assert "storage" in t.evidence
