@@ -211,7 +211,8 @@ class _Finder:
         cfg = self.ckpt.config
         declared = None
         if cfg is not None and self.use_transformers and self.ckpt.config_path is not None:
-            from .declared import Budget, declared_ties
+            from .arch.build import Budget
+            from .arch.declared import declared_ties
 
             budget = Budget.of(self.entries)
             declared, why = declared_ties(self.ckpt.config_path.parent, budget)

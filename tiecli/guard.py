@@ -4,30 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from .arch.declared import module_ties
 from .errors import TieError
-
-
-def declared_module_ties(module: Any) -> dict[str, str]:
-    """``{alias: source}`` the module's architecture declares.
-
-    transformers 5 answers ``get_expanded_tied_weights_keys``; transformers 4
-    models name their aliases in ``_tied_weights_keys`` and tie them to the
-    input embeddings; any other module declares nothing.
-    """
-    expanded = getattr(module, "get_expanded_tied_weights_keys", None)
-    if callable(expanded):
-        return {str(a): str(s) for a, s in (expanded(all_submodels=True) or {}).items() if a != s}
-    keys = getattr(module, "_tied_weights_keys", None)
-    if isinstance(keys, (list, tuple)) and hasattr(module, "get_input_embeddings"):
-        config = getattr(module, "config", None)
-        if config is not None and not getattr(config, "tie_word_embeddings", True):
-            return {}
-        emb = module.get_input_embeddings()
-        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-        source = names.get(id(getattr(emb, "weight", None)))
-        if source:
-            return {k: source for k in keys if k != source and k.endswith("weight")}
-    return {}
 
 
 def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
@@ -39,7 +17,7 @@ def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
     """
     import torch
 
-    wanted = declared_module_ties(module) | dict(ties or {})
+    wanted = module_ties(module) | dict(ties or {})
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(
         {n: b for n, b in module.named_buffers(remove_duplicate=False) if n not in tensors}

@@ -82,17 +82,14 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
     import torch
     from safetensors.torch import save_file
 
-    from .declared import ties_by_identity
+    from .arch.declared import module_ties
     from .plan import record_metadata
     from .record import RecordedTie
 
     declared: dict[str, str] = {}
     if isinstance(obj, torch.nn.Module):
         state = obj.state_dict()
-        expanded = getattr(obj, "get_expanded_tied_weights_keys", None)
-        declared = (
-            dict(expanded(all_submodels=True)) if callable(expanded) else ties_by_identity(obj)
-        )
+        declared = module_ties(obj)
     elif isinstance(obj, dict):
         state = dict(obj)
     else:

@@ -316,12 +316,9 @@ def build(cls_name: str, config: Any) -> Any:
 
 
 def memory_ties(model: Any) -> dict[str, str]:
-    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
-    if callable(expanded):
-        return {str(a): str(s) for a, s in (expanded(all_submodels=True) or {}).items() if a != s}
-    from tiecli.declared import ties_by_identity
+    from tiecli.arch.declared import module_ties
 
-    return ties_by_identity(model)
+    return module_ties(model)
 
 
 def on_disk_truth(model: Any, stored: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -439,7 +436,7 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
     try:
         with torch.device("meta"):
             plain = type(model)(untied_cfg)
-        from tiecli.declared import on_disk_names
+        from tiecli.arch.declared import on_disk_names
 
         flagged = set(ties) - set(memory_ties(plain))
         renamed = on_disk_names(model, sorted(flagged))
