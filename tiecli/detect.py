@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .arch.patterns import flag_pairs, flags, model_type_of, pattern_ties, switched_off, tie_flags
+from .arch.storage import relation
 from .checkpoint import Checkpoint, Entry
 from .dtypes import itemsize
 from .progress import NO_PROGRESS, Progress
@@ -273,16 +274,16 @@ class _Finder:
             self.ckpt.notes.append(found.note)
 
     def from_storage(self) -> None:
-        groups: dict[int, list[Entry]] = defaultdict(list)
+        groups: dict[tuple[Any, int], list[Entry]] = defaultdict(list)
         for e in self.entries.values():
             if e.storage is not None:
-                groups[e.storage[0]].append(e)
+                groups[(e.file, e.storage[0])].append(e)
         for members in groups.values():
             if len(members) < 2:
                 continue
             for i, a in enumerate(members):
                 for b in members[:i]:
-                    transform = _storage_relation(a, b)
+                    transform = relation(b, a)
                     if transform:
                         owner, other = (b, a) if _owns(b) or not _owns(a) else (a, b)
                         self.claims.append(_Claim(other.name, owner.name, transform, "storage"))
@@ -728,16 +729,6 @@ def _owns(e: Entry) -> bool:
         expected.append(step)
         step *= dim
     return tuple(reversed(expected)) == strides or e.numel <= 1
-
-
-def _storage_relation(a: Entry, b: Entry) -> str | None:
-    if a.view is None or b.view is None or a.view[0] != b.view[0] or a.dtype != b.dtype:
-        return None
-    if a.shape == b.shape and a.view[1] == b.view[1]:
-        return "identity"
-    if len(a.shape) == 2 and a.shape == b.shape[::-1] and a.view[1] == b.view[1][::-1]:
-        return "transpose"
-    return None
 
 
 def _component(adj: dict[str, list[tuple[str, str]]], start: str) -> set[str]:

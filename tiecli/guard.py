@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from .arch.declared import module_ties
+from .arch.storage import same_storage
 from .errors import TieError
 
 
@@ -29,7 +30,7 @@ def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
             missing = alias if a is None else source
             problems.append(f"{alias} -> {source}: {missing} is not a parameter of the model")
             continue
-        if a is s or _same_storage(a, s):
+        if a is s or same_storage(a, s):
             continue
         if a.shape == s.shape:
             equal = torch.equal(a.detach(), s.detach())
@@ -49,14 +50,3 @@ def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
             problems.append(f"{alias} -> {source}: tie broken and the copies differ{diff}")
     if problems:
         raise TieError(f"{len(problems)} broken tie(s): " + "; ".join(problems))
-
-
-def _same_storage(a: Any, b: Any) -> bool:
-    try:
-        return (
-            a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and a.storage_offset() == b.storage_offset()
-            and a.device == b.device
-        )
-    except (RuntimeError, NotImplementedError):
-        return False
