@@ -12,8 +12,9 @@ from .errors import TieError
 def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
     """Raise :class:`TieError` listing every declared tie that is broken or drifted.
 
-    A tie is healthy when alias and source are one parameter (or views of one
-    storage). ``ties`` adds ``{alias: source}`` pairs for modules that declare
+    A tie is healthy when alias and source are one parameter, or one storage
+    viewed alike or transposed (:func:`~tiecli.arch.storage.same_storage`).
+    ``ties`` adds ``{alias: source}`` pairs for modules that declare
     none (plain ``nn.Module``); names are state-dict names.
     """
     import torch
