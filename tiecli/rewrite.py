@@ -28,12 +28,12 @@ from .errors import (
     UsageError,
     VerificationError,
 )
-from .formats import safetensors as st_format
 from .formats.pytorch import PickleFile
-from .formats.safetensors import ByteFile, FileBlob, SafetensorsFile, write_file
+from .formats.safetensors import SafetensorsFile, write_file
 from .formats.torchzip import Declined, TorchZip, open_torchzip, write_shared
 from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
+from .io import ByteFile, FileBlob, writes
 from .values import equal, same_bytes
 
 T = TypeVar("T")
@@ -747,7 +747,7 @@ def _write_zip(
             reader,
             shared,
             tmp,
-            lambda src, dst, at, to, n: st_format._copy_range(
+            lambda src, dst, at, to, n: writes.copy_range(
                 src, dst, at, to, n, bar, mark.reached
             ),
             place,

@@ -42,7 +42,7 @@ from ..checkpoint import Checkpoint, Entry
 from ..dtypes import TORCH_TO_CODE, itemsize, uint_view
 from ..errors import CheckpointFormatError, UnsafePickleError
 from .confine import escapes
-from .safetensors import ByteFile
+from ..io import ByteFile
 
 METADATA = ".metadata"
 SUFFIX = ".distcp"

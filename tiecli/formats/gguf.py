@@ -36,7 +36,7 @@ from typing import Any
 
 from ..checkpoint import Entry
 from ..errors import CheckpointFormatError, MissingDependencyError
-from .safetensors import ByteFile, FileBlob, _copy_range, _write_all, open_input
+from ..io import ByteFile, FileBlob, open_input, writes
 
 SUFFIX = ".gguf"
 MAGIC = b"GGUF"
@@ -485,10 +485,10 @@ def write_gguf(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, size)  # the padding between tensors reads as zeros
-        _write_all(fd, bytes(head), 0)
+        writes.write_all(fd, bytes(head), 0)
         with src.opened() as src_fd:
             for _name, info, at in infos:
-                _copy_range(
+                writes.copy_range(
                     src_fd,
                     fd,
                     src.data_start + info.offset,

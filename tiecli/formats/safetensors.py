@@ -7,20 +7,18 @@ from __future__ import annotations
 
 import json
 import math
-import mmap
 import os
 import re
 import struct
-import threading
-from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Entry
-from ..dtypes import BITS, nbytes_of, uint_view
-from ..errors import CheckpointFormatError, CheckpointNotFoundError
+from ..dtypes import BITS, nbytes_of
+from ..errors import CheckpointFormatError
+from ..io import ByteFile, FileBlob, open_input, writes
+from ..io.writes import PAD_FROM, PAGE
 
 MAX_HEADER = 100 << 20  # the limit safetensors itself enforces
 METADATA_KEY = "__metadata__"
@@ -78,190 +76,12 @@ def _repeated_key_message(text: str) -> str:
     return "header repeats a key inside a tensor entry"
 
 
-def _open_limit() -> int:
-    """How many files to keep open at once: an eighth of this process's limit on open
-    descriptors (a file's mapping holds a descriptor of its own), from 8 to 128."""
-    try:
-        import resource
-
-        soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    except (ImportError, OSError, ValueError):  # no resource module (Windows)
-        return 64
-    if soft == resource.RLIM_INFINITY:
-        return 128
-    return max(8, min(128, soft // 8))
-
-
-class _OpenFiles:
-    """The :class:`ByteFile` objects holding a descriptor, least recently used first.
-
-    Past the limit, the least recently used file that no read is using closes its
-    descriptor and mapping; it opens again, checked to be the same file, when next
-    read. So a checkpoint of any number of shards needs a bounded number of
-    descriptors, and threads (a writer and its follower) may read side by side."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.files: OrderedDict[ByteFile, None] = OrderedDict()
-        self.limit = 0  # read from the process's limit when first needed
-
-    def add(self, f: ByteFile) -> None:
-        with self.lock:
-            self.files[f] = None
-            self._trim()
-
-    def use(self, f: ByteFile) -> int:
-        """``f``'s descriptor, open until the matching :meth:`done`."""
-        with self.lock:
-            if f._fd < 0:
-                f._reopen()
-                self.files[f] = None
-                self._trim()
-            else:
-                self.files.move_to_end(f)
-            f._users += 1
-            return f._fd
-
-    def done(self, f: ByteFile) -> None:
-        with self.lock:
-            f._users -= 1
-
-    def close(self, f: ByteFile) -> None:
-        with self.lock:
-            self.files.pop(f, None)
-            f._closed = True
-            f._release()
-
-    def _trim(self) -> None:
-        if not self.limit:
-            self.limit = _open_limit()
-        for f in list(self.files):
-            if len(self.files) <= self.limit:
-                return
-            if f._users == 0:
-                del self.files[f]
-                f._release()
-
-
-_OPEN = _OpenFiles()
-
-
 def _dtype_shown(dtype: Any) -> str:
     """A dtype name worth quoting (a short identifier such as a newer float8 type); any
     other value of the field is file content, not quoted."""
     if isinstance(dtype, str) and re.fullmatch(r"[A-Z][A-Z0-9_]{0,15}", dtype):
         return f" {dtype!r}"
     return ""
-
-
-def open_input(path: Path, suffix: str) -> int:
-    """A read-only descriptor of the input ``path``, its failure one clear error naming
-    the file form expected (``suffix``)."""
-    try:
-        return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        raise CheckpointNotFoundError("no such file", path) from None
-    except IsADirectoryError:
-        raise CheckpointFormatError(f"is a folder, expected a {suffix} file", path) from None
-    except OSError as e:
-        raise CheckpointFormatError(f"cannot open: {e.strerror}", path) from None
-
-
-class ByteFile:
-    """An open file as :class:`FileBlob` reads it: positioned reads that fail on a
-    short read, one lazy whole-file mapping, and a count of the bytes read.
-    Offsets a blob gives are relative to ``data_start``.
-
-    The descriptor may be closed between reads to bound how many files are open
-    (see :class:`_OpenFiles`); :meth:`opened` holds it open for a longer use."""
-
-    data_start = 0
-
-    def __init__(self, path: Path, file_number: int = 0, fd: int | None = None):
-        self.path = path
-        self.file_number = file_number
-        self.bytes_read = 0
-        self._mmap: mmap.mmap | None = None
-        self._users = 0
-        self._closed = False
-        self._fd = os.open(path, os.O_RDONLY) if fd is None else fd
-        try:
-            st = os.fstat(self._fd)
-        except BaseException:
-            os.close(self._fd)
-            raise
-        self._identity = (st.st_dev, st.st_ino)
-        _OPEN.add(self)
-
-    def _short_read(self, offset: int) -> Exception:
-        return OSError(5, f"short read from {self.path} (file changed or truncated?)")
-
-    def _changed(self) -> Exception:
-        return CheckpointFormatError("was removed or replaced while being read", self.path)
-
-    def _reopen(self) -> None:
-        if self._closed:
-            raise OSError(9, f"{self.path} is closed")  # EBADF, as a read of a closed fd
-        try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except OSError:
-            raise self._changed() from None
-        st = os.fstat(fd)
-        size = getattr(self, "size", None)
-        if (st.st_dev, st.st_ino) != self._identity or size not in (None, st.st_size):
-            os.close(fd)
-            raise self._changed()
-        self._fd = fd
-
-    def _release(self) -> None:
-        if self._mmap is not None:
-            try:
-                self._mmap.close()
-            except BufferError:  # a numpy view still points into it; the GC will unmap
-                pass
-            self._mmap = None
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
-
-    @contextmanager
-    def opened(self) -> Iterator[int]:
-        """The descriptor, left open until the block ends (for a kernel copy)."""
-        fd = _OPEN.use(self)
-        try:
-            yield fd
-        finally:
-            _OPEN.done(self)
-
-    def pread(self, offset: int, size: int) -> bytes:
-        fd = _OPEN.use(self)
-        try:
-            data = os.pread(fd, size, offset)
-        finally:
-            _OPEN.done(self)
-        if len(data) != size:
-            raise self._short_read(offset)
-        self.bytes_read += size
-        return data
-
-    def preadinto(self, offset: int, view: memoryview) -> None:
-        fd = _OPEN.use(self)
-        try:
-            done = fill(fd, view, offset)
-        finally:
-            _OPEN.done(self)
-        if done < len(view):
-            raise self._short_read(offset + done)
-        self.bytes_read += done
-
-    def view(self) -> mmap.mmap:
-        with self.opened() as fd:
-            if self._mmap is None:
-                self._mmap = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
-            return self._mmap
-
-    def close(self) -> None:
-        _OPEN.close(self)
 
 
 class SafetensorsFile(ByteFile):
@@ -424,72 +244,6 @@ class SafetensorsFile(ByteFile):
         return out
 
 
-def fill(fd: int, view: memoryview, offset: int) -> int:
-    """Read into ``view`` from ``offset`` until it is full or the file ends; bytes read."""
-    done = 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], offset + done)
-        if n <= 0:
-            break
-        done += n
-    return done
-
-
-class RangeBlob:
-    """A tensor's byte range inside a file read by position (local or remote): its
-    ``file`` has ``pread``/``preadinto``, ``data_start`` and ``file_number``."""
-
-    __slots__ = ("file", "start", "nbytes")
-
-    def __init__(self, file: Any, start: int, nbytes: int):
-        self.file = file
-        self.start = start
-        self.nbytes = nbytes
-
-    @property
-    def order(self) -> tuple[int, int]:
-        return (self.file.file_number, self.start)
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.file.pread(self.file.data_start + self.start + offset, size)
-
-    def readinto(self, offset: int, view: memoryview) -> None:
-        """Fill ``view`` with the bytes at ``offset``, with no intermediate copy."""
-        self.file.preadinto(self.file.data_start + self.start + offset, view)
-
-
-class FileBlob(RangeBlob):
-    """A tensor's byte range inside a local safetensors file: mappings too."""
-
-    __slots__ = ()
-    file: ByteFile
-
-    def window(self, offset: int, length: int) -> tuple[mmap.mmap, int]:
-        """A mapping of ``length`` bytes at ``offset`` (close it when done), and where
-        those bytes start inside it. Copy-on-write, so nothing written to it could
-        reach the file; only ever read, it shares the page cache's pages."""
-        absolute = self.file.data_start + self.start + offset
-        start = absolute - absolute % mmap.ALLOCATIONGRANULARITY
-        self.file.bytes_read += length
-        with self.file.opened() as fd:
-            m = mmap.mmap(fd, absolute + length - start, offset=start, access=mmap.ACCESS_COPY)
-        return m, absolute - start
-
-    def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
-        import numpy as np
-
-        view = uint_view(dtype)
-        if view is None:
-            return None
-        self.file.bytes_read += self.nbytes
-        count = self.nbytes // np.dtype(view).itemsize
-        with self.file.opened():  # the mapping stays open until the array holds it
-            flat = np.frombuffer(
-                self.file.view(), dtype=view, count=count, offset=self.file.data_start + self.start
-            )
-        return flat.reshape(shape)
-
-
 # -- writing -------------------------------------------------------------
 
 
@@ -537,13 +291,13 @@ def write_file(
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         os.ftruncate(fd, len(head) + sum(i.nbytes for i in items))
-        pos = _write_all(fd, head, 0)
+        pos = writes.write_all(fd, head, 0)
         reached(pos)
         for run in runs:
             if isinstance(run, tuple):
                 src, start, nbytes = run
                 with src.opened() as src_fd:
-                    _copy_range(
+                    writes.copy_range(
                         src_fd,
                         fd,
                         src.data_start + start,
@@ -556,7 +310,7 @@ def write_file(
                 pos += nbytes
             else:
                 for chunk in run.chunks():
-                    _write_all(fd, chunk, pos)
+                    writes.write_all(fd, chunk, pos)
                     pos += len(chunk)
                     progress.advance(len(chunk))
                     reached(pos)
@@ -581,10 +335,6 @@ def _page_pad(head_size: int, runs: list[Any]) -> int:
     return pad if pad % 8 == 0 else 0  # the header must stay a multiple of 8 bytes
 
 
-PAGE = 4096
-PAD_FROM = 1 << 20  # bytes of the largest copied range
-
-
 def _runs(items: list[Any]) -> list[Any]:
     """Merge consecutive byte ranges of one source file into single copies."""
     runs: list[Any] = []
@@ -607,77 +357,3 @@ def _runs(items: list[Any]) -> list[Any]:
         else:
             runs.append(item)
     return runs
-
-
-_COPY_STEP = 32 << 20  # small enough for a follower to start early, large enough to cost nothing
-
-
-def _copy_range(
-    src: int,
-    dst: int,
-    src_off: int,
-    dst_off: int,
-    count: int,
-    progress: Any,
-    reached: Callable[[int], None],
-    writeback: bool = False,
-) -> None:
-    copy = getattr(os, "copy_file_range", None)
-    while count > 0:
-        step = min(count, _COPY_STEP)
-        n = 0
-        if copy is not None:
-            try:
-                n = copy(src, dst, step, src_off, dst_off)
-            except OSError as e:
-                if e.errno not in (18, 22, 38, 95):  # EXDEV, EINVAL, ENOSYS, EOPNOTSUPP
-                    raise
-                copy = None
-        if n <= 0:
-            data = os.pread(src, step, src_off)
-            if not data:
-                raise OSError(5, "source ended early")
-            n = _write_all(dst, data, dst_off)
-        src_off += n
-        dst_off += n
-        count -= n
-        progress.advance(n)
-        if writeback:
-            _start_writeback(dst, dst_off - n, n)
-        reached(dst_off)
-
-
-_SYNC_FILE_RANGE: list[Any] = []
-
-
-def _start_writeback(fd: int, offset: int, count: int) -> None:
-    """Ask the kernel to start writing these bytes to disk now, without waiting.
-
-    The fsync that must follow then finds most of the file already on its way,
-    so the disk works while the copy goes on instead of after it (Linux only;
-    elsewhere the fsync does it all)."""
-    if not _SYNC_FILE_RANGE:
-        fn = None
-        try:
-            import ctypes
-
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        except (OSError, AttributeError):
-            fn = None
-        _SYNC_FILE_RANGE.append(fn)
-    fn = _SYNC_FILE_RANGE[0]
-    if fn is not None:
-        fn(fd, offset, count, 2)  # SYNC_FILE_RANGE_WRITE; a failure leaves it to fsync
-
-
-def _write_all(fd: int, data: bytes | memoryview, offset: int) -> int:
-    view = memoryview(data)
-    done = 0
-    while done < len(view):
-        n = os.pwrite(fd, view[done:], offset + done)
-        if n <= 0:
-            raise OSError(28, "No space left on device")
-        done += n
-    return done

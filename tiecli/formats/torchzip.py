@@ -29,8 +29,8 @@ from typing import Any
 
 from ..checkpoint import CHUNK, Entry
 from ..dtypes import itemsize
-from . import safetensors as st
-from .safetensors import FileBlob
+from ..io import ByteFile, FileBlob, writes
+from ..io.writes import PAD_FROM, PAGE
 
 # Storage classes torch pickles, and the element type each holds.
 STORAGE_DTYPES = {
@@ -279,7 +279,7 @@ def _records(path: Path, fd: int, file_size: int) -> list[_Record]:
     return out
 
 
-class TorchZip(st.ByteFile):
+class TorchZip(ByteFile):
     """A flat state dict of a PyTorch zip checkpoint, read without torch; its tensors'
     blobs are addressed from the start of the file."""
 
@@ -520,7 +520,7 @@ def write_shared(
             if data is None:
                 placed(at + 30 + len(raw) + len(extra), size, record.start)
             if data is None and size >= _COPY_FROM:
-                pos += st._write_all(fd, bytes(pending), pos)
+                pos += writes.write_all(fd, bytes(pending), pos)
                 pending.clear()
                 reached(pos)
                 with src.opened() as src_fd:
@@ -559,7 +559,7 @@ def write_shared(
         pending += struct.pack(
             "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), end - start, start, 0
         )
-        pos += st._write_all(fd, bytes(pending), pos)
+        pos += writes.write_all(fd, bytes(pending), pos)
         reached(pos)
     finally:
         os.close(fd)
@@ -617,8 +617,8 @@ def _page_pad(src: TorchZip, order: list[tuple[str, _Record]], pkl: bytes) -> in
     if not copied or first != 0:
         return 0
     size, shift = max(copied)
-    pad = shift % st.PAGE
-    return pad if size >= st.PAD_FROM and pad % src.alignment == 0 else 0
+    pad = shift % PAGE
+    return pad if size >= PAD_FROM and pad % src.alignment == 0 else 0
 
 
 _FLAGS = 0x808  # data descriptor follows the data; names are UTF-8
