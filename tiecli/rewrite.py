@@ -29,7 +29,8 @@ from .errors import (
     VerificationError,
 )
 from .formats.pytorch import PickleFile
-from .formats.safetensors import SafetensorsFile, write_file
+from .formats.safetensors import SafetensorsFile
+from .formats.safetensors_write import write_file
 from .formats.torchzip import Declined, TorchZip, open_torchzip, write_shared
 from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
