@@ -31,7 +31,9 @@ from .errors import (
 from .formats.pytorch import PickleFile
 from .formats.safetensors import SafetensorsFile
 from .formats.safetensors_write import write_file
-from .formats.torchzip import Declined, TorchZip, open_torchzip, write_shared
+from .formats.torchzip import TorchZip, open_torchzip
+from .formats.torchzip_pickle import Declined
+from .formats.torchzip_write import write_shared
 from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
 from .io import ByteFile, FileBlob, writes

@@ -317,9 +317,9 @@ def test_pickle_written_wrong_is_never_kept(
     ckpt = _cloned_head_bin(tmp_path / "in")
     before = snapshot(tmp_path)
     if path == "torch-free":
-        from tiecli.formats import torchzip
+        from tiecli.formats import torchzip_write
 
-        monkeypatch.setattr(torchzip, "_COPY_FROM", 0)  # every record copied in the kernel
+        monkeypatch.setattr(torchzip_write, "COPY_FROM", 0)  # every record copied in the kernel
         calls = _corrupting_copy(monkeypatch)
     else:
         from tiecli import formats

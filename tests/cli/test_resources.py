@@ -348,7 +348,8 @@ def test_a_replaced_file_is_not_read_as_the_one_opened(tmp_path: Path) -> None:
 def test_a_storage_named_as_two_types_is_read_as_torch_reads_it(tmp_path: Path) -> None:
     """``b`` names ``a``'s float32 storage as a HalfStorage: torch keeps the first
     reference's type, so ``b`` is ``a`` itself, and so is it for tiecli."""
-    from tiecli.formats.torchzip import _Storage, dumps, open_torchzip
+    from tiecli.formats.torchzip import open_torchzip
+    from tiecli.formats.torchzip_pickle import Storage, dumps
 
     src = tmp_path / "src.pt"
     torch.save({"a": torch.arange(4.0), "b": torch.arange(4, dtype=torch.float16)}, src)
@@ -357,7 +358,7 @@ def test_a_storage_named_as_two_types_is_read_as_torch_reads_it(tmp_path: Path) 
     try:
         b = reader.items["b"]
         pid = b.args[0].pid
-        b.args = (_Storage((pid[0], pid[1], "0", "cpu", 4)), *b.args[1:])
+        b.args = (Storage((pid[0], pid[1], "0", "cpu", 4)), *b.args[1:])
         pkl = dumps(reader.top)
     finally:
         reader.close()

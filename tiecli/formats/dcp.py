@@ -14,7 +14,7 @@ Read here without torch and without running pickle code:
   holds (read from torch/distributed/checkpoint/metadata.py and filesystem.py)
   and builds inert stand-ins for them; any other global is refused;
 - each chunk's zip archive through :mod:`zipfile` over its byte range, and its
-  ``data.pkl`` through :mod:`tiecli.formats.torchzip`'s placeholder unpickler,
+  ``data.pkl`` through :mod:`tiecli.formats.torchzip_pickle`'s placeholder unpickler,
   which gives the byte range of the chunk's elements in the file;
 - a tensor's bytes in row-major order as runs of byte ranges in those files
   (one run per chunk when chunks split dimension 0, as FSDP2 does), read by
@@ -226,8 +226,7 @@ def _chunk_bytes(
 ) -> int:
     """Where in ``file`` the elements of a chunk saved with ``torch.save`` at
     ``start`` (``length`` bytes) begin; checked against the chunk's dtype and sizes."""
-    from .torchzip import _REBUILD, STORAGE_DTYPES, Declined, _Call, _contiguous, _Storage
-    from .torchzip import _Unpickler as _TensorUnpickler
+    from .torchzip_pickle import REBUILD, STORAGE_DTYPES, Call, Declined, Storage, Unpickler, contiguous
 
     try:
         with zipfile.ZipFile(_Window(file, start, length)) as z:
@@ -255,17 +254,17 @@ def _chunk_bytes(
     if zlib.crc32(raw) != crc:
         raise fail("fails its checksum")
     try:
-        call = _TensorUnpickler(io.BytesIO(raw)).load()
+        call = Unpickler(io.BytesIO(raw)).load()
     except Declined as e:
         raise fail(f"is not a plain tensor ({e})") from None
     except Exception:  # noqa: BLE001 - damaged pickles fail in many ways
         raise fail("has an unreadable tensor pickle") from None
-    if not (isinstance(call, _Call) and call.func.key() == _REBUILD and len(call.args) >= 4):
+    if not (isinstance(call, Call) and call.func.key() == REBUILD and len(call.args) >= 4):
         raise fail("is not a plain tensor")
     storage, offset, shape, stride = call.args[:4]
-    if not isinstance(storage, _Storage) or STORAGE_DTYPES.get(storage.kind.name) != dtype:
+    if not isinstance(storage, Storage) or STORAGE_DTYPES.get(storage.kind.name) != dtype:
         raise fail(f"holds another element type than the metadata's {dtype}")
-    if shape != sizes or stride != _contiguous(sizes) or type(offset) is not int or offset < 0:
+    if shape != sizes or stride != contiguous(sizes) or type(offset) is not int or offset < 0:
         raise fail(f"holds a tensor of another shape than the metadata's {list(sizes)}")
     item = itemsize(dtype) or 1
     record = records.get(f"data/{storage.key}")
