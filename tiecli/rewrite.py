@@ -562,7 +562,7 @@ def _write_gguf(
     durable: bool,
 ) -> None:
     """A GGUF file: its metadata kept as it is, tensors copied, read back with gguf."""
-    from .formats.gguf import check_written, write_gguf
+    from .formats.gguf_write import check_written, write_gguf
 
     src = ckpt.readers[0]
     with progress.task(f"writing {f.name}", sum(t.nbytes for t in f.tensors)) as bar:

@@ -185,7 +185,7 @@ def test_different_types_are_reported_never_dropped(tmp_path: Path) -> None:
 
 
 def test_architecture_without_fallback_missing_its_head(tmp_path: Path) -> None:
-    from tiecli.formats.gguf import head_kind
+    from tiecli.formats.gguf_heads import head_kind
 
     assert head_kind("qwen2moe") == "required"
     p = write_gguf(tmp_path / "m.gguf", arch="qwen2moe")
@@ -212,7 +212,7 @@ def test_always_tied_architecture_is_never_untied(tmp_path: Path) -> None:
 
 
 def test_table_is_read_from_llama_cpp() -> None:
-    from tiecli.formats.gguf import heads_table
+    from tiecli.formats.gguf_heads import heads_table
 
     table = heads_table()
     assert table["source"]["repo"] == "ggml-org/llama.cpp"
