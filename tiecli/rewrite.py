@@ -34,9 +34,9 @@ from .formats.safetensors_write import write_file
 from .formats.torchzip import TorchZip, open_torchzip
 from .formats.torchzip_pickle import Declined
 from .formats.torchzip_write import write_shared
+from .io import ByteFile, FileBlob, writes
 from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
-from .io import ByteFile, FileBlob, writes
 from .values import equal, same_bytes
 
 T = TypeVar("T")
@@ -750,9 +750,7 @@ def _write_zip(
             reader,
             shared,
             tmp,
-            lambda src, dst, at, to, n: writes.copy_range(
-                src, dst, at, to, n, bar, mark.reached
-            ),
+            lambda src, dst, at, to, n: writes.copy_range(src, dst, at, to, n, bar, mark.reached),
             place,
             mark.reached,
             copies,

@@ -206,7 +206,9 @@ def _entry(
 
         at = chunk_bytes(file, start, length, dtype, sizes, chunk_fail)
         parsed.append(Chunk(offsets, sizes, file, at))
-    runs = tensor_runs(fqn, shape, item, parsed, lambda what: CheckpointFormatError(what, meta_path))
+    runs = tensor_runs(
+        fqn, shape, item, parsed, lambda what: CheckpointFormatError(what, meta_path)
+    )
     nbytes = item * math.prod(shape)
     return Entry(name, dtype, shape, nbytes, DcpBlob(runs, nbytes), file=meta_path)
 

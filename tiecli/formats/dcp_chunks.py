@@ -61,7 +61,15 @@ def chunk_bytes(
 ) -> int:
     """Where in ``file`` the elements of a chunk saved with ``torch.save`` at
     ``start`` (``length`` bytes) begin; checked against the chunk's dtype and sizes."""
-    from .torchzip_pickle import REBUILD, STORAGE_DTYPES, Call, Declined, Storage, Unpickler, contiguous
+    from .torchzip_pickle import (
+        REBUILD,
+        STORAGE_DTYPES,
+        Call,
+        Declined,
+        Storage,
+        Unpickler,
+        contiguous,
+    )
 
     try:
         with zipfile.ZipFile(_Window(file, start, length)) as z:
@@ -154,7 +162,7 @@ def tensor_runs(
 class DcpBlob:
     """A tensor's bytes, row-major, gathered from its chunks' byte ranges."""
 
-    __slots__ = ("nbytes", "_pos", "tensor_runs")
+    __slots__ = ("nbytes", "_pos", "_runs")
 
     def __init__(self, runs: list[tuple[int, ByteFile, int, int]], nbytes: int):
         self._runs = runs

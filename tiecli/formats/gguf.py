@@ -157,7 +157,9 @@ class GGUFFile(ByteFile):
             if vtype != array:
                 raise self._fail(f"metadata {quoted(key)} has unknown value type {vtype}")
             if depth >= MAX_NESTING:
-                raise self._fail(f"metadata {quoted(key)} nests arrays more than {MAX_NESTING} deep")
+                raise self._fail(
+                    f"metadata {quoted(key)} nests arrays more than {MAX_NESTING} deep"
+                )
             need(at, 12, f"metadata {quoted(key)}")
             item, count = struct.unpack_from("<IQ", buf, at)
             at += 12
@@ -217,7 +219,9 @@ class GGUFFile(ByteFile):
             (n_dims,) = struct.unpack_from("<I", buf, pos)
             pos += 4
             if n_dims > MAX_DIMS:
-                raise self._fail(f"tensor {quoted(name)} has {n_dims} dimensions (at most {MAX_DIMS})")
+                raise self._fail(
+                    f"tensor {quoted(name)} has {n_dims} dimensions (at most {MAX_DIMS})"
+                )
             need(pos, 8 * n_dims + 12, f"tensor {quoted(name)}")
             dims = struct.unpack_from(f"<{n_dims}Q", buf, pos)
             pos += 8 * n_dims

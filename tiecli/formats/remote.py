@@ -43,8 +43,8 @@ from ..errors import (
     TiecliError,
     UsageError,
 )
-from ..progress import NO_PROGRESS, Progress
 from ..io import RangeBlob
+from ..progress import NO_PROGRESS, Progress
 from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
 
 DEFAULT_MAX_DOWNLOAD = 256 << 20  # bytes of whole tensors read to confirm ties

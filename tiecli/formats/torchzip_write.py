@@ -172,9 +172,7 @@ def _clone(src: TorchZip, call: Call, made: dict[int, Record]) -> Call:
             crc = zlib.crc32(src.pread(at, min(CHUNK, start + nbytes - at)), crc)
     hooks = Call(rest[1].func, ())  # an empty OrderedDict of its own, as torch writes it
     pid = (storage.pid[0], storage.kind, storage.key, storage.pid[3], numel)
-    clone = Call(
-        call.func, (Storage(pid), 0, shape, contiguous(shape), rest[0], hooks, *rest[2:])
-    )
+    clone = Call(call.func, (Storage(pid), 0, shape, contiguous(shape), rest[0], hooks, *rest[2:]))
     made[id(clone)] = Record(src.prefix + "data/copy", start, nbytes, crc)
     return clone
 
