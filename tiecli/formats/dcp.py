@@ -241,7 +241,7 @@ class _DistcpFile(ByteFile):
         super().__init__(path, file_number)
         self.size = os.fstat(self.fd).st_size
 
-    def _short_read(self, offset: int) -> Exception:
+    def short_read(self, offset: int) -> Exception:
         return CheckpointFormatError("short read (file changed or truncated?)", self.path)
 
 

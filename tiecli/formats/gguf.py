@@ -88,7 +88,7 @@ class GGUFFile(ByteFile):
     def _fail(self, what: str, hint: str | None = None) -> CheckpointFormatError:
         return CheckpointFormatError(what, self.path, hint=hint)
 
-    def _short_read(self, offset: int) -> Exception:
+    def short_read(self, offset: int) -> Exception:
         return self._fail("short read (file changed or truncated?)")
 
     # -- the header, bounds only ------------------------------------------

@@ -102,7 +102,7 @@ class SafetensorsFile(ByteFile):
     def _fail(self, what: str) -> CheckpointFormatError:
         return CheckpointFormatError(what, self.path)
 
-    def _short_read(self, offset: int) -> Exception:
+    def short_read(self, offset: int) -> Exception:
         return self._fail("short read (file changed or truncated?)")
 
     def _parse(

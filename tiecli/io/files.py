@@ -122,7 +122,8 @@ class ByteFile:
         self._identity = (st.st_dev, st.st_ino)
         OPEN.add(self)
 
-    def _short_read(self, offset: int) -> Exception:
+    def short_read(self, offset: int) -> Exception:
+        """The error for a read that ended early at ``offset`` (a format names its own)."""
         return OSError(5, f"short read from {self.path} (file changed or truncated?)")
 
     def _changed(self) -> Exception:
@@ -171,7 +172,7 @@ class ByteFile:
         finally:
             OPEN.done(self)
         if len(data) != size:
-            raise self._short_read(offset)
+            raise self.short_read(offset)
         self.bytes_read += size
         return data
 
@@ -182,7 +183,7 @@ class ByteFile:
         finally:
             OPEN.done(self)
         if done < len(view):
-            raise self._short_read(offset + done)
+            raise self.short_read(offset + done)
         self.bytes_read += done
 
     def view(self) -> mmap.mmap:
