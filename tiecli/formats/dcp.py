@@ -465,7 +465,7 @@ def open_dcp(path: Path) -> Checkpoint:
         raise
     if not entries:
         raise fail_meta("names no tensor of a model")
-    readers = list(files.values())
+    readers: list[Any] = list(files.values())
     weight_files = [meta_path] + sorted(
         {f.path for f in readers} | set(folder.glob("*" + SUFFIX)), key=lambda p: p.name
     )

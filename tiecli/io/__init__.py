@@ -1,0 +1,1 @@
+"""Byte I/O: reading and writing files by position."""
