@@ -1,8 +1,10 @@
-"""Opening any supported checkpoint form as a :class:`~tiecli.checkpoint.Checkpoint`.
+"""The registry of forms, and opening any of them as a :class:`~tiecli.checkpoint.Checkpoint`.
 
-Forms: a .safetensors file; a sharded checkpoint (its ``*.index.json`` or the
-folder holding it); a PyTorch zip pickle; a Hugging Face folder (config.json
-plus weights in any of those forms, safetensors preferred).
+Forms (:data:`FORMATS`, one :class:`~tiecli.formats.base.Format` each): a
+.safetensors file; a sharded checkpoint (its ``*.index.json`` or the folder
+holding it); a PyTorch pickle; a GGUF file; a torch distributed checkpoint. A
+Hugging Face folder holds config.json plus weights in one of them (safetensors
+preferred).
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import zipfile
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..checkpoint import Checkpoint
 from ..errors import VerificationError
@@ -19,6 +19,9 @@ from .folder_names import INDEX_SUFFIX
 from .pytorch import PICKLE_SUFFIXES, PickleFile
 from .safetensors import SafetensorsFile
 from .torchzip import TorchZip, open_torchzip
+
+if TYPE_CHECKING:
+    from ..plan import Check, FilePlan, Plan
 
 
 class Safetensors(Format):
@@ -37,7 +40,7 @@ class Safetensors(Format):
             shown, self.name, entries, [f.path], metadata=dict(f.metadata), readers=[f]
         )
 
-    def write(self, job: Job, f: Any, tmp: Path, checks: list[Any]) -> None:
+    def write(self, job: Job, f: FilePlan, tmp: Path, checks: list[Check]) -> None:
         from .safetensors_write import write_safetensors
 
         write_safetensors(job, f, tmp, checks)
@@ -89,7 +92,7 @@ class Pytorch(Format):
     def loaded_tensors(self, ckpt: Checkpoint) -> dict[Path, Any]:
         return {r.path: r for r in ckpt.readers if isinstance(r, PickleFile)}
 
-    def write(self, job: Job, f: Any, tmp: Path, checks: list[Any]) -> None:
+    def write(self, job: Job, f: FilePlan, tmp: Path, checks: list[Check]) -> None:
         from .pytorch_write import write_pickle
 
         write_pickle(job, f, tmp, checks)
@@ -132,7 +135,7 @@ class Gguf(Format):
     def fixed_aliases(self, ckpt: Checkpoint) -> frozenset[str]:
         return frozenset(a for r in ckpt.readers for a in cast(Any, r).fixed_aliases)
 
-    def write(self, job: Job, f: Any, tmp: Path, checks: list[Any]) -> None:
+    def write(self, job: Job, f: FilePlan, tmp: Path, checks: list[Check]) -> None:
         """Its metadata kept as it is, tensors copied, read back with gguf."""
         from ..atomic import output_errors
         from .gguf import check_written, write_gguf
@@ -170,7 +173,7 @@ class Dcp(Format):
     def written_as(self, to_safetensors: bool) -> Format:
         return SAFETENSORS_SHARDED
 
-    def reshard(self, plan: Any, max_shard_size: int) -> None:
+    def reshard(self, plan: Plan, max_shard_size: int) -> None:
         from .dcp import shard_plan
 
         shard_plan(plan, max_shard_size)
