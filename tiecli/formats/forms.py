@@ -138,7 +138,7 @@ class Gguf(Format):
     def write(self, job: Job, f: FilePlan, tmp: Path, checks: list[Check]) -> None:
         """Its metadata kept as it is, tensors copied, read back with gguf."""
         from ..atomic import output_errors
-        from .gguf import check_written, write_gguf
+        from .gguf_write import check_written, write_gguf
 
         src = cast(Any, job.ckpt.readers[0])
         with job.progress.task(f"writing {f.name}", sum(t.nbytes for t in f.tensors)) as bar:

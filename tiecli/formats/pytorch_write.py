@@ -16,16 +16,17 @@ from typing import Any, cast
 
 from ..checkpoint import Entry
 from ..errors import CheckpointFormatError, VerificationError
+from ..io import ByteFile, FileBlob, writes
 from ..io.follow import Mark, WriterEnded, beside
 from ..plan import Check, FilePlan, Plan
 from ..progress import Progress
 from ..values import same_bytes
 from ..write.compare import check_all, check_one, read_back, start, sync_file
-from . import safetensors as st_format
 from .base import Job, by_file
 from .pytorch import PickleFile
-from .safetensors import ByteFile, FileBlob
-from .torchzip import Declined, TorchZip, open_torchzip, write_shared
+from .torchzip import TorchZip, open_torchzip
+from .torchzip_pickle import Declined
+from .torchzip_write import write_shared
 
 
 def write_pickle(job: Job, f: FilePlan, tmp: Path, checks: list[Check]) -> None:
@@ -72,9 +73,7 @@ def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Che
             reader,
             shared,
             tmp,
-            lambda src, dst, at, to, n: st_format._copy_range(
-                src, dst, at, to, n, bar, mark.reached
-            ),
+            lambda src, dst, at, to, n: writes.copy_range(src, dst, at, to, n, bar, mark.reached),
             place,
             mark.reached,
             copies,

@@ -9,7 +9,7 @@ from typing import TypeVar, cast
 from ..atomic import fsync_file
 from ..checkpoint import Entry
 from ..errors import CheckpointFormatError, VerificationError
-from ..formats.safetensors import FileBlob
+from ..io import FileBlob
 from ..plan import Check, FilePlan, Plan
 from ..progress import Progress
 from ..values import equal
