@@ -28,7 +28,7 @@ def _pending(reason: str) -> pytest.MarkDecorator:
 
 CHECKS = [
     pytest.param("long", marks=_pending("modules over 450 lines are being split")),
-    pytest.param("format", marks=_pending("format checks are moving into tiecli/formats/")),
+    pytest.param("format"),
     pytest.param("private", marks=_pending("private names shared across modules go public")),
     pytest.param("storage", marks=_pending("save() tells an empty tensor by data_ptr() == 0")),
     pytest.param("declared"),
