@@ -18,7 +18,8 @@ from .dtypes import itemsize
 from .patterns import flag_pairs, flag_value, flags, model_type_of, pattern_ties
 from .progress import NO_PROGRESS, Progress
 from .record import read_record
-from .values import difference, equal, find_equal, same_samples, sampled_difference
+from .matching import find_equal
+from .values import difference, equal, same_samples, sampled_difference
 
 EVIDENCE_ORDER = ("metadata", "declared", "pattern", "storage", "value", "transposed", "sampled")
 STRUCTURAL = frozenset({"metadata", "declared", "pattern", "storage"})
