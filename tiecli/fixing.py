@@ -37,11 +37,12 @@ from .api import (
 )
 from .checkpoint import Checkpoint
 from .consumers import FLAG, Pair, pairs_of, rules, tied_by
-from .detect import TieReport, find_ties
+from .detect import find_ties
 from .errors import UnsafeChangeError, UsageError
 from .patterns import flags
 from .patterns import table as pattern_table
 from .progress import NO_PROGRESS, Progress
+from .ties import TieReport
 
 CONFIG = "config.json"
 

@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHUNK, Checkpoint, Entry
-from .detect import Tie, TieReport, declared, fills
+from .grouping import fills
 from .record import RECORD_KEY, RECORD_VERSION, RecordedTie, read_record
+from .ties import Tie, TieReport, declared
 
 
 @dataclass
@@ -169,7 +170,7 @@ def _recorded_aliases(raw: Any) -> set[str]:
 def _recorded(t: Tie, before: dict[str, RecordedTie]) -> RecordedTie:
     """The record entry for a tie: why it exists, kept stable across runs."""
     old = before.get(t.alias)
-    evidence = [e for e in t.evidence if e != "metadata"]
+    evidence: list[str] = [e for e in t.evidence if e != "metadata"]
     if old is not None and old.source == t.source:
         evidence += [e for e in old.evidence if e != "metadata" and e not in evidence]
     order = ("declared", "pattern", "storage", "value", "transposed")

@@ -17,11 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dtypes import BITS, itemsize
+from .ties import KINDS, TRANSFORMS, Kind, Transform
 
 RECORD_KEY = "tiecli"
 RECORD_VERSION = 1
-TRANSFORMS = ("identity", "transpose")
-KINDS = ("tied", "duplicate")
 # Metadata keys that are never tensor names.
 RESERVED_KEYS = frozenset({"format", RECORD_KEY, "total_size", "total_parameters"})
 # A record can list more aliases than the file stores tensors (one source may stand
@@ -41,8 +40,8 @@ def max_record_ties(stored: int) -> int:
 class RecordedTie:
     alias: str
     source: str
-    transform: str = "identity"
-    kind: str = "tied"
+    transform: Transform = "identity"
+    kind: Kind = "tied"
     evidence: tuple[str, ...] = ("metadata",)
 
     def to_json(self) -> dict[str, Any]:

@@ -14,10 +14,12 @@ from typing import Any
 
 from .atomic import Staging, fsync_file, output_errors
 from .checkpoint import Checkpoint
-from .detect import TieReport, fills, find_ties
+from .detect import find_ties
 from .errors import TieRecordError, UsageError
 from .formats import open_checkpoint
 from .formats.pytorch import PickleFile
+from .grouping import fills
+from .ties import TieReport, Transform
 
 
 def load(path: str | os.PathLike[str], *, use_transformers: bool = True) -> dict[str, Any]:
@@ -117,6 +119,7 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
             if n == names[0] or t.data_ptr() == 0:
                 kept[n] = t.detach().contiguous()
                 continue
+            transform: Transform
             if t.shape == head.shape and t.stride() == head.stride() and t.dtype == head.dtype:
                 transform = "identity"
             elif t.dim() == 2 and t.shape == head.shape[::-1] and t.stride() == head.stride()[::-1]:
