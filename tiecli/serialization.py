@@ -85,8 +85,7 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
     from safetensors.torch import save_file
 
     from .declared import ties_by_identity
-    from .plan import record_metadata
-    from .record import RecordedTie
+    from .record import RecordedTie, record_metadata
 
     declared: dict[str, str] = {}
     if isinstance(obj, torch.nn.Module):
