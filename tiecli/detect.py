@@ -23,14 +23,13 @@ from .ties import Problem, Tie, TieReport, Transform, problem
 
 
 class _Finder:
-    def __init__(
-        self, ckpt: Checkpoint, use_transformers: bool, progress: Progress, sampled: bool = False
-    ):
+    """The claims of one checkpoint, by kind of evidence, and the problems they show."""
+
+    def __init__(self, ckpt: Checkpoint, use_transformers: bool, sampled: bool = False):
         self.ckpt = ckpt
         self.entries = ckpt.entries
         self.order = {name: i for i, name in enumerate(ckpt.entries)}
         self.use_transformers = use_transformers
-        self.progress = progress
         self.values = Confirmer(ckpt.entries, ckpt.budget, sampled)
         self.claims: list[Claim] = []
         self.problems: list[Problem] = []
@@ -253,7 +252,7 @@ def find_ties(
     elements are, without reading them whole (listed in ``assumed``). Only for a
     caller that compares them in full afterwards, as a rewrite's verification does.
     """
-    f = _Finder(ckpt, use_transformers, progress, sampled)
+    f = _Finder(ckpt, use_transformers, sampled)
     f.from_record()
     f.from_architecture()
     f.from_storage()
