@@ -155,3 +155,34 @@ def test_fills_give_every_absent_member_from_whichever_is_stored() -> None:
         "dec": ("enc", "identity"),
         "head": ("enc", "transpose"),
     }
+
+
+def test_find_equal_groups_equal_tensors_and_pairs_transposes() -> None:
+    from tiecli.matching import find_equal
+
+    other = W + 1
+    entries = [
+        entry("a", W),
+        entry("b", other),
+        entry("c", W),
+        entry("d", W),
+        entry("t", W.T),
+        entry("z", np.zeros((3, 4))),
+        entry("z2", np.zeros((3, 4))),
+    ]
+    m = find_equal(entries)
+    assert [[e.name for e in g] for g in m.groups] == [["a", "c", "d"]]
+    # each copy pairs with the transpose; grouping then joins them into one group
+    assert [(x.name, y.name) for x, y in m.transposed] == [("a", "t"), ("c", "t"), ("d", "t")]
+    assert m.unconfirmed == set()
+    # names already known equal are read as one: a class of one finds no group
+    known = find_equal(entries, known={"a": "a", "c": "a", "d": "a"})
+    assert known.groups == []
+
+
+def test_candidates_are_narrowed_by_shape_and_first_element() -> None:
+    from tiecli.matching import could_match, shaped_like_another
+
+    entries = [entry("a", W), entry("b", W + 1), entry("c", W), entry("t", W.T), entry("v", [1, 2])]
+    assert [e.name for e in shaped_like_another(entries)] == ["a", "b", "c", "t"]
+    assert [e.name for e in could_match(entries)] == ["a", "c", "t"]
