@@ -18,8 +18,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .arch.patterns import flag_pairs, flags, governing_flag
 from .errors import UsageError
-from .patterns import flag_pairs, flags, governing_flag
 from .ties import Problem, Tie
 
 TABLE = Path(__file__).with_name("data") / "consumers.json"
