@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 from in_memory import checkpoint, entry, seeded
 
-from tiecli.detect import TieReport, find_ties
+from tiecli.detect import find_ties
+from tiecli.ties import TieReport
 
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
 LLAMA = {"model_type": "llama", "tie_word_embeddings": True}

@@ -8,8 +8,7 @@ from typing import Any
 
 import pytest
 
-from tiecli.plan import record_metadata
-from tiecli.record import RECORD_KEY, RecordedTie, max_record_ties, read_record
+from tiecli.record import RECORD_KEY, RecordedTie, max_record_ties, read_record, record_metadata
 
 SHAPES = {
     "emb": ((10, 4), "F32"),

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 from in_memory import entry, seeded
 
+from tiecli.matching import find_equal
 from tiecli.values import (
     SAMPLES,
     difference,
     digest,
     equal,
-    find_equal,
     same_samples,
     sample,
     sample_positions,
