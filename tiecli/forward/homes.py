@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..arch.storage import where
 from .result import RunStats
 
 
@@ -17,7 +18,7 @@ def home(model: Any, name: str, p: Any) -> tuple[Any, ...]:
     The place comes first: a device (``cpu``, ``cuda:0``), ``disk`` or ``meta``.
     """
     if not p.is_meta:
-        return (str(p.device), p.untyped_storage().data_ptr(), p.storage_offset())
+        return _stored(name, p)
     parts = name.split(".")
     for i in range(len(parts) - 1, -1, -1):
         hook = getattr(model.get_submodule(".".join(parts[:i])), "_hf_hook", None)
@@ -29,13 +30,18 @@ def home(model: Any, name: str, p: Any) -> tuple[Any, ...]:
             key = getattr(weights, "prefix", "") + ".".join(parts[i:])
             state = getattr(loader, "state_dict", None) or {}
             if key in state:
-                t = state[key]
-                return ("cpu", t.untyped_storage().data_ptr(), t.storage_offset())
+                return _stored(key, state[key])
             info = (getattr(loader, "index", None) or {}).get(key)
             if info is not None:
                 file = info.get("safetensors_file") or f"{loader.save_folder}/{key}.dat"
                 return ("disk", file, info.get("weight_name", key))
     return ("meta", name, 0)
+
+
+def _stored(name: str, t: Any) -> tuple[Any, ...]:
+    """A real tensor's key: its storage, or its name alone where it has none to compare."""
+    key = where(t)
+    return key if key is not None else (str(t.device), name, 0)
 
 
 def count(model: Any, stats: RunStats) -> None:
