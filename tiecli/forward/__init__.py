@@ -15,7 +15,7 @@ folder.
 """
 
 from .build import build_model
-from .check import DTYPES, compare, float_outputs, forward_check, run_forward
+from .check import DTYPES, float_outputs, forward_check, run_forward
 from .devices import resolve_device
 from .inputs import example_input, token_ids
 from .load import load_onto
@@ -37,7 +37,6 @@ __all__ = [
     "Placement",
     "RunStats",
     "build_model",
-    "compare",
     "example_input",
     "float_outputs",
     "forward_check",

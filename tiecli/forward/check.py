@@ -29,6 +29,7 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def float_outputs(out: Any) -> list[Any]:
+    """The floating tensors of a model's output (a tensor, a model output, a dict, a tuple)."""
     import torch
 
     if torch.is_tensor(out):
@@ -42,6 +43,7 @@ def float_outputs(out: Any) -> list[Any]:
 
 
 def run_forward(model: Any, example: Any, device: Any) -> tuple[list[Any], float]:
+    """Run ``model`` on its seeded input: (its floating outputs on the CPU, seconds taken)."""
     import torch
 
     args, kwargs = example_input(model, example, device)
@@ -64,6 +66,7 @@ def run_forward(model: Any, example: Any, device: Any) -> tuple[list[Any], float
 
 
 def compare(a: list[Any], b: list[Any]) -> tuple[bool, float]:
+    """(bit-identical, the largest absolute difference); NaN where one holds NaN."""
     import torch
 
     if len(a) != len(b) or any(x.shape != y.shape for x, y in zip(a, b, strict=False)):
