@@ -48,8 +48,8 @@ def _from_config(ckpt: Checkpoint) -> Any:
             ckpt.path,
             hint=f"pip install 'tiecli[hf]', or pass {param('model')} module:function",
         ) from None
-    from ..declared import Budget, BuildRefused
-    from ..declared import build_model as build_from_config
+    from ..arch.build import Budget, BuildRefused
+    from ..arch.build import build_model as build_from_config
 
     assert ckpt.config_path is not None
     # bounded by the checkpoint, offline, without the folder's code: as detection builds it
@@ -68,7 +68,7 @@ def _not_built(ckpt: Checkpoint, why: str) -> Exception:
     config = ckpt.config or {}
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     known = [a for a in archs if a.isidentifier() and hasattr(transformers, a)]
-    from ..declared import CUSTOM_CODE
+    from ..arch.build import CUSTOM_CODE
 
     if why == CUSTOM_CODE:
         return CheckpointFormatError(

@@ -11,10 +11,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..arch.declared import module_ties
 from ..detect import Problem
 from ..errors import TiecliError, UsageError, debugging, param
 from ..formats import open_checkpoint
-from ..guard import declared_module_ties
 from ..progress import NO_PROGRESS, Progress
 from .build import build_model
 from .devices import device_name, gpu_count, host_peak, release, resolve_device
@@ -202,7 +202,7 @@ class _Runs:
                 main = main_device(stats.device_map)
             for msg in load_problems:
                 problems.append(Problem("forward-failed", "error", f"{p}: {msg}"))
-            declared = declared_module_ties(model)
+            declared = module_ties(model)
             problems += ties_on_device(model, ties, declared)
             where = tie_devices(model, ties, declared)
             stage = "the forward pass"

@@ -18,7 +18,7 @@ def _special_ids(config: Any) -> set[int]:
     ``image_token_index``, ``boi_token_index`` ...) make a multimodal model
     expect features the input does not carry; the seeded input avoids them all.
     """
-    from ..declared import sub_configs
+    from ..arch.build import sub_configs
 
     ids: set[int] = set()
     for c in sub_configs(config):

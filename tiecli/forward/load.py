@@ -9,11 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..arch.declared import module_ties
 from ..checkpoint import Checkpoint
 from ..detect import Tie, find_ties
 from ..errors import UsageError
 from ..formats import open_checkpoint
-from ..guard import declared_module_ties
 from .dispatch import device_of, dispatch, infer_device_map, main_device, offload
 from .homes import count
 from .names import loaded_dtypes, model_names, renamed, sources
@@ -54,7 +54,7 @@ def load_onto(
         }
         mapping, groups = model_names(model, list(given))
         ties = renamed(report.ties, mapping)
-        declared = declared_module_ties(model)
+        declared = module_ties(model)
         keep = wanted(ties, declared)
         _tie_on_meta(model, {a: s for a, (s, how) in keep.items() if how == "identity"})
         params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
