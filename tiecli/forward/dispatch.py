@@ -11,10 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import MissingDependencyError, UsageError, param
+from ..io import PAGE
 from .placement import Placement
 from .result import LoadFailed, cause
-
-PAGE = 4096  # offloaded weights start on a page: mapped back, they are aligned as a copy is
 
 
 def to_device(d: int | str) -> Any:
@@ -168,6 +167,7 @@ def offload(t: Any, folder: Path, number: int) -> dict[str, str]:
         {"w": {"dtype": TORCH_TO_CODE[name], "shape": list(t.shape), "data_offsets": [0, nbytes]}},
         separators=(",", ":"),
     ).encode()
+    # the data starts on a page: mapped back, it is aligned as a copy is
     header += b" " * (-(8 + len(header)) % PAGE)
     path = folder / f"{number:07d}.safetensors"
     data = t.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
