@@ -3,7 +3,7 @@
 The model comes from ``config.json`` through transformers (built on the meta
 device, so no time goes to random init) or from a ``module:function`` the user
 names (:mod:`.build`). Weights are loaded with ties restored (:mod:`.load`),
-placed on the device so that every tie is one storage there (:mod:`.ties`),
+placed on the device so that every tie is one storage there (:mod:`.tie_placement`),
 and the model runs on a seeded input (:mod:`.inputs`). Against a reference
 checkpoint the outputs must be bit-identical, or within ``atol`` (:mod:`.check`).
 
@@ -28,7 +28,7 @@ from .placement import (
     placement_for,
 )
 from .result import ForwardReport, RunStats
-from .ties import tie_devices, ties_on_device
+from .tie_placement import tie_devices, ties_on_device
 
 __all__ = [
     "DEVICE_MAPS",

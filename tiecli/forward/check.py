@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 from ..arch.declared import module_ties
-from ..detect import Problem
 from ..errors import TiecliError, UsageError, debugging, param
 from ..formats import open_checkpoint
 from ..progress import NO_PROGRESS, Progress
+from ..ties import Problem
 from .build import build_model
 from .devices import device_name, gpu_count, host_peak, release, resolve_device
 from .dispatch import main_device
@@ -23,7 +23,7 @@ from .inputs import example_input
 from .load import load_onto
 from .placement import Placement, placement_for
 from .result import BuildFailed, ForwardReport, LoadFailed, RunStats, cause
-from .ties import tie_devices, ties_on_device
+from .tie_placement import tie_devices, ties_on_device
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 

@@ -11,16 +11,17 @@ from typing import Any
 
 from ..arch.declared import module_ties
 from ..checkpoint import Checkpoint
-from ..detect import Tie, find_ties
+from ..detect import find_ties
 from ..errors import UsageError
 from ..formats import open_checkpoint
+from ..ties import Tie
 from .dispatch import device_of, dispatch, infer_device_map, main_device, offload
 from .homes import count
 from .names import loaded_dtypes, model_names, renamed, sources
 from .placement import Placement
 from .reader import Reader, put
 from .result import LoadFailed, RunStats
-from .ties import check_ties_placed, wanted
+from .tie_placement import check_ties_placed, wanted
 
 
 def load_onto(

@@ -8,8 +8,9 @@ from dataclasses import replace
 from typing import Any
 
 from ..checkpoint import Checkpoint
-from ..detect import Tie, TieReport, fills
 from ..errors import TieRecordError
+from ..grouping import fills
+from ..ties import Tie, TieReport
 
 
 def sources(ckpt: Checkpoint, report: TieReport) -> dict[str, tuple[str, bool]]:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..detect import Problem, Tie
 from ..errors import UsageError, param
+from ..ties import Problem, Tie, Transform
 from .dispatch import device_of, main_device
 from .homes import home
 
 
-def wanted(ties: list[Tie], extra: dict[str, str]) -> dict[str, tuple[str, str]]:
+def wanted(ties: list[Tie], extra: dict[str, str]) -> dict[str, tuple[str, Transform]]:
     """``{alias: (source, transform)}``: every recorded or declared tie the model must keep."""
     out = {t.alias: (t.source, t.transform) for t in ties if t.kind == "tied" and t.drift is None}
     for alias, source in extra.items():
@@ -20,7 +20,7 @@ def wanted(ties: list[Tie], extra: dict[str, str]) -> dict[str, tuple[str, str]]
 
 
 def check_ties_placed(
-    wanted: dict[str, tuple[str, str]], params: set[str], device_map: dict[str, Any]
+    wanted: dict[str, tuple[str, Transform]], params: set[str], device_map: dict[str, Any]
 ) -> None:
     """A tie stays on one device, and a transposed one off disk and off CPU offload.
 
