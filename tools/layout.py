@@ -31,8 +31,6 @@ STORAGE_CALLS = frozenset({"untyped_storage", "data_ptr"})
 # (folder or module under the package, function): raw storages read for what is not identity
 STORAGE_ALLOWED = frozenset(
     {
-        ("forward", "_home"),  # where accelerate's offload hooks keep a weight
-        ("forward", "home"),
         ("formats", "entries"),  # a pickle reader turns tensors into entries
         ("formats", "_check_storages"),  # a storage's record offset, against the zip
         ("formats", "check_storages"),
