@@ -23,7 +23,8 @@ from remote_server import serve
 from typer.testing import CliRunner
 
 from tiecli.cli import app
-from tiecli.formats.remote import coalesce, shown_url
+from tiecli.formats.remote import shown_url
+from tiecli.formats.remote.sampling import coalesce
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
@@ -803,17 +804,17 @@ def test_servers_that_refuse_multi_range_are_read_one_range_at_a_time(
 
 def test_multipart_parts_are_cut_by_their_content_range() -> None:
     from tiecli.errors import TiecliError
-    from tiecli.formats.remote import _parts
+    from tiecli.formats.remote.http_client import multipart_ranges
 
     data = b"--b\r\n--b--\r\n"  # the boundary inside a part's bytes
     body = (
         b"\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 10-21/100"
         b"\r\n\r\n" + data + b"\r\n--b\r\ncontent-range: bytes 50-50/100\r\n\r\nx\r\n--b--\r\n"
     )
-    assert _parts(body, b"b", "http://h/m") == [(10, data), (50, b"x")]
+    assert multipart_ranges(body, b"b", "http://h/m") == [(10, data), (50, b"x")]
     for bad in (body.replace(b"21/", b"99/"), body[:40], b"no parts"):
         with pytest.raises(TiecliError, match="malformed"):
-            _parts(bad, b"b", "http://h/m")
+            multipart_ranges(bad, b"b", "http://h/m")
 
 
 def test_remote_reads_show_a_progress_bar_but_not_with_json_or_quiet(
