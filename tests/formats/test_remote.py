@@ -303,6 +303,19 @@ def test_a_server_that_does_not_answer_in_time_is_one_line(tmp_path: Path) -> No
     assert took < 2.5
 
 
+def test_a_timeout_in_the_library_names_the_parameter() -> None:
+    import tiecli
+    from tiecli.errors import RemoteError
+
+    with serve(FIXTURES, delay=3.0) as (base, _counts):
+        url = f"{base}/gpt2/full/model.safetensors"
+        with pytest.raises(RemoteError) as caught:
+            tiecli.inspect(url, timeout=0.3)
+    text = str(caught.value)
+    assert url in text and "timed out" in text
+    assert "raise timeout)" in text and "--timeout" not in text
+
+
 def test_nothing_listens_is_one_line() -> None:
     with serve(FIXTURES) as (base, _counts):
         pass  # closed: the port refuses connections now

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import socket
 
+from ...errors import param
+
 
 class NotTheRange(Exception):
     """A range answer that is not the range asked for."""
@@ -54,7 +56,7 @@ def why(e: BaseException, timeout: float) -> str:
     if name == "EntryNotFoundError" or isinstance(e, FileNotFoundError):
         return "not found"
     if "Timeout" in name or isinstance(e, TimeoutError):
-        return f"timed out (no answer within {timeout:g} s; raise --timeout)"
+        return f"timed out (no answer within {timeout:g} s; raise {param('timeout')})"
     if status == 404:
         return "not found"
     if status in (401, 403):
