@@ -35,12 +35,12 @@ from .api import (
     _refuse_unreadable_record,
     _rewriting,
 )
+from .arch.patterns import flags
+from .arch.patterns import table as pattern_table
 from .checkpoint import Checkpoint
 from .consumers import FLAG, Pair, pairs_of, rules, tied_by
 from .detect import TieReport, find_ties
 from .errors import UnsafeChangeError, UsageError
-from .patterns import flags
-from .patterns import table as pattern_table
 from .progress import NO_PROGRESS, Progress
 
 CONFIG = "config.json"
