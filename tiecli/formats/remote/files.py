@@ -14,14 +14,15 @@ from typing import Any
 
 from ...dtypes import uint_view
 from ...errors import CheckpointFormatError
-from ..safetensors import RangeBlob, SafetensorsFile
+from ...io import RangeBlob
+from ..safetensors import SafetensorsFile
 from .http_client import HttpFile
 from .location import Remote
 from .options import HEAD_GUESS
 
 
 class RemoteFile:
-    """A remote file read by position, as :class:`~tiecli.formats.safetensors.ByteFile`
+    """A remote file read by position, as :class:`~tiecli.io.ByteFile`
     reads a local one: ``pread``/``preadinto`` relative to the file's start, failing
     on a short read. Ranges fetched ahead (:meth:`keep`) are served from memory."""
 
