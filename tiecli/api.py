@@ -366,7 +366,7 @@ def _carry_out(
     progress: Progress,
 ) -> R:
     """Write the plan (unless a dry run) and note where the output went."""
-    from .rewrite import execute
+    from .write.run import execute
 
     if not result.dry_run:
         written = execute(
@@ -411,7 +411,7 @@ def _rewriting(
         return
     from .atomic import locked
     from .errors import BusyError
-    from .rewrite import lock_targets
+    from .write.paths import lock_targets
 
     targets = lock_targets(path, out, to == "safetensors")
     if out is None:
@@ -450,9 +450,7 @@ def _refuse_shard(path: Path, command: str) -> None:
 
 
 def _pickle_has_more(ckpt: Checkpoint) -> bool:
-    from .formats.pytorch import PickleFile
-
-    return any(r.holds_more_than_tensors() for r in ckpt.readers if isinstance(r, PickleFile))
+    return ckpt.form.holds_more_than_tensors(ckpt)
 
 
 def dedupe(
@@ -582,14 +580,14 @@ def _dedupe(
     from .plan import plan_dedupe
 
     _refuse_unreadable_record(ckpt, report)
-    if to == "safetensors" and ckpt.format == "gguf":
+    if to == "safetensors" and ckpt.form.refuses_conversion:
         from .errors import UsageError
 
         raise UsageError(
             "is a GGUF file; --to safetensors converts PyTorch pickles only; nothing was changed",
             ckpt.path,
         )
-    to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
+    to_st = to == "safetensors" and ckpt.form.converts
     if to_st and out is None and _pickle_has_more(ckpt):
         raise UnsafeChangeError(
             f"holds more than tensors (under {ckpt.nested_key!r} or beside them: epoch, "
@@ -599,10 +597,7 @@ def _dedupe(
             hint="write the conversion elsewhere with -o",
         )
     plan = plan_dedupe(ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st)
-    if ckpt.format == "dcp":
-        from .formats.dcp import shard_plan
-
-        shard_plan(plan, shard_size or _shard_size(None))
+    ckpt.form.reshard(plan, shard_size or _shard_size(None))
     if report.assumed:
         assumed = set(report.assumed)
         if any((t.alias, t.source, t.transform) in assumed for t, _why in plan.kept):
@@ -833,7 +828,7 @@ def verify(
             report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
             problems = list(report.problems)
             if require_deduped:
-                problems += _duplicate_stored(ckpt.shown, report, ckpt.format == "dcp")
+                problems += _duplicate_stored(ckpt.shown, report, not ckpt.form.in_place)
             loads, found = _predict(ckpt, report, for_consumers)
             problems += _fold(problems, found)
             verdicts.append(
@@ -853,7 +848,9 @@ def verify(
         require_deduped=require_deduped,
         for_consumers=for_consumers,
     )
-    if forward and verdicts[0].format == "gguf":
+    from .formats import form_named
+
+    if forward and not form_named(verdicts[0].format).rebuilds:
         raise UsageError(
             "is a GGUF file; --forward rebuilds PyTorch models only (llama.cpp runs GGUF)",
             roots[0],

@@ -36,6 +36,8 @@ class Remote:
     """One remote location: its file system, how to name files beside it, and the
     count of what reading it cost."""
 
+    bytes_read = 0  # a checkpoint reader: its files count the bytes read
+
     def __init__(self, url: str, options: RemoteOptions):
         self.url = url
         self.options = options

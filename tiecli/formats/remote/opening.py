@@ -25,6 +25,8 @@ FOLDER_PREFERENCE = ("model.safetensors.index.json", "model.safetensors")
 class _Scratch:
     """A private folder for the config copy that transformers reads; removed on close."""
 
+    bytes_read = 0  # held as a checkpoint reader, to be closed with it
+
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="tiecli-remote-"))
 
