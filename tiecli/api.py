@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .checkpoint import Checkpoint
-from .detect import Problem, Tie, TieReport, find_ties
+from .detect import find_ties
 from .errors import UnsafeChangeError, VerificationError
 from .formats import open_checkpoint
 from .progress import NO_PROGRESS, Progress
+from .ties import Problem, Tie, TieReport
 
 PathLike = str | os.PathLike[str]
 R = TypeVar("R", bound="RewriteResult")

@@ -39,9 +39,10 @@ from .arch.patterns import flags
 from .arch.patterns import table as pattern_table
 from .checkpoint import Checkpoint
 from .consumers import FLAG, Pair, pairs_of, rules, tied_by
-from .detect import TieReport, find_ties
+from .detect import find_ties
 from .errors import UnsafeChangeError, UsageError
 from .progress import NO_PROGRESS, Progress
+from .ties import TieReport
 
 CONFIG = "config.json"
 

@@ -231,9 +231,9 @@ def test_drift_the_samples_miss_is_kept_not_deduped(
 ) -> None:
     """dedupe takes ties as equal from samples; the full comparison while verifying
     finds the difference, and the run starts over deciding every tie exactly."""
-    from tiecli import api, detect
+    from tiecli import api, confirm
 
-    monkeypatch.setattr(detect, "SAMPLED_FROM", 0)  # sample even these small tensors
+    monkeypatch.setattr(confirm, "SAMPLED_FROM", 0)  # sample even these small tensors
     wrong: list[bool] = []
     real = api._assumption_wrong
     monkeypatch.setattr(api, "_assumption_wrong", lambda *a: wrong.append(real(*a)) or wrong[-1])
@@ -254,9 +254,9 @@ def test_drift_the_samples_miss_is_kept_not_deduped(
 def test_sampled_ties_that_hold_are_deduped_in_one_pass(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tiecli import api, detect
+    from tiecli import api, confirm, detect
 
-    monkeypatch.setattr(detect, "SAMPLED_FROM", 0)
+    monkeypatch.setattr(confirm, "SAMPLED_FROM", 0)
     monkeypatch.setattr(api, "_assumption_wrong", lambda *a: pytest.fail("no retry expected"))
     ckpt = shutil.copytree(fixture_path("llama-tied", "full-sharded"), tmp_path / "in")
     with tiecli.api.open_checkpoint(ckpt) as opened:
@@ -300,10 +300,10 @@ def test_a_kept_tie_taken_as_equal_from_samples_is_decided_exactly(
 ) -> None:
     """A tie kept for another reason (its source in another pickle shard) is never
     verified: dedupe must not report it on the strength of its samples."""
-    from tiecli import detect
+    from tiecli import confirm
     from tiecli.values import sample_positions
 
-    monkeypatch.setattr(detect, "SAMPLED_FROM", 0)
+    monkeypatch.setattr(confirm, "SAMPLED_FROM", 0)
     folder = tmp_path / "x"
     folder.mkdir()
     sd = load_file(fixture_path("llama-tied", "full") / "model.safetensors")
