@@ -1,11 +1,15 @@
-"""Shared paths and constants for the tests."""
+"""What the tests share: fixture paths, the CLI run in process, equality and snapshots."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from typer.testing import CliRunner, Result
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -21,6 +25,71 @@ def fixture_path(model: str, form: str) -> Path:
 
 # Every command's JSON document starts with these fields (SPEC §4).
 JSON_HEADER = ("command", "path", "format", "ok", "problems")
+
+runner = CliRunner()
+
+
+def invoke(args: Sequence[object]) -> Result:
+    """``tiecli *args`` in this process; fails if an exception escaped the CLI or a
+    traceback was printed (errors are one ``Error:`` line and an exit code)."""
+    from tiecli.cli import app
+
+    r = runner.invoke(app, [str(a) for a in args])
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    assert "Traceback" not in r.stdout + r.stderr, r.stdout + r.stderr
+    return r
+
+
+def document(r: Result, code: int | Iterable[int] | None = None) -> dict[str, Any]:
+    """The one JSON document a ``--json`` run printed. A run that reported (exit 0 or 1)
+    always prints one; after an error (exit 2) stdout is empty and the document is
+    ``{"stderr": <the error>}``. ``code``: the exit code (or codes) the run must have."""
+    if code is not None:
+        codes = (code,) if isinstance(code, int) else tuple(code)
+        assert r.exit_code in codes, (r.exit_code, r.stdout, r.stderr)
+    if r.exit_code in (0, 1):
+        return json.loads(r.stdout)
+    assert r.stdout.strip() == "", r.stdout
+    return {"stderr": r.stderr}
+
+
+def run_json(
+    args: Sequence[object], code: int | Iterable[int] | None = None
+) -> tuple[int, dict[str, Any]]:
+    """``tiecli *args`` (``--json`` among them): its exit code and :func:`document`."""
+    r = invoke(args)
+    return r.exit_code, document(r, code)
+
+
+def error_line(r: Any) -> str:
+    """The one ``Error: ...`` line of a refused run (a CLI result or a finished process):
+    nothing else on stderr, nothing on stdout, no traceback."""
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
+    assert "Traceback" not in r.stdout + r.stderr and r.stdout == "", (r.stdout, r.stderr)
+    return lines[0]
+
+
+def assert_same(got: dict[str, Any], want: dict[str, Any]) -> None:
+    """Two state dicts hold the same names, dtypes, shapes and values, bit for bit."""
+    import torch
+
+    assert sorted(got) == sorted(want)
+    for name, w in want.items():
+        g = got[name]
+        assert g.dtype == w.dtype, name
+        assert g.shape == w.shape, name
+        assert torch.equal(g, w), name
+
+
+def snapshot(folder: Path) -> dict[str, str | None]:
+    """Every path under ``folder`` -> sha256 of its bytes (None for a folder): equal
+    snapshots before and after a run prove it left ``folder`` as it was."""
+    out: dict[str, str | None] = {}
+    for p in sorted(folder.rglob("*")):
+        rel = p.relative_to(folder).as_posix()
+        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
+    return out
 
 
 def with_config(model: str, form: str, dst: Path, **changes: Any) -> Path:
@@ -90,3 +159,15 @@ def model_folder(
         index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
         (path / "model.safetensors.index.json").write_text(json.dumps(index))
     return path
+
+
+def same_but_location(remote: dict[str, Any], local: dict[str, Any]) -> None:
+    """Two JSON reports are equal but for the fields that name where the checkpoint lives
+    (a remote run beside a local run of the same files)."""
+    where = ("path", "config", "remote", "checked", "checkpoints")
+    r = {k: v for k, v in remote.items() if k not in where}
+    loc = {k: v for k, v in local.items() if k not in where}
+    for p in r.get("problems", []) + loc.get("problems", []):
+        p.pop("path", None)
+        p["message"] = p["message"].replace(str(FIXTURES), "").split("fix:")[0]
+    assert r == loc

@@ -7,7 +7,6 @@ without ``--json``; a hypothesis fuzz test then corrupts a valid file at random.
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import json
 import shutil
 import struct
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import corpus
 import pytest
-from helpers import FIXTURES, ROOT
+from helpers import FIXTURES, ROOT, snapshot
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -65,15 +64,6 @@ def case_params(mode: str) -> list:
 
 
 # ----------------------------------------------------------------- helpers
-def snapshot(folder: Path) -> dict[str, str | None]:
-    """Every path under ``folder`` -> sha256 of its bytes (None for folders)."""
-    out: dict[str, str | None] = {}
-    for p in sorted(folder.rglob("*")):
-        rel = p.relative_to(folder).as_posix()
-        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else None
-    return out
-
-
 def run(args: list[str]):
     return runner.invoke(app, args)
 

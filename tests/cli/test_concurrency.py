@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import FIXTURES, MANIFEST, sharded_pickle
+from helpers import FIXTURES, MANIFEST, error_line, sharded_pickle, snapshot
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -32,22 +32,8 @@ from tiecli.cli import app
 runner = CliRunner()
 
 
-def tree(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 def unlocked(files: dict[str, str]) -> dict[str, str]:
     return {n: h for n, h in files.items() if not n.endswith(".tiecli.lock")}
-
-
-def error_line(r) -> str:
-    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
-    return lines[0]
 
 
 # -- two runs at once ------------------------------------------------------------
@@ -155,21 +141,21 @@ def test_second_run_to_the_same_output_is_refused(tmp_path: Path) -> None:
 
 def test_a_held_lock_refuses_at_once_and_a_stale_one_is_taken_over(tmp_path: Path) -> None:
     x = shutil.copytree(FIXTURES / "gpt2/full", tmp_path / "x")
-    before = tree(x)
+    before = snapshot(x)
     lock = x / ".model.safetensors.tiecli.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         r = runner.invoke(app, ["dedupe", str(x / "model.safetensors")])
         assert r.exit_code == 2 and "another tiecli is rewriting" in error_line(r)
-        assert tree(x) == before | {lock.name: hashlib.sha256(b"").hexdigest()}
+        assert snapshot(x) == before | {lock.name: hashlib.sha256(b"").hexdigest()}
         r = runner.invoke(app, ["dedupe", str(x), "--dry-run", "--json"])  # writes nothing
         assert r.exit_code == 0, r.output
     finally:
         os.close(fd)  # as a killed holder: the lock file stays, nobody holds it
     assert lock.exists()
     r = runner.invoke(app, ["dedupe", str(x), "-o", str(tmp_path / "out")])  # not copied
-    assert r.exit_code == 0 and sorted(tree(tmp_path / "out")) == sorted(before), r.output
+    assert r.exit_code == 0 and sorted(snapshot(tmp_path / "out")) == sorted(before), r.output
     r = runner.invoke(app, ["dedupe", str(x), "--json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["removed"] == ["lm_head.weight"]
@@ -278,17 +264,17 @@ def test_a_shard_alone_is_refused_with_the_command_that_works(
         shard = x / "model-00001-of-00003.safetensors"
         if args[0] == "untie":
             shard = sorted(x.glob("*.safetensors"))[0]
-    before = tree(x)
+    before = snapshot(x)
     r = runner.invoke(app, [args[0], str(shard), *args[1:], "--json"])
     assert r.exit_code == 2, r.output
     line = error_line(r)
     assert "is a shard" in line and f"tiecli {args[0]} {index}" in line, line
-    assert tree(x) == before
+    assert snapshot(x) == before
     # written elsewhere, a shard is a file of its own: the checkpoint is not touched
     if "--dry-run" not in args:
         r = runner.invoke(app, [args[0], str(shard), *args[1:], "-o", str(tmp_path / shard.name)])
         assert r.exit_code == 0, r.output
-        assert tree(x) == before
+        assert snapshot(x) == before
     # the command it names works, and the checkpoint still opens
     r = runner.invoke(app, [args[0], str(index), *args[1:], "--json"])
     assert r.exit_code == 0, r.output
@@ -340,9 +326,9 @@ def test_in_place_rewrite_keeps_owner_and_mode(rel: str, tmp_path: Path) -> None
     for p in x.iterdir():
         os.chown(p, 1234, 1235)
         p.chmod(0o640)
-    before = tree(x)
+    before = snapshot(x)
     assert tiecli.dedupe(x).changed
-    assert tree(x) != before
+    assert snapshot(x) != before
     for p in x.iterdir():
         st = p.stat()
         assert (st.st_uid, st.st_gid, st.st_mode & 0o777) == (1234, 1235, 0o640), p.name
@@ -378,7 +364,7 @@ tiecli.dedupe(sys.argv[1], out, force=True)
 def test_forced_replace_killed_midway_keeps_an_output(when: str, tmp_path: Path) -> None:
     out = tmp_path / "out"
     tiecli.untie(FIXTURES / "t5/hf", out)
-    old = tree(out)
+    old = snapshot(out)
     new_source = FIXTURES / "t5/full"
     p = subprocess.run(
         [sys.executable, "-c", KILLED_REPLACE, str(new_source), str(out), when],
@@ -390,18 +376,18 @@ def test_forced_replace_killed_midway_keeps_an_output(when: str, tmp_path: Path)
         assert not out.exists()
         saved = [q for q in aside if q.name.endswith(".tiecli-old")]
         # the old output, whole (with the lock the killed run held on it: empty, not held)
-        assert len(saved) == 1 and unlocked(tree(saved[0])) == old
+        assert len(saved) == 1 and unlocked(snapshot(saved[0])) == old
         # the next run, even one that fails, puts it back first
         r = runner.invoke(app, ["dedupe", str(new_source), "-o", str(out)])
         assert r.exit_code == 2 and "--force" in error_line(r)
-        assert unlocked(tree(out)) == old
+        assert unlocked(snapshot(out)) == old
     else:  # one swap: the new output is in place, the old one waits to be removed
-        assert out.is_dir() and tree(out) != old
+        assert out.is_dir() and snapshot(out) != old
         assert tiecli.verify(out, require_deduped=True).ok
     assert [q for q in tmp_path.iterdir() if q.name.endswith(".tiecli-old")] == []
     tiecli.dedupe(new_source, out, force=True)
     assert sorted(q.name for q in tmp_path.iterdir()) == ["out"]
-    assert unlocked(tree(out)) == tree(out)
+    assert unlocked(snapshot(out)) == snapshot(out)
     assert tiecli.verify(out, require_deduped=True).ok
 
 
@@ -413,10 +399,10 @@ def test_a_checkpoint_that_changed_between_lock_and_open_is_left_alone(
     import tiecli.write.paths
 
     x = shutil.copytree(FIXTURES / "gpt2/full", tmp_path / "x")
-    before = tree(x)
+    before = snapshot(x)
     monkeypatch.setattr(
         tiecli.write.paths, "lock_targets", lambda *_a, **_k: [x / "pytorch_model.bin"]
     )
     r = runner.invoke(app, ["dedupe", str(x)])
     assert r.exit_code == 2 and "changed while this run started" in error_line(r)
-    assert tree(x) == before
+    assert snapshot(x) == before

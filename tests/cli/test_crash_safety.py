@@ -11,7 +11,6 @@ the job and leave exactly what an uninterrupted run leaves.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import random
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES, MANIFEST, sharded_pickle
+from helpers import FIXTURES, MANIFEST, sharded_pickle, snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -127,14 +126,6 @@ def leftovers(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if ".tiecli-" in p.name]
 
 
-def tree(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
 # -- (a) fault injection at every step --------------------------------------------
 
 
@@ -203,7 +194,7 @@ def test_interrupted_at_every_step(
 
     reference = make(tmp_path / "reference" / "x")
     run(target, reference)
-    expected = tree(reference if reference.is_dir() else reference.parent)
+    expected = snapshot(reference if reference.is_dir() else reference.parent)
 
     for n in range(100):
         root = tmp_path / f"run{n}"
@@ -232,7 +223,7 @@ def test_interrupted_at_every_step(
         run(target, x)  # no fault: finishes the job, cleans up
         assert leftovers(root) == []
         assert_original(x, original, ties)
-        assert tree(x if x.is_dir() else x.parent) == expected
+        assert snapshot(x if x.is_dir() else x.parent) == expected
     else:
         pytest.fail("the run never finished without reaching the fault")
     assert n >= 1, "no step was interrupted"
@@ -255,7 +246,7 @@ def test_killed_dedupe_leaves_no_orphan_copies_in_shards(tmp_path: Path, monkeyp
     )  # the index went first
     result = tiecli.dedupe(x)
     assert result.changed
-    assert tree(x) == tree(reference)
+    assert snapshot(x) == snapshot(reference)
     assert (
         sum(p.stat().st_size for p in x.glob("*.safetensors"))
         < sum(p.stat().st_size for p in (FIXTURES / "t5/full-sharded").glob("*.safetensors"))
@@ -271,7 +262,7 @@ def test_next_run_removes_leftovers_even_with_nothing_to_do(command: str, tmp_pa
         tiecli.dedupe(FIXTURES / "gpt2/full-sharded", x)
     else:  # every name stored: nothing to restore
         shutil.copytree(FIXTURES / "gpt2/full-sharded", x)
-    before = tree(x)
+    before = snapshot(x)
     (x / ".model-00001-of-00003.safetensors.tiecli-tmp").write_bytes(b"half a shard")
     (x / ".model.safetensors.index.json.tiecli-tmp").write_text("{")
     assert_original(
@@ -280,14 +271,14 @@ def test_next_run_removes_leftovers_even_with_nothing_to_do(command: str, tmp_pa
     result = getattr(tiecli, command)(x)
     assert result.changed is False
     assert leftovers(tmp_path) == []
-    assert tree(x) == before
+    assert snapshot(x) == before
 
 
 @pytest.mark.parametrize("step", ["exchange", "aside", "in"])
 def test_failed_forced_replace_keeps_the_old_output(step: str, tmp_path: Path, monkeypatch) -> None:
     out = tmp_path / "out"
     tiecli.untie(FIXTURES / "t5/hf", out)
-    before = tree(out)
+    before = snapshot(out)
     with monkeypatch.context() as m:
         if step == "exchange":  # one atomic swap, where the system has it
             fault = Fault(0)
@@ -304,7 +295,7 @@ def test_failed_forced_replace_keeps_the_old_output(step: str, tmp_path: Path, m
         with pytest.raises(tiecli.OutputError, match="nothing was changed"):
             tiecli.dedupe(FIXTURES / "t5/full", out, force=True)
     assert fault.fired
-    assert tree(out) == before
+    assert snapshot(out) == before
     tiecli.dedupe(FIXTURES / "t5/full", out, force=True)
     assert leftovers(tmp_path) == []
     assert "lm_head.weight" not in load_file(out / "model.safetensors")
@@ -390,7 +381,7 @@ def test_sigkill_during_in_place_dedupe(tmp_path: Path) -> None:
     doc = json.loads(out)
     assert doc["removed"] == ["lm_head.weight"]
     assert doc["bytes_saved"] == original["lm_head.weight"].nbytes
-    expected = tree(reference)
+    expected = snapshot(reference)
 
     # kills at random moments of the whole run, then at random moments once
     # writing has begun (the window that matters, a fifth of the run)
@@ -414,7 +405,7 @@ def test_sigkill_during_in_place_dedupe(tmp_path: Path) -> None:
         assert_original(x, original, {"lm_head.weight": "model.embed_tokens.weight"})
         tiecli.dedupe(x)  # the next run finishes and cleans up
         assert leftovers(root) == []
-        assert tree(x) == expected
+        assert snapshot(x) == expected
         shutil.rmtree(root)
         if time.monotonic() - start > 25:
             break
@@ -460,7 +451,7 @@ def test_fifty_kills_per_command_corrupt_nothing(command: str, tmp_path: Path) -
         tiecli.dedupe(pristine)  # untie puts the head back into its shard
     reference = shutil.copytree(pristine, tmp_path / "reference")
     getattr(tiecli, command)(reference)
-    expected = tree(reference)
+    expected = snapshot(reference)
 
     def start(x: Path) -> subprocess.Popen:
         return subprocess.Popen(
@@ -495,7 +486,7 @@ def test_fifty_kills_per_command_corrupt_nothing(command: str, tmp_path: Path) -
         mid_write += bool(leftovers(x))
         assert_original(x, original, ties)  # never a corrupted checkpoint
         getattr(tiecli, command)(x)  # the next run completes and cleans up
-        assert leftovers(x) == [] and tree(x) == expected
+        assert leftovers(x) == [] and snapshot(x) == expected
         shutil.rmtree(x)
     print(f"\n{command}: {SOAK_KILLS} kills, {killed_running} while running, {mid_write} mid-write")
     assert killed_running >= SOAK_KILLS // 2

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import struct
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES, FORMS, JSON_HEADER, MANIFEST, MODELS, TIED_MODELS
+from helpers import (
+    FIXTURES,
+    FORMS,
+    JSON_HEADER,
+    MANIFEST,
+    MODELS,
+    TIED_MODELS,
+    assert_same,
+    run_json,
+    snapshot,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -26,16 +35,6 @@ CASES = [f"{m}/{f}" for m in MODELS for f in FORMS] + CUSTOM
 
 
 # -- helpers ------------------------------------------------------------------
-
-
-def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    """Same names, dtypes, shapes and values, bit for bit."""
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        g = got[name]
-        assert g.dtype == w.dtype, name
-        assert g.shape == w.shape, name
-        assert torch.equal(g, w), name
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -87,18 +86,8 @@ def header_size(path: Path) -> int:
         return 8 + struct.unpack("<Q", f.read(8))[0]
 
 
-def tree_hashes(folder: Path) -> dict[str, str]:
-    return {
-        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.rglob("*"))
-        if p.is_file()
-    }
-
-
-def cli(*args: str) -> tuple[int, dict]:
-    result = runner.invoke(app, [*map(str, args), "--json", "-q"])
-    doc = json.loads(result.stdout) if result.stdout.strip() else {}
-    return result.exit_code, doc
+def cli(*args: object) -> tuple[int, dict]:
+    return run_json([*args, "--json", "-q"])
 
 
 # -- 1. round trips on every fixture -------------------------------------------
@@ -135,12 +124,12 @@ def test_in_place_dedupe_keeps_values_and_is_idempotent(rel: str, copy_fixture) 
     original = tiecli.load(x)
     first = tiecli.dedupe(x, by_value=True, min_bytes=0)
     assert_same(tiecli.load(x), original)
-    files = tree_hashes(x.parent)
+    files = snapshot(x.parent)
     second = tiecli.dedupe(x, by_value=True, min_bytes=0)
     assert second.changed is False
     assert second.bytes_saved == 0
     assert second.removed == []
-    assert tree_hashes(x.parent) == files
+    assert snapshot(x.parent) == files
     assert not list(x.parent.rglob("*.tiecli-tmp"))
     if first.removed:
         assert first.bytes_saved > 0
@@ -335,9 +324,9 @@ def test_sharded_size_shrinks_by_alias_bytes(model: str, copy_fixture) -> None:
     assert not set(MANIFEST["models"][model]["ties"]) & set(index["weight_map"])
     record = json.loads(index["metadata"]["tiecli"])
     assert {t["alias"]: t["source"] for t in record["ties"]} == MANIFEST["models"][model]["ties"]
-    hashes = tree_hashes(x)
+    hashes = snapshot(x)
     assert tiecli.dedupe(x).changed is False
-    assert tree_hashes(x) == hashes
+    assert snapshot(x) == hashes
 
 
 def test_record_format_v1(copy_fixture) -> None:
@@ -358,10 +347,10 @@ def test_record_format_v1(copy_fixture) -> None:
 
 def test_dry_run_writes_nothing_and_shows_the_plan(copy_fixture) -> None:
     x = copy_fixture("t5/full-sharded", "x")
-    hashes = tree_hashes(x.parent)
+    hashes = snapshot(x.parent)
     code, doc = cli("dedupe", x, "--dry-run")
     assert code == 0
-    assert tree_hashes(x.parent) == hashes
+    assert snapshot(x.parent) == hashes
     assert doc["dry_run"] is True
     assert doc["bytes_saved"] == MANIFEST["models"]["t5"]["alias_bytes"]
     assert sorted(doc["removed"]) == sorted(MANIFEST["models"]["t5"]["ties"])
@@ -369,10 +358,10 @@ def test_dry_run_writes_nothing_and_shows_the_plan(copy_fixture) -> None:
     code, doc = cli("dedupe", x, "-o", x.parent / "out", "--dry-run")
     assert code == 0
     assert not (x.parent / "out").exists()
-    assert tree_hashes(x.parent) == hashes
+    assert snapshot(x.parent) == hashes
 
     code, doc = cli("untie", x.parent / "x", "--dry-run")
-    assert code == 0 and tree_hashes(x.parent) == hashes
+    assert code == 0 and snapshot(x.parent) == hashes
 
 
 def test_cli_json_fields(copy_fixture) -> None:
@@ -409,13 +398,13 @@ def test_existing_output_needs_force(command: str, copy_fixture, tmp_path: Path)
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    hashes = tree_hashes(tmp_path)
+    hashes = snapshot(tmp_path)
     result = runner.invoke(app, [command, str(x), "-o", str(out), "--json", "-q"])
     assert result.exit_code == 2
     assert result.stdout == ""
     assert result.stderr.startswith("Error: ") and "--force" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert tree_hashes(tmp_path) == hashes
+    assert snapshot(tmp_path) == hashes
 
     code, doc = cli(command, x, "-o", out, "--force")
     assert code == 0
@@ -454,7 +443,7 @@ def test_folder_output_carries_other_files(copy_fixture) -> None:
 
 def test_drift_is_kept_and_listed(copy_fixture) -> None:
     x = copy_fixture("drift", "x")
-    hashes = tree_hashes(x)
+    hashes = snapshot(x)
     code, doc = cli("dedupe", x)
     assert code == 0
     assert doc["removed"] == []
@@ -463,7 +452,7 @@ def test_drift_is_kept_and_listed(copy_fixture) -> None:
     ]
     assert "drift" in doc["kept"][0]["reason"]
     assert any(p["code"] == "drift" for p in doc["problems"])
-    assert tree_hashes(x) == hashes  # nothing to change
+    assert snapshot(x) == hashes  # nothing to change
     sd = stored(x)
     assert (
         abs(float(sd["lm_head.weight"][3, 5] - sd["model.embed_tokens.weight"][3, 5]) - 0.5) < 1e-6

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import model_folder, small_tensor
+from helpers import model_folder, run_json, small_tensor, snapshot
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
@@ -62,9 +62,7 @@ def _case(tmp_path: Path, name: str, form: str = "st") -> Path:
 
 
 def _json(args: list[str], code: int = 0) -> dict[str, Any]:
-    r = runner.invoke(app, [*args, "--json"])
-    assert r.exit_code == code, (r.stdout, r.stderr)
-    return json.loads(r.stdout)
+    return run_json([*args, "--json"], code)[1]
 
 
 def _agrees(path: Path) -> None:
@@ -85,10 +83,6 @@ def _agrees(path: Path) -> None:
 def _disagrees(path: Path) -> None:
     doc = _json(["inspect", str(path)])
     assert doc["consumers_agree"] is False
-
-
-def _snapshot(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir()) if p.is_file()}
 
 
 def _config(path: Path) -> dict[str, Any]:
@@ -129,11 +123,11 @@ def test_only_the_head_stored_stores_the_embedding(tmp_path: Path, form: str) ->
 def test_a_padded_tie_is_trimmed_only_when_asked(tmp_path: Path, form: str) -> None:
     path = _case(tmp_path, "padded", form)
     _disagrees(path)
-    before = _snapshot(path)
+    before = snapshot(path)
     r = runner.invoke(app, ["fix", str(path)])
     assert r.exit_code == 2
     assert "12 rows" in r.stderr and "10" in r.stderr and "--trim-padding" in r.stderr
-    assert _snapshot(path) == before
+    assert snapshot(path) == before
     doc = _json(["fix", str(path), "--trim-padding"])
     (w,) = doc["tensor_writes"]
     assert (w["name"], w["action"], w["shape"], w["rows_before"]) == (EMB, "trim", [10, 4], 12)
@@ -166,23 +160,23 @@ def test_trimming_refuses_a_vocab_size_other_than_the_heads_rows(tmp_path: Path)
     path = _case(tmp_path, "padded")
     cfg = _config(path) | {"vocab_size": 12}
     (path / "config.json").write_text(json.dumps(cfg))
-    before = _snapshot(path)
+    before = snapshot(path)
     r = runner.invoke(app, ["fix", str(path), "--trim-padding"])
     assert r.exit_code == 1
     assert "vocab_size=12" in r.stderr and "10 rows" in r.stderr
-    assert _snapshot(path) == before
+    assert snapshot(path) == before
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_an_absent_head_under_an_untied_config_needs_a_choice(tmp_path: Path, form: str) -> None:
     path = _case(tmp_path, "untied-head-absent", form)
     _disagrees(path)
-    before = _snapshot(path)
+    before = snapshot(path)
     r = runner.invoke(app, ["fix", str(path)])
     assert r.exit_code == 2
     assert "--tie" in r.stderr and "--untie-head" in r.stderr and HEAD in r.stderr
     assert r.stderr.startswith("Error: ") and len(r.stderr.strip().splitlines()) == 1
-    assert _snapshot(path) == before
+    assert snapshot(path) == before
 
 
 @pytest.mark.parametrize("form", FORMS)
@@ -283,12 +277,12 @@ def test_fix_and_its_checks_work_without_transformers(tmp_path: Path) -> None:
 @pytest.mark.parametrize("form", FORMS)
 def test_a_checkpoint_consumers_agree_on_is_left_alone(tmp_path: Path, form: str) -> None:
     path = _case(tmp_path, "healthy", form)
-    before = _snapshot(path)
+    before = snapshot(path)
     mtimes = {p.name: p.stat().st_mtime_ns for p in path.iterdir()}
     doc = _json(["fix", str(path)])
     assert doc["changed"] is False and doc["config_edits"] == [] and doc["tensor_writes"] == []
     assert any("nothing to change" in n for n in doc["notes"])
-    assert _snapshot(path) == before
+    assert snapshot(path) == before
     assert {p.name: p.stat().st_mtime_ns for p in path.iterdir()} == mtimes
     r = runner.invoke(app, ["fix", str(path)])
     assert r.exit_code == 0 and "nothing to change" in r.stdout
@@ -296,7 +290,7 @@ def test_a_checkpoint_consumers_agree_on_is_left_alone(tmp_path: Path, form: str
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     path = _case(tmp_path, "only-head-disagree")
-    before = _snapshot(path)
+    before = snapshot(path)
     doc = _json(["fix", str(path), "--dry-run"])
     assert doc["dry_run"] is True and doc["changed"] is True
     assert doc["config_edits"] == [{"key": "tie_word_embeddings", "from": False, "to": True}]
@@ -307,18 +301,18 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path: Path) -> None:
     assert r.exit_code == 0
     assert "Would edit" in r.stdout and "tie_word_embeddings" in r.stdout
     assert "Would write" in r.stdout and V_EMB in r.stdout and "dry run" in r.stdout
-    assert _snapshot(path) == before
+    assert snapshot(path) == before
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_output_folder_gets_the_fixed_config_input_untouched(tmp_path: Path, form: str) -> None:
     path = _case(tmp_path, "only-head-disagree", form)
     (path / "tokenizer.json").write_text("{}")
-    before = _snapshot(path)
+    before = snapshot(path)
     out = tmp_path / "out"
     doc = _json(["fix", str(path), "-o", str(out)])
     assert doc["output"] == str(out)
-    assert _snapshot(path) == before
+    assert snapshot(path) == before
     assert (out / "tokenizer.json").read_text() == "{}"
     assert _config(out)["tie_word_embeddings"] is True
     _agrees(out)

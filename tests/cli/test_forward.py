@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import sys
 import textwrap
@@ -10,21 +9,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TIED_MODELS, fixture_path, with_config
+from helpers import TIED_MODELS, error_line, fixture_path, run_json, runner, with_config
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import tiecli
 from tiecli.cli import app
 
-runner = CliRunner()
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def verify_json(*args: str) -> tuple[int, dict]:
-    r = runner.invoke(app, ["verify", "--json", "--forward", *args])
-    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
-    return r.exit_code, (json.loads(r.stdout) if r.stdout.strip() else {"stderr": r.stderr})
+    return run_json(["verify", "--json", "--forward", *args])
 
 
 def perturbed_copy(src: Path, dst: Path, skip: set[str]) -> str:
@@ -180,9 +175,7 @@ def test_tie_broken_after_loading_is_reported(custom) -> None:
 def _err(args: list[str]) -> str:
     r = runner.invoke(app, ["verify", "--forward", *args])
     assert r.exit_code == 2, (r.exit_code, r.stdout, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: ") and "Traceback" not in r.stderr
-    return lines[0]
+    return error_line(r)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")

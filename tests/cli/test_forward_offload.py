@@ -17,22 +17,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TIED_MODELS, fixture_path
+from helpers import TIED_MODELS, fixture_path, run_json, runner
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import tiecli
 from tiecli.cli import app
 
-runner = CliRunner()
 PARTLY_ON_DISK = ["--device-map", "auto", "--max-memory", "cpu=20KB,disk=1MB"]
 
 
 def verify_json(*args: str) -> tuple[int, dict]:
-    r = runner.invoke(app, ["verify", "--json", "-q", "--forward", *args])
-    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
-    assert "Traceback" not in r.stdout + r.stderr
-    return r.exit_code, json.loads(r.stdout)
+    return run_json(["verify", "--json", "-q", "--forward", *args], (0, 1))
 
 
 @pytest.fixture

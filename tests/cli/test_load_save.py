@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import FIXTURES, MANIFEST, fixture_path
+from helpers import FIXTURES, MANIFEST, assert_same, fixture_path
 from safetensors import safe_open
 from safetensors.torch import load_file, load_model, save_file
 
@@ -25,13 +25,6 @@ def test_public_load_and_save_resolve_in_any_order() -> None:
     code = "import tiecli; tiecli.save; print(callable(tiecli.load), callable(tiecli.save))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "True"]
-
-
-def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
-    assert sorted(got) == sorted(want)
-    for name, w in want.items():
-        assert got[name].dtype == w.dtype and got[name].shape == w.shape, name
-        assert torch.equal(got[name], w), name
 
 
 def tiny_model(model: str) -> torch.nn.Module:

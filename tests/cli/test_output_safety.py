@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import re
 import shutil
@@ -11,29 +10,13 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from helpers import fixture_path
+from helpers import error_line, fixture_path, snapshot
 from typer.testing import CliRunner
 
 import tiecli
 from tiecli.cli import app
 
 runner = CliRunner()
-
-
-def snapshot(folder: Path) -> dict[str, str]:
-    return {
-        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        if p.is_file()
-        else "dir"
-        for p in sorted(folder.rglob("*"))
-    }
-
-
-def one_error_line(r) -> str:
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), r.stderr
-    assert "Traceback" not in r.stderr and r.stdout == ""
-    return lines[0]
 
 
 @pytest.fixture
@@ -70,7 +53,7 @@ def test_read_only_folder_in_place(work: Path, command: str) -> None:
             mp.undo()
         os.chmod(ckpt, 0o755)
     assert r.exit_code == 2
-    assert "cannot write here" in one_error_line(r)
+    assert "cannot write here" in error_line(r)
     assert snapshot(work) == before
 
 
@@ -101,7 +84,7 @@ def test_disk_full_leaves_input_intact(
     )
     r = runner.invoke(app, [command, str(path)])
     assert r.exit_code == 2
-    assert "no space left on device" in one_error_line(r)
+    assert "no space left on device" in error_line(r)
     assert snapshot(work) == before  # no temporaries left either
 
 
@@ -113,7 +96,7 @@ def test_disk_full_with_output_leaves_nothing(work: Path, monkeypatch: pytest.Mo
     )
     before = snapshot(work)
     r = runner.invoke(app, ["dedupe", str(work / "ckpt"), "-o", str(work / "out")])
-    assert r.exit_code == 2 and "no space" in one_error_line(r)
+    assert r.exit_code == 2 and "no space" in error_line(r)
     assert snapshot(work) == before
 
 
@@ -137,10 +120,10 @@ def test_real_small_filesystem(tmp_path: Path) -> None:
         if r.exit_code == 0:  # it fitted: the result must be right
             assert tiecli.verify(mnt / "t5").ok
         else:
-            assert r.exit_code == 2 and "no space left" in one_error_line(r)
+            assert r.exit_code == 2 and "no space left" in error_line(r)
             assert snapshot(mnt) == before
         r = runner.invoke(app, ["untie", str(fixture_path("t5", "hf")), "-o", str(mnt / "untied")])
-        assert r.exit_code == 2 and "no space left" in one_error_line(r)
+        assert r.exit_code == 2 and "no space left" in error_line(r)
         assert not (mnt / "untied").exists()
         assert not [p for p in mnt.iterdir() if "tiecli" in p.name]
     finally:
@@ -154,7 +137,7 @@ def test_output_that_is_the_input_through_a_symlink(work: Path, command: str) ->
     before = snapshot(work / "ckpt")
     r = runner.invoke(app, [command, str(work / "ckpt"), "-o", str(link), "--force"])
     assert r.exit_code == 2
-    assert "is the input itself" in one_error_line(r)
+    assert "is the input itself" in error_line(r)
     assert snapshot(work / "ckpt") == before
 
 
@@ -164,7 +147,7 @@ def test_output_file_that_is_the_input_file(tmp_path: Path) -> None:
     (tmp_path / "alias.safetensors").symlink_to(f)
     before = f.read_bytes()
     r = runner.invoke(app, ["dedupe", str(f), "-o", str(tmp_path / "alias.safetensors"), "--force"])
-    assert r.exit_code == 2 and "is the input itself" in one_error_line(r)
+    assert r.exit_code == 2 and "is the input itself" in error_line(r)
     assert f.read_bytes() == before
 
 
@@ -173,7 +156,7 @@ def test_existing_output_needs_force(tmp_path: Path) -> None:
     out.mkdir()
     (out / "keep.txt").write_text("mine")
     r = runner.invoke(app, ["dedupe", str(fixture_path("gpt2", "full")), "-o", str(out)])
-    assert r.exit_code == 2 and "--force" in one_error_line(r)
+    assert r.exit_code == 2 and "--force" in error_line(r)
     assert (out / "keep.txt").read_text() == "mine"
     r = runner.invoke(app, ["dedupe", str(fixture_path("gpt2", "full")), "-o", str(out), "--force"])
     assert r.exit_code == 0
@@ -184,7 +167,7 @@ def test_output_parent_missing(tmp_path: Path) -> None:
     r = runner.invoke(
         app, ["dedupe", str(fixture_path("gpt2", "full")), "-o", str(tmp_path / "no" / "out")]
     )
-    assert r.exit_code == 2 and "parent folder does not exist" in one_error_line(r)
+    assert r.exit_code == 2 and "parent folder does not exist" in error_line(r)
 
 
 def test_cleanup_touches_only_its_own_targets(tmp_path: Path) -> None:
@@ -210,9 +193,9 @@ def test_cleanup_touches_only_its_own_targets(tmp_path: Path) -> None:
 def test_output_inside_or_around_the_input_folder_is_refused(work: Path) -> None:
     before = snapshot(work)
     r = runner.invoke(app, ["dedupe", str(work / "ckpt"), "-o", str(work / "ckpt" / "out")])
-    assert r.exit_code == 2 and "inside the input folder" in one_error_line(r)
+    assert r.exit_code == 2 and "inside the input folder" in error_line(r)
     r = runner.invoke(app, ["dedupe", str(work / "ckpt"), "-o", str(work), "--force"])
-    assert r.exit_code == 2 and "contains the input checkpoint" in one_error_line(r)
+    assert r.exit_code == 2 and "contains the input checkpoint" in error_line(r)
     assert snapshot(work) == before
 
 
@@ -264,7 +247,7 @@ def test_written_bytes_that_differ_are_never_kept(
     args = ["dedupe", str(ckpt)] + ([] if in_place else ["-o", str(tmp_path / "out")])
     r = runner.invoke(app, args)
     assert r.exit_code == 1, r.output
-    line = one_error_line(r)
+    line = error_line(r)
     assert "verification failed" in line and "nothing was changed" in line, line
     assert calls, "the corrupting copy was never used"
     assert snapshot(tmp_path) == before  # no output, no temporaries, input as it was
@@ -338,7 +321,7 @@ def test_pickle_written_wrong_is_never_kept(
         monkeypatch.setattr(torch, "save", bad_save)
     r = runner.invoke(app, ["dedupe", str(ckpt), "-o", str(tmp_path / "out")])
     assert r.exit_code == 1, r.output
-    assert "verification failed" in one_error_line(r)
+    assert "verification failed" in error_line(r)
     assert calls
     assert snapshot(tmp_path) == before
 

@@ -8,7 +8,6 @@ named as two types, archives saved with a non-default storage alignment.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import error_line, snapshot
 from typer.testing import CliRunner
 
 from tiecli.cli import app
@@ -37,18 +37,9 @@ def _no_debug(monkeypatch: pytest.MonkeyPatch) -> None:
 def _one_error(result, path: Path) -> str:  # type: ignore[no-untyped-def]
     """The single ``Error: <path>: ...`` line of a refused command."""
     assert result.exit_code == 2, result.output
-    assert "Traceback" not in result.output
-    lines = [ln for ln in result.stderr.splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"Error: {path}: "), result.stderr
-    return lines[0]
-
-
-def _digest(folder: Path) -> dict[str, str]:
-    return {
-        p.name: hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(folder.iterdir())
-        if p.is_file()
-    }
+    line = error_line(result)
+    assert line.startswith(f"Error: {path}: "), line
+    return line
 
 
 def _safetensors(path: Path, tensors: dict[str, bytes], metadata: dict[str, str]) -> None:
@@ -97,11 +88,11 @@ def test_a_pickle_larger_than_the_cap_is_refused_before_it_is_read(
                     f.write(zeros)
     if compression == zipfile.ZIP_DEFLATED:
         assert bomb.stat().st_size < 1 << 20
-    before = _digest(tmp_path)
+    before = snapshot(tmp_path)
     for command in ("inspect", "verify", "dedupe", "untie"):
         line = _one_error(runner.invoke(app, [command, str(bomb)]), bomb)
         assert "data.pkl unpacks to 83886" in line and "64 MiB" in line, line
-    assert _digest(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 # -- a tie record far larger than its file -----------------------------------------
@@ -174,12 +165,12 @@ def test_a_deeply_nested_payload_is_a_clean_error(
 ) -> None:
     path = tmp_path / "last.ckpt"
     _deep_checkpoint(path, shared)
-    before = _digest(tmp_path)
+    before = snapshot(tmp_path)
     inspected = runner.invoke(app, ["inspect", str(path), "--json"])
     assert inspected.exit_code == 0 and len(json.loads(inspected.stdout)["ties"]) == 1
     line = _one_error(runner.invoke(app, [*args, str(path)]), path)
     assert "nests too deeply" in line
-    assert _digest(tmp_path) == before
+    assert snapshot(tmp_path) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
@@ -205,10 +196,10 @@ def test_module_versions_nested_too_deeply_are_a_clean_error(tmp_path: Path) -> 
         deep = [deep]
     path = tmp_path / "model.pt"
     _state_dict_with_metadata(path, {"version": deep}, shared=False)
-    before = _digest(tmp_path)
+    before = snapshot(tmp_path)
     line = _one_error(runner.invoke(app, ["dedupe", "--by-value", str(path)]), path)
     assert "nests too deeply" in line
-    assert _digest(tmp_path) == before
+    assert snapshot(tmp_path) == before
 
 
 def test_untie_of_a_pickle_keeps_the_module_versions(tmp_path: Path) -> None:

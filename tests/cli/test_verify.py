@@ -13,20 +13,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import FIXTURES, FORMS, MODELS, ROOT, TIED_MODELS, fixture_path, with_config
+from helpers import (
+    FIXTURES,
+    FORMS,
+    MODELS,
+    ROOT,
+    TIED_MODELS,
+    fixture_path,
+    run_json,
+    runner,
+    with_config,
+)
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
 import tiecli
 from tiecli.cli import app
 
-runner = CliRunner()
-
 
 def run_verify(*args: str) -> tuple[int, dict]:
-    r = runner.invoke(app, ["verify", "--json", *args])
-    assert r.exception is None or isinstance(r.exception, SystemExit), r.exception
-    return r.exit_code, json.loads(r.stdout)
+    return run_json(["verify", "--json", *args], (0, 1))
 
 
 @pytest.mark.parametrize("form", FORMS)

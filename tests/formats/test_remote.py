@@ -18,9 +18,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from helpers import FIXTURES
+from helpers import FIXTURES, error_line, run_json, runner, same_but_location
 from remote_server import serve
-from typer.testing import CliRunner
 
 from tiecli.cli import app
 from tiecli.formats.remote import shown_url
@@ -28,25 +27,6 @@ from tiecli.formats.remote.sampling import coalesce
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
-
-runner = CliRunner()
-WHERE = ("path", "config", "remote", "checked", "checkpoints")  # what names the location
-
-
-def _json(args: list[str]) -> tuple[int, dict[str, Any]]:
-    res = runner.invoke(app, args)
-    assert res.exit_code in (0, 1), res.output
-    return res.exit_code, json.loads(res.stdout)
-
-
-def _same(remote: dict[str, Any], local: dict[str, Any]) -> None:
-    """Equal but for the fields that name where the checkpoint lives."""
-    r = {k: v for k, v in remote.items() if k not in WHERE}
-    loc = {k: v for k, v in local.items() if k not in WHERE}
-    for p in r.get("problems", []) + loc.get("problems", []):
-        p.pop("path", None)
-        p["message"] = p["message"].replace(str(FIXTURES), "").split("fix:")[0]
-    assert r == loc
 
 
 def _safetensors(
@@ -81,10 +61,10 @@ def _safetensors(
 )
 def test_inspect_over_http_reports_what_a_local_run_does(rel: str) -> None:
     with serve(FIXTURES) as (base, counts):
-        _code, remote = _json(["inspect", "--json", f"{base}/{rel}"])
+        _code, remote = run_json(["inspect", "--json", f"{base}/{rel}"], (0, 1))
         served = (counts.requests, counts.bytes)
-    _code, local = _json(["inspect", "--json", str(FIXTURES / rel)])
-    _same(remote, local)
+    _code, local = run_json(["inspect", "--json", str(FIXTURES / rel)], (0, 1))
+    same_but_location(remote, local)
     assert remote["path"] == f"{base}/{rel}"
     assert "remote" not in local
     # what tiecli says it cost is what the server counted
@@ -103,14 +83,14 @@ def test_inspect_over_http_reports_what_a_local_run_does(rel: str) -> None:
 )
 def test_verify_over_http_judges_as_a_local_run_does(rel: str, flags: list[str]) -> None:
     with serve(FIXTURES) as (base, counts):
-        code, remote = _json(["verify", "--json", *flags, f"{base}/{rel}"])
+        code, remote = run_json(["verify", "--json", *flags, f"{base}/{rel}"], (0, 1))
         served = (counts.requests, counts.bytes)
-    local_code, local = _json(["verify", "--json", *flags, str(FIXTURES / rel)])
+    local_code, local = run_json(["verify", "--json", *flags, str(FIXTURES / rel)], (0, 1))
     assert code == local_code
     if "--require-deduped" in flags:  # the fix offered is one that works on a URL
         [problem] = remote["problems"]
         assert "download it, run tiecli dedupe on the local copy" in problem["message"]
-    _same(remote, local)
+    same_but_location(remote, local)
     assert remote["checked"] == [f"{base}/{rel}"]
     assert (remote["remote"]["requests"], remote["remote"]["bytes_read"]) == served
 
@@ -132,8 +112,9 @@ def test_human_output_says_what_reading_cost() -> None:
 
 def test_verify_checks_local_and_remote_checkpoints_in_one_call() -> None:
     with serve(FIXTURES) as (base, _counts):
-        code, doc = _json(
-            ["verify", "--json", str(FIXTURES / "gpt2/full"), f"{base}/drift/model.safetensors"]
+        code, doc = run_json(
+            ["verify", "--json", str(FIXTURES / "gpt2/full"), f"{base}/drift/model.safetensors"],
+            (0, 1),
         )
     assert code == 1
     assert doc["checked"] == [str(FIXTURES / "gpt2/full"), f"{base}/drift/model.safetensors"]
@@ -163,9 +144,9 @@ def test_a_tie_past_max_download_is_unconfirmed_and_not_downloaded(tmp_path: Pat
     size = path.stat().st_size
     with serve(tmp_path) as (base, counts):
         url = f"{base}/m/model.safetensors"
-        _code, capped = _json(["inspect", "--json", "--max-download", "1000000", url])
+        _code, capped = run_json(["inspect", "--json", "--max-download", "1000000", url], (0, 1))
         capped_bytes = counts.bytes
-        _code, full = _json(["inspect", "--json", url])
+        _code, full = run_json(["inspect", "--json", url], (0, 1))
     [tie] = capped["ties"]
     assert (tie["alias"], tie["source"]) == ("b.weight", "a.weight")
     assert tie["evidence"] == ["sampled"] and tie["unconfirmed"] is True
@@ -181,8 +162,10 @@ def test_a_tie_past_max_download_is_unconfirmed_and_not_downloaded(tmp_path: Pat
     # verify: an unconfirmed tie is a warning (fails --strict only)
     with serve(tmp_path) as (base, _counts):
         url = f"{base}/m/model.safetensors"
-        code, _doc = _json(["verify", "--json", "--max-download", "0", url])
-        strict, _doc = _json(["verify", "--json", "--strict", "--max-download", "0", url])
+        code, _doc = run_json(["verify", "--json", "--max-download", "0", url], (0, 1))
+        strict, _doc = run_json(
+            ["verify", "--json", "--strict", "--max-download", "0", url], (0, 1)
+        )
     assert (code, strict) == (0, 1)
 
 
@@ -198,8 +181,8 @@ def test_a_drift_past_max_download_is_measured_on_the_samples(tmp_path: Path) ->
         {"lm_head.weight": "model.embed_tokens.weight"},
     )
     with serve(tmp_path) as (base, counts):
-        code, doc = _json(
-            ["verify", "--json", "--max-download", "0", f"{base}/m/model.safetensors"]
+        code, doc = run_json(
+            ["verify", "--json", "--max-download", "0", f"{base}/m/model.safetensors"], (0, 1)
         )
         served = counts.bytes
     assert code == 1
@@ -222,12 +205,12 @@ def test_sampled_elements_are_fetched_in_few_coalesced_requests(tmp_path: Path) 
     _safetensors(folder / "small.safetensors", small)
     _safetensors(folder / "large.safetensors", large)
     with serve(tmp_path) as (base, counts):
-        _code, doc = _json(["inspect", "--json", f"{base}/m/small.safetensors"])
+        _code, doc = run_json(["inspect", "--json", f"{base}/m/small.safetensors"], (0, 1))
         assert doc["ties"] == [] and doc["tensors"] == 200
         # the first 64 KiB (with the size), the 200 first elements in one range (none
         # shared: no sampled element is read), and the look for config.json beside the file
         assert doc["remote"]["requests"] == counts.requests == 3
-        _code, doc = _json(["inspect", "--json", f"{base}/m/large.safetensors"])
+        _code, doc = run_json(["inspect", "--json", f"{base}/m/large.safetensors"], (0, 1))
         assert counts.multi == 1
     assert doc["ties"] == []
     assert doc["remote"]["requests"] == 1 + 1 + 1  # the ten first elements in one request
@@ -245,18 +228,18 @@ def test_any_fsspec_file_system_reads_through_cat_file(tmp_path: Path) -> None:
     try:
         for f in (FIXTURES / "gpt2/full-sharded").iterdir():
             fs.pipe(f"{root}/ckpt/{f.name}", f.read_bytes())
-        _code, remote = _json(["inspect", "--json", f"memory://{root}/ckpt"])
-        _code, local = _json(["inspect", "--json", str(FIXTURES / "gpt2/full-sharded")])
+        _code, remote = run_json(["inspect", "--json", f"memory://{root}/ckpt"], (0, 1))
+        _code, local = run_json(["inspect", "--json", str(FIXTURES / "gpt2/full-sharded")], (0, 1))
         missing = runner.invoke(app, ["inspect", f"memory://{root}/ckpt/none.safetensors"])
     finally:
         fs.rm(root, recursive=True)
-    _same(remote, local)
+    same_but_location(remote, local)
     assert remote["config"] == f"memory://{root}/ckpt/config.json"
     # a listing of the folder, then per file a size and a read (index, config, 3 shards),
     # then the first elements and samples: each call one request
     assert 1 + 2 * 5 <= remote["remote"]["requests"] <= 1 + 2 * 5 + 3 * 4
     assert missing.exit_code == 2
-    assert _one_error_line(missing) == f"Error: memory://{root}/ckpt/none.safetensors: not found"
+    assert error_line(missing) == f"Error: memory://{root}/ckpt/none.safetensors: not found"
 
 
 def test_coalesce_merges_overlapping_and_nearby_ranges() -> None:
@@ -272,20 +255,13 @@ def test_coalesce_merges_overlapping_and_nearby_ranges() -> None:
     assert coalesce([(0, 1 << 20)], span=10) == [(0, 1 << 20)]  # one range stays whole
 
 
-def _one_error_line(res: Any) -> str:
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1, res.stderr
-    assert lines[0].startswith("Error: ") and "Traceback" not in res.output
-    return lines[0]
-
-
 def test_a_refusing_server_is_one_line_with_the_url() -> None:
     with serve(FIXTURES, refuse=True) as (base, _counts):
         url = f"{base}/gpt2/full/model.safetensors"
         res = runner.invoke(app, ["inspect", "--json", url])
         verify = runner.invoke(app, ["verify", url])
     assert res.exit_code == 2 and verify.exit_code == 2
-    line = _one_error_line(res)
+    line = error_line(res)
     assert url in line and "HTTP 503" in line
     assert "secret" not in res.output  # the server's own text is never shown
     assert res.stdout == ""
@@ -298,7 +274,7 @@ def test_a_server_that_does_not_answer_in_time_is_one_line(tmp_path: Path) -> No
         res = runner.invoke(app, ["inspect", "--timeout", "0.3", url])
         took = time.monotonic() - started
     assert res.exit_code == 2
-    line = _one_error_line(res)
+    line = error_line(res)
     assert url in line and "timed out" in line and "--timeout" in line
     assert took < 2.5
 
@@ -321,7 +297,7 @@ def test_nothing_listens_is_one_line() -> None:
         pass  # closed: the port refuses connections now
     res = runner.invoke(app, ["inspect", f"{base}/gpt2/full/model.safetensors"])
     assert res.exit_code == 2
-    assert f"{base}/gpt2/full/model.safetensors" in _one_error_line(res)
+    assert f"{base}/gpt2/full/model.safetensors" in error_line(res)
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -331,12 +307,12 @@ def test_a_server_that_wants_credentials_is_one_line(status: int) -> None:
         res = runner.invoke(app, ["inspect", "--json", url])
         verify = runner.invoke(app, ["verify", url])
     assert res.exit_code == verify.exit_code == 2 and res.stdout == ""
-    line = _one_error_line(res)
+    line = error_line(res)
     assert (
         line
         == f"Error: {url}: the server answered HTTP {status} (access denied: credentials missing or refused)"
     )
-    assert _one_error_line(verify) == line
+    assert error_line(verify) == line
     assert "secret" not in res.output
 
 
@@ -356,7 +332,7 @@ def test_a_host_name_that_does_not_resolve_is_one_line(monkeypatch: pytest.Monke
     for cmd in ("inspect", "verify"):
         res = runner.invoke(app, [cmd, url])
         assert res.exit_code == 2 and res.stdout == ""
-        assert _one_error_line(res) == f"Error: {url}: cannot resolve the host name"
+        assert error_line(res) == f"Error: {url}: cannot resolve the host name"
 
 
 def test_a_server_without_range_support_is_refused_not_downloaded(tmp_path: Path) -> None:
@@ -364,7 +340,7 @@ def test_a_server_without_range_support_is_refused_not_downloaded(tmp_path: Path
     with serve(tmp_path, ignore_ranges=True) as (base, _counts):
         res = runner.invoke(app, ["inspect", f"{base}/m/model.safetensors"])
     assert res.exit_code == 2
-    assert "range requests" in _one_error_line(res)
+    assert "range requests" in error_line(res)
     assert path.is_file()
 
 
@@ -374,7 +350,7 @@ def test_missing_files_and_credentials_in_urls(tmp_path: Path) -> None:
         url = f"http://user:hunter2@{host}/gpt2/full/nothing.safetensors?sig=s3cret"
         res = runner.invoke(app, ["inspect", url])
     assert res.exit_code == 2
-    line = _one_error_line(res)
+    line = error_line(res)
     assert f"{base}/gpt2/full/nothing.safetensors: not found" in line
     assert "hunter2" not in line and "s3cret" not in line
     assert shown_url("https://a:b@h:8/x?y=1#z") == "https://h:8/x"
@@ -390,7 +366,7 @@ def test_an_index_cannot_name_shards_outside_its_folder(tmp_path: Path) -> None:
         for i in range(2):
             res = runner.invoke(app, ["inspect", f"{base}/repo/m{i}.safetensors.index.json"])
             assert res.exit_code == 2
-            assert "outside its folder" in _one_error_line(res)
+            assert "outside its folder" in error_line(res)
         assert not any("secret" in p for p in counts.paths)
 
 
@@ -399,7 +375,7 @@ def test_a_huge_header_length_is_refused_before_it_is_read(tmp_path: Path) -> No
     with serve(tmp_path) as (base, counts):
         res = runner.invoke(app, ["inspect", f"{base}/m.safetensors"])
     assert res.exit_code == 2
-    assert "header length exceeds" in _one_error_line(res)
+    assert "header length exceeds" in error_line(res)
     assert counts.bytes <= 64 << 10
 
 
@@ -414,10 +390,10 @@ def test_rewrites_of_a_url_need_an_output_and_never_run_in_place(tmp_path: Path)
     ):
         res = runner.invoke(app, [*cmd, url])
         assert res.exit_code == 2, cmd
-        line = _one_error_line(res)
+        line = error_line(res)
         assert url in line and "-o" in line and "nothing was changed" in line
     res = runner.invoke(app, ["verify", "--forward", url])
-    assert res.exit_code == 2 and "--forward" in _one_error_line(res)
+    assert res.exit_code == 2 and "--forward" in error_line(res)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -439,12 +415,16 @@ def test_dedupe_and_untie_of_a_url_write_the_local_result(
     remote_out.mkdir()
     local_out.mkdir()
     with serve(FIXTURES) as (base, counts):
-        _c, deduped = _json(["dedupe", "--json", f"{base}/{rel}", "-o", str(remote_out / name)])
-        served = (counts.requests, counts.bytes)
-        _c, untied = _json(
-            ["untie", "--json", f"{base}/{rel}", "-o", str(remote_out / ("u" + name))]
+        _c, deduped = run_json(
+            ["dedupe", "--json", f"{base}/{rel}", "-o", str(remote_out / name)], (0, 1)
         )
-    _c, local = _json(["dedupe", "--json", str(FIXTURES / rel), "-o", str(local_out / name)])
+        served = (counts.requests, counts.bytes)
+        _c, untied = run_json(
+            ["untie", "--json", f"{base}/{rel}", "-o", str(remote_out / ("u" + name))], (0, 1)
+        )
+    _c, local = run_json(
+        ["dedupe", "--json", str(FIXTURES / rel), "-o", str(local_out / name)], (0, 1)
+    )
     assert deduped["path"] == f"{base}/{rel}" and deduped["output"] == str(remote_out / name)
     assert deduped["removed"] == local["removed"] and deduped["removed"]
     assert (deduped["remote"]["requests"], deduped["remote"]["bytes_read"]) == served
@@ -463,7 +443,7 @@ def test_a_failed_download_leaves_nothing(tmp_path: Path) -> None:
         res = runner.invoke(
             app, ["dedupe", f"{base}/gpt2/full/model.safetensors", "-o", str(tmp_path / "o")]
         )
-    assert res.exit_code == 2 and "HTTP 503" in _one_error_line(res)
+    assert res.exit_code == 2 and "HTTP 503" in error_line(res)
     assert list(tmp_path.iterdir()) == []
     (tmp_path / "o").write_bytes(b"mine")
     with serve(FIXTURES) as (base, counts):
@@ -471,7 +451,7 @@ def test_a_failed_download_leaves_nothing(tmp_path: Path) -> None:
             app, ["untie", f"{base}/gpt2/full/model.safetensors", "-o", str(tmp_path / "o")]
         )
         assert counts.requests == 0  # refused before anything is downloaded
-    assert res.exit_code == 2 and "already exists" in _one_error_line(res)
+    assert res.exit_code == 2 and "already exists" in error_line(res)
     assert (tmp_path / "o").read_bytes() == b"mine"
 
 
@@ -527,7 +507,7 @@ def test_hub_paths_read_through_huggingface_hub(tmp_path: Path) -> None:
         assert counts.requests == before  # offline mode: not one request
     assert res.returncode == 0, res.stderr
     doc = json.loads(res.stdout)
-    _same(
+    same_but_location(
         doc,
         json.loads(
             runner.invoke(app, ["inspect", "--json", str(FIXTURES / "gpt2/full-sharded")]).stdout
@@ -611,7 +591,7 @@ def test_an_http_folder_url_is_refused_before_any_request() -> None:
     with serve(FIXTURES) as (base, counts):
         res = runner.invoke(app, ["inspect", f"{base}/gpt2/full/"])
     assert res.exit_code == 2
-    assert "must name a .safetensors file" in _one_error_line(res)
+    assert "must name a .safetensors file" in error_line(res)
     assert counts.requests == 0
 
 
@@ -629,7 +609,7 @@ def test_a_missing_remote_library_says_which_extra_to_install(
     monkeypatch.setitem(sys.modules, module, None)
     res = runner.invoke(app, ["inspect", url])
     assert res.exit_code == 2
-    line = _one_error_line(res)
+    line = error_line(res)
     assert "pip install 'tiecli[remote]'" in line and module in line
 
 
@@ -767,10 +747,10 @@ def _layers(folder: Path, n: int = 40, tie: bool = False) -> Path:
 def test_no_candidate_costs_three_requests_per_file(tmp_path: Path) -> None:
     path = _layers(tmp_path / "m")
     with serve(tmp_path) as (base, counts):
-        _code, doc = _json(["inspect", "--json", f"{base}/m/model.safetensors"])
+        _code, doc = run_json(["inspect", "--json", f"{base}/m/model.safetensors"], (0, 1))
         served = (counts.requests, counts.bytes)
-    _code, local = _json(["inspect", "--json", str(path)])
-    _same(doc, local)
+    _code, local = run_json(["inspect", "--json", str(path)], (0, 1))
+    same_but_location(doc, local)
     assert doc["ties"] == []
     # the header (with the size), the 40 first elements in one multi-range request, and
     # the look for config.json: one request per tensor before
@@ -790,12 +770,12 @@ def test_servers_that_refuse_multi_range_are_read_one_range_at_a_time(
     path = _layers(tmp_path / "m", tie=True)
     size = path.stat().st_size
     with serve(tmp_path, multi=multi) as (base, counts):
-        _code, doc = _json(
-            ["inspect", "--json", "--max-download", "0", f"{base}/m/model.safetensors"]
+        _code, doc = run_json(
+            ["inspect", "--json", "--max-download", "0", f"{base}/m/model.safetensors"], (0, 1)
         )
         requests = counts.requests
         singles = [r for r in counts.ranges if "," not in r]
-    _code, local = _json(["inspect", "--json", str(path)])
+    _code, local = run_json(["inspect", "--json", str(path)], (0, 1))
     [tie] = doc["ties"]
     assert (tie["alias"], tie["source"], tie["evidence"]) == (
         "layers.39.w",
@@ -863,7 +843,7 @@ def test_fix_of_a_url_writes_the_fixed_local_folder(tmp_path: Path) -> None:
     before = {p.name: p.read_bytes() for p in served.iterdir()}
     out = tmp_path / "fixed"
     with serve(served) as (base, counts):
-        code, doc = _json(["fix", "--json", f"{base}/model.safetensors", "-o", str(out)])
+        code, doc = run_json(["fix", "--json", f"{base}/model.safetensors", "-o", str(out)], (0, 1))
         requests = counts.requests
     assert code == 0, doc
     assert doc["remote"]["requests"] == requests > 0

@@ -3,22 +3,19 @@ which counts the requests it answers. Nothing reaches the internet."""
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import FIXTURES
-from typer.testing import CliRunner
+from helpers import FIXTURES, run_json, runner, same_but_location
 
 from tiecli.cli import app
 
 pytest.importorskip("s3fs")
 pytest.importorskip("moto.server")
 
-runner = CliRunner()
 BUCKET = "tiecli-test"
 UPLOADED = (
     "gpt2/full/model.safetensors",
@@ -83,32 +80,16 @@ def s3() -> Iterator[Counter]:
             server.server_close()
 
 
-def _json(args: list[str]) -> tuple[int, dict[str, Any]]:
-    res = runner.invoke(app, args)
-    assert res.exit_code in (0, 1), res.output
-    return res.exit_code, json.loads(res.stdout)
-
-
-def _same(remote: dict[str, Any], local: dict[str, Any]) -> None:
-    where = ("path", "config", "remote", "checked", "checkpoints")
-    r = {k: v for k, v in remote.items() if k not in where}
-    loc = {k: v for k, v in local.items() if k not in where}
-    for p in r.get("problems", []) + loc.get("problems", []):
-        p.pop("path", None)
-        p["message"] = p["message"].replace(str(FIXTURES), "").split("fix:")[0]
-    assert r == loc
-
-
 @pytest.mark.parametrize(
     "rel",
     ["gpt2/full/model.safetensors", "gpt2/full-sharded", "custom/transposed.safetensors"],
 )
 def test_inspect_of_s3_reports_what_a_local_run_does(rel: str, s3: Counter) -> None:
     before = len(s3.requests)
-    _code, remote = _json(["inspect", "--json", f"s3://{BUCKET}/{rel}"])
+    _code, remote = run_json(["inspect", "--json", f"s3://{BUCKET}/{rel}"], (0, 1))
     served = len(s3.requests) - before
-    _code, local = _json(["inspect", "--json", str(FIXTURES / rel)])
-    _same(remote, local)
+    _code, local = run_json(["inspect", "--json", str(FIXTURES / rel)], (0, 1))
+    same_but_location(remote, local)
     assert remote["path"] == f"s3://{BUCKET}/{rel}"
     # tiecli counts each of its calls (a listing, a size, a range) as the server does
     assert remote["remote"]["requests"] == served > 0
@@ -121,11 +102,11 @@ def test_inspect_of_s3_reports_what_a_local_run_does(rel: str, s3: Counter) -> N
 )
 def test_verify_of_s3_judges_as_a_local_run_does(rel: str, flags: list[str], s3: Counter) -> None:
     before = len(s3.requests)
-    code, remote = _json(["verify", "--json", *flags, f"s3://{BUCKET}/{rel}"])
+    code, remote = run_json(["verify", "--json", *flags, f"s3://{BUCKET}/{rel}"], (0, 1))
     served = len(s3.requests) - before
-    local_code, local = _json(["verify", "--json", *flags, str(FIXTURES / rel)])
+    local_code, local = run_json(["verify", "--json", *flags, str(FIXTURES / rel)], (0, 1))
     assert code == local_code
-    _same(remote, local)
+    same_but_location(remote, local)
     assert remote["remote"]["requests"] == served
 
 
@@ -149,11 +130,13 @@ def test_a_missing_bucket_or_key_is_one_line_with_the_url(url: str, s3: Counter)
 
 def test_dedupe_of_s3_writes_the_local_result(s3: Counter, tmp_path: Path) -> None:
     before = len(s3.requests)
-    _c, doc = _json(
-        ["dedupe", "--json", f"s3://{BUCKET}/gpt2/full", "-o", str(tmp_path / "remote")]
+    _c, doc = run_json(
+        ["dedupe", "--json", f"s3://{BUCKET}/gpt2/full", "-o", str(tmp_path / "remote")], (0, 1)
     )
     served = len(s3.requests) - before
-    _c, local = _json(["dedupe", "--json", str(FIXTURES / "gpt2/full"), "-o", str(tmp_path / "l")])
+    _c, local = run_json(
+        ["dedupe", "--json", str(FIXTURES / "gpt2/full"), "-o", str(tmp_path / "l")], (0, 1)
+    )
     assert doc["removed"] == local["removed"] and doc["removed"]
     assert doc["remote"]["requests"] == served
     assert (tmp_path / "remote/model.safetensors").read_bytes() == (

@@ -4,52 +4,22 @@ shared pickle storage and the record, with no file and no format behind them."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
+import in_memory
 import numpy as np
+from in_memory import checkpoint
 
-from tiecli.checkpoint import Checkpoint, Entry
+from tiecli.checkpoint import Entry
 from tiecli.detect import find_ties
 from tiecli.grouping import fills
 from tiecli.record import RECORD_KEY
 from tiecli.ties import Tie, TieReport
 
 
-class Memory:
-    """A blob over bytes in memory."""
-
-    def __init__(self, data: bytes, at: int = 0):
-        self.data, self.nbytes, self.at = data, len(data), at
-
-    def read(self, offset: int, size: int) -> bytes:
-        return self.data[offset : offset + size]
-
-    def readinto(self, offset: int, view: memoryview) -> None:
-        view[:] = self.data[offset : offset + len(view)]
-
-    def array(self, dtype: str, shape: tuple[int, ...]) -> Any:
-        return np.frombuffer(self.data, dtype="<u4").reshape(shape)
-
-    @property
-    def order(self) -> tuple[int, int]:
-        return (0, self.at)
-
-
 def entry(name: str, values: Any, **kw: Any) -> Entry:
-    a = np.ascontiguousarray(values, dtype="<f4")
-    data = a.tobytes()
-    return Entry(name, "F32", tuple(a.shape), len(data), Memory(data), **kw)
-
-
-def checkpoint(*entries: Entry, metadata: dict[str, Any] | None = None) -> Checkpoint:
-    return Checkpoint(
-        path=Path("memory.safetensors"),
-        format="safetensors",
-        entries={e.name: e for e in entries},
-        weight_files=[Path("memory.safetensors")],
-        metadata=metadata or {},
-    )
+    """``values`` as float32, held in memory."""
+    return in_memory.entry(name, np.asarray(values, dtype=np.float32), **kw)
 
 
 def find(*entries: Entry, metadata: dict[str, Any] | None = None) -> TieReport:
