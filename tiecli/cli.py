@@ -297,7 +297,7 @@ def fix(
     quiet: QuietOpt = False,
 ) -> None:
     """Rewrite so that every consumer (transformers 4/5, vLLM, MLX-LM, llama.cpp) loads the same model."""
-    from .fixing import fix as run
+    from .api import fix as run
     from .progress import console_progress
     from .render import render_fix
 
