@@ -29,6 +29,7 @@ from ..checkpoint import Checkpoint
 from ..consumers import FLAG
 from ..detect import TieReport, find_ties
 from ..errors import UsageError
+from ..options import RewriteOptions
 from ..patterns import flags
 from ..progress import NO_PROGRESS, Progress
 from .remote import from_remote
@@ -151,63 +152,55 @@ def fix(
     be safe; nothing is changed then."""
     if tie and untie_head:
         raise UsageError("--tie and --untie-head choose opposite models; pass one of them")
-    remote: FixResult | None = from_remote(
+    options = RewriteOptions(
+        output=Path(output) if output is not None else None,
+        dry_run=dry_run,
+        force=force,
+        fsync=fsync,
+        tie=tie,
+        untie_head=untie_head,
+        trim_padding=trim_padding,
+    )
+    remote = from_remote(
         path,
-        output,
         "fix",
-        dry_run,
-        force,
+        options,
         timeout,
         progress,
-        lambda local: fix(
-            _model_folder(local),
-            output,
-            tie=tie,
-            untie_head=untie_head,
-            trim_padding=trim_padding,
-            force=force,
-            fsync=fsync,
-            use_transformers=use_transformers,
-            progress=progress,
-        ),
+        lambda local: _fix_local(_model_folder(local), options, use_transformers, progress),
     )
     if remote is not None:
         return remote
-    refuse_dcp(path, output, None, "fix")
+    return _fix_local(path, options, use_transformers, progress)
+
+
+def _fix_local(
+    path: PathLike, options: RewriteOptions, use_transformers: bool, progress: Progress
+) -> FixResult:
+    refuse_dcp(path, "fix", options)
     p = Path(path)
-    out = Path(output) if output is not None else None
-    if out is None:
+    if options.output is None:
         refuse_shard(p, "fix")
     cfg_path = (p if p.is_dir() else p.parent) / CONFIG
-    with open_to_rewrite(p, out, "fix", dry_run, None, also=[cfg_path]) as ckpt:
+    with open_to_rewrite(p, "fix", options, also=[cfg_path]) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         refuse_unreadable_record(ckpt, report)
-        return _fix(
-            ckpt, report, out, dry_run, tie, untie_head, trim_padding, force, fsync, progress
-        )
+        return _fix(ckpt, report, options, progress)
 
 
 def _fix(
-    ckpt: Checkpoint,
-    report: TieReport,
-    out: Path | None,
-    dry_run: bool,
-    tie: bool,
-    untie_head: bool,
-    trim_padding: bool,
-    force: bool,
-    fsync: bool,
-    progress: Progress,
+    ckpt: Checkpoint, report: TieReport, options: RewriteOptions, progress: Progress
 ) -> FixResult:
     from ..plan import first_rows, plan_fix
 
+    out = options.output
     notes: list[str] = []
     if ckpt.config is None:
         notes.append("no config.json: every consumer needs one, so none is predicted")
         decision = Decision(None, [], {}, [])
         edits: list[ConfigEdit] = []
     else:
-        decision = decide(ckpt, report, tie, untie_head, trim_padding)
+        decision = decide(ckpt, report, options.tie, options.untie_head, options.trim_padding)
         edits = config_edits(ckpt.config, decision.target)
     plan = plan_fix(ckpt, decision.copies, decision.trims)
     writes = []
@@ -230,7 +223,7 @@ def _fix(
         bytes_before=ckpt.stored_bytes(),
         bytes_after=plan.bytes_after,
         problems=report.problems,
-        dry_run=dry_run,
+        dry_run=options.dry_run,
         changed=changed,
         config=str(ckpt.config_path) if ckpt.config_path else None,
         config_edits=edits,
@@ -239,7 +232,7 @@ def _fix(
         flags_before=flags(ckpt.config, FLAG, nested_configs()),
         notes=notes,
     )
-    if dry_run:
+    if options.dry_run:
         return result
     new_config: bytes | None = None
     if edits:
@@ -265,8 +258,8 @@ def _fix(
             ckpt,
             plan,
             out,
-            force=force,
-            fsync=fsync,
+            force=options.force,
+            fsync=options.fsync,
             progress=progress,
             files={CONFIG: new_config} if out is not None and new_config is not None else None,
         )

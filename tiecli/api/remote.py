@@ -13,6 +13,7 @@ from .results import PathLike, RewriteResult
 
 if TYPE_CHECKING:
     from ..formats.remote import RemoteOptions
+    from ..options import RewriteOptions
 
 R = TypeVar("R", bound=RewriteResult)
 
@@ -37,10 +38,8 @@ def remote_options(
 
 def from_remote(
     path: PathLike,
-    output: PathLike | None,
     command: str,
-    dry_run: bool,
-    force: bool,
+    options: RewriteOptions,
     timeout: float | None,
     progress: Progress,
     rewrite: Callable[[Path], R],
@@ -49,8 +48,8 @@ def from_remote(
     location), so only with an output. The checkpoint is downloaded, streamed to disk,
     into a private folder beside the output, rewritten from there like a local one,
     and the download removed. Returns None for a local path."""
-    options = remote_options(path, None, timeout)
-    if options is None:
+    reading = remote_options(path, None, timeout)
+    if reading is None:
         return None
     import shutil
     import tempfile
@@ -59,21 +58,21 @@ def from_remote(
     from ..formats.remote import download, shown_url
 
     shown = shown_url(str(path))
-    if output is None or dry_run:
+    if options.output is None or options.dry_run:
         raise UsageError(
             f"is remote; {command} writes a local result only, with -o OUT (never in place, "
             "never a dry run: inspect reports what dedupe would save); nothing was changed",
             shown,
             hint=f"tiecli {command} {shlex.quote(shown)} -o LOCAL_OUTPUT",
         )
-    out = Path(output)
-    if (out.exists() or out.is_symlink()) and not force:
+    out = options.output
+    if (out.exists() or out.is_symlink()) and not options.force:
         raise OutputError("already exists; pass --force to replace it", out)
     if not out.parent.is_dir():
         raise OutputError("parent folder does not exist", out)
     staging = Path(tempfile.mkdtemp(prefix=".tiecli-download-", dir=out.parent))
     try:
-        local, stats = download(str(path), staging, options, progress)
+        local, stats = download(str(path), staging, reading, progress)
         result = rewrite(local)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -2,25 +2,31 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..checkpoint import Checkpoint
 from ..detect import TieReport, find_ties
 from ..errors import UnsafeChangeError, VerificationError
+from ..options import RewriteOptions
 from ..progress import NO_PROGRESS, Progress
 from .inspecting import use_config
 from .remote import from_remote
 from .results import DedupeResult, PathLike, RewriteResult, UntieResult
 from .target import open_to_rewrite, refuse_dcp, refuse_unreadable_record
 
+if TYPE_CHECKING:
+    from ..plan import Plan
+
 R = TypeVar("R", bound=RewriteResult)
 
 
 def _rewrite_fields(
-    ckpt: Checkpoint, report: TieReport, plan: Any, out: Path | None, dry_run: bool
+    ckpt: Checkpoint, report: TieReport, plan: Plan, options: RewriteOptions
 ) -> dict[str, Any]:
     """The fields every rewrite result has, from the plan."""
+    out = options.output
     return {
         "path": str(ckpt.path),
         "format": ckpt.format,
@@ -28,7 +34,7 @@ def _rewrite_fields(
         "bytes_before": ckpt.stored_bytes(),
         "bytes_after": plan.bytes_after,
         "problems": report.problems,
-        "dry_run": dry_run,
+        "dry_run": options.dry_run,
         "changed": plan.changes(ckpt),
         "notes": list(ckpt.notes),
     }
@@ -37,11 +43,9 @@ def _rewrite_fields(
 def _carry_out(
     result: R,
     ckpt: Checkpoint,
-    plan: Any,
-    out: Path | None,
-    force: bool,
+    plan: Plan,
+    options: RewriteOptions,
     to_st: bool,
-    fsync: bool,
     progress: Progress,
 ) -> R:
     """Write the plan (unless a dry run) and note where the output went."""
@@ -49,7 +53,13 @@ def _carry_out(
 
     if not result.dry_run:
         written = execute(
-            ckpt, plan, out, force=force, to_safetensors=to_st, fsync=fsync, progress=progress
+            ckpt,
+            plan,
+            options.output,
+            force=options.force,
+            to_safetensors=to_st,
+            fsync=options.fsync,
+            progress=progress,
         )
         result.output = str(written.output)
         result.changed = written.changed
@@ -82,66 +92,60 @@ def dedupe(
     """Rewrite with one stored copy per tie plus the tie record (in place without ``output``).
 
     A URL is downloaded first (streamed to disk, beside ``output``, which it requires)."""
-    remote: DedupeResult | None = from_remote(
+    options = RewriteOptions(
+        output=Path(output) if output is not None else None,
+        dry_run=dry_run,
+        force=force,
+        fsync=fsync,
+        to=to,
+        by_value=by_value,
+        min_bytes=min_bytes,
+        max_shard_size=max_shard_size,
+    )
+    remote = from_remote(
         path,
-        output,
         "dedupe",
-        dry_run,
-        force,
+        options,
         timeout,
         progress,
-        lambda local: dedupe(
-            local,
-            output,
-            by_value=by_value,
-            min_bytes=min_bytes,
-            to=to,
-            force=force,
-            fsync=fsync,
-            use_transformers=use_transformers,
-            progress=progress,
+        # a download is never a torch distributed checkpoint, nor given a config
+        lambda local: _dedupe_local(
+            local, replace(options, max_shard_size=None), None, use_transformers, progress
         ),
     )
     if remote is not None:
         return remote
-    if to not in (None, "safetensors"):
+    return _dedupe_local(path, options, config, use_transformers, progress)
+
+
+def _dedupe_local(
+    path: PathLike,
+    options: RewriteOptions,
+    config: PathLike | None,
+    use_transformers: bool,
+    progress: Progress,
+) -> DedupeResult:
+    """``dedupe`` of a local checkpoint. Ties are first taken as equal from their
+    samples (the verification of the rewrite compares every removed alias in full);
+    where that is not enough, every tie is decided exactly and the run starts over."""
+    if options.to not in (None, "safetensors"):
         from ..errors import UsageError
 
-        raise UsageError(f"--to {to!r}: the only conversion is --to safetensors")
-    refuse_dcp(path, output, to, "dedupe")
-    shard_size = _shard_size(max_shard_size)
-    out = Path(output) if output is not None else None
-    with open_to_rewrite(Path(path), out, "dedupe", dry_run, to) as ckpt:
+        raise UsageError(f"--to {options.to!r}: the only conversion is --to safetensors")
+    refuse_dcp(path, "dedupe", options)
+    options = replace(options, max_shard_size=_shard_size(options.max_shard_size))
+    with open_to_rewrite(Path(path), "dedupe", options) as ckpt:
         use_config(ckpt, config)
-        # Ties are taken as equal from their samples; the verification of the rewrite
-        # compares every removed alias in full. A dry run writes nothing, so it reads all.
+        # a dry run writes nothing, so nothing verifies it: it decides every tie exactly
         report = find_ties(
-            ckpt, use_transformers=use_transformers, progress=progress, sampled=not dry_run
+            ckpt, use_transformers=use_transformers, progress=progress, sampled=not options.dry_run
         )
-        try:
-            return _dedupe(
-                ckpt,
-                report,
-                out,
-                by_value,
-                min_bytes,
-                dry_run,
-                to,
-                force,
-                fsync,
-                progress,
-                shard_size,
-            )
-        except _KeptUnchecked:
-            pass  # a tie kept for another reason is reported as it is: decide it exactly
-        except VerificationError:
-            if not any(assumption_wrong(ckpt, a) for a in report.assumed):
-                raise
-        # a tie equal in its samples but not in full: decide every tie exactly and start over
-        report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
-        return _dedupe(
-            ckpt, report, out, by_value, min_bytes, dry_run, to, force, fsync, progress, shard_size
-        )
+        result = _dedupe(ckpt, report, options, progress)
+        if result is None:
+            report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
+            result = _dedupe(ckpt, report, options, progress)
+        assert result is not None  # ties decided exactly leave nothing to decide again
+        return result
 
 
 def _shard_size(size: int | str | None) -> int:
@@ -163,11 +167,8 @@ def _shard_size(size: int | str | None) -> int:
     return value
 
 
-class _KeptUnchecked(Exception):
-    """A tie taken as equal from its samples would be kept, where nothing compares it."""
-
-
 def assumption_wrong(ckpt: Checkpoint, assumed: tuple[str, str, str]) -> bool:
+    """Whether a tie taken as equal from its samples differs in full."""
     from ..values import equal
 
     alias, source, transform = assumed
@@ -175,30 +176,24 @@ def assumption_wrong(ckpt: Checkpoint, assumed: tuple[str, str, str]) -> bool:
 
 
 def _dedupe(
-    ckpt: Checkpoint,
-    report: TieReport,
-    out: Path | None,
-    by_value: bool,
-    min_bytes: int,
-    dry_run: bool,
-    to: str | None,
-    force: bool,
-    fsync: bool,
-    progress: Progress,
-    shard_size: int | None = None,
-) -> DedupeResult:
+    ckpt: Checkpoint, report: TieReport, options: RewriteOptions, progress: Progress
+) -> DedupeResult | None:
+    """The rewrite with ``report``'s ties, written unless a dry run; None where a tie
+    taken as equal from its samples must be decided exactly first: it would be kept
+    (nothing verifies a kept tie, so its drift must be exact), or the verification of
+    the rewrite found it unequal in full."""
     from ..plan import plan_dedupe
 
     refuse_unreadable_record(ckpt, report)
-    if to == "safetensors" and ckpt.format == "gguf":
+    if options.to_safetensors and ckpt.format == "gguf":
         from ..errors import UsageError
 
         raise UsageError(
             "is a GGUF file; --to safetensors converts PyTorch pickles only; nothing was changed",
             ckpt.path,
         )
-    to_st = to == "safetensors" and ckpt.format.startswith("pytorch")
-    if to_st and out is None and _pickle_has_more(ckpt):
+    to_st = options.to_safetensors and ckpt.format.startswith("pytorch")
+    if to_st and options.output is None and _pickle_has_more(ckpt):
         raise UnsafeChangeError(
             f"holds more than tensors (under {ckpt.nested_key!r} or beside them: epoch, "
             "optimizer state...), which safetensors cannot keep; converting in place would "
@@ -206,23 +201,29 @@ def _dedupe(
             ckpt.path,
             hint="write the conversion elsewhere with -o",
         )
-    plan = plan_dedupe(ckpt, report, by_value=by_value, min_bytes=min_bytes, to_safetensors=to_st)
+    plan = plan_dedupe(
+        ckpt, report, by_value=options.by_value, min_bytes=options.min_bytes, to_safetensors=to_st
+    )
     if ckpt.format == "dcp":
         from ..formats.dcp import shard_plan
 
-        shard_plan(plan, shard_size or _shard_size(None))
-    if report.assumed:
-        assumed = set(report.assumed)
-        if any((t.alias, t.source, t.transform) in assumed for t, _why in plan.kept):
-            raise _KeptUnchecked  # nothing verifies a kept tie: its drift must be exact
+        shard_plan(plan, _shard_size(options.max_shard_size))
+    assumed = set(report.assumed)
+    if any((t.alias, t.source, t.transform) in assumed for t, _why in plan.kept):
+        return None
     result = DedupeResult(
-        **_rewrite_fields(ckpt, report, plan, out, dry_run),
+        **_rewrite_fields(ckpt, report, plan, options),
         removed=plan.removed,
         kept=plan.kept,
         record=[r.to_json() for r in plan.record],
     )
     result.changed |= to_st
-    return _carry_out(result, ckpt, plan, out, force, to_st, fsync, progress)
+    try:
+        return _carry_out(result, ckpt, plan, options, to_st, progress)
+    except VerificationError:
+        if any(assumption_wrong(ckpt, a) for a in report.assumed):
+            return None
+        raise
 
 
 def untie(
@@ -239,36 +240,38 @@ def untie(
     """Write every alias as its own stored tensor (in place without ``output``).
 
     A URL is downloaded first (streamed to disk, beside ``output``, which it requires)."""
-    from ..plan import plan_untie
-
-    remote: UntieResult | None = from_remote(
+    options = RewriteOptions(
+        output=Path(output) if output is not None else None,
+        dry_run=dry_run,
+        force=force,
+        fsync=fsync,
+    )
+    remote = from_remote(
         path,
-        output,
         "untie",
-        dry_run,
-        force,
+        options,
         timeout,
         progress,
-        lambda local: untie(
-            local,
-            output,
-            force=force,
-            fsync=fsync,
-            use_transformers=use_transformers,
-            progress=progress,
-        ),
+        lambda local: _untie_local(local, options, use_transformers, progress),
     )
     if remote is not None:
         return remote
-    refuse_dcp(path, output, None, "untie")
-    out = Path(output) if output is not None else None
-    with open_to_rewrite(Path(path), out, "untie", dry_run, None) as ckpt:
+    return _untie_local(path, options, use_transformers, progress)
+
+
+def _untie_local(
+    path: PathLike, options: RewriteOptions, use_transformers: bool, progress: Progress
+) -> UntieResult:
+    from ..plan import plan_untie
+
+    refuse_dcp(path, "untie", options)
+    with open_to_rewrite(Path(path), "untie", options) as ckpt:
         report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
         refuse_unreadable_record(ckpt, report)
         plan = plan_untie(ckpt, report)
         result = UntieResult(
-            **_rewrite_fields(ckpt, report, plan, out, dry_run),
+            **_rewrite_fields(ckpt, report, plan, options),
             restored=plan.restored,
             made=plan.made,
         )
-        return _carry_out(result, ckpt, plan, out, force, False, fsync, progress)
+        return _carry_out(result, ckpt, plan, options, False, progress)

@@ -12,10 +12,11 @@ from pathlib import Path
 from ..checkpoint import Checkpoint
 from ..detect import TieReport
 from ..formats import open_checkpoint
+from ..options import RewriteOptions
 from .results import PathLike
 
 
-def refuse_dcp(path: PathLike, out: PathLike | None, to: str | None, command: str) -> None:
+def refuse_dcp(path: PathLike, command: str, options: RewriteOptions) -> None:
     """A torch distributed checkpoint is read, never rewritten as one: its deduped or
     untied form is a Hugging Face safetensors folder written elsewhere."""
     from ..formats.dcp import is_dcp
@@ -33,7 +34,7 @@ def refuse_dcp(path: PathLike, out: PathLike | None, to: str | None, command: st
             hint=f"convert it first: tiecli dedupe {shown} --to safetensors -o OUT; "
             f"then {command} OUT",
         )
-    if out is None or to != "safetensors":
+    if options.output is None or not options.to_safetensors:
         raise UsageError(
             "is a torch distributed checkpoint; tiecli writes its deduped form as a "
             "Hugging Face safetensors folder beside it, never in place; nothing was changed",
@@ -57,19 +58,15 @@ def refuse_unreadable_record(ckpt: Checkpoint, report: TieReport) -> None:
 
 @contextlib.contextmanager
 def open_to_rewrite(
-    path: Path,
-    out: Path | None,
-    command: str,
-    dry_run: bool,
-    to: str | None,
-    also: Sequence[Path] = (),
+    path: Path, command: str, options: RewriteOptions, also: Sequence[Path] = ()
 ) -> Iterator[Checkpoint]:
     """Open the checkpoint to rewrite: refuse what would corrupt it, and lock what the
     rewrite replaces (a dry run writes nothing and takes no lock) for as long as it runs;
     ``also``: other files it replaces in place (``fix``: the config.json)."""
+    out = options.output
     if out is None:
         refuse_shard(path, command)
-    if dry_run:
+    if options.dry_run:
         with open_checkpoint(path) as ckpt:
             yield ckpt
         return
@@ -77,7 +74,7 @@ def open_to_rewrite(
     from ..errors import BusyError
     from ..rewrite import lock_targets
 
-    targets = lock_targets(path, out, to == "safetensors")
+    targets = lock_targets(path, out, options.to_safetensors)
     if out is None:
         targets = [*targets, *also]
     with locked(targets, out or path), open_checkpoint(path) as ckpt:
