@@ -20,9 +20,11 @@ from typing import Any
 from .checkpoint import Checkpoint
 from .consumers import FLAG, Pair, pairs_of, rules, tied_by
 from .detect import TieReport
-from .errors import UnsafeChangeError, UsageError
+from .errors import UnsafeChangeError, UsageError, param
 from .patterns import flags
 from .patterns import table as pattern_table
+
+TIE, UNTIE_HEAD, TRIM_PADDING = param("tie"), param("untie_head"), param("trim_padding")
 
 
 def nested_configs() -> list[str]:
@@ -114,7 +116,7 @@ def decide(
                     "refuse (mismatched shapes) and MLX serves as extra logits; nothing was "
                     "changed",
                     shown,
-                    hint=f"pass --trim-padding to drop the last "
+                    hint=f"pass {TRIM_PADDING} to drop the last "
                     f"{ckpt.entries[long].shape[0] - rows} rows of {long}",
                 )
             sizes = _vocab_sizes(cfg)
@@ -124,7 +126,7 @@ def decide(
                     ", ".join(f"{k}={v}" for k, v in (wrong or sizes).items()) or "no vocab_size"
                 )
                 raise UnsafeChangeError(
-                    f"--trim-padding would cut {long} to {rows} rows (those of {short}) but "
+                    f"{TRIM_PADDING} would cut {long} to {rows} rows (those of {short}) but "
                     f"config.json says {said_vocab}, not {rows}; nothing was changed",
                     shown,
                     hint="make config.json's vocab_size the vocabulary's size first",
@@ -145,11 +147,11 @@ def decide(
         elif situation == "both_differ":
             if tie:
                 raise UsageError(
-                    f"--tie would make every consumer use {p.source} as the head, but "
+                    f"{TIE} would make every consumer use {p.source} as the head, but "
                     f"{p.alias} is stored and differs from it (a head trained untied): "
                     "loading it tied would drop it; nothing was changed",
                     shown,
-                    hint="leave out --tie: fix makes the config say untied",
+                    hint=f"leave out {TIE}: fix makes the config say untied",
                 )
             want(p, False)
             action = "config says untied: every consumer uses the stored head"
@@ -163,7 +165,7 @@ def decide(
                     f"{p.alias} stored: which embedding was meant cannot be known; "
                     "nothing was changed",
                     shown,
-                    hint=f"pass --tie to store a copy of {p.alias} as {p.source} and make the "
+                    hint=f"pass {TIE} to store a copy of {p.alias} as {p.source} and make the "
                     "config say tied",
                 )
             copies.append((p.source, p.alias))
@@ -188,8 +190,8 @@ def decide(
                     f"llama.cpp uses {p.source}; which model was meant cannot be known; "
                     "nothing was changed",
                     shown,
-                    hint=f"pass --tie to make the config say tied (every consumer uses "
-                    f"{p.source} as the head), or --untie-head to store a copy of {p.source} "
+                    hint=f"pass {TIE} to make the config say tied (every consumer uses "
+                    f"{p.source} as the head), or {UNTIE_HEAD} to store a copy of {p.source} "
                     f"as {p.alias} (the config stays untied)",
                 )
             resolutions.append(Resolution(p.alias, p.source, situation, action))
@@ -214,7 +216,7 @@ def decide(
         raise UsageError(
             f"{a.alias} needs the config to say tied and {b.alias} untied; nothing was changed",
             shown,
-            hint="pass --untie-head to store every absent head, so the config can say untied",
+            hint=f"pass {UNTIE_HEAD} to store every absent head, so the config can say untied",
         )
     target = True if targets[True] else False if targets[False] else None
     if target is None and mixed:  # no tensors to judge by: transformers 5's reading

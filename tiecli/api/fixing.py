@@ -28,7 +28,7 @@ from ..agreement import (
 from ..checkpoint import Checkpoint
 from ..consumers import FLAG
 from ..detect import TieReport, find_ties
-from ..errors import UsageError
+from ..errors import UsageError, param
 from ..options import RewriteOptions
 from ..patterns import flags
 from ..progress import NO_PROGRESS, Progress
@@ -151,7 +151,9 @@ def fix(
     intent cannot be known and UnsafeChangeError (exit 1) where a change would not
     be safe; nothing is changed then."""
     if tie and untie_head:
-        raise UsageError("--tie and --untie-head choose opposite models; pass one of them")
+        raise UsageError(
+            f"{param('tie')} and {param('untie_head')} choose opposite models; pass one of them"
+        )
     options = RewriteOptions(
         output=Path(output) if output is not None else None,
         dry_run=dry_run,

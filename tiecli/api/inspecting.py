@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint
 from ..detect import Problem, TieReport, find_ties
+from ..errors import param
 from ..formats import open_checkpoint
 from ..progress import NO_PROGRESS, Progress
 from .remote import remote_options
@@ -106,7 +107,7 @@ def use_config(ckpt: Checkpoint, config: PathLike | None) -> None:
 
     path = Path(config)
     if not path.is_file():
-        raise CheckpointNotFoundError("no such file (given with --config)", path)
+        raise CheckpointNotFoundError(f"no such file (given with {param('config')})", path)
     doc = read_json(path, what="config.json")
     if not isinstance(doc, dict):
         raise CheckpointFormatError("config.json is not a JSON object", path)

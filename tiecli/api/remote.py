@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from ..errors import param
 from ..progress import Progress
 from .results import PathLike, RewriteResult
 
@@ -60,14 +61,14 @@ def from_remote(
     shown = shown_url(str(path))
     if options.output is None or options.dry_run:
         raise UsageError(
-            f"is remote; {command} writes a local result only, with -o OUT (never in place, "
+            f"is remote; {command} writes a local result only, with {param('output')} OUT (never in place, "
             "never a dry run: inspect reports what dedupe would save); nothing was changed",
             shown,
             hint=f"tiecli {command} {shlex.quote(shown)} -o LOCAL_OUTPUT",
         )
     out = options.output
     if (out.exists() or out.is_symlink()) and not options.force:
-        raise OutputError("already exists; pass --force to replace it", out)
+        raise OutputError(f"already exists; pass {param('force')} to replace it", out)
     if not out.parent.is_dir():
         raise OutputError("parent folder does not exist", out)
     staging = Path(tempfile.mkdtemp(prefix=".tiecli-download-", dir=out.parent))

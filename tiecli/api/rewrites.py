@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..checkpoint import Checkpoint
 from ..detect import TieReport, find_ties
-from ..errors import UnsafeChangeError, VerificationError
+from ..errors import UnsafeChangeError, VerificationError, param
 from ..options import RewriteOptions
 from ..progress import NO_PROGRESS, Progress
 from .inspecting import use_config
@@ -131,7 +131,8 @@ def _dedupe_local(
     if options.to not in (None, "safetensors"):
         from ..errors import UsageError
 
-        raise UsageError(f"--to {options.to!r}: the only conversion is --to safetensors")
+        to = param("to")
+        raise UsageError(f"{to} {options.to!r}: the only conversion is {to} safetensors")
     refuse_dcp(path, "dedupe", options)
     options = replace(options, max_shard_size=_shard_size(options.max_shard_size))
     with open_to_rewrite(Path(path), "dedupe", options) as ckpt:
@@ -159,11 +160,11 @@ def _shard_size(size: int | str | None) -> int:
     else:
         from ..forward import parse_size
 
-        value = parse_size(size, "--max-shard-size")
+        value = parse_size(size, param("max_shard_size"))
     if value <= 0:
         from ..errors import UsageError
 
-        raise UsageError("--max-shard-size must be more than 0 bytes")
+        raise UsageError(f"{param('max_shard_size')} must be more than 0 bytes")
     return value
 
 
@@ -189,7 +190,8 @@ def _dedupe(
         from ..errors import UsageError
 
         raise UsageError(
-            "is a GGUF file; --to safetensors converts PyTorch pickles only; nothing was changed",
+            f"is a GGUF file; {param('to')} safetensors converts PyTorch pickles only; "
+            "nothing was changed",
             ckpt.path,
         )
     to_st = options.to_safetensors and ckpt.format.startswith("pytorch")
@@ -199,7 +201,7 @@ def _dedupe(
             "optimizer state...), which safetensors cannot keep; converting in place would "
             "delete them",
             ckpt.path,
-            hint="write the conversion elsewhere with -o",
+            hint=f"write the conversion elsewhere with {param('output')}",
         )
     plan = plan_dedupe(
         ckpt, report, by_value=options.by_value, min_bytes=options.min_bytes, to_safetensors=to_st

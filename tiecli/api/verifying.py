@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from ..detect import Problem, TieReport, find_ties
+from ..errors import param
 from ..formats import open_checkpoint
 from ..progress import NO_PROGRESS, Progress
 from .inspecting import consumer_loads, fold_consumer_problems, use_config
@@ -83,23 +84,25 @@ def verify(
         or device_map is not None
         or max_memory is not None
     ):
+        names = ("against", "atol", "dtype", "model", "device_map")
         raise UsageError(
-            "--against, --atol, --dtype, --model, --device-map and --max-memory go with --forward"
+            ", ".join(param(n) for n in names)
+            + f" and {param('max_memory')} go with {param('forward')}"
         )
     from ..consumers import select
 
     select(for_consumers)  # a bad --for is a usage error before anything is opened
     if forward and remote:
         raise UsageError(
-            "--forward loads the whole checkpoint; it reads local checkpoints only",
-            hint="download it first, or run verify without --forward on the URL",
+            f"{param('forward')} loads the whole checkpoint; it reads local checkpoints only",
+            hint=f"download it first, or run verify without {param('forward')} on the URL",
         )
     roots: list[Path | str] = [
         *checkpoint_roots(given),
         *dict.fromkeys(str(p) for p in items if str(p) in remote),
     ]
     if forward and len(roots) != 1:
-        raise UsageError("--forward checks one checkpoint at a time")
+        raise UsageError(f"{param('forward')} checks one checkpoint at a time")
     verdicts = []
     for root in roots:
         options = remote_options(root, max_download, timeout)
@@ -130,7 +133,7 @@ def verify(
     )
     if forward and verdicts[0].format == "gguf":
         raise UsageError(
-            "is a GGUF file; --forward rebuilds PyTorch models only (llama.cpp runs GGUF)",
+            f"is a GGUF file; {param('forward')} rebuilds PyTorch models only (llama.cpp runs GGUF)",
             roots[0],
         )
     if forward:
