@@ -2,6 +2,10 @@
 
 Every command is the same pipeline: open the checkpoint, find its ties, and
 (for rewrites) plan and write. The CLI only renders what these return.
+
+One module per command: ``inspecting`` (inspect), ``rewrites`` (dedupe, untie),
+``verifying`` (verify), ``fixing`` (fix); what they share: ``results`` (what they
+return), ``target`` (opening a checkpoint to rewrite), ``remote`` (URLs).
 """
 
 from __future__ import annotations
