@@ -18,9 +18,9 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from .arch.patterns import flag_pairs, flags, governing_flag
 from .detect import Problem, Tie
 from .errors import UsageError
-from .patterns import flag_pairs, flags, governing_flag
 
 TABLE = Path(__file__).with_name("data") / "consumers.json"
 FLAG = "tie_word_embeddings"

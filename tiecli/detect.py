@@ -13,9 +13,10 @@ from collections.abc import Container
 from dataclasses import dataclass, field
 from typing import Any
 
+from .arch.patterns import flag_pairs, flags, model_type_of, pattern_ties, switched_off, tie_flags
+from .arch.storage import relation
 from .checkpoint import Checkpoint, Entry
 from .dtypes import itemsize
-from .patterns import flag_pairs, flag_value, flags, model_type_of, pattern_ties
 from .progress import NO_PROGRESS, Progress
 from .record import read_record
 from .values import difference, equal, find_equal, same_samples, sampled_difference
@@ -211,7 +212,8 @@ class _Finder:
         cfg = self.ckpt.config
         declared = None
         if cfg is not None and self.use_transformers and self.ckpt.config_path is not None:
-            from .declared import Budget, declared_ties
+            from .arch.build import Budget
+            from .arch.declared import declared_ties
 
             budget = Budget.of(self.entries)
             declared, why = declared_ties(self.ckpt.config_path.parent, budget)
@@ -272,16 +274,16 @@ class _Finder:
             self.ckpt.notes.append(found.note)
 
     def from_storage(self) -> None:
-        groups: dict[int, list[Entry]] = defaultdict(list)
+        groups: dict[tuple[Any, int], list[Entry]] = defaultdict(list)
         for e in self.entries.values():
             if e.storage is not None:
-                groups[e.storage[0]].append(e)
+                groups[(e.file, e.storage[0])].append(e)
         for members in groups.values():
             if len(members) < 2:
                 continue
             for i, a in enumerate(members):
                 for b in members[:i]:
-                    transform = _storage_relation(a, b)
+                    transform = relation(b, a)
                     if transform:
                         owner, other = (b, a) if _owns(b) or not _owns(a) else (a, b)
                         self.claims.append(_Claim(other.name, owner.name, transform, "storage"))
@@ -291,37 +293,38 @@ class _Finder:
         """A config that unties what the file only stores once; tie flags that disagree
         between the top level and nested sub-configs (``text_config``)."""
         cfg = self.ckpt.config
-        said = flags(cfg, "tie_word_embeddings")
-        if len(set(said.values())) > 1:
-            levels = ", ".join(f"{k}={'true' if v else 'false'}" for k, v in said.items())
-            self.problems.append(
-                Problem(
-                    "config-flags-disagree",
-                    "warning",
-                    f"config.json's tie flags disagree ({levels}): consumers read different "
-                    f"levels and load different models; make every level say the same",
-                    [],
+        for flag in tie_flags():
+            said = flags(cfg, flag)
+            if len(set(said.values())) > 1:
+                levels = ", ".join(f"{k}={'true' if v else 'false'}" for k, v in said.items())
+                self.problems.append(
+                    Problem(
+                        "config-flags-disagree",
+                        "warning",
+                        f"config.json's tie flags disagree ({levels}): consumers read different "
+                        f"levels and load different models; make every level say the same",
+                        [],
+                    )
                 )
-            )
-        model_type = model_type_of(cfg)
-        if not cfg or flag_value(cfg, "tie_word_embeddings") or model_type is None:
+        if not cfg or model_type_of(cfg) is None:
             return
         declared = {c.alias for c in self.claims if c.evidence == "declared"}
-        # the flag's pairs, at whatever prefix the file holds them (language_model.)
-        for alias, source in flag_pairs(self.entries, cfg):
+        # the pairs a flag the config turns off governs, at whatever prefix the file
+        # holds them (language_model.)
+        for p in switched_off(self.entries, cfg):
             if (
-                source in self.entries
-                and alias not in self.entries
-                and alias not in declared  # the architecture ties it all the same
+                p.source in self.entries
+                and p.alias not in self.entries
+                and p.alias not in declared  # the architecture ties it all the same
             ):
                 self.problems.append(
                     Problem(
                         "config-mismatch",
                         "error",
-                        f"config.json says tie_word_embeddings=false but {alias} is absent: "
+                        f"config.json says {p.when}=false but {p.alias} is absent: "
                         f"loaders will initialise it randomly; store it (tiecli untie) or set "
-                        f"tie_word_embeddings=true",
-                        [alias, source],
+                        f"{p.when}=true",
+                        [p.alias, p.source],
                     )
                 )
 
@@ -726,16 +729,6 @@ def _owns(e: Entry) -> bool:
         expected.append(step)
         step *= dim
     return tuple(reversed(expected)) == strides or e.numel <= 1
-
-
-def _storage_relation(a: Entry, b: Entry) -> str | None:
-    if a.view is None or b.view is None or a.view[0] != b.view[0] or a.dtype != b.dtype:
-        return None
-    if a.shape == b.shape and a.view[1] == b.view[1]:
-        return "identity"
-    if len(a.shape) == 2 and a.shape == b.shape[::-1] and a.view[1] == b.view[1][::-1]:
-        return "transpose"
-    return None
 
 
 def _component(adj: dict[str, list[tuple[str, str]]], start: str) -> set[str]:

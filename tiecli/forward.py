@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from .arch.declared import module_ties
 from .checkpoint import Checkpoint
 from .detect import Problem, Tie, fills, find_ties
 from .errors import (
@@ -41,7 +42,6 @@ from .errors import (
     debugging,
 )
 from .formats import open_checkpoint
-from .guard import declared_module_ties
 from .progress import NO_PROGRESS, Progress
 
 BATCH, SEQ = 2, 8
@@ -196,8 +196,8 @@ def _from_config(ckpt: Checkpoint) -> Any:
             ckpt.path,
             hint="pip install 'tiecli[hf]', or pass --model module:function",
         ) from None
-    from .declared import Budget, BuildRefused
-    from .declared import build_model as build_from_config
+    from .arch.build import Budget, BuildRefused
+    from .arch.build import build_model as build_from_config
 
     assert ckpt.config_path is not None
     # bounded by the checkpoint, offline, without the folder's code: as detection builds it
@@ -216,7 +216,7 @@ def _not_built(ckpt: Checkpoint, why: str) -> Exception:
     config = ckpt.config or {}
     archs = [a for a in config.get("architectures") or [] if isinstance(a, str)]
     known = [a for a in archs if a.isidentifier() and hasattr(transformers, a)]
-    from .declared import CUSTOM_CODE
+    from .arch.build import CUSTOM_CODE
 
     if why == CUSTOM_CODE:
         return CheckpointFormatError(
@@ -803,7 +803,7 @@ def load_onto(
         }
         mapping, groups = _model_names(model, list(sources))
         ties = _renamed(report.ties, mapping)
-        declared = declared_module_ties(model)
+        declared = module_ties(model)
         wanted = _wanted(ties, declared)
         _tie_on_meta(model, {a: s for a, (s, how) in wanted.items() if how == "identity"})
         params = {n for n, _ in model.named_parameters(remove_duplicate=False)}
@@ -1102,7 +1102,7 @@ def _special_ids(config: Any) -> set[int]:
     ``image_token_index``, ``boi_token_index`` ...) make a multimodal model
     expect features the input does not carry; the seeded input avoids them all.
     """
-    from .declared import sub_configs
+    from .arch.build import sub_configs
 
     ids: set[int] = set()
     for c in sub_configs(config):
@@ -1412,7 +1412,7 @@ def forward_check(
                 main = _main_device(stats.device_map)
             for msg in load_problems:
                 problems.append(Problem("forward-failed", "error", f"{p}: {msg}"))
-            declared = declared_module_ties(model)
+            declared = module_ties(model)
             problems += ties_on_device(model, ties, declared)
             where = tie_devices(model, ties, declared)
             stage = "the forward pass"

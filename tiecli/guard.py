@@ -4,42 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from .arch.declared import module_ties
+from .arch.storage import same_storage
 from .errors import TieError
-
-
-def declared_module_ties(module: Any) -> dict[str, str]:
-    """``{alias: source}`` the module's architecture declares.
-
-    transformers 5 answers ``get_expanded_tied_weights_keys``; transformers 4
-    models name their aliases in ``_tied_weights_keys`` and tie them to the
-    input embeddings; any other module declares nothing.
-    """
-    expanded = getattr(module, "get_expanded_tied_weights_keys", None)
-    if callable(expanded):
-        return {str(a): str(s) for a, s in (expanded(all_submodels=True) or {}).items() if a != s}
-    keys = getattr(module, "_tied_weights_keys", None)
-    if isinstance(keys, (list, tuple)) and hasattr(module, "get_input_embeddings"):
-        config = getattr(module, "config", None)
-        if config is not None and not getattr(config, "tie_word_embeddings", True):
-            return {}
-        emb = module.get_input_embeddings()
-        names = {id(p): n for n, p in module.named_parameters(remove_duplicate=False)}
-        source = names.get(id(getattr(emb, "weight", None)))
-        if source:
-            return {k: source for k in keys if k != source and k.endswith("weight")}
-    return {}
 
 
 def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
     """Raise :class:`TieError` listing every declared tie that is broken or drifted.
 
-    A tie is healthy when alias and source are one parameter (or views of one
-    storage). ``ties`` adds ``{alias: source}`` pairs for modules that declare
+    A tie is healthy when alias and source are one parameter, or one storage
+    viewed alike or transposed (:func:`~tiecli.arch.storage.same_storage`).
+    ``ties`` adds ``{alias: source}`` pairs for modules that declare
     none (plain ``nn.Module``); names are state-dict names.
     """
     import torch
 
-    wanted = declared_module_ties(module) | dict(ties or {})
+    wanted = module_ties(module) | dict(ties or {})
     tensors = dict(module.named_parameters(remove_duplicate=False))
     tensors.update(
         {n: b for n, b in module.named_buffers(remove_duplicate=False) if n not in tensors}
@@ -51,7 +31,7 @@ def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
             missing = alias if a is None else source
             problems.append(f"{alias} -> {source}: {missing} is not a parameter of the model")
             continue
-        if a is s or _same_storage(a, s):
+        if a is s or same_storage(a, s):
             continue
         if a.shape == s.shape:
             equal = torch.equal(a.detach(), s.detach())
@@ -71,14 +51,3 @@ def check_model(module: Any, ties: dict[str, str] | None = None) -> None:
             problems.append(f"{alias} -> {source}: tie broken and the copies differ{diff}")
     if problems:
         raise TieError(f"{len(problems)} broken tie(s): " + "; ".join(problems))
-
-
-def _same_storage(a: Any, b: Any) -> bool:
-    try:
-        return (
-            a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-            and a.storage_offset() == b.storage_offset()
-            and a.device == b.device
-        )
-    except (RuntimeError, NotImplementedError):
-        return False

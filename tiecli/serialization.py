@@ -82,17 +82,15 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
     import torch
     from safetensors.torch import save_file
 
-    from .declared import ties_by_identity
+    from .arch.declared import module_ties
+    from .arch.storage import relation, where
     from .plan import record_metadata
     from .record import RecordedTie
 
     declared: dict[str, str] = {}
     if isinstance(obj, torch.nn.Module):
         state = obj.state_dict()
-        expanded = getattr(obj, "get_expanded_tied_weights_keys", None)
-        declared = (
-            dict(expanded(all_submodels=True)) if callable(expanded) else ties_by_identity(obj)
-        )
+        declared = module_ties(obj)
     elif isinstance(obj, dict):
         state = dict(obj)
     else:
@@ -100,13 +98,12 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
             f"save() takes an nn.Module or a {{name: tensor}} dict, not {type(obj).__name__}"
         )
     sources = set(declared.values())
-    groups: dict[tuple[int, int], list[str]] = {}
+    groups: dict[Any, list[str]] = {}
     for name, t in state.items():
         if not isinstance(t, torch.Tensor):
             raise UsageError(f"state dict entry {name!r} is a {type(t).__name__}, not a tensor")
-        groups.setdefault((t.untyped_storage().data_ptr(), int(t.storage_offset())), []).append(
-            name
-        )
+        at = where(t)  # one memory at one byte offset: a group, whatever the views
+        groups.setdefault(at[1:3] if at is not None else id(t), []).append(name)
     kept: dict[str, Any] = {}
     ties: list[RecordedTie] = []
     for names in groups.values():
@@ -117,11 +114,8 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
             if n == names[0] or t.data_ptr() == 0:
                 kept[n] = t.detach().contiguous()
                 continue
-            if t.shape == head.shape and t.stride() == head.stride() and t.dtype == head.dtype:
-                transform = "identity"
-            elif t.dim() == 2 and t.shape == head.shape[::-1] and t.stride() == head.stride()[::-1]:
-                transform = "transpose"
-            else:  # overlapping but different views: store separately
+            transform = relation(head, t)
+            if transform is None:  # overlapping but different views: store separately
                 kept[n] = t.detach().contiguous().clone()
                 continue
             evidence = ("declared", "storage") if declared.get(n) == names[0] else ("storage",)

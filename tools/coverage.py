@@ -316,12 +316,9 @@ def build(cls_name: str, config: Any) -> Any:
 
 
 def memory_ties(model: Any) -> dict[str, str]:
-    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
-    if callable(expanded):
-        return {str(a): str(s) for a, s in (expanded(all_submodels=True) or {}).items() if a != s}
-    from tiecli.declared import ties_by_identity
+    from tiecli.arch.declared import module_ties
 
-    return ties_by_identity(model)
+    return module_ties(model)
 
 
 def on_disk_truth(model: Any, stored: set[str]) -> tuple[dict[str, Any], dict[str, str]]:
@@ -439,7 +436,7 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
     try:
         with torch.device("meta"):
             plain = type(model)(untied_cfg)
-        from tiecli.declared import on_disk_names
+        from tiecli.arch.declared import on_disk_names
 
         flagged = set(ties) - set(memory_ties(plain))
         renamed = on_disk_names(model, sorted(flagged))
@@ -582,7 +579,8 @@ def render(rows: list[dict[str, Any]], version: str, total: int) -> str:
         "class with the most, then the first in mapping order), `architectures` (per model",
         "type, the classes whose",
         "ties differ from that, chosen by config.json's `architectures`) and",
-        "`model_type_defaults` (the tie flag's default when config.json leaves it out). A tie",
+        "`model_type_defaults` (per model type, the tie flag's default when config.json",
+        "leaves it out; `defaults` names every flag a rule's `when` may name). A tie",
         "is `when: tie_word_embeddings` when building with the flag off drops it, else",
         "`always`. Only ties whose `inspect` check passed are written; hand-written model",
         "types the walk does not reach stay. Regenerate after a transformers upgrade:",
@@ -608,7 +606,7 @@ def _head(alias: str) -> bool:
 
 def pattern_rules(
     rows: list[dict[str, Any]],
-) -> tuple[dict[str, Any], dict[str, Any], dict[str, bool]]:
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, bool]]]:
     """``(model_types, architectures, model_type_defaults)`` for the pattern table.
 
     A class's rules are its ties in on-disk names, each ``when`` the tie flag when
@@ -621,7 +619,7 @@ def pattern_rules(
     order = {(mt, cls): i for i, (mt, cls, _) in enumerate(architectures())}
     by_type: dict[str, list[dict[str, str]]] = {}
     by_class: dict[str, dict[str, list[dict[str, str]]]] = {}
-    defaults: dict[str, bool] = {}
+    defaults: dict[str, dict[str, bool]] = {}
 
     def rank(r: dict[str, Any]) -> tuple[int, int]:  # most ties first, then mapping order
         return (-len(r.get("ties") or {}), order.get((r["model_type"], r["class"]), len(order)))
@@ -642,7 +640,7 @@ def pattern_rules(
         elif rules != by_type[mt]:
             by_class.setdefault(mt, {})[r["class"]] = rules
         if isinstance(r.get("config_default"), bool):
-            defaults.setdefault(mt, r["config_default"])
+            defaults.setdefault(mt, {FLAG: r["config_default"]})
     return by_type, by_class, defaults
 
 
@@ -671,10 +669,12 @@ def write_table(rows: list[dict[str, Any]], version: str) -> None:
     table["about"] = (
         "Known tie names, in the names the file uses (what save_pretrained writes). "
         "'model_types' applies when config.json names the model_type, or "
-        "'architectures'[model_type][class] when its architectures names a class listed there; 'when' names the config flag that "
-        "switches the tie on (its default: 'model_type_defaults', else 'defaults'), or "
-        "'always'. 'common' lists name pairs tried on checkpoints with no config ('when' "
-        "there marks the pairs the tie flag governs). Names match at any '.'-boundary prefix "
+        "'architectures'[model_type][class] when its architectures names a class listed there; "
+        "'when' names the config flag that switches the tie on, or 'always'. 'defaults' lists "
+        "those flags with their default when config.json leaves them out; "
+        "'model_type_defaults' a model type's own defaults. 'common' lists name pairs tried "
+        "on checkpoints with no config ('when' there marks the pairs a tie flag governs). "
+        "Names match at any '.'-boundary prefix "
         "(e.g. a Lightning 'model.' prefix). A pattern is a hypothesis: it ties a pair only "
         "when their values are equal, or, with a config, when the alias is absent."
     )

@@ -76,7 +76,7 @@ def test_loaded_model_is_what_transformers_loads(name: str, tmp_path: Path) -> N
     # the model that runs is the one transformers' from_pretrained gives
     import transformers
 
-    from tiecli.declared import build_meta_model
+    from tiecli.arch.build import build_meta_model
     from tiecli.forward import _float_outputs, example_input, load_onto
 
     path = tiny_models.build(name, tmp_path / name)
@@ -111,7 +111,7 @@ def switch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_placed_tensors_are_aligned_whatever_the_file_offset(switch: Path, tmp_path: Path) -> None:
-    from tiecli.declared import build_meta_model
+    from tiecli.arch.build import build_meta_model
     from tiecli.forward import load_onto
 
     for pad in range(0, 64, 8):  # the header grows by 8 bytes: tensors at every offset mod 64
@@ -138,7 +138,7 @@ def test_same_weights_at_other_offsets_give_identical_outputs(switch: Path, tmp_
 
 
 def test_input_ids_span_the_text_vocabulary_and_avoid_special_tokens(tmp_path: Path) -> None:
-    from tiecli.declared import build_meta_model
+    from tiecli.arch.build import build_meta_model
     from tiecli.forward import example_input
 
     path = tiny_models.build("llava", tmp_path / "llava")
@@ -152,7 +152,7 @@ def test_input_ids_span_the_text_vocabulary_and_avoid_special_tokens(tmp_path: P
 
 
 def test_a_model_that_needs_images_gets_them(tmp_path: Path) -> None:
-    from tiecli.declared import build_meta_model
+    from tiecli.arch.build import build_meta_model
     from tiecli.forward import example_input
 
     path = tiny_models.build("blip", tmp_path / "blip")
@@ -163,7 +163,7 @@ def test_a_model_that_needs_images_gets_them(tmp_path: Path) -> None:
 
 
 def test_image_placeholders_lead_the_ids_when_the_image_is_required(tmp_path: Path) -> None:
-    from tiecli.declared import build_meta_model
+    from tiecli.arch.build import build_meta_model
     from tiecli.forward import example_input
 
     path = tiny_models.build("blip_2", tmp_path / "blip_2")
@@ -176,7 +176,7 @@ def test_image_placeholders_lead_the_ids_when_the_image_is_required(tmp_path: Pa
 
 
 def test_a_speech_model_gets_audio_features(tmp_path: Path) -> None:
-    from tiecli.declared import build_meta_model
+    from tiecli.arch.build import build_meta_model
     from tiecli.forward import example_input
 
     path = tiny_models.build("whisper", tmp_path / "whisper")

@@ -82,7 +82,7 @@ def test_offloaded_to_disk_is_bit_identical_to_the_reference(
 
 
 def _outputs(path: Path, placement) -> tuple[list, dict]:
-    from tiecli.declared import build_meta_model
+    from tiecli.arch.build import build_meta_model
     from tiecli.forward import load_onto, run_forward, tie_devices
 
     cpu = torch.device("cpu")
@@ -137,7 +137,7 @@ def test_a_tie_split_in_the_offload_index_is_reported() -> None:
     # the check reads the offload hooks: an alias loaded from a copy of its own is broken
     from accelerate.utils import PrefixedDataset
 
-    from tiecli.declared import build_meta_model
+    from tiecli.arch.build import build_meta_model
     from tiecli.forward import Placement, load_onto, parse_max_memory, ties_on_device
 
     path = fixture_path("llama-tied", "hf")

@@ -17,7 +17,7 @@ import pytest
 from helpers import FIXTURES, FORMS, MANIFEST, MODELS, fixture_path, with_config
 from typer.testing import CliRunner
 
-from tiecli import declared
+from tiecli.arch import build
 from tiecli.cli import app
 
 runner = CliRunner()
@@ -124,7 +124,7 @@ def no_sockets(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         monkeypatch.setattr(socket, name, refuse)
     for name in ("connect", "connect_ex"):
         monkeypatch.setattr(socket.socket, name, refuse)
-    declared.refused_network.clear()
+    build.refused_network.clear()
     return attempts
 
 
@@ -155,7 +155,7 @@ def test_every_command_on_every_fixture_runs_without_a_socket(
         )
         assert result.exit_code == 0, result.output
     assert no_sockets == []
-    assert declared.refused_network == []
+    assert build.refused_network == []
 
 
 def test_a_config_naming_a_pretrained_backbone_is_built_offline(
@@ -189,15 +189,15 @@ def test_a_config_naming_a_pretrained_backbone_is_built_offline(
     result = runner.invoke(app, ["inspect", str(folder), "--json"])
     assert result.exit_code == 0, result.output
     assert no_sockets == []  # transformers would ask the Hub whether the backbone exists
-    assert declared.refused_network == []
+    assert build.refused_network == []
     assert any("pattern table" in n for n in json.loads(result.stdout)["notes"])
 
 
 def test_the_socket_backstop_refuses_and_records(no_sockets: list[str]) -> None:
-    with declared._offline(), pytest.raises(OSError, match="network access is disabled"):
+    with build.offline(), pytest.raises(OSError, match="network access is disabled"):
         socket.create_connection(("127.0.0.1", 9))
-    assert declared.refused_network and no_sockets == []
-    declared.refused_network.clear()
+    assert build.refused_network and no_sockets == []
+    build.refused_network.clear()
     with pytest.raises(OSError, match="sockets are disabled in this test"):
         socket.create_connection(("127.0.0.1", 9))  # restored afterwards
 
@@ -217,11 +217,11 @@ def test_a_config_far_larger_than_its_checkpoint_is_not_built(tmp_path: Path) ->
 
 
 def test_the_budget_counts_modules_and_parameters() -> None:
-    budget = declared.Budget(tensors=10, nbytes=1000)
+    budget = build.Budget(tensors=10, nbytes=1000)
     assert budget.modules == 1160 and budget.parameters == 296
     assert budget.buffer_bytes == 256 << 20
     assert budget.parameter_bytes == 4000 + (256 << 20)
-    assert declared.Budget(10, 1 << 30).buffer_bytes == 2 << 30
+    assert build.Budget(10, 1 << 30).buffer_bytes == 2 << 30
 
 
 def test_every_fixture_model_fits_its_own_budget(
@@ -315,14 +315,14 @@ def test_the_forward_proof_weighs_parameters_before_making_them(tmp_path: Path) 
 def test_buffers_and_parameters_are_weighed_on_meta() -> None:
     import torch
 
-    budget = declared.Budget(tensors=2, nbytes=1 << 20)
+    budget = build.Budget(tensors=2, nbytes=1 << 20)
     with torch.device("meta"):
         heavy_buffer = torch.nn.Module()
         heavy_buffer.register_buffer("table", torch.empty(1 << 30))
         heavy_param = torch.nn.Linear(1 << 15, 1 << 15)
         light = torch.nn.Linear(64, 64)
-    with pytest.raises(declared.BuildRefused, match="bytes of buffers"):
-        declared._weigh("M", heavy_buffer, budget)
-    with pytest.raises(declared.BuildRefused, match="bytes of parameters"):
-        declared._weigh("M", heavy_param, budget)
-    declared._weigh("M", light, budget)  # fits: no refusal
+    with pytest.raises(build.BuildRefused, match="bytes of buffers"):
+        build.weigh("M", heavy_buffer, budget)
+    with pytest.raises(build.BuildRefused, match="bytes of parameters"):
+        build.weigh("M", heavy_param, budget)
+    build.weigh("M", light, budget)  # fits: no refusal

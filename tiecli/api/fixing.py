@@ -25,12 +25,12 @@ from ..agreement import (
     decide,
     nested_configs,
 )
+from ..arch.patterns import flags
 from ..checkpoint import Checkpoint
 from ..consumers import FLAG
 from ..detect import TieReport, find_ties
 from ..errors import UsageError, param
 from ..options import RewriteOptions
-from ..patterns import flags
 from ..progress import NO_PROGRESS, Progress
 from .remote import from_remote
 from .results import PathLike, RewriteResult

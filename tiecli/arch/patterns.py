@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-TABLE = Path(__file__).with_name("data") / "tie_patterns.json"
+TABLE = Path(__file__).parent.parent / "data" / "tie_patterns.json"
 
 
 @dataclass(frozen=True)
@@ -22,6 +22,7 @@ class PatternTie:
     alias: str
     source: str
     from_config: bool  # the config's model_type and flags select this rule
+    when: str = "always"  # the config flag that switches this tie on, or "always"
 
 
 @lru_cache(maxsize=1)
@@ -49,6 +50,12 @@ def flags(
     return out
 
 
+def tie_flags() -> dict[str, bool]:
+    """The config flags that switch ties on or off (the ``when`` of the table's rules),
+    each with its default when neither the config nor its model_type says."""
+    return {str(k): bool(v) for k, v in table()["defaults"].items()}
+
+
 def flag_value(config: dict[str, Any] | None, flag: str) -> bool:
     """The flag as transformers 5 reads it: on when any level that carries it says so
     (a vision-language config's top level takes ``text_config``'s flag), else the
@@ -57,10 +64,10 @@ def flag_value(config: dict[str, Any] | None, flag: str) -> bool:
     if values:
         return any(values.values())
     model_type = model_type_of(config)
-    own = table().get("model_type_defaults", {}).get(model_type) if model_type else None
-    if isinstance(own, bool) and flag == "tie_word_embeddings":
-        return own
-    return bool(table()["defaults"].get(flag, True))
+    own = table()["model_type_defaults"].get(model_type, {}) if model_type else {}
+    if isinstance(own.get(flag), bool):
+        return bool(own[flag])
+    return bool(tie_flags().get(flag, True))
 
 
 def model_type_of(config: dict[str, Any] | None) -> str | None:
@@ -106,26 +113,31 @@ def _config_rules(config: dict[str, Any] | None) -> list[dict[str, str]] | None:
     return table()["model_types"].get(model_type) if model_type is not None else None
 
 
-def rules_for(config: dict[str, Any] | None) -> tuple[list[tuple[str, str]], bool]:
-    """The (alias, source) rules that apply, and whether the config chose them."""
-    t = table()
+Rule = tuple[str, str, str]  # (alias, source, when)
+
+
+def rules_for(config: dict[str, Any] | None) -> tuple[list[Rule], bool]:
+    """The (alias, source, when) rules that apply, and whether the config chose them."""
     rules = _config_rules(config)
     if rules is not None:
         chosen = []
         for rule in rules:
             flag = rule["when"]
             if flag == "always" or flag_value(config, flag):
-                chosen.append((rule["alias"], rule["source"]))
+                chosen.append((rule["alias"], rule["source"], flag))
         return chosen, True
-    every = [(r["alias"], r["source"]) for rs in t["model_types"].values() for r in rs]
-    every += [
-        (r["alias"], r["source"])
-        for classes in t.get("architectures", {}).values()
-        for rs in classes.values()
-        for r in rs
-    ]
-    every += [(r["alias"], r["source"]) for r in t["common"]]
-    return list(dict.fromkeys(every)), False
+    when: dict[tuple[str, str], str] = {}
+    for r in _every_rule():  # the first rule naming a pair gives its flag
+        when.setdefault((r["alias"], r["source"]), r.get("when", "always"))
+    return [(a, s, w) for (a, s), w in when.items()], False
+
+
+def _every_rule() -> list[dict[str, str]]:
+    """Every rule of the table: model types', then classes', then the common ones."""
+    t = table()
+    every = [r for rs in t["model_types"].values() for r in rs]
+    every += [r for cs in t.get("architectures", {}).values() for rs in cs.values() for r in rs]
+    return every + t["common"]
 
 
 def governing_flag(alias: str) -> str | None:
@@ -144,20 +156,26 @@ def governing_flag(alias: str) -> str | None:
 
 @lru_cache(maxsize=1)
 def _flag_aliases() -> dict[str, str]:
-    t = table()
-    every = [r for rs in t["model_types"].values() for r in rs] + t["common"]
-    every += [r for cs in t.get("architectures", {}).values() for rs in cs.values() for r in rs]
-    return {r["alias"]: r["when"] for r in every if r.get("when", "always") != "always"}
+    return {r["alias"]: r["when"] for r in _every_rule() if r.get("when", "always") != "always"}
 
 
 def flag_pairs(names: Iterable[str], config: dict[str, Any] | None) -> list[tuple[str, str]]:
     """The pairs of the config's architecture that a flag governs, whatever the flag
     says, with at least one name present: what a consumer resolves by its flag."""
+    return [(p.alias, p.source) for p in _governed(names, config)]
+
+
+def switched_off(names: Iterable[str], config: dict[str, Any] | None) -> list[PatternTie]:
+    """The pairs of :func:`flag_pairs` whose flag (``when``) the config turns off."""
+    return [p for p in _governed(names, config) if not flag_value(config, p.when)]
+
+
+def _governed(names: Iterable[str], config: dict[str, Any] | None) -> list[PatternTie]:
     chosen = _config_rules(config)
     if chosen is None:
         return []
-    rules = [(r["alias"], r["source"]) for r in chosen if r["when"] != "always"]
-    return [(p.alias, p.source) for p in _match(names, rules, True)]
+    rules = [(r["alias"], r["source"], r["when"]) for r in chosen if r["when"] != "always"]
+    return _match(names, rules, True)
 
 
 def pattern_ties(names: Iterable[str], config: dict[str, Any] | None) -> list[PatternTie]:
@@ -170,10 +188,8 @@ def pattern_ties(names: Iterable[str], config: dict[str, Any] | None) -> list[Pa
     return _match(names, rules, from_config)
 
 
-def _match(
-    names: Iterable[str], rules: list[tuple[str, str]], from_config: bool
-) -> list[PatternTie]:
-    wanted = {n for rule in rules for n in rule}
+def _match(names: Iterable[str], rules: list[Rule], from_config: bool) -> list[PatternTie]:
+    wanted = {n for rule in rules for n in rule[:2]}
     present = set(names)
     prefixes: dict[str, set[str]] = {}
     # a name ends with a wanted suffix only if its last two components (its last, for
@@ -202,16 +218,16 @@ def _match(
             n = group[n]
         return n
 
-    for alias, source in rules:
+    for alias, source, _ in rules:
         group[find(alias)] = find(source)
     at: dict[str, set[str]] = {}
     for n, ps in prefixes.items():
         at.setdefault(find(n), set()).update(ps)
     found: list[PatternTie] = []
-    for alias, source in rules:
+    for alias, source, when in rules:
         for prefix in sorted(at.get(find(alias), set())):
             a, s = prefix + alias, prefix + source
             has_a, has_s = a in present, s in present
             if (has_a and has_s) or from_config:  # a member is stored at this prefix
-                found.append(PatternTie(a, s, from_config))
+                found.append(PatternTie(a, s, from_config, when))
     return found

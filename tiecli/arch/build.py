@@ -1,74 +1,26 @@
-"""Ties the architecture declares, asked of transformers.
+"""Building a model from an untrusted config.json: offline, bounded, no custom code.
 
-The model is built on the ``meta`` device from ``config.json`` (no memory, no
-random init) and asked for its ties: transformers v5 answers
-``get_expanded_tied_weights_keys(all_submodels=True)`` as ``{alias: source}``;
-v4 ties parameters by identity, which we read back from the module.
-
-Importing transformers and building a model costs seconds, and the answer
-depends only on the config and the transformers version, so it is cached on
-disk (``$TIECLI_CACHE_DIR``, else ``$XDG_CACHE_HOME/tiecli``, else
-``~/.cache/tiecli``); a repeated run never imports transformers.
-
-The config is untrusted text from the checkpoint's folder, so the build runs
-offline, never imports the folder's code (``trust_remote_code=False``), never
-asks anything on stdin, and stops once the model outgrows the checkpoint.
-When no model comes of it, the reason becomes a note and detection falls back
-to the pattern table.
+The config is text from the checkpoint's folder, so a build never reaches the
+network, never imports the folder's code (``trust_remote_code=False``), never
+asks anything on stdin, and stops once the model outgrows the checkpoint
+(:class:`Budget`). When no model comes of it, :class:`BuildRefused` says why.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import hashlib
 import io
 import json
 import logging
-import os
 import re
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-@dataclass
-class Declared:
-    """Ties an architecture declares, in the names ``save_pretrained`` writes.
-
-    transformers 5 renames some weights between the module tree and the file
-    (its conversion mapping: GPT-NeoX's ``lm_head.weight`` is ``embed_out.weight``
-    on disk, Llava's ``model.language_model.*`` is ``language_model.model.*``).
-    ``ties`` uses the file's names; ``renamed`` keeps ``{name in the model: name
-    in the file}`` for every name that differs, so a file written with the
-    model's own names (``save_original_format=False``, a plain ``state_dict()``)
-    is read in those (:meth:`ties_for`).
-    """
-
-    ties: dict[str, str] = field(default_factory=dict)  # alias -> source, on-disk names
-    architecture: str | None = None
-    renamed: dict[str, str] = field(default_factory=dict)  # model name -> on-disk name
-
-    def in_memory(self) -> dict[str, str]:
-        """The ties in the model's own (in-memory) names."""
-        back = {disk: mem for mem, disk in self.renamed.items()}
-        return {back.get(a, a): back.get(s, s) for a, s in self.ties.items()}
-
-    def ties_for(self, names: Any) -> dict[str, str]:
-        """The ties in the naming the file ``names`` uses: the on-disk names, unless the
-        file holds more of the model's own names than of the on-disk ones."""
-        if not self.renamed:
-            return self.ties
-        present = set(names)
-        memory = sum(1 for mem in self.renamed if mem in present)
-        disk = sum(1 for d in self.renamed.values() if d in present)
-        return self.in_memory() if memory > disk else self.ties
-
-
-CACHE_FORMAT = 3  # 2: refusals keep their reason; 3: ties in on-disk names
 CUSTOM_CODE = "config.json asks for custom code (auto_map), which tiecli never runs"
 
 
@@ -94,63 +46,8 @@ def transformers_available() -> bool:
     return True
 
 
-def _cache_file(config_dir: Path, tf_version: str) -> Path | None:
-    try:
-        raw = (config_dir / "config.json").read_bytes()
-    except OSError:
-        return None
-    root = os.environ.get("TIECLI_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
-        "tiecli",
-    )
-    key = hashlib.sha256(f"{CACHE_FORMAT}\0{tf_version}\0".encode() + raw).hexdigest()
-    return Path(root) / "declared" / f"{key}.json"
-
-
-def _cache_read(path: Path | None) -> tuple[bool, Declared | None, str | None]:
-    """(hit, ties, why none); a cached refusal keeps its reason."""
-    if path is None:
-        return False, None, None
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-        if doc.get("unknown"):
-            why = doc.get("why")
-            return True, None, why if isinstance(why, str) else None
-        ties = doc["ties"]
-        if isinstance(ties, dict) and all(
-            isinstance(k, str) and isinstance(v, str) for k, v in ties.items()
-        ):
-            renamed = doc.get("renamed") or {}
-            if isinstance(renamed, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in renamed.items()
-            ):
-                return True, Declared(dict(ties), doc.get("architecture"), dict(renamed)), None
-    except (OSError, ValueError, KeyError, AttributeError):
-        pass
-    return False, None, None
-
-
-def _cache_write(path: Path | None, declared: Declared | None, why: str | None) -> None:
-    if path is None:
-        return
-    doc = (
-        {"unknown": True, "why": why}
-        if declared is None
-        else {
-            "architecture": declared.architecture,
-            "ties": declared.ties,
-            "renamed": declared.renamed,
-        }
-    )
-    with contextlib.suppress(OSError):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(doc), encoding="utf-8")
-        os.replace(tmp, path)
-
-
 @contextlib.contextmanager
-def _quiet() -> Any:
+def quiet() -> Any:
     """transformers talks on stderr (and prompts on stdout) while building; keep ours clean."""
     import transformers
 
@@ -231,13 +128,13 @@ def _refuse_prompt(*_args: Any, **_kwargs: Any) -> str:
     raise _Prompted
 
 
-# What the socket backstop of :func:`_offline` refused, for tests and debugging:
+# What the socket backstop of :func:`offline` refused, for tests and debugging:
 # offline mode should stop every request before it reaches a socket.
 refused_network: list[str] = []
 
 
 @contextlib.contextmanager
-def _offline() -> Any:
+def offline() -> Any:
     """No network, no prompt, while transformers builds a model from an untrusted config.
 
     Hub helpers are put in offline mode (huggingface_hub reads
@@ -278,7 +175,7 @@ def _offline() -> Any:
 
 
 @contextlib.contextmanager
-def _bounded(budget: Budget | None, real_buffers: bool) -> Any:
+def bounded(budget: Budget | None, real_buffers: bool) -> Any:
     """Count modules and parameters as they are made; stop past the budget.
 
     With ``real_buffers`` parameters go to the meta device as modules register
@@ -350,7 +247,7 @@ def build_model(config_dir: Path, real_buffers: bool = False, budget: Budget | N
                 f"{budget.tensors} stored tensors can hold: it does not fit the checkpoint",
                 lasting=False,
             )
-    with _quiet(), _offline():
+    with quiet(), offline():
         try:
             config = transformers.AutoConfig.from_pretrained(
                 str(config_dir), local_files_only=True, trust_remote_code=False
@@ -379,14 +276,14 @@ def build_model(config_dir: Path, real_buffers: bool = False, budget: Budget | N
             # move to meta: weigh both on meta first.
             model = _build(cls, config, budget, torch.device("meta"), real_buffers=False)
             if budget is not None:
-                _weigh(cls.__name__, model, budget)
+                weigh(cls.__name__, model, budget)
             return _build(cls, config, budget, contextlib.nullcontext(), real_buffers=True)
         return _build(cls, config, budget, torch.device("meta"), real_buffers=False)
 
 
 def _build(cls: Any, config: Any, budget: Budget | None, placement: Any, real_buffers: bool) -> Any:
     try:
-        with placement, _bounded(budget, real_buffers):
+        with placement, bounded(budget, real_buffers):
             return cls._from_config(config)
     except _OverBudget as e:
         raise BuildRefused(
@@ -427,7 +324,7 @@ def _layer_count_over(config: dict[str, Any], limit: int) -> tuple[str, int] | N
     return None
 
 
-def _weigh(name: str, model: Any, budget: Budget) -> None:
+def weigh(name: str, model: Any, budget: Budget) -> None:
     """Refuse a meta-built model whose parameters or buffers outweigh the checkpoint."""
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     buffers = _buffer_bytes(model)
@@ -487,102 +384,3 @@ def build_meta_model(
         return build_model(config_dir, real_buffers, budget)
     except BuildRefused:
         return None
-
-
-def declared_ties(
-    config_dir: Path, budget: Budget | None = None
-) -> tuple[Declared | None, str | None]:
-    """Ties declared by the architecture in ``config_dir/config.json``.
-
-    ``(ties, None)``; or ``(None, why)`` when transformers builds no model from
-    the config, and ``(None, None)`` when it is not installed: detection then
-    falls back to tiecli's pattern table.
-    """
-    tf_version = transformers_version()
-    if tf_version is None:
-        return None, None
-    cache = _cache_file(config_dir, tf_version)
-    hit, cached, why = _cache_read(cache)
-    if hit:
-        return cached, why
-    if not transformers_available():
-        return None, None
-    try:
-        out = _ask_transformers(config_dir, budget)
-    except BuildRefused as e:
-        if e.lasting:
-            _cache_write(cache, None, str(e))
-        return None, str(e)
-    _cache_write(cache, out, None)
-    return out, None
-
-
-def _ask_transformers(config_dir: Path, budget: Budget | None) -> Declared:
-    model = build_model(config_dir, budget=budget)
-    out = Declared(architecture=type(model).__name__)
-    expanded = getattr(model, "get_expanded_tied_weights_keys", None)
-    if callable(expanded):
-        with _quiet():
-            mapping = expanded(all_submodels=True) or {}
-        memory = {str(a): str(s) for a, s in mapping.items() if a != s}
-    else:
-        memory = ties_by_identity(model)
-    out.renamed = on_disk_names(model, [*model.state_dict(keep_vars=True), *memory])
-    out.ties = {out.renamed.get(a, a): out.renamed.get(s, s) for a, s in memory.items()}
-    return out
-
-
-def on_disk_names(model: Any, names: list[str]) -> dict[str, str]:
-    """``{name in the model: name save_pretrained writes}`` for the ``names`` that differ.
-
-    The reverse of transformers 5's conversion mapping, as ``save_pretrained``
-    applies it to a model not loaded with ``from_pretrained``
-    (``core_model_loading.revert_weight_conversion``): the model's transforms in
-    reverse order, prefix changes dropped, a converter's renaming first, else
-    every renaming in turn. transformers 4 (no mapping) saves the model's names.
-    """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import (
-            PrefixChange,
-            WeightConverter,
-            WeightRenaming,
-            apply_converters,
-            apply_renamings,
-        )
-    except ImportError:
-        return {}
-    try:
-        with _quiet():
-            transforms = get_model_conversion_mapping(model, add_legacy=False) or []
-            transforms = [t for t in transforms if not isinstance(t, PrefixChange)]
-            reverse = [t.reverse_transform() for t in transforms[::-1]]
-            renamings = [t for t in reverse if isinstance(t, WeightRenaming)]
-            converters = [t for t in reverse if isinstance(t, WeightConverter)]
-            out: dict[str, str] = {}
-            for name in dict.fromkeys(names):
-                new, pattern = apply_converters(name, converters)
-                if pattern is None:
-                    new = apply_renamings(name, renamings)
-                if new != name:
-                    out[name] = new
-    except Exception:  # noqa: BLE001 - a transformers whose API differs: the model's names
-        return {}
-    return out
-
-
-def ties_by_identity(module: Any) -> dict[str, str]:
-    """``{alias: source}`` for parameters a module holds under several names.
-
-    The source is the first name in registration order (the input embedding,
-    T5's ``shared``), which is how transformers v4 declares them.
-    """
-    first: dict[int, str] = {}
-    ties: dict[str, str] = {}
-    for name, p in module.named_parameters(remove_duplicate=False):
-        key = id(p)
-        if key in first:
-            ties[name] = first[key]
-        else:
-            first[key] = name
-    return ties
