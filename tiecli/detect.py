@@ -256,7 +256,7 @@ class _Finder:
 
     def _from_gguf(self) -> None:
         """llama.cpp's loader is the architecture: its head rule, from the table."""
-        from .formats.gguf import head_finding
+        from .formats.gguf_heads import head_finding
 
         arch = getattr(self.ckpt.readers[0], "architecture", None)
         found = head_finding(arch, self.entries, lambda a, s: self._equal(a, s, "identity"))

@@ -353,7 +353,7 @@ class _FirstBytes:
 
 def first_rows(entry: Entry, rows: int) -> Entry:
     """``entry`` cut to its first ``rows`` rows, read from the same bytes."""
-    from .formats.safetensors import RangeBlob
+    from .io import RangeBlob
 
     row = entry.nbytes // entry.shape[0]
     nbytes = rows * row

@@ -28,10 +28,13 @@ from .errors import (
     UsageError,
     VerificationError,
 )
-from .formats import safetensors as st_format
 from .formats.pytorch import PickleFile
-from .formats.safetensors import ByteFile, FileBlob, SafetensorsFile, write_file
-from .formats.torchzip import Declined, TorchZip, open_torchzip, write_shared
+from .formats.safetensors import SafetensorsFile
+from .formats.safetensors_write import write_file
+from .formats.torchzip import TorchZip, open_torchzip
+from .formats.torchzip_pickle import Declined
+from .formats.torchzip_write import write_shared
+from .io import ByteFile, FileBlob, writes
 from .plan import Check, FilePlan, Plan, stale_copies
 from .progress import Progress
 from .values import equal, same_bytes
@@ -559,7 +562,7 @@ def _write_gguf(
     durable: bool,
 ) -> None:
     """A GGUF file: its metadata kept as it is, tensors copied, read back with gguf."""
-    from .formats.gguf import check_written, write_gguf
+    from .formats.gguf_write import check_written, write_gguf
 
     src = ckpt.readers[0]
     with progress.task(f"writing {f.name}", sum(t.nbytes for t in f.tensors)) as bar:
@@ -747,9 +750,7 @@ def _write_zip(
             reader,
             shared,
             tmp,
-            lambda src, dst, at, to, n: st_format._copy_range(
-                src, dst, at, to, n, bar, mark.reached
-            ),
+            lambda src, dst, at, to, n: writes.copy_range(src, dst, at, to, n, bar, mark.reached),
             place,
             mark.reached,
             copies,

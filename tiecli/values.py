@@ -321,7 +321,7 @@ def gather(items: list[Entry], where: Callable[[Entry], list[tuple[int, int]]]) 
     Places in a local file lying close together (thousands of small experts) are read
     in one call each; any other blob reads its own (a remote file serves what was
     fetched ahead). Only the bytes asked for count as read."""
-    from .formats.safetensors import FileBlob
+    from .io import FileBlob
 
     parts: dict[str, list[bytes]] = {}
     local: dict[Any, list[tuple[int, int, Any]]] = defaultdict(list)
@@ -346,7 +346,7 @@ def gather(items: list[Entry], where: Callable[[Entry], list[tuple[int, int]]]) 
 def _ends(items: list[Entry], last: bool) -> dict[str, bytes]:
     """:func:`gather` of each tensor's first element (its last, with ``last``), by name;
     the one place per tensor taken without the general bookkeeping."""
-    from .formats.safetensors import FileBlob
+    from .io import FileBlob
 
     sizes: dict[str, int] = {}
     out: dict[str, bytes] = {}

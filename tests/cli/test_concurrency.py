@@ -54,10 +54,10 @@ def error_line(r) -> str:
 
 HELD_RUN = """
 import os, sys, time
-import tiecli.formats.safetensors as st
+import tiecli.io.writes as writes
 
 go = sys.argv.pop(1)
-real_copy, real_write = st._copy_range, st._write_all
+real_copy, real_write = writes.copy_range, writes.write_all
 
 def wait():  # the writer stops until the test lets it go on
     deadline = time.monotonic() + 60
@@ -72,7 +72,7 @@ def held_write(*a, **k):
     wait()
     return real_write(*a, **k)
 
-st._copy_range, st._write_all = held_copy, held_write
+writes.copy_range, writes.write_all = held_copy, held_write
 from tiecli.cli import main
 sys.argv = ["tiecli", *sys.argv[1:]]
 main()

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 
 import tiecli
 import tiecli.atomic
-import tiecli.formats.safetensors as st_format
+import tiecli.io.writes as writes
 
 # -- what is interrupted -------------------------------------------------------
 
@@ -167,7 +167,7 @@ def arm(m: pytest.MonkeyPatch, step: str, fault: Fault) -> None:
         return
 
     # step == "write": the disk fills up half-way through a write
-    real_copy, real_write, real_save = st_format._copy_range, st_format._write_all, torch.save
+    real_copy, real_write, real_save = writes.copy_range, writes.write_all, torch.save
 
     def copy_range(src, dst, src_off, dst_off, count, *rest):
         if fault.hit():
@@ -187,8 +187,8 @@ def arm(m: pytest.MonkeyPatch, step: str, fault: Fault) -> None:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kw)
 
-    m.setattr(st_format, "_copy_range", copy_range)
-    m.setattr(st_format, "_write_all", write_all)
+    m.setattr(writes, "copy_range", copy_range)
+    m.setattr(writes, "write_all", write_all)
     m.setattr(torch, "save", save)
 
 

@@ -276,11 +276,11 @@ def test_verification_stops_the_writer_early(
     """A mismatch found while the file is still being written ends the write there."""
     import time
 
-    from tiecli.formats import safetensors as st_format
+    from tiecli.io import writes
 
     ckpt = tmp_path / "model.safetensors"
     shutil.copy2(fixture_path("llama-tied", "full") / "model.safetensors", ckpt)
-    monkeypatch.setattr(st_format, "_COPY_STEP", 1024)  # many small, slow steps
+    monkeypatch.setattr(writes, "COPY_STEP", 1024)  # many small, slow steps
     real = os.copy_file_range
     copied: list[int] = []
 
@@ -317,9 +317,9 @@ def test_pickle_written_wrong_is_never_kept(
     ckpt = _cloned_head_bin(tmp_path / "in")
     before = snapshot(tmp_path)
     if path == "torch-free":
-        from tiecli.formats import torchzip
+        from tiecli.formats import torchzip_write
 
-        monkeypatch.setattr(torchzip, "_COPY_FROM", 0)  # every record copied in the kernel
+        monkeypatch.setattr(torchzip_write, "COPY_FROM", 0)  # every record copied in the kernel
         calls = _corrupting_copy(monkeypatch)
     else:
         from tiecli import formats
@@ -360,13 +360,13 @@ def _record_fsyncs(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 @pytest.mark.parametrize("form", ["full", "full-sharded"])
 def test_what_is_fsynced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, form: str) -> None:
     """Replacing anything is durable first; a new -o output is durable on request."""
-    from tiecli.formats import safetensors as st_format
+    from tiecli.io import writes
 
     src = fixture_path("llama-tied", form)
     started: list[int] = []
-    real_start = st_format._start_writeback
+    real_start = writes.start_writeback
     monkeypatch.setattr(
-        st_format, "_start_writeback", lambda *a: (started.append(a[2]), real_start(*a))[1]
+        writes, "start_writeback", lambda *a: (started.append(a[2]), real_start(*a))[1]
     )
     synced = _record_fsyncs(monkeypatch)
 
@@ -398,14 +398,14 @@ def test_a_writer_that_ends_short_fails_verification(
 ) -> None:
     """The file is sized before it is written: a copy that stops early without an error
     leaves zeros a reader would accept as data. The follower must notice."""
-    from tiecli.formats import safetensors as st_format
+    from tiecli.io import writes
 
-    real = st_format._copy_range
+    real = writes.copy_range
 
     def half(src, dst, src_off, dst_off, count, *rest):
         return real(src, dst, src_off, dst_off, count // 2, *rest)
 
-    monkeypatch.setattr(st_format, "_copy_range", half)
+    monkeypatch.setattr(writes, "copy_range", half)
     src = fixture_path("llama-tied", "full") / "model.safetensors"
     with pytest.raises(tiecli.TiecliError, match="verification failed") as e:
         tiecli.dedupe(src, tmp_path / "out.safetensors")

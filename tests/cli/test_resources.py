@@ -312,19 +312,20 @@ def test_a_replaced_file_is_not_read_as_the_one_opened(tmp_path: Path) -> None:
     """A file closed to make room is opened again by its path; if another file took
     that path meanwhile, reading it is an error, never the other file's bytes."""
     from tiecli.errors import CheckpointFormatError
-    from tiecli.formats.safetensors import _OPEN, SafetensorsFile
+    from tiecli.formats.safetensors import SafetensorsFile
+    from tiecli.io import OPEN
 
     paths = []
     for i in range(3):
         paths.append(tmp_path / f"{i}.safetensors")
         _safetensors(paths[-1], {"w": struct.pack("<4f", i, i, i, i)}, {})
-    limit = _OPEN.limit
+    limit = OPEN.limit
     files = []
     try:
-        _OPEN.limit = 1
+        OPEN.limit = 1
         files = [SafetensorsFile(p) for p in paths]
         assert files[-1].pread(files[-1].data_start, 4) == struct.pack("<f", 2)
-        assert files[0]._fd < 0  # closed to keep one file open
+        assert files[0].fd < 0  # closed to keep one file open
         assert files[0].pread(files[0].data_start, 4) == struct.pack("<f", 0)
         os.replace(paths[2], paths[1])
         with pytest.raises(CheckpointFormatError, match="removed or replaced while being read"):
@@ -332,11 +333,11 @@ def test_a_replaced_file_is_not_read_as_the_one_opened(tmp_path: Path) -> None:
         paths[0].unlink()
         _safetensors(tmp_path / "3.safetensors", {"w": struct.pack("<4f", 3, 3, 3, 3)}, {})
         files.append(SafetensorsFile(tmp_path / "3.safetensors"))  # 0 closes to make room
-        assert files[0]._fd < 0
+        assert files[0].fd < 0
         with pytest.raises(CheckpointFormatError, match="removed or replaced while being read"):
             files[0].pread(files[0].data_start, 4)
     finally:
-        _OPEN.limit = limit
+        OPEN.limit = limit
         for f in files:
             f.close()
 
@@ -347,7 +348,8 @@ def test_a_replaced_file_is_not_read_as_the_one_opened(tmp_path: Path) -> None:
 def test_a_storage_named_as_two_types_is_read_as_torch_reads_it(tmp_path: Path) -> None:
     """``b`` names ``a``'s float32 storage as a HalfStorage: torch keeps the first
     reference's type, so ``b`` is ``a`` itself, and so is it for tiecli."""
-    from tiecli.formats.torchzip import _Storage, dumps, open_torchzip
+    from tiecli.formats.torchzip import open_torchzip
+    from tiecli.formats.torchzip_pickle import Storage, dumps
 
     src = tmp_path / "src.pt"
     torch.save({"a": torch.arange(4.0), "b": torch.arange(4, dtype=torch.float16)}, src)
@@ -356,7 +358,7 @@ def test_a_storage_named_as_two_types_is_read_as_torch_reads_it(tmp_path: Path) 
     try:
         b = reader.items["b"]
         pid = b.args[0].pid
-        b.args = (_Storage((pid[0], pid[1], "0", "cpu", 4)), *b.args[1:])
+        b.args = (Storage((pid[0], pid[1], "0", "cpu", 4)), *b.args[1:])
         pkl = dumps(reader.top)
     finally:
         reader.close()

@@ -185,7 +185,7 @@ def test_different_types_are_reported_never_dropped(tmp_path: Path) -> None:
 
 
 def test_architecture_without_fallback_missing_its_head(tmp_path: Path) -> None:
-    from tiecli.formats.gguf import head_kind
+    from tiecli.formats.gguf_heads import head_kind
 
     assert head_kind("qwen2moe") == "required"
     p = write_gguf(tmp_path / "m.gguf", arch="qwen2moe")
@@ -212,7 +212,7 @@ def test_always_tied_architecture_is_never_untied(tmp_path: Path) -> None:
 
 
 def test_table_is_read_from_llama_cpp() -> None:
-    from tiecli.formats.gguf import heads_table
+    from tiecli.formats.gguf_heads import heads_table
 
     table = heads_table()
     assert table["source"]["repo"] == "ggml-org/llama.cpp"
@@ -462,11 +462,11 @@ def test_a_bad_write_is_caught_before_the_rename(
 ) -> None:
     """The written file is read back with GGUFReader and compared; a flipped byte
     fails the run (exit 1) and leaves the input as it was."""
-    import tiecli.formats.gguf as gguf_format
+    import tiecli.io.writes as writes
 
     p = write_gguf(tmp_path / "m.gguf", head="copy")
     before = sha(p)
-    real = gguf_format._copy_range
+    real = writes.copy_range
 
     def flipped(src, dst, src_off, dst_off, count, *args):  # type: ignore[no-untyped-def]
         real(src, dst, src_off, dst_off, count, *args)
@@ -475,7 +475,7 @@ def test_a_bad_write_is_caught_before_the_rename(
         byte = os.pread(src, 1, src_off)
         os.pwrite(dst, bytes([byte[0] ^ 1]), dst_off)
 
-    monkeypatch.setattr(gguf_format, "_copy_range", flipped)
+    monkeypatch.setattr(writes, "copy_range", flipped)
     r = run("dedupe", str(p))
     assert r.exit_code == 1, r.output
     assert "verification failed" in r.stderr and "does not equal" in r.stderr
@@ -486,16 +486,16 @@ def test_a_bad_write_is_caught_before_the_rename(
 def test_changed_metadata_is_caught_before_the_rename(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import tiecli.formats.gguf as gguf_format
+    import tiecli.io.writes as writes
 
     p = write_gguf(tmp_path / "m.gguf", head="copy")
     before = sha(p)
-    real = gguf_format._write_all
+    real = writes.write_all
 
     def renamed(fd, data, offset):  # type: ignore[no-untyped-def]
         return real(fd, bytes(data).replace(b"tiny", b"tinz"), offset)
 
-    monkeypatch.setattr(gguf_format, "_write_all", renamed)
+    monkeypatch.setattr(writes, "write_all", renamed)
     r = run("dedupe", str(p), "-o", str(tmp_path / "out.gguf"))
     assert r.exit_code == 1, r.output
     assert "its metadata differs" in r.stderr

@@ -14,7 +14,8 @@ import torch
 from helpers import fixture_path
 
 import tiecli
-from tiecli.formats.torchzip import dumps, open_torchzip
+from tiecli.formats.torchzip import open_torchzip
+from tiecli.formats.torchzip_pickle import dumps
 
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
 MODELS = json.loads((FIXTURES / "MANIFEST.json").read_text())["models"]
@@ -190,10 +191,10 @@ def test_the_placeholder_unpickler_declines_what_torch_refuses(raw: bytes) -> No
     """State on a class, a storage or a tensor call, and any other global: declined."""
     import io
 
-    from tiecli.formats.torchzip import Declined, _Unpickler
+    from tiecli.formats.torchzip_pickle import Declined, Unpickler
 
     try:
-        top = _Unpickler(io.BytesIO(raw)).load()
+        top = Unpickler(io.BytesIO(raw)).load()
     except Declined:
         return
     # an OrderedDict may carry state (its _metadata): the reader then checks what it is
@@ -205,21 +206,21 @@ def test_a_pickle_that_names_the_wrong_storage_fails_verification(
 ) -> None:
     """Every record is copied intact, but the written pickle swaps two same-shaped
     tensors: the read-back must notice, though no byte of any record differs."""
-    from tiecli.formats import torchzip
+    from tiecli.formats import torchzip_write
 
     src = _head_first(tmp_path / "in", False)
     sd = torch.load(src, weights_only=True)
     shape = sd["model.layers.0.self_attn.q_proj.weight"].shape
     a, b = [n for n in sd if sd[n].shape == shape][:2]
     assert not torch.equal(sd[a], sd[b])
-    real = torchzip.dumps
+    real = torchzip_write.dumps
 
     def swapped(top):
         items = dict(top.items)
         items[a], items[b] = items[b], items[a]
         return real(top.with_items(items))
 
-    monkeypatch.setattr(torchzip, "dumps", swapped)
+    monkeypatch.setattr(torchzip_write, "dumps", swapped)
     with pytest.raises(tiecli.TiecliError, match="verification failed") as e:
         tiecli.dedupe(src, tmp_path / "out.bin")
     assert e.value.exit_code == 1

@@ -43,8 +43,9 @@ from ..errors import (
     TiecliError,
     UsageError,
 )
+from ..io import RangeBlob
 from ..progress import NO_PROGRESS, Progress
-from .safetensors import RangeBlob, RepeatedKey, SafetensorsFile, unique_keys
+from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
 
 DEFAULT_MAX_DOWNLOAD = 256 << 20  # bytes of whole tensors read to confirm ties
 DEFAULT_TIMEOUT = 30.0  # seconds, per request
@@ -693,7 +694,7 @@ class _CatFile:
 
 
 class RemoteFile:
-    """A remote file read by position, as :class:`~tiecli.formats.safetensors.ByteFile`
+    """A remote file read by position, as :class:`~tiecli.io.ByteFile`
     reads a local one: ``pread``/``preadinto`` relative to the file's start, failing
     on a short read. Ranges fetched ahead (:meth:`keep`) are served from memory."""
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import struct
 import zipfile
 import zlib
@@ -27,30 +26,25 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import CHUNK, Entry
+from ..checkpoint import Entry
 from ..dtypes import itemsize
-from . import safetensors as st
-from .safetensors import FileBlob
+from ..io import ByteFile, FileBlob
+from .torchzip_pickle import (
+    ORDERED_DICT,
+    REBUILD,
+    STORAGE_DTYPES,
+    Call,
+    Declined,
+    Storage,
+    Unpickler,
+    contiguous,
+    holds_tensors,
+)
 
-# Storage classes torch pickles, and the element type each holds.
-STORAGE_DTYPES = {
-    "FloatStorage": "F32",
-    "DoubleStorage": "F64",
-    "HalfStorage": "F16",
-    "BFloat16Storage": "BF16",
-    "LongStorage": "I64",
-    "IntStorage": "I32",
-    "ShortStorage": "I16",
-    "CharStorage": "I8",
-    "ByteStorage": "U8",
-    "BoolStorage": "BOOL",
-}
-_REBUILD = ("torch._utils", "_rebuild_tensor_v2")
-_ORDERED_DICT = ("collections", "OrderedDict")
 ALIGN = 64  # torch aligns every record's data to 64 bytes unless the file records another
 # The largest alignment a rewrite can honour: its padding lives in a 16-bit extra field.
 MAX_ALIGN = 1 << 15
-_ZIP64_LIMIT = 0xFFFFFFFF
+ZIP64_LIMIT = 0xFFFFFFFF
 # The largest pickle record read (unpacked): a state dict's pickle takes about 200
 # bytes a tensor, so this is some 300,000 tensors; a compressed record can unpack
 # to far more than its file's size, and unpickling takes several times its size.
@@ -91,151 +85,7 @@ def record_fault(name: str, size: int, read: Callable[[], bytes]) -> str | None:
     return None
 
 
-class Declined(Exception):
-    """Not a file this reader handles; the torch-based reader takes over."""
-
-
-# -- the pickle, with placeholders ----------------------------------------------
-
-
-class _Global:
-    """A class or function the pickle names; never imported."""
-
-    __slots__ = ("module", "name")
-
-    def __init__(self, module: str, name: str):
-        self.module, self.name = module, name
-
-    def key(self) -> tuple[str, str]:
-        return (self.module, self.name)
-
-    def __call__(self, *args: Any) -> _Call:
-        return _Call(self, args)
-
-    def __setstate__(self, state: Any) -> None:
-        raise Declined("state set on a class")  # torch's loader refuses it too
-
-
-class _Call:
-    """What calling a :class:`_Global` would have returned: kept as the call.
-
-    Only an ``OrderedDict`` takes items (SETITEMS) and state (BUILD, its
-    ``_metadata``), as torch's weights-only loader allows; anything else declines.
-    """
-
-    __slots__ = ("func", "args", "state", "items")
-
-    def __init__(self, func: _Global, args: tuple[Any, ...]):
-        self.func, self.args = func, args
-        self.state: Any = None
-        self.items: dict[Any, Any] = {}
-
-    def __setitem__(self, key: Any, value: Any) -> None:
-        if self.func.key() != _ORDERED_DICT:
-            raise Declined("items set on something else than a dict")
-        self.items[key] = value
-
-    def __setstate__(self, state: Any) -> None:
-        if self.func.key() != _ORDERED_DICT:
-            raise Declined("state set on something else than a dict")
-        self.state = state
-
-    def with_items(self, items: dict[Any, Any]) -> _Call:
-        new = _Call(self.func, self.args)
-        new.state, new.items = self.state, items
-        return new
-
-
-class _Storage:
-    """A storage the pickle refers to by key (its bytes are the record data/<key>)."""
-
-    __slots__ = ("pid", "kind", "key", "numel")
-
-    def __init__(self, pid: tuple[Any, ...]):
-        self.pid = pid
-        self.kind: _Global = pid[1]
-        self.key: str = pid[2]
-        self.numel: int = pid[4]
-
-    def __setstate__(self, state: Any) -> None:
-        raise Declined("state set on a storage")
-
-
-def _holds_tensors(obj: Any) -> bool:
-    """Whether a storage or tensor is anywhere inside ``obj``."""
-    if isinstance(obj, _Storage):
-        return True
-    if isinstance(obj, _Call):
-        return obj.func.key() != _ORDERED_DICT or any(
-            _holds_tensors(x) for x in (obj.args, obj.state, *obj.items.items())
-        )
-    if isinstance(obj, dict):
-        return any(_holds_tensors(k) or _holds_tensors(v) for k, v in obj.items())
-    if isinstance(obj, (list, tuple, set, frozenset)):
-        return any(_holds_tensors(x) for x in obj)
-    return False
-
-
-class _Unpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in (_REBUILD, _ORDERED_DICT) or (
-            module == "torch" and name in STORAGE_DTYPES
-        ):
-            return _Global(module, name)
-        raise Declined(f"names {module}.{name}")
-
-    def persistent_load(self, pid: Any) -> Any:
-        if not (
-            isinstance(pid, tuple)
-            and len(pid) == 5
-            and pid[0] == "storage"
-            and isinstance(pid[1], _Global)
-            and pid[1].module == "torch"
-            and isinstance(pid[2], str)
-            and pid[3] == "cpu"
-            and type(pid[4]) is int
-            and pid[4] >= 0
-        ):
-            raise Declined("a storage reference of another shape")
-        return _Storage(pid)
-
-
-class _Pickler(pickle._Pickler):  # type: ignore[misc,name-defined]
-    """Writes placeholders back as the globals, calls and storages they stand for."""
-
-    dispatch = pickle._Pickler.dispatch.copy()  # type: ignore[attr-defined]
-
-    def persistent_id(self, obj: Any) -> Any:
-        return obj.pid if isinstance(obj, _Storage) else None
-
-    def _save_global(self, obj: _Global) -> None:
-        self.write(pickle.GLOBAL + f"{obj.module}\n{obj.name}\n".encode())  # type: ignore[attr-defined]
-        self.memoize(obj)  # type: ignore[attr-defined]
-
-    def _save_call(self, obj: _Call) -> None:
-        self.save_reduce(  # type: ignore[attr-defined]
-            obj.func,
-            obj.args,
-            obj.state,
-            None,
-            iter(obj.items.items()) if obj.items else None,
-            obj=obj,
-        )
-
-    dispatch[_Global] = _save_global  # type: ignore[assignment]
-    dispatch[_Call] = _save_call  # type: ignore[assignment]
-
-
-def dumps(top: Any) -> bytes:
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(top)
-    return buf.getvalue()
-
-
-# -- the archive -----------------------------------------------------------------
-
-
-class _Record:
+class Record:
     __slots__ = ("name", "start", "size", "crc")
 
     def __init__(self, name: str, start: int, size: int, crc: int):
@@ -252,7 +102,7 @@ def data_start(fd: int, info: zipfile.ZipInfo) -> int:
     return int(info.header_offset) + 30 + name_len + extra_len
 
 
-def _records(path: Path, fd: int, file_size: int) -> list[_Record]:
+def _records(path: Path, fd: int, file_size: int) -> list[Record]:
     out = []
     try:
         with zipfile.ZipFile(path) as z:
@@ -267,7 +117,7 @@ def _records(path: Path, fd: int, file_size: int) -> list[_Record]:
     for info in infos:
         if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1:
             raise Declined("compressed or encrypted record")
-        if max(info.header_offset, info.file_size, file_size) >= _ZIP64_LIMIT:
+        if max(info.header_offset, info.file_size, file_size) >= ZIP64_LIMIT:
             raise Declined("zip64")
         try:
             start = data_start(fd, info)
@@ -275,11 +125,11 @@ def _records(path: Path, fd: int, file_size: int) -> list[_Record]:
             raise Declined("bad local header") from e
         if start + info.file_size > file_size:
             raise Declined("record past the end")
-        out.append(_Record(info.filename, start, info.file_size, info.CRC))
+        out.append(Record(info.filename, start, info.file_size, info.CRC))
     return out
 
 
-class TorchZip(st.ByteFile):
+class TorchZip(ByteFile):
     """A flat state dict of a PyTorch zip checkpoint, read without torch; its tensors'
     blobs are addressed from the start of the file."""
 
@@ -296,7 +146,7 @@ class TorchZip(st.ByteFile):
             self.close()
             raise
 
-    def _read(self, record: _Record) -> bytes:
+    def _read(self, record: Record) -> bytes:
         return self.pread(record.start, record.size)
 
     def _parse(self) -> None:
@@ -326,19 +176,19 @@ class TorchZip(st.ByteFile):
         if zlib.crc32(raw) != pkl[0].crc:
             raise Declined("data.pkl fails its checksum")
         try:
-            top = _Unpickler(io.BytesIO(raw)).load()
+            top = Unpickler(io.BytesIO(raw)).load()
         except Declined:
             raise
         except Exception as e:  # noqa: BLE001 - damaged pickles fail in many ways
             raise Declined("unreadable pickle") from e
-        if isinstance(top, _Call) and top.func.key() == _ORDERED_DICT and not top.args:
+        if isinstance(top, Call) and top.func.key() == ORDERED_DICT and not top.args:
             items = top.items
             # state_dict()'s ``_metadata`` (module versions) is kept as it is; a tensor
             # hidden in the dict's state would escape both the rewrite and its check
             if top.state is not None and (
                 not isinstance(top.state, dict)
                 or set(top.state) != {"_metadata"}
-                or _holds_tensors(top.state)
+                or holds_tensors(top.state)
             ):
                 raise Declined("state beside the state dict")
         elif isinstance(top, dict):
@@ -348,16 +198,16 @@ class TorchZip(st.ByteFile):
         if not items or not all(isinstance(k, str) for k in items):
             raise Declined("not a flat state dict")
         self.top = top
-        self.items: dict[str, _Call] = dict(items)
-        self.storage_records: dict[str, _Record] = {}
-        self._storages: dict[str, _Storage] = {}
+        self.items: dict[str, Call] = dict(items)
+        self.storage_records: dict[str, Record] = {}
+        self._storages: dict[str, Storage] = {}
         self._entries = [self._entry(name, call, by_name) for name, call in items.items()]
 
-    def _entry(self, name: str, call: Any, by_name: dict[str, _Record]) -> Entry:
-        if not (isinstance(call, _Call) and call.func.key() == _REBUILD and call.state is None):
+    def _entry(self, name: str, call: Any, by_name: dict[str, Record]) -> Entry:
+        if not (isinstance(call, Call) and call.func.key() == REBUILD and call.state is None):
             raise Declined(f"{name!r} is not a plain tensor")
         args = call.args
-        if len(args) not in (6, 7) or not isinstance(args[0], _Storage):
+        if len(args) not in (6, 7) or not isinstance(args[0], Storage):
             raise Declined(f"{name!r}: unexpected rebuild arguments")
         storage, offset, shape, stride, requires_grad, hooks = args[:6]
         ints = (shape, stride)
@@ -369,7 +219,7 @@ class TorchZip(st.ByteFile):
             )
             or len(shape) != len(stride)
             or not isinstance(requires_grad, bool)
-            or not (isinstance(hooks, _Call) and hooks.func.key() == _ORDERED_DICT)
+            or not (isinstance(hooks, Call) and hooks.func.key() == ORDERED_DICT)
             or hooks.items
             or hooks.args
             or (len(args) == 7 and args[6] not in (None, {}))
@@ -379,7 +229,7 @@ class TorchZip(st.ByteFile):
         size = itemsize(dtype) if dtype else None
         if dtype is None or size is None:
             raise Declined(f"{name!r}: storage {storage.kind.name}")
-        if stride != _contiguous(shape):
+        if stride != contiguous(shape):
             raise Declined(f"{name!r} is a strided view")
         record = by_name.get(f"{self.prefix}data/{storage.key}")
         numel = 1
@@ -409,216 +259,9 @@ class TorchZip(st.ByteFile):
         return list(self._entries)
 
 
-def _contiguous(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for d in reversed(shape):
-        strides.append(step)
-        step *= max(d, 1)
-    return tuple(reversed(strides))
-
-
 def open_torchzip(path: Path, file_number: int = 0) -> TorchZip | None:
     """The torch-free reader for ``path``, or None where torch must do the reading."""
     try:
         return TorchZip(path, file_number)
     except Exception:  # noqa: BLE001 - whatever goes wrong here, torch's reader decides
         return None
-
-
-# -- writing -----------------------------------------------------------------------
-
-
-def write_shared(
-    src: TorchZip,
-    shared: dict[str, str],
-    path: Path,
-    copy: Callable[[int, int, int, int, int], None],
-    placed: Callable[[int, int, int], None] = lambda at, n, src_at: None,
-    reached: Callable[[int], None] = lambda n: None,
-    copies: dict[str, str] | None = None,
-) -> None:
-    """Write ``src`` to ``path`` with each ``alias`` of ``shared`` saved as its source
-    tensor itself (one storage, as ``torch.save`` writes a tensor kept twice), and
-    each ``name`` of ``copies`` saved as a copy of its source tensor in a storage of
-    its own (as ``torch.save`` writes ``source.clone()``): its record holds exactly
-    the source tensor's bytes, copied from the input like any other record.
-
-    ``placed(at, size, src_at)`` says where each record taken from ``src`` goes
-    (``size`` bytes at ``at``, copied from ``src_at``) before it is written, and
-    ``reached(n)`` that the first ``n`` bytes of the file are written: a reader
-    can compare each record as soon as it is in.
-
-    The archive is laid out as ``torch.save`` lays it out, since torch computes
-    record offsets from that layout instead of reading them when it loads onto the
-    ``meta`` device (and when configured to for any load): storages numbered
-    in the order the pickle first names them, each record's data aligned as the
-    source records it (64 bytes unless ``.storage_alignment`` says otherwise)
-    and followed by a data descriptor. Storage records nothing refers to
-    any more are left out; the others are copied byte for byte with
-    ``copy(src_fd, dst_fd, src_offset, dst_offset, size)``.
-    """
-    items = dict(src.items)
-    for alias, source in shared.items():
-        if alias in items and source in items:
-            items[alias] = items[source]
-    made: dict[int, _Record] = {}  # id of a copy's call -> where its bytes are in src
-    for name, source in (copies or {}).items():
-        if source in src.items:
-            items[name] = _clone(src, src.items[source], made)
-    renamed: dict[str, _Storage] = {}  # old key -> the storage under its new key
-    records: dict[str, _Record] = {}  # new key -> the bytes its record is copied from
-    calls: dict[int, _Call] = {}
-    for name, call in items.items():
-        if id(call) not in calls:
-            old = call.args[0]
-            if id(call) in made:  # a copy: a storage of its own, never shared
-                storage = _Storage((*old.pid[:2], str(len(records)), *old.pid[3:]))
-                records[storage.key] = made[id(call)]
-            else:
-                if old.key not in renamed:
-                    pid = (*old.pid[:2], str(len(records)), *old.pid[3:])
-                    renamed[old.key] = _Storage(pid)
-                    records[renamed[old.key].key] = src.storage_records[old.key]
-                storage = renamed[old.key]
-            new = _Call(call.func, (storage, *call.args[1:]))
-            calls[id(call)] = new
-        items[name] = calls[id(call)]
-    top = src.top.with_items(items) if isinstance(src.top, _Call) else items
-    pkl = dumps(top)
-
-    # every data/ record is a storage: those the new pickle names are written under their
-    # new keys, the others (aliases' copies, records nothing named) are left out
-    storage_names = {r.name for r in src.records if r.name.startswith(src.prefix + "data/")}
-    first = next(
-        (i for i, r in enumerate(src.records) if r.name in storage_names), len(src.records)
-    )
-    tail = [r for r in src.records[first:] if r.name not in storage_names]
-    order: list[tuple[str, _Record]] = [(r.name, r) for r in src.records[:first]]
-    order += [(src.prefix + "data/" + key, record) for key, record in records.items()]
-    order += [(r.name, r) for r in tail]
-
-    pkl += b" " * _page_pad(src, order, pkl)
-    central = []
-    pending = bytearray()  # small pieces, written together before each kernel copy
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        pos = 0  # where pending starts
-        for name_text, record in order:
-            data = pkl if record.name == src.prefix + "data.pkl" else None
-            size = len(data) if data is not None else record.size
-            crc = zlib.crc32(data) if data is not None else record.crc
-            raw = name_text.encode()
-            at = pos + len(pending)
-            pad = _padding(at, raw, src.alignment)
-            extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
-            # sizes and checksum follow the data, in a descriptor (flag bit 3), as torch writes
-            pending += struct.pack(
-                "<IHHHHHIIIHH", 0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(raw), len(extra)
-            )
-            pending += raw + extra
-            central.append((raw, crc, size, at))
-            if data is None:
-                placed(at + 30 + len(raw) + len(extra), size, record.start)
-            if data is None and size >= _COPY_FROM:
-                pos += st._write_all(fd, bytes(pending), pos)
-                pending.clear()
-                reached(pos)
-                with src.opened() as src_fd:
-                    copy(src_fd, fd, record.start, pos, size)
-                pos += size
-                reached(pos)
-            else:
-                pending += data if data is not None else src.pread(record.start, size)
-            pending += struct.pack("<IIII", 0x08074B50, crc, size, size)
-        start = pos + len(pending)
-        for raw, crc, size, offset in central:
-            pending += struct.pack(
-                "<IHHHHHHIIIHHHHHII",
-                0x02014B50,
-                0,
-                0,
-                _FLAGS,
-                0,
-                0,
-                0,
-                crc,
-                size,
-                size,
-                len(raw),
-                0,
-                0,
-                0,
-                0,
-                0,
-                offset,
-            )
-            pending += raw
-        end = pos + len(pending)
-        if end >= _ZIP64_LIMIT or len(central) > 0xFFFF:
-            raise Declined("output would need zip64")
-        pending += struct.pack(
-            "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), end - start, start, 0
-        )
-        pos += st._write_all(fd, bytes(pending), pos)
-        reached(pos)
-    finally:
-        os.close(fd)
-
-
-def _clone(src: TorchZip, call: _Call, made: dict[int, _Record]) -> _Call:
-    """A call rebuilding a copy of the tensor ``call`` rebuilds, in a storage of its own
-    holding exactly its elements; ``made`` learns where those bytes are in ``src``."""
-    storage, offset, shape, _stride, *rest = call.args
-    size = itemsize(STORAGE_DTYPES[storage.kind.name]) or 0
-    numel = 1
-    for d in shape:
-        numel *= d
-    record = src.storage_records[storage.key]
-    start, nbytes = record.start + offset * size, numel * size
-    if offset == 0 and nbytes == record.size:
-        crc = record.crc
-    else:  # part of a storage: its checksum is its own
-        crc = 0
-        for at in range(start, start + nbytes, CHUNK):
-            crc = zlib.crc32(src.pread(at, min(CHUNK, start + nbytes - at)), crc)
-    hooks = _Call(rest[1].func, ())  # an empty OrderedDict of its own, as torch writes it
-    pid = (storage.pid[0], storage.kind, storage.key, storage.pid[3], numel)
-    clone = _Call(
-        call.func, (_Storage(pid), 0, shape, _contiguous(shape), rest[0], hooks, *rest[2:])
-    )
-    made[id(clone)] = _Record(src.prefix + "data/copy", start, nbytes, crc)
-    return clone
-
-
-_COPY_FROM = 1 << 20  # records this large are copied in the kernel; smaller ones read
-
-
-def _padding(at: int, raw: bytes, alignment: int) -> int:
-    """Bytes of "FB" padding that put the data of record ``raw`` (its local header at
-    ``at``, the extra field's own 4 bytes included) on an ``alignment``-byte boundary,
-    as torch writes it and computes it."""
-    return -(at + 30 + len(raw) + 4) % alignment
-
-
-def _page_pad(src: TorchZip, order: list[tuple[str, _Record]], pkl: bytes) -> int:
-    """Spaces to add after the pickle's STOP (unpicklers stop there) so that the largest
-    record copied lands at the same offset within a page as in ``src``: the kernel then
-    copies whole pages. Every later record moves by the same multiple of the alignment,
-    so the layout stays the one torch computes."""
-    pos, places = 0, []
-    for name, record in order:
-        size = len(pkl) if record.name == src.prefix + "data.pkl" else record.size
-        raw = name.encode()
-        start = pos + 30 + len(raw) + 4 + _padding(pos, raw, src.alignment)
-        places.append((record, start))
-        pos = start + size + 16  # the data descriptor
-    copied = [(r.size, r.start - at) for r, at in places if r.name != src.prefix + "data.pkl"]
-    first = next(i for i, (r, _at) in enumerate(places) if r.name == src.prefix + "data.pkl")
-    if not copied or first != 0:
-        return 0
-    size, shift = max(copied)
-    pad = shift % st.PAGE
-    return pad if size >= st.PAD_FROM and pad % src.alignment == 0 else 0
-
-
-_FLAGS = 0x808  # data descriptor follows the data; names are UTF-8
