@@ -14,7 +14,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from .formats.base import Format, Reader
 
 CHUNK = 8 << 20  # bytes per read when streaming a tensor
 
@@ -68,7 +71,7 @@ class Checkpoint:
     """An opened checkpoint: entries in file order plus what surrounds them."""
 
     path: Path  # what the user named
-    format: str  # safetensors | safetensors-sharded | pytorch | pytorch-sharded
+    format: str  # the name of its form: safetensors, pytorch-sharded, gguf... (see ``form``)
     entries: dict[str, Entry]
     weight_files: list[Path]
     folder: Path | None = None  # set when the checkpoint is a folder
@@ -77,7 +80,7 @@ class Checkpoint:
     config: dict[str, Any] | None = None
     config_path: Path | None = None
     nested_key: str | None = None  # pickles: the key holding the state dict
-    readers: list[Any] = field(default_factory=list)
+    readers: list[Reader] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     # A remote checkpoint: the URL shown for it and for its config, what its reads
     # cost so far (RemoteStats) and the bytes it may still download in full (DownloadBudget).
@@ -92,8 +95,15 @@ class Checkpoint:
         return self.url if self.url is not None else str(self.path)
 
     @property
+    def form(self) -> Format:
+        """The registered form it was opened from: what it can hold, how it is written."""
+        from .formats import form_named
+
+        return form_named(self.format)
+
+    @property
     def bytes_read(self) -> int:
-        return sum(getattr(r, "bytes_read", 0) for r in self.readers)
+        return sum(r.bytes_read for r in self.readers)
 
     def stored_bytes(self) -> int:
         """Bytes of tensor data in the files (a shared pickle storage counted once)."""
@@ -109,9 +119,7 @@ class Checkpoint:
 
     def close(self) -> None:
         for r in self.readers:
-            close = getattr(r, "close", None)
-            if close:
-                close()
+            r.close()
         self.readers.clear()
 
     def __enter__(self) -> Checkpoint:

@@ -209,7 +209,9 @@ def _unserved(rule: dict[str, Any], config: dict[str, Any] | None) -> str | None
 
 
 def _form(fmt: str) -> str:
-    return "pytorch" if fmt.startswith("pytorch") else "safetensors"
+    from .formats import form_named
+
+    return form_named(fmt).loaded_as
 
 
 def evaluate(

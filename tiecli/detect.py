@@ -206,7 +206,7 @@ class _Finder:
                 self.recorded[t.alias] = (t.source, t.transform)
 
     def from_architecture(self) -> None:
-        if self.ckpt.format == "gguf":
+        if self.ckpt.form.architecture_inside:
             self._from_gguf()
             return
         cfg = self.ckpt.config

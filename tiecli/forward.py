@@ -598,10 +598,8 @@ class _Reader:
     """
 
     def __init__(self, ckpt: Checkpoint):
-        from .formats.pytorch import PickleFile
-
         self.ckpt = ckpt
-        self.pickles = {r.path: r for r in ckpt.readers if isinstance(r, PickleFile)}
+        self.pickles = ckpt.form.loaded_tensors(ckpt)
         self.staging: Any = None
 
     def read(self, name: str, reuse: bool = False) -> tuple[Any, bool]:

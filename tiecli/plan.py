@@ -9,13 +9,14 @@ equal which input tensor. Writers and the verifier follow the plan.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHUNK, Checkpoint, Entry
 from .detect import Tie, TieReport, declared, fills
+from .formats.base import by_file
 from .record import RECORD_KEY, RECORD_VERSION, RecordedTie, read_record
 
 
@@ -81,25 +82,24 @@ class Plan:
     made: dict[str, tuple[str, str]] = field(default_factory=dict)
     kept: list[tuple[Tie, str]] = field(default_factory=list)  # ties left stored, and why
     record: list[RecordedTie] = field(default_factory=list)
-    # Pickles kept as pickles: {name: (other name, transform)} saved as a view of
-    # the other's storage (dedupe), or as an independent copy of it (untie).
-    pickle_views: dict[str, tuple[str, str]] = field(default_factory=dict)
-    pickle_copies: dict[str, tuple[str, str]] = field(default_factory=dict)
-    pickle_output: bool = False  # the output stays a pickle (no metadata to compare)
+    # An output form that holds two names over one storage (a pickle): {name: (other
+    # name, transform)} written as a view of the other's storage (dedupe), or as an
+    # independent copy of it (untie, fix).
+    views: dict[str, tuple[str, str]] = field(default_factory=dict)
+    copies: dict[str, tuple[str, str]] = field(default_factory=dict)
+    shares_storage: bool = False  # the output is of such a form (no metadata to compare)
     # fix: {name: rows} cut to their first rows (a padded vocabulary trimmed)
     trims: dict[str, int] = field(default_factory=dict)
 
     @property
     def bytes_after(self) -> int:
-        """Tensor bytes in the output (a pickle's shared storage counted once)."""
-        return sum(
-            t.nbytes for f in self.files for t in f.tensors if t.name not in self.pickle_views
-        )
+        """Tensor bytes in the output (a shared storage counted once)."""
+        return sum(t.nbytes for f in self.files for t in f.tensors if t.name not in self.views)
 
     def changes(self, ckpt: Checkpoint) -> bool:
         if self.removed or self.restored or self.made or self.trims:
             return True
-        if self.pickle_output:
+        if self.shares_storage:
             return False
         if any(stale_copies(ckpt, self, f) for f in self.files):
             return True
@@ -117,9 +117,9 @@ def stale_copies(ckpt: Checkpoint, plan: Plan, f: FilePlan) -> set[str]:
     """
     if ckpt.index_path is None or f.source is None:
         return set()
-    reader = next((r for r in ckpt.readers if getattr(r, "path", None) == f.source), None)
-    stored = getattr(reader, "tensors", None)  # safetensors shards only
-    if not isinstance(stored, dict):
+    reader = by_file(ckpt, f.source)
+    stored = None if reader is None else ckpt.form.stored_names(reader)
+    if stored is None:
         return set()
     recorded = {r.alias for r in plan.record}
     unlisted = set(stored) - set(ckpt.entries) - {t.name for t in f.tensors}
@@ -186,10 +186,10 @@ def plan_dedupe(
 ) -> Plan:
     removed: list[Tie] = []
     kept: list[tuple[Tie, str]] = []
-    stays_pickle = ckpt.format.startswith("pytorch") and not to_safetensors
+    written = ckpt.form.written_as(to_safetensors)
     # A name dropped from a file a config describes comes back in transformers only
     # when the architecture ties it (a pickle keeps every name, as a view).
-    loader_restores = report.architecture is None or stays_pickle
+    loader_restores = report.architecture is None or written.shares_storage
     for t in report.ties:
         if not t.stored:
             continue
@@ -238,7 +238,7 @@ def plan_dedupe(
         if t.source in ckpt.entries and (t.alias in gone or t.alias not in ckpt.entries)
     ]
     record.sort(key=lambda r: (r.source, r.alias))  # stable across runs: dedupe is idempotent
-    if stays_pickle or ckpt.format == "gguf":
+    if not written.keeps_record:
         # a pickle keeps no metadata: aliasing itself is its record; a GGUF file keeps
         # its metadata as it is: the architecture's fall-back is its record
         record = []
@@ -246,14 +246,12 @@ def plan_dedupe(
     checks += [Check(t.source, ckpt.entries[t.alias], t.transform) for t in removed]
     checks += [Check(o.name, o.entry, o.transform) for outs in copies.values() for o in outs]
     plan = Plan("dedupe", [], None, checks, removed=removed, kept=kept, record=record)
-    plan.pickle_output = stays_pickle
-    if stays_pickle:
-        plan.pickle_views = {
-            t.alias: (t.source, t.transform) for t in report.ties if _in_storage(t, ckpt)
-        }
-        plan.pickle_views |= {t.alias: (t.source, t.transform) for t in removed}
+    plan.shares_storage = written.shares_storage
+    if written.shares_storage:
+        plan.views = {t.alias: (t.source, t.transform) for t in report.ties if _in_storage(t, ckpt)}
+        plan.views |= {t.alias: (t.source, t.transform) for t in removed}
         # a pickle still holds each alias (as a view of its source): read it back too
-        plan.checks += [Check(a, ckpt.entries[a]) for a in plan.pickle_views if a in gone]
+        plan.checks += [Check(a, ckpt.entries[a]) for a in plan.views if a in gone]
     _fill_files(plan, ckpt, keep=lambda n: n not in gone | copied, extra=copies)
     return plan
 
@@ -264,7 +262,7 @@ def plan_untie(ckpt: Checkpoint, report: TieReport) -> Plan:
     checks = [Check(n, e) for n, e in ckpt.entries.items()]
     # names the format's loader always derives and refuses stored (a GGUF architecture
     # that never reads output.weight)
-    fixed = {a for r in ckpt.readers for a in getattr(r, "fixed_aliases", ())}
+    fixed = ckpt.form.fixed_aliases(ckpt)
     whole = [t for t in report.ties if t.drift is None and t.alias not in fixed]
     made: dict[str, tuple[str, str]] = {}
     for f in fills(whole, ckpt.entries):
@@ -279,9 +277,9 @@ def plan_untie(ckpt: Checkpoint, report: TieReport) -> Plan:
             restored.append(t)  # a pickle view, written as its own copy
             made[t.alias] = (t.source, t.transform)
     plan = Plan("untie", [], None, checks, restored=restored, made=made)
-    plan.pickle_output = ckpt.format.startswith("pytorch")
-    if plan.pickle_output:
-        plan.pickle_copies.update(made)
+    plan.shares_storage = ckpt.form.shares_storage
+    if plan.shares_storage:
+        plan.copies.update(made)
     _fill_files(plan, ckpt, keep=lambda n: True, extra=extra)
     return plan
 
@@ -294,7 +292,7 @@ def _in_storage(t: Tie, ckpt: Checkpoint) -> bool:
 def _fill_files(
     plan: Plan,
     ckpt: Checkpoint,
-    keep: Any,
+    keep: Callable[[str], bool],
     extra: dict[str, list[OutTensor]],
     replace: dict[str, Entry] | None = None,
 ) -> None:
@@ -321,10 +319,8 @@ def _fill_files(
 
 
 def _file_metadata(ckpt: Checkpoint, f: Path) -> dict[str, str]:
-    for r in ckpt.readers:
-        if getattr(r, "path", None) == f:
-            return dict(getattr(r, "metadata", {}) or {})
-    return {}
+    reader = by_file(ckpt, f)
+    return {} if reader is None else ckpt.form.file_metadata(reader)
 
 
 # -- fix -------------------------------------------------------------------------
@@ -389,9 +385,9 @@ def plan_fix(ckpt: Checkpoint, copies: list[tuple[str, str]], trims: dict[str, i
     plan = Plan("fix", [], None, checks, made=made, trims=dict(trims))
     shapes = {n: (e.shape, e.dtype) for n, e in ckpt.entries.items()}
     plan.record = [r for r in read_record(ckpt.metadata, shapes).ties if r.alias not in made]
-    plan.pickle_output = ckpt.format.startswith("pytorch")
-    if plan.pickle_output:
+    plan.shares_storage = ckpt.form.shares_storage
+    if plan.shares_storage:
         plan.record = []  # a pickle keeps no metadata
-        plan.pickle_copies = dict(made)
+        plan.copies = dict(made)
     _fill_files(plan, ckpt, keep=lambda n: True, extra=extra, replace=cut)
     return plan

@@ -157,7 +157,9 @@ def render_inspect(r: Any, console: Console) -> None:
         console.print(problems_table(r.problems))
     else:
         console.print("problems: none")
-    if r.format == "gguf":  # what llama.cpp's head rule says beside the ties
+    from .formats import form_named
+
+    if form_named(r.format).architecture_inside:  # what llama.cpp's head rule says, too
         for note in r.notes:
             console.print(f"note: {shown(note)}")
     render_consumers(r, console)

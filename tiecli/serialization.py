@@ -17,7 +17,6 @@ from .checkpoint import Checkpoint
 from .detect import TieReport, fills, find_ties
 from .errors import TieRecordError, UsageError
 from .formats import open_checkpoint
-from .formats.pytorch import PickleFile
 
 
 def load(path: str | os.PathLike[str], *, use_transformers: bool = True) -> dict[str, Any]:
@@ -34,7 +33,7 @@ def load_opened(ckpt: Checkpoint, report: TieReport) -> dict[str, Any]:
     if bad:
         raise TieRecordError(bad[0].message, ckpt.path)
     tensors: dict[str, Any] = {}
-    pickles = {r.path: r for r in ckpt.readers if isinstance(r, PickleFile)}
+    pickles = ckpt.form.loaded_tensors(ckpt)
     by_file: dict[Path, list[str]] = {}
     for name, entry in ckpt.entries.items():
         assert entry.file is not None
@@ -43,7 +42,7 @@ def load_opened(ckpt: Checkpoint, report: TieReport) -> dict[str, Any]:
         if file in pickles:
             sd = pickles[file].state_dict
             tensors.update({n: sd[n] for n in names})
-        elif ckpt.format == "dcp":  # gathered from chunks across files: read into memory
+        elif ckpt.form.gathered:  # gathered from chunks across files: read into memory
             tensors.update({n: _gathered(ckpt.entries[n]) for n in names})
         else:
             with safe_open(str(file), framework="pt") as f:

@@ -410,11 +410,13 @@ def test_a_checkpoint_that_changed_between_lock_and_open_is_left_alone(
 ) -> None:
     """A run that converted the folder between this run's lock and its opening (the lock
     names pytorch_model.bin, the folder now opens as model.safetensors) is not raced."""
-    import tiecli.rewrite
+    import tiecli.write.paths
 
     x = shutil.copytree(FIXTURES / "gpt2/full", tmp_path / "x")
     before = tree(x)
-    monkeypatch.setattr(tiecli.rewrite, "lock_targets", lambda *_a, **_k: [x / "pytorch_model.bin"])
+    monkeypatch.setattr(
+        tiecli.write.paths, "lock_targets", lambda *_a, **_k: [x / "pytorch_model.bin"]
+    )
     r = runner.invoke(app, ["dedupe", str(x)])
     assert r.exit_code == 2 and "changed while this run started" in error_line(r)
     assert tree(x) == before

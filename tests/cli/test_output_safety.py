@@ -322,9 +322,9 @@ def test_pickle_written_wrong_is_never_kept(
         monkeypatch.setattr(torchzip_write, "COPY_FROM", 0)  # every record copied in the kernel
         calls = _corrupting_copy(monkeypatch)
     else:
-        from tiecli import formats
+        from tiecli.formats import forms
 
-        monkeypatch.setattr(formats, "open_torchzip", lambda *a: None)  # torch reads, saves
+        monkeypatch.setattr(forms, "open_torchzip", lambda *a: None)  # torch reads, saves
         real_save = torch.save
         calls = []
 
@@ -469,12 +469,12 @@ def test_shards_are_written_two_at_a_time_and_a_failure_leaves_nothing(
     import threading
     import time
 
-    from tiecli import rewrite
+    from tiecli.formats import safetensors_write
 
     src = _four_shards(tmp_path / "in")
     before = snapshot(src)
     lock, active, most = threading.Lock(), [0], [0]
-    real_write = rewrite.write_file
+    real_write = safetensors_write.write_file
 
     def slow_write(*args, **kwargs):
         with lock:
@@ -487,16 +487,16 @@ def test_shards_are_written_two_at_a_time_and_a_failure_leaves_nothing(
             with lock:
                 active[0] -= 1
 
-    monkeypatch.setattr(rewrite, "write_file", slow_write)
+    monkeypatch.setattr(safetensors_write, "write_file", slow_write)
     r = tiecli.dedupe(src, tmp_path / "out")
     assert [t.alias for t in r.removed] == ["lm_head.weight"]
     assert most[0] == 2
     assert tiecli.verify(tmp_path / "out").ok
 
-    real_equal = rewrite._written_equal
+    real_equal = safetensors_write.written_equal
     monkeypatch.setattr(
-        rewrite,
-        "_written_equal",
+        safetensors_write,
+        "written_equal",
         lambda got, check, *a: got.name != "layers.3.q.weight" and real_equal(got, check, *a),
     )
     with pytest.raises(tiecli.TiecliError, match="verification failed") as e:

@@ -251,7 +251,7 @@ def _fix(
             " -o OUT_FOLDER",
         )
     from ..atomic import clean_leftovers
-    from ..rewrite import execute
+    from ..write.run import execute
 
     if out is None and ckpt.config_path is not None:
         clean_leftovers(ckpt.config_path.parent, {CONFIG})  # of a run killed mid-write
@@ -279,7 +279,7 @@ def replace_config(path: Path, data: bytes) -> None:
     renamed over it (a link, as in a Hugging Face cache snapshot, is replaced by
     the file, never written through)."""
     from ..atomic import Staging, output_errors
-    from ..rewrite import replace_file
+    from ..write.folder import replace_file
 
     staging = Staging(durable=True)
     try:

@@ -49,7 +49,7 @@ def _carry_out(
     progress: Progress,
 ) -> R:
     """Write the plan (unless a dry run) and note where the output went."""
-    from ..rewrite import execute
+    from ..write.run import execute
 
     if not result.dry_run:
         written = execute(
@@ -68,9 +68,7 @@ def _carry_out(
 
 
 def _pickle_has_more(ckpt: Checkpoint) -> bool:
-    from ..formats.pytorch import PickleFile
-
-    return any(r.holds_more_than_tensors() for r in ckpt.readers if isinstance(r, PickleFile))
+    return ckpt.form.holds_more_than_tensors(ckpt)
 
 
 def dedupe(
@@ -186,7 +184,7 @@ def _dedupe(
     from ..plan import plan_dedupe
 
     refuse_unreadable_record(ckpt, report)
-    if options.to_safetensors and ckpt.format == "gguf":
+    if options.to_safetensors and ckpt.form.refuses_conversion:
         from ..errors import UsageError
 
         raise UsageError(
@@ -194,7 +192,7 @@ def _dedupe(
             "nothing was changed",
             ckpt.path,
         )
-    to_st = options.to_safetensors and ckpt.format.startswith("pytorch")
+    to_st = options.to_safetensors and ckpt.form.converts
     if to_st and options.output is None and _pickle_has_more(ckpt):
         raise UnsafeChangeError(
             f"holds more than tensors (under {ckpt.nested_key!r} or beside them: epoch, "
@@ -206,10 +204,7 @@ def _dedupe(
     plan = plan_dedupe(
         ckpt, report, by_value=options.by_value, min_bytes=options.min_bytes, to_safetensors=to_st
     )
-    if ckpt.format == "dcp":
-        from ..formats.dcp import shard_plan
-
-        shard_plan(plan, _shard_size(options.max_shard_size))
+    ckpt.form.reshard(plan, _shard_size(options.max_shard_size))
     assumed = set(report.assumed)
     if any((t.alias, t.source, t.transform) in assumed for t, _why in plan.kept):
         return None

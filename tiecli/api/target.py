@@ -72,7 +72,7 @@ def open_to_rewrite(
         return
     from ..atomic import locked
     from ..errors import BusyError
-    from ..rewrite import lock_targets
+    from ..write.paths import lock_targets
 
     targets = lock_targets(path, out, options.to_safetensors)
     if out is None:

@@ -111,7 +111,7 @@ def verify(
             report = find_ties(ckpt, use_transformers=use_transformers, progress=progress)
             problems = list(report.problems)
             if require_deduped:
-                problems += _duplicate_stored(ckpt.shown, report, ckpt.format == "dcp")
+                problems += _duplicate_stored(ckpt.shown, report, not ckpt.form.in_place)
             loads, found = consumer_loads(ckpt, report, for_consumers)
             problems += fold_consumer_problems(problems, found)
             verdicts.append(
@@ -131,7 +131,9 @@ def verify(
         require_deduped=require_deduped,
         for_consumers=for_consumers,
     )
-    if forward and verdicts[0].format == "gguf":
+    from ..formats import form_named
+
+    if forward and not form_named(verdicts[0].format).rebuilds:
         raise UsageError(
             f"is a GGUF file; {param('forward')} rebuilds PyTorch models only (llama.cpp runs GGUF)",
             roots[0],

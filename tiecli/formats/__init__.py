@@ -1,34 +1,58 @@
-"""Opening any supported checkpoint form as a :class:`~tiecli.checkpoint.Checkpoint`.
+"""The registry of forms, and opening any of them as a :class:`~tiecli.checkpoint.Checkpoint`.
 
-Forms: a .safetensors file; a sharded checkpoint (its ``*.index.json`` or the
-folder holding it); a PyTorch zip pickle; a Hugging Face folder (config.json
-plus weights in any of those forms, safetensors preferred).
+Forms (:data:`FORMATS`, one :class:`~tiecli.formats.base.Format` each): a
+.safetensors file; a sharded checkpoint (its ``*.index.json`` or the folder
+holding it); a PyTorch pickle; a GGUF file; a torch distributed checkpoint. A
+Hugging Face folder holds config.json plus weights in one of them (safetensors
+preferred).
 """
 
 from __future__ import annotations
 
-import json
 import os
-import zipfile
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import Checkpoint, Entry
+from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
+from .base import Format
 from .confine import escapes
-from .pytorch import PICKLE_SUFFIXES, PickleFile
-from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
-from .torchzip import TorchZip, open_torchzip
+from .folder_names import CONFIG, FOLDER_PREFERENCE, INDEX_SUFFIX
+from .forms import DCP, GGUF, PYTORCH, PYTORCH_SHARDED, SAFETENSORS, SAFETENSORS_SHARDED
+from .index import index_entries, index_parts, read_json
+from .pytorch import PICKLE_SUFFIXES
 
-INDEX_SUFFIX = ".index.json"
-MAX_JSON = 64 << 20  # the largest index or config read
-# Weight files of a Hugging Face folder, most preferred first.
-FOLDER_PREFERENCE = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
+__all__ = [
+    "FORMATS",
+    "INDEX_SUFFIX",
+    "checkpoint_roots",
+    "find_weights",
+    "form_named",
+    "index_entries",
+    "index_parts",
+    "indexes_in",
+    "open_checkpoint",
+    "read_json",
+    "register",
+]
+
+# Every form tiecli reads, in the order a file is offered to them: by name first
+# (``claims``), then by content (``sniffs``); a file nobody claims is read as safetensors.
+FORMATS: list[Format] = [SAFETENSORS_SHARDED, SAFETENSORS, GGUF, PYTORCH, PYTORCH_SHARDED, DCP]
+
+
+def register(form: Format) -> Format:
+    """Add a form: files it claims are opened by it, and ``form_named`` finds it."""
+    FORMATS.append(form)
+    return form
+
+
+def form_named(name: str) -> Format:
+    """The registered form ``ckpt.format`` (or a result's ``format``) names."""
+    for form in FORMATS:
+        if form.name == name:
+            return form
+    raise KeyError(f"no format named {name!r}")
 
 
 def open_checkpoint(
@@ -56,12 +80,8 @@ def open_checkpoint(
     p = Path(path)
     if not p.exists():
         raise CheckpointNotFoundError("no such file or folder", p)
-    from .dcp import is_dcp
-
-    if is_dcp(p):  # a torch distributed checkpoint: .metadata plus .distcp files
-        from .dcp import open_dcp
-
-        ckpt = open_dcp(p)
+    if DCP.claims(p):  # a torch distributed checkpoint: .metadata plus .distcp files
+        ckpt = DCP.open(p, p, torch_free)
         p = ckpt.path
     elif p.is_dir():
         weights = find_weights(p)
@@ -70,13 +90,13 @@ def open_checkpoint(
         ckpt.folder = p
     else:
         ckpt = _open_weights(p, p, torch_free)
-    cfg_path = (p if p.is_dir() else p.parent) / "config.json"
-    if cfg_path.is_file() and ckpt.format != "gguf":  # a GGUF file carries its own metadata
+    cfg_path = (p if p.is_dir() else p.parent) / CONFIG
+    if cfg_path.is_file() and not ckpt.form.architecture_inside:  # a GGUF file names its own
         try:
             _refuse_escape(cfg_path.parent, cfg_path)
-            ckpt.config = read_json(cfg_path, what="config.json")
+            ckpt.config = read_json(cfg_path, what=CONFIG)
             if not isinstance(ckpt.config, dict):
-                raise CheckpointFormatError("config.json is not a JSON object", cfg_path)
+                raise CheckpointFormatError(f"{CONFIG} is not a JSON object", cfg_path)
         except BaseException:
             ckpt.close()
             raise
@@ -127,147 +147,12 @@ def find_weights(folder: Path) -> Path:
     )
 
 
-def read_json(path: Path, what: str, unique: bool = False) -> Any:
-    """A JSON file; with ``unique``, an object that repeats a key is an error."""
-    try:
-        with open(path, "rb") as f:
-            # refused before a byte is read when its size says so; read to the limit and
-            # one byte more when it does not (a file that grows, a pipe)
-            if os.fstat(f.fileno()).st_size > MAX_JSON:
-                raise CheckpointFormatError(f"{what} is larger than 64 MiB", path)
-            raw = f.read(MAX_JSON)
-            if f.read(1):
-                raise CheckpointFormatError(f"{what} is larger than 64 MiB", path)
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=unique_keys if unique else None)
-    except RepeatedKey as e:
-        raise CheckpointFormatError(f"{what} lists {e.args[0]!r} twice", path) from None
-    except (UnicodeDecodeError, ValueError, RecursionError):
-        raise CheckpointFormatError(f"{what} is not valid JSON", path) from None
-    except OSError as e:
-        raise CheckpointFormatError(f"cannot read {what}: {e.strerror}", path) from None
-
-
 def _open_weights(p: Path, shown: Path, torch_free: bool) -> Checkpoint:
-    name = p.name
-    if name.endswith(INDEX_SUFFIX):
-        return _open_index(p, shown, torch_free)
-    if p.suffix == ".safetensors":
-        return _single(SafetensorsFile(p), "safetensors", shown)
-    if p.suffix in PICKLE_SUFFIXES:
-        return _single_pickle(_pickle_reader(p, 0, torch_free), shown)
-    from .gguf import is_gguf, open_gguf
-
-    if is_gguf(p):
-        return open_gguf(p, shown)
-    # Unknown extension: sniff.
-    if zipfile.is_zipfile(p):
-        return _single_pickle(_pickle_reader(p, 0, torch_free), shown)
-    return _single(SafetensorsFile(p), "safetensors", shown)
-
-
-def _pickle_reader(p: Path, number: int, torch_free: bool) -> PickleFile | TorchZip:
-    if torch_free:
-        fast = open_torchzip(p, number)
-        if fast is not None:
-            return fast
-    return PickleFile(p, number)
-
-
-def _single(f: SafetensorsFile, fmt: str, shown: Path) -> Checkpoint:
-    entries = {e.name: e for e in f.entries()}
-    return Checkpoint(shown, fmt, entries, [f.path], metadata=dict(f.metadata), readers=[f])
-
-
-def _single_pickle(f: PickleFile | TorchZip, shown: Path) -> Checkpoint:
-    entries = {e.name: e for e in f.entries()}
-    ckpt = Checkpoint(shown, "pytorch", entries, [f.path], nested_key=f.nested_key, readers=[f])
-    if f.nested_key:
-        ckpt.notes.append(f"using the state dict under key {f.nested_key!r}")
-    return ckpt
-
-
-MAX_SHARDS = 4096
-
-
-def index_parts(doc: Any, index: str | Path) -> tuple[dict[str, str], dict[str, Any], list[str]]:
-    """An index document's ``weight_map``, ``metadata`` and shard names, validated:
-    every shard name is a plain file name beside the index."""
-    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
-        raise CheckpointFormatError("index has no 'weight_map' object", index)
-    weight_map: dict[str, Any] = doc["weight_map"]
-    metadata = doc.get("metadata") or {}
-    if not isinstance(metadata, dict):
-        raise CheckpointFormatError("index 'metadata' is not an object", index)
-    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
-        raise CheckpointFormatError("index 'weight_map' must map tensor names to file names", index)
-    shard_names = list(dict.fromkeys(sorted(weight_map.values())))
-    if len(shard_names) > MAX_SHARDS:  # each is opened (remote: requested) and kept track of
-        raise CheckpointFormatError(
-            f"index names {len(shard_names)} shards, more than the {MAX_SHARDS} tiecli opens "
-            "(the largest published checkpoints have a few hundred)",
-            index,
-        )
-    for shard in shard_names:
-        if os.sep in shard or "/" in shard or shard in ("", ".", ".."):
-            raise CheckpointFormatError(f"index names shard {shard!r} outside its folder", index)
-    return weight_map, metadata, shard_names
-
-
-def index_entries(
-    weight_map: dict[str, str], files: dict[str, dict[str, Entry]], index: str | Path
-) -> dict[str, Entry]:
-    """The entries an index maps, in file order, each found in the shard it names."""
-    found = []
-    for shard, held in files.items():  # each shard's entries are in file order already
-        for name, entry in held.items():
-            if weight_map.get(name) == shard:
-                found.append((*entry.blob.order, name, entry))
-    if len(found) != len(weight_map):
-        missing = sorted((n, s) for n, s in weight_map.items() if files.get(s, {}).get(n) is None)
-        name, shard = missing[0]
-        raise CheckpointFormatError(
-            f"index maps tensor {name!r} to {shard!r}, which does not hold it", index
-        )
-    found.sort(key=lambda t: t[:3])  # by file, offset, and name (empty tensors share offsets)
-    return {t[2]: t[3] for t in found}
-
-
-def _open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
-    doc = read_json(index, what="index", unique=True)
-    weight_map, metadata, shard_names = index_parts(doc, index)
-    readers: list[Any] = []
-    try:
-        files: dict[str, Any] = {}
-        for number, shard in enumerate(shard_names):
-            shard_path = index.parent / shard
-            why = escapes(index.parent, shard_path)
-            if why is not None:
-                raise CheckpointFormatError(
-                    f"index names shard {shard!r}, which {why}; tiecli does not follow it",
-                    index,
-                    hint="copy the shard into the folder",
-                )
-            if not shard_path.is_file():
-                what = "is not a file" if shard_path.exists() else "does not exist"
-                raise CheckpointFormatError(f"index names shard {shard!r}, which {what}", index)
-            reader: Any = (
-                SafetensorsFile(shard_path, number)
-                if shard.endswith(".safetensors")
-                else _pickle_reader(shard_path, number, torch_free)
-            )
-            readers.append(reader)
-            files[shard] = {e.name: e for e in reader.entries()}
-        entries = index_entries(weight_map, files, index)
-    except BaseException:
-        for r in readers:
-            getattr(r, "close", lambda: None)()
-        raise
-    pickled = any(isinstance(r, (PickleFile, TorchZip)) for r in readers)
-    fmt = "pytorch-sharded" if pickled else "safetensors-sharded"
-    paths = [index.parent / s for s in shard_names]
-    return Checkpoint(
-        shown, fmt, entries, paths, index_path=index, metadata=dict(metadata), readers=readers
-    )
+    """Open one file by the first form that claims it by name, else by content."""
+    form = next((f for f in FORMATS if f.claims(p)), None)
+    if form is None:
+        form = next((f for f in FORMATS if f.sniffs(p)), SAFETENSORS)  # its errors say why
+    return form.open(p, shown, torch_free)
 
 
 def checkpoint_roots(paths: list[Path]) -> list[Path]:

@@ -22,7 +22,7 @@ Read here without torch and without running pickle code:
 
 The writer side is :func:`shard_plan`: a deduped plan laid out as a Hugging Face
 safetensors folder (``model.safetensors`` or ``model-0000i-of-0000n`` plus an
-index), which :mod:`tiecli.rewrite` writes by copying each run in the kernel.
+index), which :mod:`tiecli.write.run` writes by copying each run in the kernel.
 """
 
 from __future__ import annotations
@@ -131,7 +131,7 @@ def open_dcp(path: Path) -> Checkpoint:
         raise
     if not entries:
         raise fail_meta("names no tensor of a model")
-    readers = list(files.values())
+    readers: list[Any] = list(files.values())
     weight_files = [meta_path] + sorted(
         {f.path for f in readers} | set(folder.glob("*" + SUFFIX)), key=lambda p: p.name
     )

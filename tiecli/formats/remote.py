@@ -198,6 +198,8 @@ class _Remote:
     """One remote location: its file system, how to name files beside it, and the
     count of what reading it cost."""
 
+    bytes_read = 0  # a checkpoint reader: its files count the bytes read
+
     def __init__(self, url: str, options: RemoteOptions):
         self.url = url
         self.options = options
@@ -940,6 +942,8 @@ def fetch_ahead(
 
 class _Scratch:
     """A private folder for the config copy that transformers reads; removed on close."""
+
+    bytes_read = 0  # held as a checkpoint reader, to be closed with it
 
     def __init__(self) -> None:
         self.folder = Path(tempfile.mkdtemp(prefix="tiecli-remote-"))

@@ -1,0 +1,27 @@
+"""The file names of a Hugging Face model folder, in one table.
+
+Reading picks weights by them (:data:`FOLDER_PREFERENCE`); a rewrite names
+what it writes by them (a converted pickle, a new index, a moved config).
+"""
+
+from __future__ import annotations
+
+CONFIG = "config.json"
+INDEX_SUFFIX = ".index.json"
+SAFETENSORS_STEM = "model"  # model.safetensors, model-00001-of-00002.safetensors
+PICKLE_STEM = "pytorch_model"  # pytorch_model.bin, pytorch_model-00001-of-00002.bin
+SAFETENSORS_FILE = SAFETENSORS_STEM + ".safetensors"
+SAFETENSORS_INDEX = SAFETENSORS_FILE + INDEX_SUFFIX
+PICKLE_FILE = PICKLE_STEM + ".bin"
+PICKLE_INDEX = PICKLE_FILE + INDEX_SUFFIX
+
+# Weight files of a Hugging Face folder, most preferred first.
+FOLDER_PREFERENCE = (SAFETENSORS_INDEX, SAFETENSORS_FILE, PICKLE_INDEX, PICKLE_FILE)
+
+
+def safetensors_name(name: str) -> str:
+    """The safetensors file name a converted pickle gets."""
+    stem = name.rsplit(".", 1)[0]
+    if stem.startswith(PICKLE_STEM):
+        stem = SAFETENSORS_STEM + stem[len(PICKLE_STEM) :]
+    return stem + ".safetensors"
