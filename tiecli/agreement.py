@@ -21,8 +21,8 @@ from .arch.patterns import flags
 from .arch.patterns import table as pattern_table
 from .checkpoint import Checkpoint
 from .consumers import FLAG, Pair, pairs_of, rules, tied_by
-from .detect import TieReport
 from .errors import UnsafeChangeError, UsageError, param
+from .ties import TieReport
 
 TIE, UNTIE_HEAD, TRIM_PADDING = param("tie"), param("untie_head"), param("trim_padding")
 

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from .arch.patterns import flag_pairs, flags, governing_flag
-from .detect import Problem, Tie
 from .errors import UsageError
+from .ties import Problem, Tie
 
 TABLE = Path(__file__).with_name("data") / "consumers.json"
 FLAG = "tie_word_embeddings"

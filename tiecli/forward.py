@@ -32,7 +32,7 @@ from typing import Any
 
 from .arch.declared import module_ties
 from .checkpoint import Checkpoint
-from .detect import Problem, Tie, fills, find_ties
+from .detect import find_ties
 from .errors import (
     CheckpointFormatError,
     MissingDependencyError,
@@ -42,7 +42,9 @@ from .errors import (
     debugging,
 )
 from .formats import open_checkpoint
+from .grouping import fills
 from .progress import NO_PROGRESS, Progress
+from .ties import Problem, Tie
 
 BATCH, SEQ = 2, 8
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -971,7 +973,7 @@ def _one_parameter_per_tensor(model: Any, placed: dict[str, Any]) -> None:
 
 def _wanted(ties: list[Tie], extra: dict[str, str]) -> dict[str, tuple[str, str]]:
     """``{alias: (source, transform)}``: every recorded or declared tie the model must keep."""
-    wanted = {
+    wanted: dict[str, tuple[str, str]] = {
         t.alias: (t.source, t.transform) for t in ties if t.kind == "tied" and t.drift is None
     }
     for alias, source in extra.items():

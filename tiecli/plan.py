@@ -8,16 +8,16 @@ equal which input tensor. Writers and the verifier follow the plan.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHUNK, Checkpoint, Entry
-from .detect import Tie, TieReport, declared, fills
 from .formats.base import by_file
-from .record import RECORD_KEY, RECORD_VERSION, RecordedTie, read_record
+from .grouping import fills
+from .record import RecordedTie, read_record, record_entry, record_metadata
+from .ties import Tie, TieReport, declared
 
 
 @dataclass
@@ -130,53 +130,6 @@ def _clean(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k != "format"}
 
 
-def record_metadata(
-    metadata: dict[str, Any],
-    names: set[str],
-    ties: list[RecordedTie],
-    restored: frozenset[str] = frozenset(),
-) -> dict[str, Any]:
-    """``metadata`` with the tie record replaced by ``ties``; every other entry kept.
-
-    An earlier entry goes when its alias is absent from the output (``ties``
-    lists it again if it still holds) or was ``restored`` into it. An entry
-    whose alias is still stored (a tie kept because its copies drift) stays.
-    """
-    old = read_record(metadata, {n: ((), "") for n in names})
-    earlier = {t.alias for t in old.convention} | _recorded_aliases(metadata.get(RECORD_KEY))
-    stale = {a for a in earlier if a not in names or a in restored}
-    out = {k: v for k, v in metadata.items() if k != RECORD_KEY and k not in stale}
-    out.setdefault("format", "pt")
-    for tie in ties:
-        if tie.transform == "identity":
-            out[tie.alias] = tie.source
-    if ties:
-        out[RECORD_KEY] = json.dumps(
-            {"version": RECORD_VERSION, "ties": [t.to_json() for t in ties]}, separators=(",", ":")
-        )
-    return out
-
-
-def _recorded_aliases(raw: Any) -> set[str]:
-    """Aliases named by a (possibly unreadable) tiecli record."""
-    try:
-        doc = json.loads(raw) if isinstance(raw, str) else {}
-        return {str(t.get("alias")) for t in doc.get("ties", []) if isinstance(t, dict)}
-    except (ValueError, AttributeError, TypeError, RecursionError):
-        return set()
-
-
-def _recorded(t: Tie, before: dict[str, RecordedTie]) -> RecordedTie:
-    """The record entry for a tie: why it exists, kept stable across runs."""
-    old = before.get(t.alias)
-    evidence = [e for e in t.evidence if e != "metadata"]
-    if old is not None and old.source == t.source:
-        evidence += [e for e in old.evidence if e != "metadata" and e not in evidence]
-    order = ("declared", "pattern", "storage", "value", "transposed")
-    ordered = tuple(e for e in order if e in evidence) or ("metadata",)
-    return RecordedTie(t.alias, t.source, t.transform, t.kind, ordered)
-
-
 def plan_dedupe(
     ckpt: Checkpoint,
     report: TieReport,
@@ -233,7 +186,7 @@ def plan_dedupe(
     shapes = {n: (e.shape, e.dtype) for n, e in ckpt.entries.items()}
     before = {r.alias: r for r in read_record(ckpt.metadata, shapes).ties}
     record = [
-        _recorded(t, before)
+        record_entry(t, before)
         for t in report.ties
         if t.source in ckpt.entries and (t.alias in gone or t.alias not in ckpt.entries)
     ]

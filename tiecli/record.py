@@ -6,7 +6,8 @@ aliases, the ``{"<alias>": "<source>"}`` entries that safetensors
 ``save_model`` and huggingface_hub already write and read.
 
 Records come from files of unknown origin, so every field is checked before
-use; what is wrong becomes a :class:`RecordIssue` naming the alias.
+use; what is wrong becomes a :class:`RecordIssue` naming the alias. Writing
+(:func:`record_metadata`) replaces a file's record and keeps every other entry.
 """
 
 from __future__ import annotations
@@ -17,11 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .dtypes import BITS, itemsize
+from .ties import KINDS, TRANSFORMS, Kind, Tie, Transform
 
 RECORD_KEY = "tiecli"
 RECORD_VERSION = 1
-TRANSFORMS = ("identity", "transpose")
-KINDS = ("tied", "duplicate")
 # Metadata keys that are never tensor names.
 RESERVED_KEYS = frozenset({"format", RECORD_KEY, "total_size", "total_parameters"})
 # A record can list more aliases than the file stores tensors (one source may stand
@@ -41,8 +41,8 @@ def max_record_ties(stored: int) -> int:
 class RecordedTie:
     alias: str
     source: str
-    transform: str = "identity"
-    kind: str = "tied"
+    transform: Transform = "identity"
+    kind: Kind = "tied"
     evidence: tuple[str, ...] = ("metadata",)
 
     def to_json(self) -> dict[str, Any]:
@@ -182,3 +182,51 @@ def _read_own(raw: Any, shapes: Mapping[str, tuple[tuple[int, ...], str]], rec: 
             )
         else:
             rec.ties.append(tie)
+
+
+def record_metadata(
+    metadata: dict[str, Any],
+    names: set[str],
+    ties: list[RecordedTie],
+    restored: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
+    """``metadata`` with the tie record replaced by ``ties``; every other entry kept.
+
+    An earlier entry goes when its alias is absent from the output (``ties``
+    lists it again if it still holds) or was ``restored`` into it. An entry
+    whose alias is still stored (a tie kept because its copies drift) stays.
+    """
+    old = read_record(metadata, {n: ((), "") for n in names})
+    earlier = {t.alias for t in old.convention} | recorded_aliases(metadata.get(RECORD_KEY))
+    stale = {a for a in earlier if a not in names or a in restored}
+    out = {k: v for k, v in metadata.items() if k != RECORD_KEY and k not in stale}
+    out.setdefault("format", "pt")
+    for tie in ties:
+        if tie.transform == "identity":
+            out[tie.alias] = tie.source
+    if ties:
+        out[RECORD_KEY] = json.dumps(
+            {"version": RECORD_VERSION, "ties": [t.to_json() for t in ties]}, separators=(",", ":")
+        )
+    return out
+
+
+def recorded_aliases(raw: Any) -> set[str]:
+    """Aliases named by a (possibly unreadable) tiecli record."""
+    try:
+        doc = json.loads(raw) if isinstance(raw, str) else {}
+        return {str(t.get("alias")) for t in doc.get("ties", []) if isinstance(t, dict)}
+    except (ValueError, AttributeError, TypeError, RecursionError):
+        return set()
+
+
+def record_entry(t: Tie, before: Mapping[str, RecordedTie]) -> RecordedTie:
+    """The record entry for a tie: why it exists, kept stable across runs (``before``:
+    the file's own entries by alias)."""
+    old = before.get(t.alias)
+    evidence: list[str] = [e for e in t.evidence if e != "metadata"]
+    if old is not None and old.source == t.source:
+        evidence += [e for e in old.evidence if e != "metadata" and e not in evidence]
+    order = ("declared", "pattern", "storage", "value", "transposed")
+    ordered = tuple(e for e in order if e in evidence) or ("metadata",)
+    return RecordedTie(t.alias, t.source, t.transform, t.kind, ordered)

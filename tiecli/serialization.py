@@ -14,9 +14,11 @@ from typing import Any
 
 from .atomic import Staging, fsync_file, output_errors
 from .checkpoint import Checkpoint
-from .detect import TieReport, fills, find_ties
+from .detect import find_ties
 from .errors import TieRecordError, UsageError
 from .formats import open_checkpoint
+from .grouping import fills
+from .ties import TieReport
 
 
 def load(path: str | os.PathLike[str], *, use_transformers: bool = True) -> dict[str, Any]:
@@ -83,8 +85,7 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
 
     from .arch.declared import module_ties
     from .arch.storage import relation, where
-    from .plan import record_metadata
-    from .record import RecordedTie
+    from .record import RecordedTie, record_metadata
 
     declared: dict[str, str] = {}
     if isinstance(obj, torch.nn.Module):

@@ -231,10 +231,10 @@ def test_drift_the_samples_miss_is_kept_not_deduped(
 ) -> None:
     """dedupe takes ties as equal from samples; the full comparison while verifying
     finds the difference, and the run starts over deciding every tie exactly."""
-    from tiecli import detect
+    from tiecli import confirm
     from tiecli.api import rewrites
 
-    monkeypatch.setattr(detect, "SAMPLED_FROM", 0)  # sample even these small tensors
+    monkeypatch.setattr(confirm, "SAMPLED_FROM", 0)  # sample even these small tensors
     wrong: list[bool] = []
     real = rewrites.assumption_wrong
     monkeypatch.setattr(
@@ -257,11 +257,11 @@ def test_drift_the_samples_miss_is_kept_not_deduped(
 def test_sampled_ties_that_hold_are_deduped_in_one_pass(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tiecli import detect
+    from tiecli import confirm, detect
     from tiecli.api import rewrites
     from tiecli.formats import open_checkpoint
 
-    monkeypatch.setattr(detect, "SAMPLED_FROM", 0)
+    monkeypatch.setattr(confirm, "SAMPLED_FROM", 0)
     monkeypatch.setattr(rewrites, "assumption_wrong", lambda *a: pytest.fail("no retry expected"))
     ckpt = shutil.copytree(fixture_path("llama-tied", "full-sharded"), tmp_path / "in")
     with open_checkpoint(ckpt) as opened:
@@ -305,10 +305,10 @@ def test_a_kept_tie_taken_as_equal_from_samples_is_decided_exactly(
 ) -> None:
     """A tie kept for another reason (its source in another pickle shard) is never
     verified: dedupe must not report it on the strength of its samples."""
-    from tiecli import detect
+    from tiecli import confirm
     from tiecli.values import sample_positions
 
-    monkeypatch.setattr(detect, "SAMPLED_FROM", 0)
+    monkeypatch.setattr(confirm, "SAMPLED_FROM", 0)
     folder = tmp_path / "x"
     folder.mkdir()
     sd = load_file(fixture_path("llama-tied", "full") / "model.safetensors")

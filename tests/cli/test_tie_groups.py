@@ -13,7 +13,8 @@ from helpers import fixture_path
 from safetensors.torch import load_file, save_file
 
 import tiecli
-from tiecli.detect import Tie, fills
+from tiecli.grouping import fills
+from tiecli.ties import Tie
 
 T5_GROUP = ["shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight"]
 

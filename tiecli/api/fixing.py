@@ -28,10 +28,11 @@ from ..agreement import (
 from ..arch.patterns import flags
 from ..checkpoint import Checkpoint
 from ..consumers import FLAG
-from ..detect import TieReport, find_ties
+from ..detect import find_ties
 from ..errors import UsageError, param
 from ..options import RewriteOptions
 from ..progress import NO_PROGRESS, Progress
+from ..ties import TieReport
 from .remote import from_remote
 from .results import PathLike, RewriteResult
 from .target import open_to_rewrite, refuse_dcp, refuse_shard, refuse_unreadable_record

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..checkpoint import Checkpoint
-from ..detect import Problem, TieReport, find_ties
+from ..detect import find_ties
 from ..errors import param
 from ..formats import open_checkpoint
 from ..progress import NO_PROGRESS, Progress
+from ..ties import Problem, TieReport
 from .remote import remote_options
 from .results import InspectResult, PathLike
 

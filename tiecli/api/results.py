@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..detect import Problem, Tie
+from ..ties import Problem, Tie
 
 if TYPE_CHECKING:
     from ..consumers import ConsumerLoad

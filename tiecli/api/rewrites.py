@@ -7,10 +7,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..checkpoint import Checkpoint
-from ..detect import TieReport, find_ties
+from ..detect import find_ties
 from ..errors import UnsafeChangeError, VerificationError, param
 from ..options import RewriteOptions
 from ..progress import NO_PROGRESS, Progress
+from ..ties import TieReport
 from .inspecting import use_config
 from .remote import from_remote
 from .results import DedupeResult, PathLike, RewriteResult, UntieResult

@@ -10,9 +10,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from ..checkpoint import Checkpoint
-from ..detect import TieReport
 from ..formats import open_checkpoint
 from ..options import RewriteOptions
+from ..ties import TieReport
 from .results import PathLike
 
 

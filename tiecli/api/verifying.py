@@ -8,10 +8,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..detect import Problem, TieReport, find_ties
+from ..detect import find_ties
 from ..errors import param
 from ..formats import open_checkpoint
 from ..progress import NO_PROGRESS, Progress
+from ..ties import Problem, TieReport
 from .inspecting import consumer_loads, fold_consumer_problems, use_config
 from .remote import remote_options
 from .results import CheckpointVerdict, PathLike, VerifyResult

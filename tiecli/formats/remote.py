@@ -849,7 +849,7 @@ class RemoteBlob(RangeBlob):
 
 def head_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
     """The first element of every tensor that could equal another by dtype and shape."""
-    from ..values import shaped_like_another
+    from ..matching import shaped_like_another
 
     out = []
     for e in shaped_like_another([e for e in entries if e.nbytes > 0 and e.numel > 1]):
@@ -861,9 +861,10 @@ def head_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
 
 def sample_ranges(entries: list[Entry]) -> list[tuple[RemoteFile, int, int]]:
     """The byte ranges (file, start, end) of the sampled elements of the tensors that
-    could equal another (see :func:`~tiecli.values.could_match`), and of the sampled
+    could equal another (see :func:`~tiecli.matching.could_match`), and of the sampled
     elements of their transposes where a tensor of the transposed shape is among them."""
-    from ..values import could_match, sample_positions
+    from ..matching import could_match
+    from ..values import sample_positions
 
     live = could_match([e for e in entries if e.nbytes > 0 and e.numel > 1])
     shapes = {(e.dtype, e.shape) for e in live}
