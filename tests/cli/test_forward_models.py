@@ -77,7 +77,7 @@ def test_loaded_model_is_what_transformers_loads(name: str, tmp_path: Path) -> N
     import transformers
 
     from tiecli.arch.build import build_meta_model
-    from tiecli.forward import _float_outputs, example_input, load_onto
+    from tiecli.forward import example_input, float_outputs, load_onto
 
     path = tiny_models.build(name, tmp_path / name)
     model = build_meta_model(path, real_buffers=True)
@@ -86,7 +86,7 @@ def test_loaded_model_is_what_transformers_loads(name: str, tmp_path: Path) -> N
     reference = getattr(transformers, type(model).__name__).from_pretrained(path).eval()
     args, kwargs = example_input(model, None, torch.device("cpu"))
     with torch.inference_mode():
-        ours, theirs = _float_outputs(model(*args, **kwargs)), _float_outputs(reference(**kwargs))
+        ours, theirs = float_outputs(model(*args, **kwargs)), float_outputs(reference(**kwargs))
     assert len(ours) == len(theirs)
     for a, b in zip(
         ours, theirs, strict=True
@@ -264,11 +264,11 @@ def test_a_model_the_checkpoint_leaves_half_empty_is_not_run(tmp_path: Path) -> 
 
 
 def test_ids_of_a_huge_vocabulary_avoid_special_tokens_without_a_table() -> None:
-    from tiecli.forward import _token_ids
+    from tiecli.forward import token_ids
 
     g = torch.Generator().manual_seed(0)
     vocab = (1 << 20) + 10  # past the size a table of allowed ids is made for
     avoid = set(range(0, 1 << 20, 2))  # half of it special: most first draws hit one
-    ids = _token_ids(vocab, avoid, (4, 64), g)
+    ids = token_ids(vocab, avoid, (4, 64), g)
     assert ids.shape == (4, 64) and int(ids.min()) >= 0 and int(ids.max()) < vocab
     assert not any(int(i) in avoid for i in ids.flatten())

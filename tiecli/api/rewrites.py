@@ -159,7 +159,7 @@ def _shard_size(size: int | str | None) -> int:
     else:
         from ..forward import parse_size
 
-        value = parse_size(size, param("max_shard_size"))
+        value = parse_size(size, "max_shard_size")
     if value <= 0:
         from ..errors import UsageError
 
