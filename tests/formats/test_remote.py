@@ -23,7 +23,8 @@ from remote_server import serve
 from typer.testing import CliRunner
 
 from tiecli.cli import app
-from tiecli.formats.remote import coalesce, shown_url
+from tiecli.formats.remote import shown_url
+from tiecli.formats.remote.sampling import coalesce
 
 pytest.importorskip("fsspec")
 pytest.importorskip("aiohttp")
@@ -300,6 +301,19 @@ def test_a_server_that_does_not_answer_in_time_is_one_line(tmp_path: Path) -> No
     line = _one_error_line(res)
     assert url in line and "timed out" in line and "--timeout" in line
     assert took < 2.5
+
+
+def test_a_timeout_in_the_library_names_the_parameter() -> None:
+    import tiecli
+    from tiecli.errors import RemoteError
+
+    with serve(FIXTURES, delay=3.0) as (base, _counts):
+        url = f"{base}/gpt2/full/model.safetensors"
+        with pytest.raises(RemoteError) as caught:
+            tiecli.inspect(url, timeout=0.3)
+    text = str(caught.value)
+    assert url in text and "timed out" in text
+    assert "raise timeout)" in text and "--timeout" not in text
 
 
 def test_nothing_listens_is_one_line() -> None:
@@ -803,17 +817,17 @@ def test_servers_that_refuse_multi_range_are_read_one_range_at_a_time(
 
 def test_multipart_parts_are_cut_by_their_content_range() -> None:
     from tiecli.errors import TiecliError
-    from tiecli.formats.remote import _parts
+    from tiecli.formats.remote.http_client import multipart_ranges
 
     data = b"--b\r\n--b--\r\n"  # the boundary inside a part's bytes
     body = (
         b"\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 10-21/100"
         b"\r\n\r\n" + data + b"\r\n--b\r\ncontent-range: bytes 50-50/100\r\n\r\nx\r\n--b--\r\n"
     )
-    assert _parts(body, b"b", "http://h/m") == [(10, data), (50, b"x")]
+    assert multipart_ranges(body, b"b", "http://h/m") == [(10, data), (50, b"x")]
     for bad in (body.replace(b"21/", b"99/"), body[:40], b"no parts"):
         with pytest.raises(TiecliError, match="malformed"):
-            _parts(bad, b"b", "http://h/m")
+            multipart_ranges(bad, b"b", "http://h/m")
 
 
 def test_remote_reads_show_a_progress_bar_but_not_with_json_or_quiet(
