@@ -34,8 +34,8 @@ _LAZY = {
     "InspectResult": "api",
     "DedupeResult": "api",
     "UntieResult": "api",
-    "fix": "fixing",
-    "FixResult": "fixing",
+    "fix": "api",
+    "FixResult": "api",
 }
 
 __all__ = [

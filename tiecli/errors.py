@@ -29,9 +29,14 @@ def as_python(name: str) -> str:
     return name
 
 
+# Parameters whose flag is not ``--`` and the name with dashes.
+FLAGS = {"output": "-o", "for_consumers": "--for"}
+
+
 def as_flag(name: str) -> str:
-    """The command-line flag of a parameter: ``max_shard_size`` -> ``--max-shard-size``."""
-    return "--" + name.replace("_", "-")
+    """The command-line flag of a parameter: ``max_shard_size`` -> ``--max-shard-size``,
+    ``output`` -> ``-o``."""
+    return FLAGS.get(name) or "--" + name.replace("_", "-")
 
 
 def spell(text: str, style: Callable[[str], str] = as_python) -> str:

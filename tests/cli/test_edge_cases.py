@@ -231,12 +231,15 @@ def test_drift_the_samples_miss_is_kept_not_deduped(
 ) -> None:
     """dedupe takes ties as equal from samples; the full comparison while verifying
     finds the difference, and the run starts over deciding every tie exactly."""
-    from tiecli import api, confirm
+    from tiecli import confirm
+    from tiecli.api import rewrites
 
     monkeypatch.setattr(confirm, "SAMPLED_FROM", 0)  # sample even these small tensors
     wrong: list[bool] = []
-    real = api._assumption_wrong
-    monkeypatch.setattr(api, "_assumption_wrong", lambda *a: wrong.append(real(*a)) or wrong[-1])
+    real = rewrites.assumption_wrong
+    monkeypatch.setattr(
+        rewrites, "assumption_wrong", lambda *a: wrong.append(real(*a)) or wrong[-1]
+    )
     ckpt = shutil.copytree(fixture_path("llama-tied", form), tmp_path / "in")
     _drift_where_samples_miss(ckpt)
     before = tiecli.load(ckpt)
@@ -254,12 +257,14 @@ def test_drift_the_samples_miss_is_kept_not_deduped(
 def test_sampled_ties_that_hold_are_deduped_in_one_pass(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from tiecli import api, confirm, detect
+    from tiecli import confirm, detect
+    from tiecli.api import rewrites
+    from tiecli.formats import open_checkpoint
 
     monkeypatch.setattr(confirm, "SAMPLED_FROM", 0)
-    monkeypatch.setattr(api, "_assumption_wrong", lambda *a: pytest.fail("no retry expected"))
+    monkeypatch.setattr(rewrites, "assumption_wrong", lambda *a: pytest.fail("no retry expected"))
     ckpt = shutil.copytree(fixture_path("llama-tied", "full-sharded"), tmp_path / "in")
-    with tiecli.api.open_checkpoint(ckpt) as opened:
+    with open_checkpoint(ckpt) as opened:
         report = detect.find_ties(opened, sampled=True)
     assert report.assumed == [("lm_head.weight", "model.embed_tokens.weight", "identity")]
     r = tiecli.dedupe(ckpt)

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import tiecli
+from tiecli.api.fixing import config_text
 from tiecli.cli import app
-from tiecli.fixing import config_text
 
 runner = CliRunner()
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"
@@ -346,7 +346,7 @@ def test_a_killed_run_between_weights_and_config_still_agrees(
 ) -> None:
     """The weights go first, the config last: a run stopped between the two leaves
     the pair bit-identical, which consumers load alike whatever the flags say."""
-    import tiecli.fixing as fixing
+    import tiecli.api.fixing as fixing
 
     path = _case(tmp_path, "only-head-disagree")
     config_before = (path / "config.json").read_bytes()
@@ -354,7 +354,7 @@ def test_a_killed_run_between_weights_and_config_still_agrees(
     def killed(*_a: Any, **_k: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fixing, "_replace_config", killed)
+    monkeypatch.setattr(fixing, "replace_config", killed)
     with pytest.raises(KeyboardInterrupt):
         tiecli.fix(path)
     assert (path / "config.json").read_bytes() == config_before
