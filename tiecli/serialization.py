@@ -111,7 +111,7 @@ def save(obj: Any, path: str | os.PathLike[str], *, metadata: dict[str, str] | N
         head = state[names[0]]
         for n in names:
             t = state[n]
-            if n == names[0] or t.data_ptr() == 0:
+            if n == names[0]:
                 kept[n] = t.detach().contiguous()
                 continue
             transform = relation(head, t)

@@ -20,11 +20,13 @@ def where(t: Any) -> tuple[Any, ...] | None:
 
     ``t`` is a torch tensor or a pickle :class:`~tiecli.checkpoint.Entry`;
     ``None`` when it has no storage to compare (an entry outside a pickle, a
-    tensor subclass without one)."""
+    tensor subclass without one, an empty tensor)."""
     if hasattr(t, "untyped_storage"):
         try:
             storage = t.untyped_storage().data_ptr()
         except (RuntimeError, NotImplementedError):
+            return None
+        if storage == 0:  # no memory at all (an empty tensor): nothing to share
             return None
         return (str(t.device), storage, int(t.storage_offset()) * t.element_size(), t.dtype)
     if getattr(t, "storage", None) is None or getattr(t, "view", None) is None:
