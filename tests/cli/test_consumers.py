@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import tiecli
-from tiecli import consumers
+from tiecli import consumer_choice, consumers
 from tiecli.cli import app
 
 runner = CliRunner()
@@ -381,7 +381,7 @@ def test_adding_a_consumer_is_a_data_change(monkeypatch: pytest.MonkeyPatch) -> 
     pair = consumers.Pair(HEAD, EMB, True, True, equal=False)
     loads = {c.name: c.loads for c in consumers.evaluate([pair], LLAMA, "safetensors")}
     assert loads["sglang"] == {HEAD: "source", EMB: "stored"}
-    assert [r["name"] for r in consumers.select("sglang")] == ["sglang"]
+    assert [r["name"] for r in consumer_choice.select("sglang")] == ["sglang"]
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,8 @@ def consumer_loads(
     ckpt: Checkpoint, report: TieReport, only: str | None = None
 ) -> tuple[list[ConsumerLoad], list[Problem]]:
     """What each consumer (``only``: those ``for_consumers`` names) loads, and the problems that makes."""
-    from ..consumers import predict, select
+    from ..consumer_choice import select
+    from ..consumers import predict
 
     return predict(report.ties, ckpt.entries, ckpt.config, ckpt.format, select(only))
 

@@ -90,7 +90,7 @@ def verify(
             ", ".join(param(n) for n in names)
             + f" and {param('max_memory')} go with {param('forward')}"
         )
-    from ..consumers import select
+    from ..consumer_choice import select
 
     select(for_consumers)  # a bad --for is a usage error before anything is opened
     if forward and remote:
