@@ -49,6 +49,23 @@ def debugging() -> bool:
     return os.environ.get("TIECLI_DEBUG", "") not in ("", "0") or "--debug" in sys.argv
 
 
+class Wording(str):
+    """Text kept in a result that names parameters (a reason a tie stays stored).
+
+    It reads with Python names like any ``str``; :meth:`as_flags` gives the
+    command line's spelling, which the CLI's tables and JSON print."""
+
+    marked: str
+
+    def __new__(cls, marked: str) -> Wording:
+        text = super().__new__(cls, spell(marked))
+        text.marked = marked
+        return text
+
+    def as_flags(self) -> str:
+        return spell(self.marked, as_flag)
+
+
 class TiecliError(Exception):
     """Base class. ``path`` names the file at fault, ``hint`` the fix."""
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .checkpoint import CHUNK, Checkpoint, Entry
+from .errors import Wording, param
 from .formats.base import by_file
 from .grouping import fills
 from .record import RecordedTie, read_record, record_entry, record_metadata
@@ -157,9 +158,9 @@ def plan_dedupe(
         elif t.kind == "tied":
             removed.append(t)
         elif not by_value:
-            kept.append((t, "duplicate by value only (use --by-value)"))
+            kept.append((t, Wording(f"duplicate by value only (use {param('by_value')})")))
         elif t.bytes < min_bytes:
-            kept.append((t, f"duplicate smaller than --min-bytes ({min_bytes})"))
+            kept.append((t, Wording(f"duplicate smaller than {param('min_bytes')} ({min_bytes})")))
         elif not loader_restores and not declared(t):
             why = f"transformers would not restore it: not a tie of {report.architecture}"
             kept.append((t, why))

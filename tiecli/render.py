@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .errors import Wording
 from .terminal import printable
 
 
@@ -40,11 +41,18 @@ def _finite(value: Any) -> Any:
     """JSON has no NaN or infinity: such numbers (a drift involving NaN) become null."""
     if isinstance(value, float) and not math.isfinite(value):
         return None
+    if isinstance(value, Wording):  # the command line's spelling of a parameter
+        return value.as_flags()
     if isinstance(value, dict):
         return {k: _finite(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_finite(v) for v in value]
     return value
+
+
+def as_flags(text: str) -> str:
+    """``text`` as the command line says it: parameters named by their flags."""
+    return text.as_flags() if isinstance(text, Wording) else text
 
 
 def _json_default(value: Any) -> Any:
@@ -194,7 +202,7 @@ def render_dedupe(r: Any, console: Console) -> None:
         for col in ("alias", "source", "reason"):
             table.add_column(col, overflow="fold")
         for t, reason in r.kept:
-            table.add_row(shown(t.alias), shown(t.source), shown(reason))
+            table.add_row(shown(t.alias), shown(t.source), shown(as_flags(reason)))
         console.print(table)
     console.print(
         f"bytes: {human_bytes(r.bytes_before)} -> {human_bytes(r.bytes_after)} "

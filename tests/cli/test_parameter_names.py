@@ -89,3 +89,48 @@ def test_flags_of_parameters() -> None:
     assert as_flag("to") == "--to"
     assert as_flag("output") == "-o"
     assert as_flag("for_consumers") == "--for"
+
+
+def _two_equal_tensors(tmp_path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    w = torch.arange(512 * 512, dtype=torch.float32).reshape(512, 512)
+    p = tmp_path / "dup.safetensors"
+    save_file({"first.weight": w, "second.weight": w.clone()}, str(p))
+    return p
+
+
+@pytest.mark.parametrize(
+    ("options", "flags", "python_reads", "cli_reads"),
+    [
+        (
+            {},
+            [],
+            "duplicate by value only (use by_value)",
+            "duplicate by value only (use --by-value)",
+        ),
+        (
+            {"by_value": True, "min_bytes": 1 << 30},
+            ["--by-value", "--min-bytes", str(1 << 30)],
+            f"duplicate smaller than min_bytes ({1 << 30})",
+            f"duplicate smaller than --min-bytes ({1 << 30})",
+        ),
+    ],
+)
+def test_a_kept_reason_names_the_parameter_as_the_caller_wrote_it(
+    tmp_path: Path, options: dict[str, Any], flags: list[str], python_reads: str, cli_reads: str
+) -> None:
+    import json
+
+    p = _two_equal_tensors(tmp_path)
+    result = tiecli.dedupe(p, dry_run=True, **options)
+    assert [reason for _t, reason in result.kept] == [python_reads]
+    res = runner.invoke(app, ["dedupe", str(p), "--dry-run", "--json", *flags])
+    assert res.exit_code == 0, res.output
+    assert [k["reason"] for k in json.loads(res.stdout)["kept"]] == [cli_reads]
+    table = runner.invoke(app, ["dedupe", str(p), "--dry-run", *flags])
+    flag = (
+        cli_reads.split("(use ")[-1].rstrip(")").split(" (")[0].split()[-1]
+    )  # --by-value / --min-bytes
+    assert flag in table.stdout and flag.lstrip("-").replace("-", "_") not in table.stdout
