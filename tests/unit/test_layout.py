@@ -20,19 +20,7 @@ _spec.loader.exec_module(layout)
 PACKAGE = ROOT / "tiecli"
 
 
-def _pending(reason: str) -> pytest.MarkDecorator:
-    """A rule the package does not meet yet: strict, so the test fails once it does,
-    and the mark must go."""
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
-CHECKS = [
-    pytest.param("long", marks=_pending("modules over 450 lines are being split")),
-    pytest.param("format"),
-    pytest.param("private", marks=_pending("private names shared across modules go public")),
-    pytest.param("storage", marks=_pending("save() tells an empty tensor by data_ptr() == 0")),
-    pytest.param("declared"),
-]
+CHECKS = [pytest.param(c) for c in ("long", "format", "private", "storage", "declared")]
 
 
 @pytest.mark.parametrize("check", CHECKS)
