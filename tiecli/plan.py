@@ -17,6 +17,7 @@ from .checkpoint import CHUNK, Checkpoint, Entry
 from .errors import Wording, param
 from .formats.base import by_file
 from .grouping import fills
+from .options import RewriteOptions
 from .record import RecordedTie, read_record, record_entry, record_metadata
 from .ties import Tie, TieReport, declared
 
@@ -131,13 +132,11 @@ def _clean(meta: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in meta.items() if k != "format"}
 
 
-def plan_dedupe(
-    ckpt: Checkpoint,
-    report: TieReport,
-    by_value: bool = False,
-    min_bytes: int = 1 << 20,
-    to_safetensors: bool = False,
-) -> Plan:
+def plan_dedupe(ckpt: Checkpoint, report: TieReport, options: RewriteOptions) -> Plan:
+    """Which ties leave the files (``removed``) and which stay stored (``kept``, with why),
+    as ``options`` ask (``by_value``, ``min_bytes``, ``to``)."""
+    by_value, min_bytes = options.by_value, options.min_bytes
+    to_safetensors = options.to_safetensors and ckpt.form.converts
     removed: list[Tie] = []
     kept: list[tuple[Tie, str]] = []
     written = ckpt.form.written_as(to_safetensors)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -260,9 +260,7 @@ def _fix(
         written = execute(
             ckpt,
             plan,
-            out,
-            force=options.force,
-            fsync=options.fsync,
+            replace(options, output=out),
             progress=progress,
             files={CONFIG: new_config} if out is not None and new_config is not None else None,
         )

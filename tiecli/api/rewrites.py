@@ -46,22 +46,13 @@ def _carry_out(
     ckpt: Checkpoint,
     plan: Plan,
     options: RewriteOptions,
-    to_st: bool,
     progress: Progress,
 ) -> R:
     """Write the plan (unless a dry run) and note where the output went."""
     from ..write.run import execute
 
     if not result.dry_run:
-        written = execute(
-            ckpt,
-            plan,
-            options.output,
-            force=options.force,
-            to_safetensors=to_st,
-            fsync=options.fsync,
-            progress=progress,
-        )
+        written = execute(ckpt, plan, options, progress=progress)
         result.output = str(written.output)
         result.changed = written.changed
         result.not_copied = [{"path": str(p), "reason": why} for p, why in written.not_copied]
@@ -202,9 +193,7 @@ def _dedupe(
             ckpt.path,
             hint=f"write the conversion elsewhere with {param('output')}",
         )
-    plan = plan_dedupe(
-        ckpt, report, by_value=options.by_value, min_bytes=options.min_bytes, to_safetensors=to_st
-    )
+    plan = plan_dedupe(ckpt, report, options)
     ckpt.form.reshard(plan, _shard_size(options.max_shard_size))
     assumed = set(report.assumed)
     if any((t.alias, t.source, t.transform) in assumed for t, _why in plan.kept):
@@ -217,7 +206,7 @@ def _dedupe(
     )
     result.changed |= to_st
     try:
-        return _carry_out(result, ckpt, plan, options, to_st, progress)
+        return _carry_out(result, ckpt, plan, options, progress)
     except VerificationError:
         if any(assumption_wrong(ckpt, a) for a in report.assumed):
             return None
@@ -272,4 +261,4 @@ def _untie_local(
             restored=plan.restored,
             made=plan.made,
         )
-        return _carry_out(result, ckpt, plan, options, False, progress)
+        return _carry_out(result, ckpt, plan, options, progress)

@@ -23,6 +23,7 @@ from ..errors import UnsafeChangeError
 from ..formats import read_json
 from ..formats.base import Format, Job
 from ..formats.folder_names import SAFETENSORS_INDEX, safetensors_name
+from ..options import RewriteOptions
 from ..plan import FilePlan, Plan, stale_copies
 from ..progress import Progress
 from .compare import check_all, write_total
@@ -63,15 +64,14 @@ class Run:
 def execute(
     ckpt: Checkpoint,
     plan: Plan,
-    output: Path | None,
+    options: RewriteOptions,
     *,
-    force: bool = False,
-    to_safetensors: bool = False,
-    fsync: bool = False,
     progress: Progress,
     files: dict[str, bytes] | None = None,
 ) -> Written:
-    """Write ``plan``, verify it, and put it in place.
+    """Write ``plan``, verify it, and put it in place, as ``options`` say: at
+    ``output`` (None: in place), replacing it if ``force``, synced if ``fsync``,
+    converted if ``to`` is ``"safetensors"``.
 
     ``files``: other files of a folder output (``config.json``) that replace the
     input's copies in it, written once the weights are verified.
@@ -82,6 +82,8 @@ def execute(
     the page cache, on disk within the kernel's writeback delay; ``fsync=True``
     syncs it before returning.
     """
+    output, force, fsync = options.output, options.force, options.fsync
+    to_safetensors = options.to_safetensors
     converting = to_safetensors and ckpt.form.converts
     folder_like = ckpt.folder is not None or ckpt.index_path is not None
     src_folder = source_folder(ckpt)
