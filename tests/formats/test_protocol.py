@@ -125,6 +125,12 @@ def test_a_registered_format_is_planned(toy: Path) -> None:
     assert r.bytes_saved == 64 * 16 * 4
 
 
+def test_a_registered_format_is_found_in_a_folder(toy: Path) -> None:
+    """A folder is searched for the files a registered form claims, after the built-in ones."""
+    r = tiecli.inspect(toy.parent, use_transformers=False)
+    assert r.format == "toy" and [t.alias for t in r.ties] == ["lm_head.weight"]
+
+
 def test_an_unregistered_format_is_not_read(tmp_path: Path) -> None:
     path = write_toy(tmp_path / "model.toy", {"w": np.zeros((2, 2))})
     with pytest.raises(tiecli.TiecliError):

@@ -38,7 +38,15 @@ __all__ = [
 
 # Every form tiecli reads, in the order a file is offered to them: by name first
 # (``claims``), then by content (``sniffs``); a file nobody claims is read as safetensors.
-FORMATS: list[Format] = [SAFETENSORS_SHARDED, SAFETENSORS, GGUF, PYTORCH, PYTORCH_SHARDED, DCP]
+BUILT_IN: tuple[Format, ...] = (
+    SAFETENSORS_SHARDED,
+    SAFETENSORS,
+    GGUF,
+    PYTORCH,
+    PYTORCH_SHARDED,
+    DCP,
+)
+FORMATS: list[Format] = list(BUILT_IN)
 
 
 def register(form: Format) -> Format:
@@ -129,7 +137,9 @@ def find_weights(folder: Path) -> Path:
         [f for f in files if f.suffix == ".safetensors"],
         [f for f in files if f.name.endswith(INDEX_SUFFIX)],
         [f for f in files if f.suffix in PICKLE_SUFFIXES],
-        [f for f in files if f.suffix == ".gguf"],  # llama.cpp's single-file form, last
+        [f for f in files if f.suffix == ".gguf"],  # llama.cpp's single-file form
+        # then each form registered beyond these, by the file names it claims
+        *([f for f in files if form.claims(f)] for form in FORMATS[len(BUILT_IN) :]),
     ):
         if len(group) == 1:
             return group[0]
