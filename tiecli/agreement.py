@@ -14,7 +14,7 @@ it refuses and names the parameter that chooses.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .arch.patterns import flags
@@ -67,6 +67,7 @@ class Decision:
     copies: list[tuple[str, str]]  # (name to store, tensor whose bytes it takes)
     trims: dict[str, int]  # name -> rows kept
     resolutions: list[Resolution]
+    dropped: list[str] = field(default_factory=list)  # names left out of the files
 
 
 def _readings(cfg: dict[str, Any]) -> set[bool]:
@@ -100,6 +101,7 @@ def decide(
     targets: dict[bool, list[Pair]] = {True: [], False: []}
     copies: list[tuple[str, str]] = []
     trims: dict[str, int] = {}
+    dropped: list[str] = []
     resolutions: list[Resolution] = []
 
     def want(p: Pair, value: bool) -> None:
@@ -109,17 +111,48 @@ def decide(
         situation = p.situation
         if situation == "padded":
             long, short, rows = _padding(ckpt, p)
+            long_rows = ckpt.entries[long].shape[0]
+            sizes = _vocab_sizes(cfg)
+            # the config counts the padding and ties the head: dropping the head (the
+            # embedding's first rows) is the model config.json describes
+            droppable = (
+                long == p.source
+                and said is True
+                and bool(sizes)
+                and all(v == long_rows for v in sizes.values())
+            )
+            drop_hint = (
+                f"pass {TIE} to drop {p.alias} (the first {rows} rows of {p.source}): every "
+                f"consumer then uses {p.source} as the head, as config.json's tie flag and "
+                f"vocab_size {long_rows} say"
+            )
+            if droppable and tie and not trim_padding:
+                dropped.append(p.alias)
+                want(p, True)
+                resolutions.append(
+                    Resolution(
+                        p.alias,
+                        p.source,
+                        situation,
+                        f"drop {p.alias}, the first {rows} rows of {p.source}: every consumer "
+                        f"uses {p.source} as the head (config vocab_size {long_rows})",
+                    )
+                )
+                continue
             if not trim_padding:
+                trim_hint = (
+                    f"pass {TRIM_PADDING} to drop the last {long_rows - rows} rows of {long}"
+                )
                 raise UsageError(
-                    f"{long} has {ckpt.entries[long].shape[0]} rows and {short} {rows}, the "
+                    f"{long} has {long_rows} rows and {short} {rows}, the "
                     f"first {rows} bit-identical: a padded vocabulary, which most consumers "
                     "refuse (mismatched shapes) and MLX serves as extra logits; nothing was "
                     "changed",
                     shown,
-                    hint=f"pass {TRIM_PADDING} to drop the last "
-                    f"{ckpt.entries[long].shape[0] - rows} rows of {long}",
+                    hint=f"{drop_hint}; or make vocab_size {rows} and {trim_hint}"
+                    if droppable
+                    else trim_hint,
                 )
-            sizes = _vocab_sizes(cfg)
             wrong = {k: v for k, v in sizes.items() if v != rows}
             if not sizes or wrong:
                 said_vocab = (
@@ -129,7 +162,8 @@ def decide(
                     f"{TRIM_PADDING} would cut {long} to {rows} rows (those of {short}) but "
                     f"config.json says {said_vocab}, not {rows}; nothing was changed",
                     shown,
-                    hint="make config.json's vocab_size the vocabulary's size first",
+                    hint="make config.json's vocab_size the vocabulary's size first"
+                    + (f", or {drop_hint}" if droppable else ""),
                 )
             trims[long] = rows
             value = True if tie or said is None else said
@@ -221,7 +255,7 @@ def decide(
     target = True if targets[True] else False if targets[False] else None
     if target is None and mixed:  # no tensors to judge by: transformers 5's reading
         target = tie or (not untie_head and any(flags(cfg, FLAG, nested_configs()).values()))
-    return Decision(target, copies, trims, resolutions)
+    return Decision(target, copies, trims, resolutions, dropped)
 
 
 def _padding(ckpt: Checkpoint, p: Pair) -> tuple[str, str, int]:

@@ -90,8 +90,10 @@ class Plan:
     views: dict[str, tuple[str, str]] = field(default_factory=dict)
     copies: dict[str, tuple[str, str]] = field(default_factory=dict)
     shares_storage: bool = False  # the output is of such a form (no metadata to compare)
-    # fix: {name: rows} cut to their first rows (a padded vocabulary trimmed)
+    # fix: {name: rows} cut to their first rows (a padded vocabulary trimmed), and
+    # names left out (a head equal to the first rows of the embedding it is tied to)
     trims: dict[str, int] = field(default_factory=dict)
+    dropped: list[str] = field(default_factory=list)
 
     @property
     def bytes_after(self) -> int:
@@ -99,7 +101,7 @@ class Plan:
         return sum(t.nbytes for f in self.files for t in f.tensors if t.name not in self.views)
 
     def changes(self, ckpt: Checkpoint) -> bool:
-        if self.removed or self.restored or self.made or self.trims:
+        if self.removed or self.restored or self.made or self.trims or self.dropped:
             return True
         if self.shares_storage:
             return False
@@ -323,24 +325,31 @@ def first_rows(entry: Entry, rows: int) -> Entry:
     )
 
 
-def plan_fix(ckpt: Checkpoint, copies: list[tuple[str, str]], trims: dict[str, int]) -> Plan:
+def plan_fix(
+    ckpt: Checkpoint,
+    copies: list[tuple[str, str]],
+    trims: dict[str, int],
+    dropped: list[str] | None = None,
+) -> Plan:
     """Store each ``(name, origin)`` of ``copies`` as a copy of ``origin``'s bytes (as
-    ``untie`` stores an alias), and cut each tensor of ``trims`` to its first rows;
-    every other tensor and metadata entry is kept. A name now stored leaves the record."""
+    ``untie`` stores an alias), cut each tensor of ``trims`` to its first rows and leave
+    out each name of ``dropped``; every other tensor and metadata entry is kept. A name
+    now stored leaves the record."""
+    gone = set(dropped or ())
     cut = {n: first_rows(ckpt.entries[n], rows) for n, rows in trims.items()}
-    checks = [Check(n, cut.get(n, e)) for n, e in ckpt.entries.items()]
+    checks = [Check(n, cut.get(n, e)) for n, e in ckpt.entries.items() if n not in gone]
     extra: dict[str, list[OutTensor]] = {}
     for name, origin in copies:
         src = cut.get(origin, ckpt.entries[origin])
         extra.setdefault(origin, []).append(OutTensor(name, src))
         checks.append(Check(name, src))
     made = {name: (origin, "identity") for name, origin in copies}
-    plan = Plan("fix", [], None, checks, made=made, trims=dict(trims))
+    plan = Plan("fix", [], None, checks, made=made, trims=dict(trims), dropped=sorted(gone))
     shapes = {n: (e.shape, e.dtype) for n, e in ckpt.entries.items()}
     plan.record = [r for r in read_record(ckpt.metadata, shapes).ties if r.alias not in made]
     plan.shares_storage = ckpt.form.shares_storage
     if plan.shares_storage:
         plan.record = []  # a pickle keeps no metadata
         plan.copies = dict(made)
-    _fill_files(plan, ckpt, keep=lambda n: True, extra=extra, replace=cut)
+    _fill_files(plan, ckpt, keep=lambda n: n not in gone, extra=extra, replace=cut)
     return plan

@@ -168,6 +168,45 @@ def test_trimming_refuses_a_vocab_size_other_than_the_heads_rows(tmp_path: Path)
 
 
 @pytest.mark.parametrize("form", FORMS)
+def test_a_padded_head_under_a_config_counting_the_padding_is_dropped_with_tie(
+    tmp_path: Path, form: str
+) -> None:
+    """config.json ties the head and counts the padded rows (vocab_size 12): the stored head,
+    the embedding's first 10 rows, is what no consumer can load. fix names --tie, which
+    drops it, so every consumer ties the head to the 12-row embedding as the config says."""
+    path = _case(tmp_path, "padded", form)
+    (path / "config.json").write_text(json.dumps(_config(path) | {"vocab_size": 12}))
+    _disagrees(path)
+    before = snapshot(path)
+    r = runner.invoke(app, ["fix", str(path)])
+    assert r.exit_code == 2 and "--tie" in r.stderr and "--trim-padding" in r.stderr
+    r = runner.invoke(app, ["fix", str(path), "--trim-padding"])
+    assert r.exit_code == 1 and "--tie" in r.stderr and "vocab_size=12" in r.stderr
+    assert snapshot(path) == before
+    doc = _json(["fix", str(path), "--tie"])
+    assert doc["config_edits"] == []
+    assert [(w["name"], w["action"], w["bytes"]) for w in doc["tensor_writes"]] == [
+        (HEAD, "drop", 0)
+    ]
+    assert [r["situation"] for r in doc["resolutions"]] == ["padded"]
+    _agrees(path)
+    loaded = tiecli.load(path)
+    padded = torch.cat([_t(0), _t(2, rows=2)])
+    assert torch.equal(loaded[EMB], padded) and torch.equal(loaded[HEAD], padded)
+    assert _json(["fix", str(path)])["changed"] is False  # fixed stays fixed
+
+
+def test_tie_does_not_drop_a_padded_head_the_config_does_not_count(tmp_path: Path) -> None:
+    """vocab_size = the head's rows: dropping the head would serve the padding; --tie is no
+    way out there, --trim-padding is."""
+    path = _case(tmp_path, "padded")
+    before = snapshot(path)
+    r = runner.invoke(app, ["fix", str(path), "--tie"])
+    assert r.exit_code == 2 and "--trim-padding" in r.stderr and "--tie to drop" not in r.stderr
+    assert snapshot(path) == before
+
+
+@pytest.mark.parametrize("form", FORMS)
 def test_an_absent_head_under_an_untied_config_needs_a_choice(tmp_path: Path, form: str) -> None:
     path = _case(tmp_path, "untied-head-absent", form)
     _disagrees(path)

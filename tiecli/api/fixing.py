@@ -43,7 +43,7 @@ CONFIG = "config.json"
 @dataclass
 class TensorWrite:
     name: str
-    action: str  # copy | trim
+    action: str  # copy | trim | drop (left out of the files)
     origin: str  # the tensor whose bytes it holds
     shape: tuple[int, ...]
     bytes: int
@@ -205,12 +205,15 @@ def _fix(
     else:
         decision = decide(ckpt, report, options.tie, options.untie_head, options.trim_padding)
         edits = config_edits(ckpt.config, decision.target)
-    plan = plan_fix(ckpt, decision.copies, decision.trims)
+    plan = plan_fix(ckpt, decision.copies, decision.trims, decision.dropped)
     writes = []
     for name, rows in decision.trims.items():
         e = ckpt.entries[name]
         cut = first_rows(e, rows)
         writes.append(TensorWrite(name, "trim", name, cut.shape, cut.nbytes, e.shape[0]))
+    for name in decision.dropped:
+        e = ckpt.entries[name]
+        writes.append(TensorWrite(name, "drop", name, e.shape, 0))
     for name, origin in decision.copies:
         src = ckpt.entries[origin]
         shape = (decision.trims[origin], *src.shape[1:]) if origin in decision.trims else src.shape

@@ -45,10 +45,11 @@ def write_pickle(job: Job, f: FilePlan, tmp: Path, checks: list[Check]) -> None:
 
 def zip_shareable(reader: Any, plan: Plan) -> bool:
     """Whether torch can be left out: a zip read without it, aliases shared as they are
-    and copies made as they are (no transpose), nothing trimmed."""
+    and copies made as they are (no transpose), nothing trimmed or left out."""
     return (
         isinstance(reader, TorchZip)
         and not plan.trims
+        and not plan.dropped
         and all(t == "identity" for _s, t in (*plan.views.values(), *plan.copies.values()))
     )
 
@@ -194,6 +195,8 @@ def save_with_torch(reader: PickleFile, plan: Plan, tmp: Path, durable: bool) ->
     for name, rows in plan.trims.items():  # a padded vocabulary cut to its first rows
         if name in new:
             new[name] = new[name][:rows].clone()
+    for name in plan.dropped:
+        new.pop(name, None)
     for name, (src, transform) in plan.views.items():
         if name in new and src in new:
             new[name] = new[src] if transform == "identity" else new[src].t()
