@@ -350,9 +350,11 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-FIX_FLAGS = {  # the choice a person makes where fix asks for one (exit 2)
-    "alias_absent": ["--tie"],
-    "padded": ["--trim-padding"],
+FIX_FLAGS = {  # the choices a person makes where fix asks for one, tried in order
+    "alias_absent": [["--tie"]],
+    # trim where vocab_size counts the head's rows; where it counts the padding, fix
+    # refuses the trim (exit 1) and names --tie (leave the head out)
+    "padded": [["--trim-padding"], ["--tie"]],
 }
 
 
@@ -370,9 +372,12 @@ def run_fix(
         cmd = [sys.executable, "-m", "tiecli", "fix", str(case), "-o", str(fixed), "--json"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         flags: list[str] = []
-        if r.returncode == 2 and e["situation"] in FIX_FLAGS:
-            flags = FIX_FLAGS[e["situation"]]
-            r = subprocess.run(cmd + flags, capture_output=True, text=True)
+        if r.returncode == 2:
+            for choice in FIX_FLAGS.get(e["situation"], []):
+                flags = choice
+                r = subprocess.run(cmd + flags, capture_output=True, text=True)
+                if r.returncode == 0:
+                    break
         out["cases"][e["name"]] = {
             "rc": r.returncode,
             "flags": flags,
