@@ -21,7 +21,7 @@ README = (ROOT / "README.md").read_text(encoding="utf-8")
 # sections about other programs (benchmark scripts, the linters)
 OTHER_PROGRAMS = ("Benchmarks", "Development")
 # named beside the fields in a JSON passage, but values or names of something else
-NOT_FIELDS = frozenset({"safetensors", "pytorch", "null", "copy", "trim", "cpu", "disk"})
+NOT_FIELDS = frozenset({"safetensors", "pytorch", "null", "copy", "trim", "drop", "cpu", "disk"})
 FLAG = re.compile(r"(?<![\w-])(--?[a-z][a-z0-9-]*)")
 INVOCATION = re.compile(r"(?:^|&&\s*|;\s*|\|\s*|bin/|-m\s+)tiecli\s+([a-z][\w-]*)")
 
