@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .formats.base import Format
 
 
 @dataclass(frozen=True)
@@ -29,3 +33,7 @@ class RewriteOptions:
     @property
     def to_safetensors(self) -> bool:
         return self.to == "safetensors"
+
+    def converts(self, form: Format) -> bool:
+        """Whether the rewrite turns a checkpoint of ``form`` into safetensors."""
+        return self.to_safetensors and form.converts

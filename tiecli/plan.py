@@ -138,7 +138,7 @@ def plan_dedupe(ckpt: Checkpoint, report: TieReport, options: RewriteOptions) ->
     """Which ties leave the files (``removed``) and which stay stored (``kept``, with why),
     as ``options`` ask (``by_value``, ``min_bytes``, ``to``)."""
     by_value, min_bytes = options.by_value, options.min_bytes
-    to_safetensors = options.to_safetensors and ckpt.form.converts
+    to_safetensors = options.converts(ckpt.form)
     removed: list[Tie] = []
     kept: list[tuple[Tie, str]] = []
     written = ckpt.form.written_as(to_safetensors)

@@ -184,7 +184,7 @@ def _dedupe(
             "nothing was changed",
             ckpt.path,
         )
-    to_st = options.to_safetensors and ckpt.form.converts
+    to_st = options.converts(ckpt.form)
     if to_st and options.output is None and _pickle_has_more(ckpt):
         raise UnsafeChangeError(
             f"holds more than tensors (under {ckpt.nested_key!r} or beside them: epoch, "

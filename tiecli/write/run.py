@@ -84,7 +84,7 @@ def execute(
     """
     output, force, fsync = options.output, options.force, options.fsync
     to_safetensors = options.to_safetensors
-    converting = to_safetensors and ckpt.form.converts
+    converting = options.converts(ckpt.form)
     folder_like = ckpt.folder is not None or ckpt.index_path is not None
     src_folder = source_folder(ckpt)
 
