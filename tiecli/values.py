@@ -127,11 +127,28 @@ def same_bytes(
 
     ``ready(end)``, when given, is called before each piece and returns once the
     first ``end`` bytes of ``a`` may be read (``a`` is still being written)."""
+    return first_different(a, [b], progress, ready) is None
+
+
+def first_different(
+    a: Entry,
+    others: list[Entry],
+    progress: Progress = NO_PROGRESS,
+    ready: Callable[[int], None] | None = None,
+) -> int | None:
+    """The index of the first of ``others`` whose bytes differ from ``a``'s, or None
+    when all are the same; one pass over ``a`` serves them all.
+
+    ``ready`` as for :func:`same_bytes`. Each piece of ``a`` is read once and
+    compared with the same piece of every other tensor while it is fresh in the
+    cache, so checking a source against its written copy and against an alias
+    of it costs one read of the source, not two."""
     n = a.nbytes
-    if n != b.nbytes:
-        return False
-    if hasattr(a.blob, "window") and hasattr(b.blob, "window"):
-        return _same_mapped(a, b, progress, ready)
+    for i, b in enumerate(others):
+        if b.nbytes != n:
+            return i
+    if hasattr(a.blob, "window") and all(hasattr(b.blob, "window") for b in others):
+        return _first_different_mapped(a, others, progress, ready)
     step = min(CHUNK, n) or 1
     buf_a, buf_b = bytearray(step), bytearray(step)
     view_a, view_b = memoryview(buf_a), memoryview(buf_b)
@@ -140,17 +157,18 @@ def same_bytes(
         if ready is not None:
             ready(offset + k)
         a.blob.readinto(offset, view_a[:k])
-        b.blob.readinto(offset, view_b[:k])
-        progress.advance(2 * k)
-        if not (buf_a == buf_b if k == step else buf_a[:k] == buf_b[:k]):
-            return False
-    return True
+        for i, b in enumerate(others):
+            b.blob.readinto(offset, view_b[:k])
+            progress.advance(2 * k)
+            if not (buf_a == buf_b if k == step else buf_a[:k] == buf_b[:k]):
+                return i
+    return None
 
 
-def _same_mapped(
-    a: Entry, b: Entry, progress: Progress, ready: Callable[[int], None] | None
-) -> bool:
-    """Compare two file-backed tensors through short-lived mappings, piece by piece.
+def _first_different_mapped(
+    a: Entry, others: list[Entry], progress: Progress, ready: Callable[[int], None] | None
+) -> int | None:
+    """:func:`first_different` through short-lived mappings, piece by piece.
 
     No bytes are copied to user space, and each piece is unmapped once compared,
     so the resident size stays flat however large the tensors are.
@@ -160,16 +178,20 @@ def _same_mapped(
         k = min(CHUNK, n - offset)
         if ready is not None:
             ready(offset + k)
-        (map_a, at_a), (map_b, at_b) = a.blob.window(offset, k), b.blob.window(offset, k)  # type: ignore[attr-defined]
+        map_a, at_a = a.blob.window(offset, k)  # type: ignore[attr-defined]
         try:
-            same = _same_memory(map_a, at_a, map_b, at_b, k)
+            for i, b in enumerate(others):
+                map_b, at_b = b.blob.window(offset, k)  # type: ignore[attr-defined]
+                try:
+                    same = _same_memory(map_a, at_a, map_b, at_b, k)
+                finally:
+                    map_b.close()
+                progress.advance(2 * k)
+                if not same:
+                    return i
         finally:
             map_a.close()
-            map_b.close()
-        progress.advance(2 * k)
-        if not same:
-            return False
-    return True
+    return None
 
 
 def _same_memory(map_a: Any, at_a: int, map_b: Any, at_b: int, k: int) -> bool:

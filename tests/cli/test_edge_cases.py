@@ -332,3 +332,48 @@ def test_a_kept_tie_taken_as_equal_from_samples_is_decided_exactly(
     assert r.removed == []
     assert [p.code for p in r.problems] == ["drift"]
     assert r.kept[0][0].drift is not None
+
+
+def test_an_alias_and_the_written_source_are_checked_in_one_read_of_the_source(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The removed alias and the written copy of its source are compared with the
+    input's source in one pass: each piece of the source is read once, not twice;
+    an alias that differs past the sampled elements is still found."""
+    from tiecli.api import rewrites
+    from tiecli.io import FileBlob
+
+    g = torch.Generator().manual_seed(9)
+    embed = torch.randn(1024, 1024, generator=g)  # 4 MiB: several pieces
+    sd = {"model.embed_tokens.weight": embed, "lm_head.weight": embed.clone()}
+    sd["model.norm.weight"] = torch.randn(1024, generator=g)
+    src = tmp_path / "in.safetensors"
+    save_file(sd, str(src))
+    seen: list[tuple[str, int, int]] = []
+    real = FileBlob.window
+
+    def window(self: FileBlob, offset: int, length: int):  # type: ignore[no-untyped-def]
+        seen.append((self.file.path.name, self.start + offset, length))
+        return real(self, offset, length)
+
+    monkeypatch.setattr(FileBlob, "window", window)
+    r = tiecli.dedupe(src, tmp_path / "out.safetensors")
+    assert [t.alias for t in r.removed] == ["lm_head.weight"]
+    header = json.loads(src.read_bytes()[8 : 8 + struct.unpack("<Q", src.read_bytes()[:8])[0]])
+    lo, hi = header["model.embed_tokens.weight"]["data_offsets"]
+    from_source = sum(n for name, at, n in seen if name == src.name and lo <= at < hi)
+    assert from_source == embed.nbytes  # not twice: once for both comparisons
+
+    flat = sd["lm_head.weight"].view(-1)
+    flat[3 * 1024 * 1024 // 4 + 5] += 1.0  # in the last pieces, where no sample looks
+    save_file(sd, str(src))
+    wrong: list[bool] = []
+    real_wrong = rewrites.assumption_wrong
+    monkeypatch.setattr(
+        rewrites, "assumption_wrong", lambda *a: wrong.append(real_wrong(*a)) or wrong[-1]
+    )
+    r = tiecli.dedupe(src, tmp_path / "again.safetensors")
+    assert wrong == [True]  # the sampled attempt was refused by its verification
+    assert r.removed == []
+    got = load_file(str(tmp_path / "again.safetensors"))
+    assert all(torch.equal(got[k], sd[k]) for k in sd)

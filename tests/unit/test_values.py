@@ -12,6 +12,7 @@ from tiecli.values import (
     difference,
     digest,
     equal,
+    first_different,
     same_samples,
     sample,
     sample_positions,
@@ -152,3 +153,16 @@ def test_find_equal_pairs_two_copies_only_when_equal_in_full() -> None:
     unsampled = next(i for i in range(100) if i not in sample_positions(100))
     found = find_equal([entry("a", x), entry("b", changed(x, unsampled))])
     assert found.groups == []  # the samples agree, the whole tensors do not
+
+
+def test_first_different_names_the_first_other_that_differs_reading_each_once() -> None:
+    base = seeded(3, 64, 32)
+    a = entry("a", base)
+    same, other = entry("same", base.copy()), entry("other", changed(base, 2047))
+    assert first_different(a, [same, entry("same2", base.copy())]) is None
+    assert first_different(a, [same, other, entry("same3", base.copy())]) == 1
+    assert first_different(a, [other, same]) == 0
+    assert first_different(a, [entry("short", base[:-1])]) == 0  # another size differs
+    fresh = entry("a", base)
+    assert first_different(fresh, [entry("x", base.copy()), entry("y", base.copy())]) is None
+    assert fresh.blob.bytes_read == base.nbytes  # one pass over ``a`` for both

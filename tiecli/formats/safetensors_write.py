@@ -22,7 +22,7 @@ from ..io.follow import Mark, WriterEnded, beside
 from ..io.writes import PAD_FROM, PAGE
 from ..plan import Check, FilePlan
 from ..progress import Progress
-from ..values import equal, same_bytes
+from ..values import equal, first_different, same_samples
 from ..write.compare import check_one, mismatch, read_back, start, sync_file, write_total
 from .base import Job
 from .safetensors import METADATA_KEY, SafetensorsFile
@@ -171,14 +171,24 @@ def follow(
 ) -> bool:
     """Compare what the writer has written with the input, a piece behind it.
 
-    A removed alias is compared with its source *in the input*: that needs no
-    written byte, so it runs first, while the writer gets ahead; the written
-    source is compared with the input's source as well, and equality is
-    transitive. Returns False, early, when the writer ends before writing what is to
-    be compared (its error, if it failed, is the one to report).
+    A removed alias is compared with its source *in the input*; the written source
+    is compared with the input's source as well, and equality is transitive. Where
+    the source is copied as it is, both comparisons are one pass: each piece of the
+    written source is compared with the input's source and with the alias while it
+    is fresh in the cache (:func:`~tiecli.values.first_different`). Other aliases
+    (transposed...) need no written byte, so they are compared first, while the
+    writer gets ahead. Returns False, early, when the writer ends before writing
+    what is to be compared (its error, if it failed, is the one to report).
     """
     direct = {c.out for c in checks if c.transform == "identity" and c.input is inputs.get(c.out)}
-    early = [c for c in checks if c.out in direct and c.input is not inputs.get(c.out)]
+    early, riders = [], {}
+    for c in checks:
+        if c.out not in direct or c.input is inputs.get(c.out):
+            continue
+        if c.transform == "identity" and same_samples(inputs[c.out], c.input):
+            riders.setdefault(c.out, []).append(c)
+        else:
+            early.append(c)
     for check in early:
         check_one(check, inputs, shown, bar)
     try:
@@ -189,12 +199,21 @@ def follow(
     try:
         out = {e.name: e for e in reader.entries()}
         mark.ready(reader.data_start)
-        rest = [c for c in checks if not any(c is e for e in early)]
+        ridden = {id(c) for cs in riders.values() for c in cs}
+        rest = [c for c in checks if id(c) not in ridden and not any(c is e for e in early)]
         placed = [(start(out[c.out]) if c.out in out else -1, i) for i, c in enumerate(rest)]
         for at, i in sorted(placed):
             check, got = rest[i], out.get(rest[i].out)
-            if got is None or not written_equal(got, check, mark, reader.data_start + at, bar):
-                raise mismatch(check, shown)
+            also = riders.pop(check.out, []) if check.out in direct else []
+            failed = (
+                None
+                if got is None
+                else written_equal(got, check, also, mark, reader.data_start + at, bar)
+            )
+            if got is None or failed is not None:
+                raise mismatch(failed or check, shown)
+        for left in riders.values():  # an alias whose source was never compared
+            raise mismatch(left[0], shown)
     except WriterEnded:
         return False
     finally:
@@ -202,12 +221,18 @@ def follow(
     return True
 
 
-def written_equal(got: Entry, check: Check, mark: Mark, at: int, bar: Progress) -> bool:
-    """``got`` (at byte ``at`` of the file being written) equals what ``check`` wants."""
+def written_equal(
+    got: Entry, check: Check, also: list[Check], mark: Mark, at: int, bar: Progress
+) -> Check | None:
+    """The check that fails, if any, for ``got`` (at byte ``at`` of the file being
+    written): ``check``, or one of ``also``, aliases of ``check``'s input that must
+    equal it byte for byte."""
     want = check.input
     if check.transform != "identity":
         mark.ready(at + got.nbytes)
-        return equal(got, want, check.transform, bar)
+        return None if equal(got, want, check.transform, bar) else check
     if got.dtype != want.dtype or got.shape != want.shape:
-        return False
-    return same_bytes(got, want, bar, lambda end: mark.ready(at + end))
+        return check
+    alike = [want] + [c.input for c in also]
+    differs = first_different(got, alike, bar, lambda end: mark.ready(at + end))
+    return None if differs is None else ([check] + also)[differs]
