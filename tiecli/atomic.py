@@ -17,7 +17,6 @@ import contextlib
 import errno
 import os
 import re
-import secrets
 import shutil
 import stat
 from collections.abc import Iterable, Iterator
@@ -35,7 +34,7 @@ _LEFTOVER = re.compile(r"(?:\.(\d{1,10})-[0-9a-f]{8})?\.tiecli-(tmp|old)")
 
 def temp_name(final: Path, suffix: str = TMP_SUFFIX) -> Path:
     """A hidden name beside ``final`` that no other run uses: pid and random part."""
-    return final.parent / f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}{suffix}"
+    return final.parent / f".{final.name}.{os.getpid()}-{os.urandom(4).hex()}{suffix}"
 
 
 def lock_name(target: Path) -> Path:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,23 +24,28 @@ def beside(mark: Mark, shown: Path, write: Callable[[], None], follow: Callable[
     A follower that fails stops the writer; otherwise the writer's error, if any, is
     raised once it has ended (an OS error as an OutputError about ``shown``)."""
 
+    failed: list[BaseException] = []
+
     def run() -> None:
         try:
             write()
+        except BaseException as e:  # raised here once the follower is done
+            failed.append(e)
         finally:
             mark.end()
 
-    with ThreadPoolExecutor(1) as pool:
-        writing = pool.submit(run)
-        try:
-            followed = follow()
-        except BaseException:
-            mark.stop()
-            raise
-        finally:
-            wait([writing])
+    writer = threading.Thread(target=run, name="tiecli-writer")
+    writer.start()
+    try:
+        followed = follow()
+    except BaseException:
+        mark.stop()
+        raise
+    finally:
+        writer.join()
+    if failed:
         with output_errors(shown):
-            writing.result()
+            raise failed[0]
     return followed
 
 

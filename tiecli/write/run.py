@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -240,6 +239,8 @@ def _write_files(run: Run, folder: Path, shown: Path, durable: bool) -> None:
         for f in files:
             run.write(f, folder / f.name, shown, durable, run.progress)
         return
+    from concurrent.futures import ThreadPoolExecutor  # only here: a few ms of start-up
+
     total = sum(write_total(run.plan, f) for f in files)
     with run.progress.task(f"writing {files[0].name}", total) as bar:
         within = _Within(bar)
