@@ -24,7 +24,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from cases import moe_cases, startup_cases, tiecli_argv, variant_cases, worker
+from cases import byte_compiled, moe_cases, startup_cases, tiecli_argv, variant_cases, worker
 from measure import (
     DROP_CACHES,
     Case,
@@ -249,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         f"RAM, {machine['filesystem']}, {machine['disk_free_gb']} GB free; "
         f"tiecli = {' '.join(tiecli_argv())}"
     )
+    log(byte_compiled())
     try:
         results, gen_times, sections = run_all(a, workdir, log)
     except CommandFailed as e:
