@@ -487,3 +487,75 @@ def test_shards_are_written_two_at_a_time_and_a_failure_leaves_nothing(
     assert e.value.exit_code == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in", "out"]
     assert snapshot(src) == before
+
+
+def test_a_large_range_shifted_within_the_page_is_copied_through_a_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel copy serves ranges that keep their offset within the page; a large
+    shifted one goes through a small buffer, and arrives the same."""
+    from tiecli.io import writes
+    from tiecli.progress import NO_PROGRESS
+
+    data = os.urandom(3 << 20)
+    (tmp_path / "src").write_bytes(data)
+    kernel: list[int] = []
+    real = os.copy_file_range
+
+    def counted(src, dst, count, src_off=None, dst_off=None):  # type: ignore[no-untyped-def]
+        kernel.append(count)
+        return real(src, dst, count, src_off, dst_off)
+
+    monkeypatch.setattr(os, "copy_file_range", counted)
+    for name, dst_off, by_kernel in (("shifted", 100, False), ("aligned", 4096, True)):
+        reached: list[int] = []
+        kernel.clear()
+        src = os.open(tmp_path / "src", os.O_RDONLY)
+        dst = os.open(tmp_path / name, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            writes.copy_range(src, dst, 0, dst_off, len(data), NO_PROGRESS, reached.append)
+        finally:
+            os.close(src)
+            os.close(dst)
+        assert (tmp_path / name).read_bytes()[dst_off:] == data
+        assert bool(kernel) is by_kernel, (name, kernel)
+        assert reached[-1] == dst_off + len(data) and reached == sorted(reached)
+
+
+def test_a_shifted_range_that_arrives_different_is_never_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The buffered copy of a shifted range is verified like the kernel's: a byte that
+    arrives different fails the rewrite and leaves nothing."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tiecli.io import writes
+
+    g = torch.Generator().manual_seed(3)
+    embed = torch.randn(1000, 1001, generator=g)  # 4,004,000 bytes: shifts what follows
+    sd = {
+        "a.weight": torch.randn(512, 1024, generator=g),
+        "lm_head.weight": embed.clone(),
+        "model.embed_tokens.weight": embed,
+        "z.weight": torch.randn(1024, 1024, generator=g),
+    }
+    src = tmp_path / "in.safetensors"
+    save_file(sd, str(src))
+    real = writes.write_all
+    flipped: list[int] = []
+
+    def bad_write(fd: int, data: bytes | memoryview, offset: int) -> int:
+        if len(data) >= 4096:  # a piece of tensor bytes, not the header
+            data = bytes(data)
+            data = bytes([data[0] ^ 0xFF]) + data[1:]
+            flipped.append(offset)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writes, "write_all", bad_write)
+    before = snapshot(tmp_path)
+    with pytest.raises(tiecli.TiecliError, match="verification failed") as e:
+        tiecli.dedupe(src, tmp_path / "out.safetensors")
+    assert e.value.exit_code == 1
+    assert flipped, "no range was copied through the buffer"
+    assert snapshot(tmp_path) == before

@@ -10,9 +10,12 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+from .files import fill
+
 PAGE = 4096
 PAD_FROM = 1 << 20  # bytes of the largest copied range worth aligning to its page offset
 COPY_STEP = 4 << 20  # a follower trails the copy by little: less left to compare when it ends
+BUFFER = 1 << 20  # a piece copied through user space: fits the cache
 
 
 def copy_range(
@@ -26,8 +29,17 @@ def copy_range(
     writeback: bool = False,
 ) -> None:
     """Copy ``count`` bytes from ``src`` at ``src_off`` to ``dst`` at ``dst_off``, in the
-    kernel where it can, in steps of :data:`COPY_STEP`; ``reached(n)`` after each."""
+    kernel where it can, in steps of :data:`COPY_STEP`; ``reached(n)`` after each.
+
+    A large range (:data:`PAD_FROM` or more) that lands at another offset within the
+    page than it has in its source (a DCP's chunks, at any offset of their files) is
+    read and written through a small buffer instead: on Linux's ext4 the kernel copy
+    of such a range costs some 30% more CPU than a read and a write of 1 MiB pieces
+    (480 MB: 0.20 s against 0.15 s)."""
     copy = getattr(os, "copy_file_range", None)
+    if count >= PAD_FROM and (src_off - dst_off) % PAGE:
+        copy = None
+    buf: memoryview | None = None
     while count > 0:
         step = min(count, COPY_STEP)
         n = 0
@@ -39,10 +51,12 @@ def copy_range(
                     raise
                 copy = None
         if n <= 0:
-            data = os.pread(src, step, src_off)
-            if not data:
+            buf = buf if buf is not None else memoryview(bytearray(BUFFER))
+            piece = buf[: min(step, BUFFER)]
+            got = fill(src, piece, src_off)
+            if not got:
                 raise OSError(5, "source ended early")
-            n = write_all(dst, data, dst_off)
+            n = write_all(dst, piece[:got], dst_off)
         src_off += n
         dst_off += n
         count -= n
