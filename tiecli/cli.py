@@ -386,4 +386,32 @@ def verify(
 
 def main() -> None:
     """Console entry point."""
-    app()
+    try:
+        app()
+    except SystemExit as e:
+        _leave(e.code)
+        raise
+
+
+def _leave(code: Any) -> None:
+    """End the process at once with ``code``, once all output is flushed, skipping
+    the interpreter's teardown of every loaded module (some 10 to 20 ms, a few per cent
+    of a whole rewrite). Only where nothing can need it: no other thread running, no
+    exit handler registered (``atexit``: anyone's, a coverage tool's...) and no torch
+    loaded; otherwise the normal exit follows."""
+    import atexit
+    import os
+    import sys
+    import threading
+
+    handlers = getattr(atexit, "_ncallbacks", None)  # CPython's count of exit handlers
+    if handlers is None or handlers() or threading.active_count() > 1 or "torch" in sys.modules:
+        return
+    if not isinstance(code, int | None):
+        return
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except (OSError, ValueError):  # a closed pipe: the normal exit reports it
+        return
+    os._exit(code or 0)

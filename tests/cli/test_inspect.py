@@ -451,3 +451,25 @@ def test_thousands_of_small_experts_are_sampled_in_few_reads(
     assert len(reads) < 300, len(reads)  # one by one: 3,000 tensors, a read or more each
     header = path.stat().st_size - result.bytes
     assert result.bytes_read - header < 0.1 * result.bytes  # only the elements asked for
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_the_cli_exits_at_once_with_all_output_and_its_code(tmp_path: Path, exists: bool) -> None:
+    """With no exit handler to run, the console entry point leaves without the
+    interpreter's teardown, its output flushed and its exit code kept."""
+    path = FIXTURES / "custom" / "transposed.safetensors" if exists else tmp_path / "nope"
+    code = (
+        "import os, sys\n"
+        "real = os._exit\n"
+        "os._exit = lambda c: (sys.__stderr__.write(f'at once {c}'), real(c))\n"
+        f"sys.argv = ['tiecli', 'inspect', {str(path)!r}, '--json']\n"
+        "from tiecli.cli import main\n"
+        "main()\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == (0 if exists else 2), out.stderr
+    assert out.stderr.endswith(f"at once {out.returncode}"), out.stderr
+    if exists:
+        assert json.loads(out.stdout)["ties"]
+    else:
+        assert out.stderr.startswith("Error: ") and out.stdout == ""

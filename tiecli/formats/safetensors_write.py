@@ -181,7 +181,8 @@ def follow(
     what is to be compared (its error, if it failed, is the one to report).
     """
     direct = {c.out for c in checks if c.transform == "identity" and c.input is inputs.get(c.out)}
-    early, riders = [], {}
+    early: list[Check] = []
+    riders: dict[str, list[Check]] = {}
     for c in checks:
         if c.out not in direct or c.input is inputs.get(c.out):
             continue
