@@ -205,14 +205,12 @@ def follow(
         placed = [(start(out[c.out]) if c.out in out else -1, i) for i, c in enumerate(rest)]
         for at, i in sorted(placed):
             check, got = rest[i], out.get(rest[i].out)
+            if got is None:
+                raise mismatch(check, shown)
             also = riders.pop(check.out, []) if check.out in direct else []
-            failed = (
-                None
-                if got is None
-                else written_equal(got, check, also, mark, reader.data_start + at, bar)
-            )
-            if got is None or failed is not None:
-                raise mismatch(failed or check, shown)
+            failed = written_equal(got, check, also, mark, reader.data_start + at, bar)
+            if failed is not None:
+                raise mismatch(failed, shown)
         for left in riders.values():  # an alias whose source was never compared
             raise mismatch(left[0], shown)
     except WriterEnded:
