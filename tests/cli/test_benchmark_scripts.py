@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
-SCRIPTS = ["bench.py", "dcp.py", "remote.py"]
+SCRIPTS = ["bench.py", "dcp.py", "phases.py", "remote.py"]
 
 
 def test_every_script_is_listed() -> None:
