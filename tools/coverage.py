@@ -297,6 +297,16 @@ def _deadline(seconds: int) -> Any:
         signal.signal(signal.SIGALRM, old)
 
 
+def fit(cls: type, config: Any) -> Any:
+    """The config ``cls`` takes: a causal-LM class of a composite model type takes the
+    text sub-config, as AutoModelForCausalLM.from_config does
+    (transformers/models/auto/auto_factory.py)."""
+    text_class = getattr(config, "sub_configs", {}).get("text_config")
+    if text_class is not None and getattr(cls, "config_class", None) is text_class:
+        return config.get_text_config()
+    return config
+
+
 def build(cls_name: str, config: Any) -> Any:
     import torch
     import transformers
@@ -306,7 +316,7 @@ def build(cls_name: str, config: Any) -> Any:
         raise Skip(f"transformers exports no {cls_name}")
     torch.manual_seed(0)
     try:
-        model = cls(config)
+        model = cls(fit(cls, config))
     except Exception as e:  # noqa: BLE001
         raise Skip(f"cannot build tiny ({_first(e)})") from None
     n = sum(p.numel() for p in model.parameters())
@@ -435,7 +445,7 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
     untied_cfg = tiny_config(model_type, tie=False, sizes=sizes)
     try:
         with torch.device("meta"):
-            plain = type(model)(untied_cfg)
+            plain = type(model)(fit(type(model), untied_cfg))
         from tiecli.arch.declared import on_disk_names
 
         flagged = set(ties) - set(memory_ties(plain))
@@ -443,6 +453,7 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
         row["flag_ties"] = sorted(renamed.get(a, a) for a in flagged)
     except Exception:  # noqa: BLE001 - the flag is then unknown: every tie 'always'
         row["flag_ties"] = []
+    config = model.config
     row["config_default"] = getattr(type(config)(), FLAG, None)
 
     sp = work / "save_pretrained"
@@ -703,6 +714,16 @@ def _dump_table(table: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
+def _put(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    """``row`` in place of the row of its (model_type, class), else at the end."""
+    key = (row["model_type"], row["class"])
+    for i, r in enumerate(rows):
+        if (r["model_type"], r["class"]) == key:
+            rows[i] = row
+            return
+    rows.append(row)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", help="comma-separated model_types (or class names)")
@@ -749,20 +770,23 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"transformers": version, "rows": rows}, indent=1) + "\n", encoding="utf-8"
         )
         out.write_text(render(rows, version, total), encoding="utf-8")
+    # --only re-runs the rows it names, even those a --resume kept (a row is one
+    # (model_type, class): two model types may name the same class)
+    redo = {(mt, cls) for mt, cls, _ in todo} if args.only else set()
     current = state.with_suffix(".current")
     if args.resume and current.exists():  # the last walk died inside this architecture
         mt, cls = json.loads(current.read_text(encoding="utf-8"))
-        if (mt, cls) not in done:
-            why = "the walk's process died while checking it (a crash inside transformers or torch)"
-            rows.append({"model_type": mt, "class": cls, "skip": why, "seconds": 0})
-            done.add((mt, cls))
+        why = "the walk's process died while checking it (a crash inside transformers or torch)"
+        _put(rows, {"model_type": mt, "class": cls, "skip": why, "seconds": 0})
+        done.add((mt, cls))
+        redo.discard((mt, cls))
     for model_type, cls_name, _task in todo:
-        if (model_type, cls_name) in done:
+        if (model_type, cls_name) in done and (model_type, cls_name) not in redo:
             continue
         current.write_text(json.dumps([model_type, cls_name]), encoding="utf-8")
         with tempfile.TemporaryDirectory(prefix="tiecli-coverage-") as tmp:
             row = check(model_type, cls_name, Path(tmp), args.timeout)
-        rows.append(row)
+        _put(rows, row)
         print(f"{status(row):8} {row['seconds']:6.1f}s {model_type} {cls_name}", flush=True)
         if status(row) == "FAIL":
             print("         " + json.dumps(row.get("checks")), flush=True)

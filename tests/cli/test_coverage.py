@@ -172,3 +172,91 @@ def test_a_file_in_the_models_own_names_is_read_in_those(tmp_path: Path) -> None
         api.dedupe(folder, deduped)
         out = api.untie(deduped, tmp_path / f"{folder.name}-untied")
         assert [t.alias for t in out.restored] == [head], folder.name
+
+
+def _resume_state(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text(json.dumps({"transformers": "x", "rows": rows}), encoding="utf-8")
+
+
+def _fake_check(calls: list[tuple[str, str]]) -> Any:
+    def check(model_type: str, cls: str, work: Path, timeout: int = 240) -> dict[str, Any]:
+        calls.append((model_type, cls))
+        return {"model_type": model_type, "class": cls, "skip": "re-run", "seconds": 0.0}
+
+    return check
+
+
+SHARED = "Gemma3ForConditionalGeneration"  # named by both gemma3 and shieldgemma2
+
+
+def test_only_with_resume_reruns_the_named_row_in_place_keyed_by_model_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walk = _walker()
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(walk, "check", _fake_check(calls))
+    old = [
+        {"model_type": "gemma3", "class": SHARED, "skip": "old gemma3", "seconds": 1},
+        {"model_type": "bert", "class": "BertForMaskedLM", "skip": "old bert", "seconds": 1},
+        {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
+    ]
+    out = tmp_path / "walk.md"
+    _resume_state(out.with_suffix(".json"), old)
+    walk.main(["--only", "shieldgemma2", "--resume", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    assert calls == [("shieldgemma2", SHARED)]
+    assert [(r["model_type"], r["skip"]) for r in rows] == [
+        ("gemma3", "old gemma3"),
+        ("bert", "old bert"),
+        ("shieldgemma2", "re-run"),
+    ]
+    assert "old gemma3" in out.read_text(encoding="utf-8")
+
+
+def test_only_a_class_name_with_resume_reruns_each_model_type_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walk = _walker()
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(walk, "check", _fake_check(calls))
+    old = [
+        {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
+        {"model_type": "bert", "class": "BertForMaskedLM", "skip": "old bert", "seconds": 1},
+    ]
+    out = tmp_path / "walk.md"
+    _resume_state(out.with_suffix(".json"), old)
+    walk.main(["--only", f"{SHARED},BertForMaskedLM", "--resume", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    assert sorted(calls) == [
+        ("bert", "BertForMaskedLM"),
+        ("gemma3", SHARED),
+        ("shieldgemma2", SHARED),
+    ]
+    assert [(r["model_type"], r["skip"]) for r in rows] == [
+        ("shieldgemma2", "re-run"),
+        ("bert", "re-run"),
+        ("gemma3", "re-run"),
+    ]
+
+
+def test_a_crash_found_on_resume_replaces_its_row_and_is_not_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walk = _walker()
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(walk, "check", _fake_check(calls))
+    old = [
+        {"model_type": "gemma3", "class": SHARED, "skip": "old gemma3", "seconds": 1},
+        {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
+    ]
+    out = tmp_path / "walk.md"
+    _resume_state(out.with_suffix(".json"), old)
+    # the last run died inside shieldgemma2: it is recorded, in its row's place, not re-run
+    out.with_suffix(".current").write_text(json.dumps(["shieldgemma2", SHARED]), encoding="utf-8")
+    walk.main(["--only", "gemma3,shieldgemma2", "--resume", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    assert calls == [("gemma3", SHARED)]
+    assert rows[0]["skip"] == "re-run"
+    assert rows[1]["skip"].startswith("the walk's process died")
+    assert len(rows) == 2
+    assert not out.with_suffix(".current").exists()
