@@ -49,6 +49,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from tiny_configs import tiny  # noqa: E402 - beside this script, found by the path above
 
 MAPPINGS = (
     ("causal-lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
@@ -246,14 +249,19 @@ def _set_flag(doc: dict[str, Any], value: bool) -> dict[str, Any]:
     return out
 
 
-def tiny_config(model_type: str, tie: bool = True, sizes: bool = True) -> Any:
+def tiny_config(
+    model_type: str, tie: bool = True, sizes: bool = True, cls_name: str | None = None
+) -> Any:
     from transformers import AutoConfig
 
     try:
         base = AutoConfig.for_model(model_type)
-    except Exception as e:  # noqa: BLE001
-        raise Skip(f"no default config ({_first(e)})") from None
-    doc = _set_flag(_shrink(base.to_dict(), sizes), tie)
+    except Exception as e:  # noqa: BLE001 - a default refused by its own checks: the overrides
+        try:
+            base = AutoConfig.for_model(model_type, **tiny({}, model_type, cls_name))
+        except Exception:  # noqa: BLE001
+            raise Skip(f"no default config ({_first(e)})") from None
+    doc = tiny(_set_flag(_shrink(base.to_dict(), sizes), tie), model_type, cls_name)
     doc.pop("model_type", None)
     for k in ("transformers_version", "architectures", "_name_or_path"):
         doc.pop(k, None)
@@ -300,10 +308,17 @@ def _deadline(seconds: int) -> Any:
 def fit(cls: type, config: Any) -> Any:
     """The config ``cls`` takes: a causal-LM class of a composite model type takes the
     text sub-config, as AutoModelForCausalLM.from_config does
-    (transformers/models/auto/auto_factory.py)."""
-    text_class = getattr(config, "sub_configs", {}).get("text_config")
-    if text_class is not None and getattr(cls, "config_class", None) is text_class:
+    (transformers/models/auto/auto_factory.py), or the sub-config of its own class
+    (Musicgen's decoder: MusicgenForCausalLM takes a MusicgenDecoderConfig)."""
+    want = getattr(cls, "config_class", None)
+    subs = getattr(config, "sub_configs", {})
+    if want is None or isinstance(config, want):
+        return config
+    if subs.get("text_config") is want:
         return config.get_text_config()
+    for key, sub in subs.items():
+        if sub is want and isinstance(getattr(config, key, None), want):
+            return getattr(config, key)
     return config
 
 
@@ -427,12 +442,12 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
     from tiecli import api
 
     try:
-        config = tiny_config(model_type, tie=True)
+        config = tiny_config(model_type, tie=True, cls_name=cls_name)
         model = build(cls_name, config)
         sizes = True
     except Skip as first:  # a config that ties widths together: fewer layers only
         try:
-            config = tiny_config(model_type, tie=True, sizes=False)
+            config = tiny_config(model_type, tie=True, sizes=False, cls_name=cls_name)
             model = build(cls_name, config)
             sizes = False
         except Skip as second:
@@ -442,7 +457,7 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
         row["untied"] = True
         return
     row["memory_ties"] = ties
-    untied_cfg = tiny_config(model_type, tie=False, sizes=sizes)
+    untied_cfg = tiny_config(model_type, tie=False, sizes=sizes, cls_name=cls_name)
     try:
         with torch.device("meta"):
             plain = type(model)(fit(type(model), untied_cfg))
