@@ -260,3 +260,54 @@ def test_a_crash_found_on_resume_replaces_its_row_and_is_not_rerun(
     assert rows[1]["skip"].startswith("the walk's process died")
     assert len(rows) == 2
     assert not out.with_suffix(".current").exists()
+
+
+# Architectures the generic shrink cannot build, built with tools/tiny_configs.py: a
+# mamba mixer whose heads must fill its width, a sub-config width (XLM's emb_dim), a
+# class-keyed override (Reformer's LM head needs is_decoder), a default config its own
+# checks refuse (Gemma 4's assistant), and a causal-LM class of a composite model type
+# built on its text sub-config (Llama 4).
+HAND_WRITTEN = [
+    ("mamba2", "Mamba2ForCausalLM", {"lm_head.weight": "backbone.embeddings.weight"}),
+    ("xlm", "XLMWithLMHeadModel", {"pred_layer.proj.weight": "transformer.embeddings.weight"}),
+    ("reformer", "ReformerModelWithLMHead", {}),
+    (
+        "gemma4_assistant",
+        "Gemma4AssistantForCausalLM",
+        {"lm_head.weight": "model.embed_tokens.weight"},
+    ),
+    ("llama4", "Llama4ForCausalLM", {"lm_head.weight": "model.embed_tokens.weight"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "cls", "ties"), HAND_WRITTEN, ids=[c for _, c, _ in HAND_WRITTEN]
+)
+def test_a_hand_written_tiny_config_builds_the_architecture_small(
+    model_type: str, cls: str, ties: dict[str, str]
+) -> None:
+    walk = _walker()
+    model = walk.build(cls, walk.tiny_config(model_type, cls_name=cls))
+    assert type(model).__name__ == cls
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert walk.memory_ties(model) == ties
+
+
+def test_the_tiny_config_overrides_merge_into_sub_configs() -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import tiny_configs
+
+    doc = {"a": 1, "text_config": {"b": 2, "c": {"d": 3}}}
+    over = {"text_config": {"c": {"e": 4}, "b": 5}, "f": [1]}
+    assert tiny_configs.merge(doc, over) == {
+        "a": 1,
+        "text_config": {"b": 5, "c": {"d": 3, "e": 4}},
+        "f": [1],
+    }
+    assert doc == {"a": 1, "text_config": {"b": 2, "c": {"d": 3}}}
+    shrunk = tiny_configs.tiny({"is_decoder": False}, "reformer", "ReformerModelWithLMHead")
+    assert shrunk["is_decoder"] is True and shrunk["axial_pos_embds_dim"] == [16, 16]
+    assert (
+        tiny_configs.tiny({"is_decoder": False}, "reformer", "ReformerForMaskedLM")["is_decoder"]
+        is False
+    )
