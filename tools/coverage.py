@@ -452,6 +452,8 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
             sizes = False
         except Skip as second:
             raise Skip(f"{first}; with its widths kept: {second}") from None
+    if model.config.model_type != model_type:  # built on a sub-config: config.json names it
+        row["config_model_type"] = model.config.model_type
     ties = memory_ties(model)
     if not ties:
         row["untied"] = True
@@ -653,7 +655,8 @@ def pattern_rules(
     of its class with the most ties (then the first in mapping order: a seq2seq model's
     full head beside its decoder-only causal-LM class); ``architectures`` lists, per
     model type, the other classes whose rules differ (chosen by config.json's
-    ``architectures``).
+    ``architectures``). A class built on a sub-config (Llama 4's causal LM on its text
+    config) counts under the model type that sub-config, and so its config.json, names.
     """
     order = {(mt, cls): i for i, (mt, cls, _) in enumerate(architectures())}
     by_type: dict[str, list[dict[str, str]]] = {}
@@ -673,7 +676,7 @@ def pattern_rules(
             {"alias": a, "source": s, "when": FLAG if a in flagged and _head(a) else "always"}
             for a, s in sorted(r["ties"].items())
         ]
-        mt = r["model_type"]
+        mt = r.get("config_model_type", r["model_type"])  # the model_type its config.json names
         if mt not in by_type:
             by_type[mt] = rules
         elif rules != by_type[mt]:

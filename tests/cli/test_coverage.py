@@ -311,3 +311,30 @@ def test_the_tiny_config_overrides_merge_into_sub_configs() -> None:
         tiny_configs.tiny({"is_decoder": False}, "reformer", "ReformerForMaskedLM")["is_decoder"]
         is False
     )
+
+
+def test_a_class_built_on_a_sub_config_gives_the_table_rules_of_that_model_type() -> None:
+    walk = _walker()
+
+    def row(model_type: str, cls: str, ties: dict[str, str], **more: Any) -> dict[str, Any]:
+        return {
+            "model_type": model_type,
+            "class": cls,
+            "ties": ties,
+            "checks": {"inspect": "ok"},
+            **more,
+        }
+
+    rows = [
+        row("llama4", "Llama4ForConditionalGeneration", {"a.lm_head.weight": "a.embed.weight"}),
+        row(
+            "llama4",
+            "Llama4ForCausalLM",
+            {"lm_head.weight": "embed.weight"},
+            config_model_type="llama4_text",
+        ),
+    ]
+    by_type, by_class, _ = walk.pattern_rules(rows)
+    assert [r["alias"] for r in by_type["llama4"]] == ["a.lm_head.weight"]
+    assert [r["alias"] for r in by_type["llama4_text"]] == ["lm_head.weight"]
+    assert by_class == {}
