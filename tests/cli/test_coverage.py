@@ -293,6 +293,27 @@ def test_a_hand_written_tiny_config_builds_the_architecture_small(
     assert walk.memory_ties(model) == ties
 
 
+@pytest.mark.parametrize(
+    ("model_type", "cls"),
+    [("gemma4_text", "Gemma4ForCausalLM"), ("mamba2", "Mamba2ForCausalLM")],
+    ids=["Gemma4ForCausalLM", "Mamba2ForCausalLM"],
+)
+def test_an_architecture_built_from_a_hand_written_config_passes_every_check(
+    tmp_path: Path, model_type: str, cls: str
+) -> None:
+    walk = _walker()
+    row = walk.check(model_type, cls, tmp_path)
+    assert "skip" not in row, row.get("skip")
+    assert row["checks"] == {c: "ok" for c in walk.CHECKS}, row.get("trace")
+    assert row["ties"] == {"lm_head.weight": HAND_WRITTEN_TIES[model_type]}
+
+
+HAND_WRITTEN_TIES = {
+    "gemma4_text": "model.embed_tokens.weight",
+    "mamba2": "backbone.embeddings.weight",
+}
+
+
 def test_the_tiny_config_overrides_merge_into_sub_configs() -> None:
     sys.path.insert(0, str(ROOT / "tools"))
     import tiny_configs
