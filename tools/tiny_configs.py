@@ -13,7 +13,20 @@ from __future__ import annotations
 
 from typing import Any
 
+# Qwen3.5's text model (and Qwen3.5-MoE's): see "qwen3_5" below
+QWEN3_5_TEXT: dict[str, Any] = {
+    "layer_types": ["linear_attention", "full_attention"],
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+}
+
 TINY: dict[str, dict[str, Any]] = {
+    # qwen3_5/configuration_qwen3_5.py: layer_types cut to 2 keeps two linear-attention
+    # layers, whose cache alone has no sequence length: one of each; linear heads as others
+    "qwen3_5": {"text_config": QWEN3_5_TEXT},
+    "qwen3_5_text": QWEN3_5_TEXT,
+    "qwen3_5_moe": {"text_config": QWEN3_5_TEXT},
+    "qwen3_5_moe_text": QWEN3_5_TEXT,
     # apertus1p5/configuration_apertus1p5.py validate_architecture: WavTokenizer has no
     # projection around its quantizer (codebook_dim == audio hidden_size); the image then
     # the audio token ranges follow each other inside the text vocabulary; the vision
@@ -35,7 +48,13 @@ TINY: dict[str, dict[str, Any]] = {
     },
     # bamba/configuration_bamba.py validate_architecture: mamba_n_heads divides
     # mamba_expand * hidden_size (2 * 32) and mamba_d_head * mamba_n_heads equals it
-    "bamba": {"mamba_n_heads": 4, "mamba_d_head": 16, "mamba_d_state": 16},
+    # (one attention layer: a cache of mamba layers alone has no sequence length)
+    "bamba": {
+        "mamba_n_heads": 4,
+        "mamba_d_head": 16,
+        "mamba_d_state": 16,
+        "attn_layer_indices": [1],
+    },
     # blt/modeling_blt.py BltModel: the hash n-gram embedding has
     # len(encoder_hash_byte_group_size) * encoder_hash_byte_group_vocab rows (3M by default)
     "blt": {"encoder_hash_byte_group_vocab": 64},
@@ -120,10 +139,11 @@ TINY: dict[str, dict[str, Any]] = {
         },
     },
     # ernie4_5_vl_moe/modeling_ernie4_5_vl_moe.py Ernie4_5_VLMoeRotaryEmbedding: the three
-    # mrope sections sum to head_dim // 2 (its default [22, 22, 20] is for head_dim 128)
+    # mrope sections sum to head_dim // 2 (its default [22, 22, 20] is for head_dim 128),
+    # height and width sections alike
     "ernie4_5_vl_moe": {
         "text_config": {
-            "rope_parameters": {"mrope_section": [2, 1, 1]},
+            "rope_parameters": {"mrope_section": [1, 1, 2]},
             "moe_num_experts": 4,
             "moe_k": 2,
             "moe_intermediate_size": [32, 32],
@@ -201,7 +221,11 @@ TINY: dict[str, dict[str, Any]] = {
     # (None in the default config)
     "hunyuan_v1_dense": {"head_dim": 8},
     "hunyuan_v1_moe": {"head_dim": 8},  # hunyuan_v1_moe/modeling_hunyuan_v1_moe.py: the same
-    "hunyuan_vl": {"text_config": {"head_dim": 8}},  # hunyuan_vl/modeling_hunyuan_vl.py: the same
+    # hunyuan_vl/modeling_hunyuan_vl.py: the same, and configuration_hunyuan_vl.py: its
+    # mrope sections (None by default) sum to head_dim // 2
+    "hunyuan_vl": {
+        "text_config": {"head_dim": 8, "rope_parameters": {"mrope_section": [1, 1, 1, 1]}}
+    },
     # hy_v4_vl/configuration_hy_v4_vl.py validate_architecture: mrope_section sums to
     # qk_rope_head_dim // 2; the indexer's head as the others
     "hy_v4_vl": {
@@ -236,8 +260,16 @@ TINY: dict[str, dict[str, Any]] = {
     # (None in the default config); one dense layer, one MoE
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_dense_layers": 1},
     # longcat_flash/configuration_longcat_flash.py: expert and dense FFN widths have
-    # their own keys (expert_ffn_hidden_size, ffn_hidden_size), as has zero_expert_num
-    "longcat_flash": {"zero_expert_num": 2, "expert_ffn_hidden_size": 32, "ffn_hidden_size": 64},
+    # their own keys (expert_ffn_hidden_size, ffn_hidden_size), as has zero_expert_num;
+    # qk_head_dim (qk_nope_head_dim + qk_rope_head_dim) is stored, not derived, and the
+    # rotary table is head_dim wide (modeling_longcat_flash.py): qk_rope_head_dim
+    "longcat_flash": {
+        "zero_expert_num": 2,
+        "expert_ffn_hidden_size": 32,
+        "ffn_hidden_size": 64,
+        "qk_head_dim": 8,
+        "head_dim": 4,
+    },
     # luke/configuration_luke.py: the entity vocabulary (500k) and its embedding width
     "luke": {"entity_vocab_size": 64, "entity_emb_size": 32},
     # mamba2/configuration_mamba2.py validate_architecture: hidden_size * expand (64)
