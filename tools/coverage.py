@@ -2,9 +2,10 @@
 
 Walks transformers' auto mappings (causal-LM, masked-LM, seq2seq, image-text-to-text),
 builds each architecture from its default config shrunk generically (2 layers, hidden
-size 32, a small vocabulary; with its tie flag on), keeps those that declare a tie, and
-for each saves the model with ``save_pretrained`` (and a ``.bin`` form of the same
-file) and checks tiecli against transformers' own loading:
+size 32, a small vocabulary; with its tie flag on; then the hand-written overrides of
+``tools/tiny_configs.py`` where that breaks a config's own checks), keeps those that
+declare a tie, and for each saves the model with ``save_pretrained`` (and a ``.bin``
+form of the same file) and checks tiecli against transformers' own loading:
 
 - ``inspect``: each tie the architecture declares is found, in the names the file uses
   (the alias ``save_pretrained`` left out, its source the tensor it shares memory with),
@@ -24,7 +25,8 @@ Usage (from the repository root)::
     .venv/bin/python tools/coverage.py --table             # also regenerate the pattern table
 
 Results are written as they come (``docs/coverage.json``, then the table), so an
-interrupted walk keeps what it did; ``--resume`` skips architectures already there.
+interrupted walk keeps what it did; ``--resume`` skips architectures already there
+(``--only`` with ``--resume`` re-runs the rows it names, in their place).
 ``--table`` rewrites the ``model_types`` and ``architectures`` of
 ``tiecli/data/tie_patterns.json`` from the walk (see docs/coverage.md).
 """
