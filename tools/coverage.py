@@ -759,7 +759,9 @@ def _put(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="comma-separated model_types (or class names)")
+    ap.add_argument(
+        "--only", help="comma-separated model_types (or class names); with --resume: re-run those"
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
     ap.add_argument("--resume", action="store_true", help="keep rows already in the .json")
     ap.add_argument("--rerun-failed", action="store_true", help="with --resume: redo FAIL rows")
