@@ -20,13 +20,19 @@ QWEN3_5_TEXT: dict[str, Any] = {
     "linear_value_head_dim": 8,
 }
 
+# Qwen4-exp's text model: see "qwen4_exp" below
+QWEN4_EXP_TEXT: dict[str, Any] = {
+    "layer_types": ["linear_attention", "indexed_attention"],
+    "linear_key_head_dim": 8,
+    "linear_value_head_dim": 8,
+    "indexer_n_heads": 2,
+    "indexer_kv_heads": 1,
+    "indexer_head_dim": 8,
+    "indexer_budget": 4,
+    "indexer_compress_ratio": 2,
+}
+
 TINY: dict[str, dict[str, Any]] = {
-    # qwen3_5/configuration_qwen3_5.py: layer_types cut to 2 keeps two linear-attention
-    # layers, whose cache alone has no sequence length: one of each; linear heads as others
-    "qwen3_5": {"text_config": QWEN3_5_TEXT},
-    "qwen3_5_text": QWEN3_5_TEXT,
-    "qwen3_5_moe": {"text_config": QWEN3_5_TEXT},
-    "qwen3_5_moe_text": QWEN3_5_TEXT,
     # apertus1p5/configuration_apertus1p5.py validate_architecture: WavTokenizer has no
     # projection around its quantizer (codebook_dim == audio hidden_size); the image then
     # the audio token ranges follow each other inside the text vocabulary; the vision
@@ -300,6 +306,18 @@ TINY: dict[str, dict[str, Any]] = {
     },
     # perceiver/configuration_perceiver.py: latent width, count and self-attention depth
     "perceiver": {"d_latents": 64, "num_latents": 16, "num_self_attends_per_block": 2},
+    # qwen3_5/configuration_qwen3_5.py: layer_types cut to 2 keeps two linear-attention
+    # layers, whose cache alone has no sequence length: one of each; linear heads as others
+    "qwen3_5": {"text_config": QWEN3_5_TEXT},
+    "qwen3_5_moe": {"text_config": QWEN3_5_TEXT},
+    "qwen3_5_moe_text": QWEN3_5_TEXT,
+    "qwen3_5_text": QWEN3_5_TEXT,
+    # qwen4_exp/configuration_qwen4_exp.py validate_architecture: an indexed-attention
+    # layer beside the linear one (a cache of linear layers alone has no length) needs
+    # the whole QSA indexer set (one key head, budget a multiple of the compress ratio,
+    # index heads as wide as the rotary part)
+    "qwen4_exp": {"text_config": QWEN4_EXP_TEXT},
+    "qwen4_exp_text": QWEN4_EXP_TEXT,
     # reformer/modeling_reformer.py ReformerModelWithLMHead: is_decoder=True; and
     # axial_pos_embds_dim sums to hidden_size, axial_pos_shape multiplies to a multiple
     # of the chunk length
