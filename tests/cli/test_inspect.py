@@ -473,3 +473,18 @@ def test_the_cli_exits_at_once_with_all_output_and_its_code(tmp_path: Path, exis
         assert json.loads(out.stdout)["ties"]
     else:
         assert out.stderr.startswith("Error: ") and out.stdout == ""
+
+
+def test_a_command_imports_its_own_module_not_every_other_one() -> None:
+    """``tiecli.api`` imports each command's module when it is first asked for: a
+    rewrite does not pay for ``fix``'s decision and the consumers' rules."""
+    code = (
+        "import sys\n"
+        "from tiecli.api import dedupe, inspect\n"
+        "print(','.join(m for m in ('tiecli.api.fixing', 'tiecli.agreement', 'tiecli.consumers')"
+        " if m in sys.modules))\n"
+        "from tiecli.api import fix\n"
+        "print('tiecli.api.fixing' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split("\n")[:2] == ["", "True"], out.stdout

@@ -10,19 +10,40 @@ return), ``target`` (opening a checkpoint to rewrite), ``remote`` (URLs).
 
 from __future__ import annotations
 
-from .fixing import FixResult, fix
-from .inspecting import inspect
-from .results import (
-    CheckpointVerdict,
-    DedupeResult,
-    InspectResult,
-    PathLike,
-    RewriteResult,
-    UntieResult,
-    VerifyResult,
-)
-from .rewrites import dedupe, untie
-from .verifying import verify
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .fixing import FixResult, fix
+    from .inspecting import inspect
+    from .results import (
+        CheckpointVerdict,
+        DedupeResult,
+        InspectResult,
+        PathLike,
+        RewriteResult,
+        UntieResult,
+        VerifyResult,
+    )
+    from .rewrites import dedupe, untie
+    from .verifying import verify
+
+# each name from its module, imported when first asked for: a command imports its own
+# module, not every other command's (``fix`` alone needs the consumers' rules)
+_LAZY = {
+    "CheckpointVerdict": "results",
+    "DedupeResult": "results",
+    "FixResult": "fixing",
+    "InspectResult": "results",
+    "PathLike": "results",
+    "RewriteResult": "results",
+    "UntieResult": "results",
+    "VerifyResult": "results",
+    "dedupe": "rewrites",
+    "fix": "fixing",
+    "inspect": "inspecting",
+    "untie": "rewrites",
+    "verify": "verifying",
+}
 
 __all__ = [
     "CheckpointVerdict",
@@ -39,3 +60,14 @@ __all__ = [
     "untie",
     "verify",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'tiecli.api' has no attribute {name!r}")
+    from importlib import import_module
+
+    value = getattr(import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
