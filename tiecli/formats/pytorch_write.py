@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -91,8 +92,8 @@ def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Che
                 lambda: write(bar),
                 lambda: follow_zip(tmp, reader, placed, checks, entries, mark, shown, bar),
             )
-        except Declined:
-            tmp.unlink()
+        except Declined:  # declined before anything is written
+            tmp.unlink(missing_ok=True)
             return False
     check_zip(tmp, reader, checks, compared, pairs, shown, job.progress)
     return True
@@ -125,8 +126,10 @@ def follow_zip(
     try:
         while mark.until(lambda: len(placed) > len(compared)):
             at, size, src_at = placed[len(compared)]
-            mark.ready(at + size)
-            if not same_bytes(span(out, at, size), span(reader, src_at, size), bar):
+            # each piece is compared as soon as it is in, not once the whole record is:
+            # the last record's comparison then trails the writer by one copy step
+            ready = partial(_ready_from, mark, at)
+            if not same_bytes(span(out, at, size), span(reader, src_at, size), bar, ready):
                 raise VerificationError(
                     f"verification failed: {tmp.name} differs from the input at byte {at}; "
                     "nothing was changed",
@@ -173,6 +176,11 @@ def check_zip(
         check_all(left, out, shown, progress)
     finally:
         written.close()
+
+
+def _ready_from(mark: Mark, at: int, end: int) -> None:
+    """Wait until the first ``end`` bytes of the record written at ``at`` are in."""
+    mark.ready(at + end)
 
 
 def copied_from(at: int, size: int, compared: list[tuple[int, int, int]]) -> int | None:

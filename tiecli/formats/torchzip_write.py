@@ -87,71 +87,126 @@ def write_shared(
     order += [(r.name, r) for r in tail]
 
     pkl += b" " * _page_pad(src, order, pkl)
-    central = []
+    pieces, central, end = _layout(src, order, pkl)
+    pieces = [*_merge(src, pieces), _directory(central, end)]  # nothing written if declined
     pending = bytearray()  # small pieces, written together before each kernel copy
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         pos = 0  # where pending starts
-        for name_text, record in order:
-            data = pkl if record.name == src.prefix + "data.pkl" else None
-            size = len(data) if data is not None else record.size
-            crc = zlib.crc32(data) if data is not None else record.crc
-            raw = name_text.encode()
-            at = pos + len(pending)
-            pad = _padding(at, raw, src.alignment)
-            extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
-            # sizes and checksum follow the data, in a descriptor (flag bit 3), as torch writes
-            pending += struct.pack(
-                "<IHHHHHIIIHH", 0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(raw), len(extra)
-            )
-            pending += raw + extra
-            central.append((raw, crc, size, at))
-            if data is None:
-                placed(at + 30 + len(raw) + len(extra), size, record.start)
-            if data is None and size >= COPY_FROM:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                pending += piece
+                continue
+            src_at, size = piece
+            placed(pos + len(pending), size, src_at)
+            if size >= COPY_FROM:
                 pos += writes.write_all(fd, bytes(pending), pos)
                 pending.clear()
                 reached(pos)
                 with src.opened() as src_fd:
-                    copy(src_fd, fd, record.start, pos, size)
+                    copy(src_fd, fd, src_at, pos, size)
                 pos += size
                 reached(pos)
             else:
-                pending += data if data is not None else src.pread(record.start, size)
-            pending += struct.pack("<IIII", 0x08074B50, crc, size, size)
-        start = pos + len(pending)
-        for raw, crc, size, offset in central:
-            pending += struct.pack(
-                "<IHHHHHHIIIHHHHHII",
-                0x02014B50,
-                0,
-                0,
-                _FLAGS,
-                0,
-                0,
-                0,
-                crc,
-                size,
-                size,
-                len(raw),
-                0,
-                0,
-                0,
-                0,
-                0,
-                offset,
-            )
-            pending += raw
-        end = pos + len(pending)
-        if end >= ZIP64_LIMIT or len(central) > 0xFFFF:
-            raise Declined("output would need zip64")
-        pending += struct.pack(
-            "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), end - start, start, 0
-        )
+                pending += src.pread(src_at, size)
         pos += writes.write_all(fd, bytes(pending), pos)
         reached(pos)
     finally:
         os.close(fd)
+
+
+Piece = bytes | tuple[int, int]  # bytes to write, or (offset, size) of bytes to copy from src
+
+
+def _layout(
+    src: TorchZip, order: list[tuple[str, Record]], pkl: bytes
+) -> tuple[list[Piece], list[tuple[bytes, int, int, int]], int]:
+    """The archive's records, each a local header, its data (the pickle, or a range of
+    ``src`` to copy) and a data descriptor; what the central directory says of each
+    (name, checksum, size, offset of its local header); and where the records end."""
+    pieces: list[Piece] = []
+    central = []
+    at = 0
+    for name_text, record in order:
+        data = pkl if record.name == src.prefix + "data.pkl" else None
+        size = len(data) if data is not None else record.size
+        crc = zlib.crc32(data) if data is not None else record.crc  # a copy keeps its CRC
+        raw = name_text.encode()
+        pad = _padding(at, raw, src.alignment)
+        extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
+        # sizes and checksum follow the data, in a descriptor (flag bit 3), as torch writes
+        head = struct.pack(
+            "<IHHHHHIIIHH", 0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(raw), len(extra)
+        )
+        pieces += [head + raw + extra, data if data is not None else (record.start, size)]
+        pieces.append(struct.pack("<IIII", 0x08074B50, crc, size, size))
+        central.append((raw, crc, size, at))
+        at += 30 + len(raw) + len(extra) + size + 16
+    return pieces, central, at
+
+
+def _merge(src: TorchZip, pieces: list[Piece]) -> list[Piece]:
+    """``pieces`` with each run of ranges that lie in ``src`` as they lie in the output,
+    the headers between them equal to the bytes between them in ``src``, joined into
+    one range: a record kept as it was keeps its header, and the kernel copies the run
+    in one go (faster than record by record: the whole of a file moves as ``cp``
+    moves it)."""
+    out: list[Piece] = []
+    gap = bytearray()  # bytes since the last range in ``out``
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            gap += piece
+            continue
+        last = out[-1] if out and not isinstance(out[-1], bytes) else None
+        if (
+            last is not None
+            and last[0] + last[1] + len(gap) == piece[0]
+            and len(gap) < COPY_FROM
+            and src.pread(last[0] + last[1], len(gap)) == gap
+        ):
+            out[-1] = (last[0], last[1] + len(gap) + piece[1])
+        else:
+            if gap:
+                out.append(bytes(gap))
+            out.append(piece)
+        gap.clear()
+    if gap:
+        out.append(bytes(gap))
+    return out
+
+
+def _directory(central: list[tuple[bytes, int, int, int]], start: int) -> bytes:
+    """The central directory, written at ``start``, and its end record."""
+    out = bytearray()
+    for raw, crc, size, offset in central:
+        out += struct.pack(
+            "<IHHHHHHIIIHHHHHII",
+            0x02014B50,
+            0,
+            0,
+            _FLAGS,
+            0,
+            0,
+            0,
+            crc,
+            size,
+            size,
+            len(raw),
+            0,
+            0,
+            0,
+            0,
+            0,
+            offset,
+        )
+        out += raw
+    end = start + len(out)
+    if end >= ZIP64_LIMIT or len(central) > 0xFFFF:
+        raise Declined("output would need zip64")
+    out += struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), end - start, start, 0
+    )
+    return bytes(out)
 
 
 def _clone(src: TorchZip, call: Call, made: dict[int, Record]) -> Call:
