@@ -196,3 +196,25 @@ def test_the_follower_compares_a_record_while_it_is_copied(
     assert len(waited) > 8 and all(waited), waited
     loaded = torch.load(out, weights_only=True)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_the_most_bytes_copied_keep_their_offset_within_a_page(tmp_path: Path) -> None:
+    """A record left out moves every record after it: the spaces after the pickle put
+    back in place the records holding the most bytes, not the single largest one."""
+    g = torch.Generator().manual_seed(7)
+    embed = torch.randn(2048, 512, generator=g)  # 4 MiB
+    sd = {"model.embed_tokens.weight": embed, "lm_head.weight": embed.clone()}
+    for i in range(3):  # 6 MiB after the head
+        sd[f"model.layers.{i}.mlp.weight"] = torch.randn(1024, 512, generator=g)
+    src, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    torch.save(sd, src)
+    assert [t.alias for t in tiecli.dedupe(src, out).removed] == ["lm_head.weight"]
+
+    before, after = _data_offsets(src), _data_offsets(out)
+    moved = [(before[f"data/{i + 1}"][0], after[f"data/{i}"][0]) for i in range(1, 4)]
+    assert all(a % 4096 == b % 4096 for a, b in moved), moved
+    assert before["data/0"][0] % 4096 != after["data/0"][0] % 4096  # the smaller part
+    _torch_reads(out)
+    loaded = torch.load(out, weights_only=True)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    assert not tiecli.dedupe(out).changed
