@@ -218,3 +218,34 @@ def test_the_most_bytes_copied_keep_their_offset_within_a_page(tmp_path: Path) -
     loaded = torch.load(out, weights_only=True)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
     assert not tiecli.dedupe(out).changed
+
+
+def test_many_small_records_are_written_a_bounded_piece_at_a_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Records too small to copy in the kernel, none of them where it was (the head
+    left out comes first): what is written at once stays near COPY_FROM."""
+    from tiecli.formats import torchzip_write
+    from tiecli.io import writes
+
+    monkeypatch.setattr(torchzip_write, "COPY_FROM", 64 << 10)
+    real = writes.write_all
+    sizes: list[int] = []
+
+    def write_all(fd, data, offset):
+        sizes.append(len(data))
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(writes, "write_all", write_all)
+    g = torch.Generator().manual_seed(9)
+    embed = torch.randn(64, 64, generator=g)
+    sd = {"lm_head.weight": embed.clone(), "model.embed_tokens.weight": embed}
+    for i in range(200):  # 8 KiB each, 1.6 MiB in all
+        sd[f"model.layers.{i}.mlp.weight"] = torch.randn(32, 64, generator=g)
+    src, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    torch.save(sd, src)
+    assert [t.alias for t in tiecli.dedupe(src, out).removed] == ["lm_head.weight"]
+    assert sum(sizes) == out.stat().st_size and len(sizes) > 10
+    assert max(sizes) < 2 * (64 << 10), sizes  # of 1.6 MiB written
+    loaded = torch.load(out, weights_only=True)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)

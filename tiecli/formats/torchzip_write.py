@@ -109,6 +109,10 @@ def write_shared(
                 reached(pos)
             else:
                 pending += src.pread(src_at, size)
+                if len(pending) >= COPY_FROM:  # many small records: memory stays bounded
+                    pos += writes.write_all(fd, bytes(pending), pos)
+                    pending.clear()
+                    reached(pos)
         pos += writes.write_all(fd, bytes(pending), pos)
         reached(pos)
     finally:
