@@ -249,3 +249,31 @@ def test_many_small_records_are_written_a_bounded_piece_at_a_time(
     assert max(sizes) < 2 * (64 << 10), sizes  # of 1.6 MiB written
     loaded = torch.load(out, weights_only=True)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_a_durable_rewrite_starts_the_disk_on_each_piece_copied(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--fsync (and in place): the disk is asked to start on what is copied as it is
+    copied, so the fsync that ends the write has little left; a plain -o asks nothing."""
+    from tiecli.io import writes
+
+    started: list[int] = []
+    real = writes.start_writeback
+    monkeypatch.setattr(
+        writes, "start_writeback", lambda fd, at, n: (started.append(n), real(fd, at, n))[1]
+    )
+    calls = _kernel_copies(monkeypatch)
+    sd = _state_dict()
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    src = tmp_path / "in.bin"
+    torch.save(sd, src)
+
+    tiecli.dedupe(src, tmp_path / "plain.bin")
+    assert started == [] and calls
+    copied = sum(n for _at, n in calls)
+    calls.clear()
+    tiecli.dedupe(src, tmp_path / "durable.bin", fsync=True)
+    assert sum(started) == copied == sum(n for _at, n in calls)
+    loaded = torch.load(tmp_path / "durable.bin", weights_only=True)
+    assert all(torch.equal(loaded[k], sd[k]) for k in sd)

@@ -71,15 +71,12 @@ def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Che
         mark.poke()
 
     def write(bar: Progress) -> None:
-        write_shared(
-            reader,
-            shared,
-            tmp,
-            lambda src, dst, at, to, n: writes.copy_range(src, dst, at, to, n, bar, mark.reached),
-            place,
-            mark.reached,
-            copies,
-        )
+        def copy(src: int, dst: int, at: int, to: int, n: int) -> None:
+            # a durable write asks the disk to start on each piece as it is copied, so the
+            # fsync that ends it finds most of the file on its way (as a safetensors write)
+            writes.copy_range(src, dst, at, to, n, bar, mark.reached, writeback=job.durable)
+
+        write_shared(reader, shared, tmp, copy, place, mark.reached, copies)
         sync_file(tmp, job.durable)
 
     total = 2 * reader.size  # about: what is copied, and compared
