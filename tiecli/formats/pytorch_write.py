@@ -56,8 +56,8 @@ def zip_shareable(reader: Any, plan: Plan) -> bool:
 
 
 def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Check]) -> bool:
-    """Rewrite a torch zip without torch, comparing each record copied from the input
-    while the next is written, then the tensors the written pickle names.
+    """Rewrite a torch zip without torch, comparing each range copied from the input a
+    piece behind the writer, then the tensors the written pickle names.
 
     False (and nothing left behind) when the archive would need zip64."""
     plan, shown = job.plan, job.shown
@@ -106,8 +106,9 @@ def follow_zip(
     shown: Path,
     bar: Progress,
 ) -> tuple[list[tuple[int, int, int]], set[tuple[int, int]]]:
-    """Compare each record written from the input with its input bytes, as soon as it is
-    in; first, each alias with its source in the input (that needs nothing written).
+    """Compare each range written from the input with its input bytes, piece by piece as
+    it comes in; first, each alias with its source in the input (that needs nothing
+    written).
 
     Returns the records found equal and the (source, alias) input offsets found equal."""
     pairs: set[tuple[int, int]] = set()

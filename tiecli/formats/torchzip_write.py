@@ -32,10 +32,11 @@ def write_shared(
     its own (as ``torch.save`` writes ``source.clone()``): its record holds exactly
     the source tensor's bytes, copied from the input like any other record.
 
-    ``placed(at, size, src_at)`` says where each record taken from ``src`` goes
-    (``size`` bytes at ``at``, copied from ``src_at``) before it is written, and
-    ``reached(n)`` that the first ``n`` bytes of the file are written: a reader
-    can compare each record as soon as it is in.
+    ``placed(at, size, src_at)`` says where each range taken from ``src`` goes
+    (``size`` bytes at ``at``, copied from ``src_at``: a record, or a run of records
+    with the headers between them) before it is written, and ``reached(n)`` that the
+    first ``n`` bytes of the file are written: a reader can compare each piece of a
+    range as soon as it is in.
 
     The archive is laid out as ``torch.save`` lays it out, since torch computes
     record offsets from that layout instead of reading them when it loads onto the
@@ -43,7 +44,7 @@ def write_shared(
     in the order the pickle first names them, each record's data aligned as the
     source records it (64 bytes unless ``.storage_alignment`` says otherwise)
     and followed by a data descriptor. Storage records nothing refers to
-    any more are left out; the others are copied byte for byte with
+    any more are left out; the others are copied byte for byte, runs of them in one
     ``copy(src_fd, dst_fd, src_offset, dst_offset, size)``.
     """
     items = dict(src.items)
