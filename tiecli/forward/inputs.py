@@ -74,8 +74,10 @@ def example_input(model: Any, example: Any, device: Any) -> tuple[tuple[Any, ...
 
     Ids come from the input embeddings' vocabulary (a composite config has none
     at the top level) and avoid every special token the config names, so that a
-    multimodal model runs on text alone; an argument ``forward`` cannot do
-    without (BLIP's ``pixel_values``) gets a seeded value of the configured size.
+    multimodal model runs on text alone; what ``forward`` cannot do without
+    (images, patches, audio, a Q-Former's ids, boxes, a language: see
+    :mod:`tiecli.forward.media`) gets a seeded value of the configured size, in
+    the weights' dtype.
     """
     import torch
 
@@ -102,9 +104,8 @@ def example_input(model: Any, example: Any, device: Any) -> tuple[tuple[Any, ...
         return (ids.to(device),), {}
     kwargs = _inputs(model, config, ids, vocab, avoid, g)
     dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
-    return (), {
-        k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in kwargs.items()
-    }
+    cast = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in kwargs.items()}
+    return (), {k: v.to(device) for k, v in cast.items()}
 
 
 def _inputs(
