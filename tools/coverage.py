@@ -188,18 +188,18 @@ def architectures() -> list[tuple[str, str, str]]:
     return [(mt, cls, task) for (mt, cls), task in seen.items()]
 
 
-def _shrink(doc: Any, sizes: bool = True, kinds: bool = True) -> Any:
+def _shrink(doc: Any, sizes: bool = True, kinds: int = 1) -> Any:
     """A config dict made small: counts (and with ``sizes``, widths) down, per-layer
     lists and per-layer dicts cut to the new count, keeping one layer of each kind the
-    original had (``layer_types``: a hybrid model keeps an attention layer; without
-    ``kinds``, the first two)."""
+    original had (``layer_types``: a hybrid model keeps an attention layer; ``kinds``
+    layers of each, or with 0 the first two)."""
     if isinstance(doc, list):
         return [_shrink(v, sizes, kinds) for v in doc]
     if not isinstance(doc, dict):
         return doc
     out = {}
     old_layers = [doc[k] for k in LAYERS if isinstance(doc.get(k), int) and doc[k] > 2]
-    keep = _kept_layers(doc, old_layers) if kinds else None
+    keep = _kept_layers(doc, old_layers, kinds) if kinds else None
     heads = doc.get("num_attention_heads")
     for key, value in doc.items():
         if isinstance(value, bool) or value is None:
@@ -226,7 +226,8 @@ def _shrink(doc: Any, sizes: bool = True, kinds: bool = True) -> Any:
             and value
             and all(str(k).isdigit() for k in value)
         ):
-            out[key] = _layer_dict(value, keep[1] if keep else [0, 1])
+            kept = _layer_dict(value, keep[1] if keep else [0, 1])
+            out[key] = {k: _shrink(v, sizes, kinds) for k, v in kept.items()}
         elif isinstance(value, dict):
             out[key] = _shrink(value, sizes, kinds)
         else:
@@ -245,10 +246,12 @@ def _shrink(doc: Any, sizes: bool = True, kinds: bool = True) -> Any:
     return out
 
 
-def _kept_layers(doc: dict[str, Any], old_layers: list[int]) -> tuple[int, list[int]] | None:
+def _kept_layers(
+    doc: dict[str, Any], old_layers: list[int], per_kind: int = 1
+) -> tuple[int, list[int]] | None:
     """(the layer count, the layers kept) where a per-layer list of kinds (``layer_types``,
-    ``layers_block_type``, ``mlp_layer_types``) names more than one: the first layer of each
-    kind, at least two, in their order; None where the first two layers do."""
+    ``layers_block_type``, ``mlp_layer_types``) names more than one: the first ``per_kind``
+    layers of each kind, at least two, in their order; None where the first two layers do."""
     for count in old_layers:
         kinds = [
             v
@@ -260,8 +263,14 @@ def _kept_layers(doc: dict[str, Any], old_layers: list[int]) -> tuple[int, list[
         ]
         if not kinds:
             continue
-        keep = {v.index(kind) for v in kinds for kind in v}
-        keep.update(i for i in range(count) if len(keep) < 2 and i not in keep)
+        keep = set()
+        for v in kinds:
+            for kind in set(v):
+                keep.update([i for i, k in enumerate(v) if k == kind][:per_kind])
+        for i in range(count):
+            if len(keep) >= 2:
+                break
+            keep.add(i)
         if sorted(keep) != [0, 1]:
             return count, sorted(keep)
     return None
@@ -416,7 +425,7 @@ def _set_flag(doc: dict[str, Any], value: bool) -> dict[str, Any]:
     return out
 
 
-def tiny_config(model_type: str, tie: bool = True, sizes: bool = True, kinds: bool = True) -> Any:
+def tiny_config(model_type: str, tie: bool = True, sizes: bool = True, kinds: int = 1) -> Any:
     from transformers import AutoConfig
 
     try:
@@ -588,7 +597,7 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
 
     from tiecli import api
 
-    kinds = True
+    kinds = 1
     try:
         config = tiny_config(model_type, tie=True)
         model = build(cls_name, config)
@@ -599,12 +608,17 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
             model = build(cls_name, config)
             sizes = False
         except Skip as second:
-            try:  # a layer kind the default config cannot build (Qwen4-Exp's indexed attention)
-                config = tiny_config(model_type, tie=True, kinds=False)
+            try:  # two layers of each kind (Zamba ties its hybrid layers' shared block)
+                config = tiny_config(model_type, tie=True, kinds=2)
                 model = build(cls_name, config)
-                sizes, kinds = True, False
+                sizes, kinds = True, 2
             except Skip:
-                raise Skip(f"{first}; with its widths kept: {second}") from None
+                try:  # the first two layers, where a kind does not build tiny
+                    config = tiny_config(model_type, tie=True, kinds=0)
+                    model = build(cls_name, config)
+                    sizes, kinds = True, 0
+                except Skip:
+                    raise Skip(f"{first}; with its widths kept: {second}") from None
     ties = memory_ties(model)
     if not ties:
         row["untied"] = True

@@ -49,9 +49,12 @@ def test_layer_kinds_the_first_two_layers_cover_are_cut_as_before(walk: Any) -> 
     assert walk._shrink(doc)["layer_types"] == ["sliding_attention", "full_attention"]
     same = {"num_hidden_layers": 24, "layer_types": ["full_attention"] * 24}
     assert walk._shrink(same) == {"num_hidden_layers": 2, "layer_types": ["full_attention"] * 2}
-    # without kinds (a kind the default config cannot build), the first two as before
+    # two of each kind (where one alone does not build), or the first two as before
     hybrid = {"num_hidden_layers": 8, "layer_types": ["linear_attention"] * 3 + ["full"] * 5}
-    assert walk._shrink(hybrid, kinds=False)["layer_types"] == ["linear_attention"] * 2
+    two = walk._shrink(hybrid, kinds=2)
+    assert two["layer_types"] == ["linear_attention"] * 2 + ["full"] * 2
+    assert two["num_hidden_layers"] == 4
+    assert walk._shrink(hybrid, kinds=0)["layer_types"] == ["linear_attention"] * 2
 
 
 def test_layer_ids_follow_the_layers_kept(walk: Any) -> None:
