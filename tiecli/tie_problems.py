@@ -97,9 +97,29 @@ def _padded(t: Tie, ckpt: Checkpoint) -> Problem:
         f"most consumers refuse the mismatched shapes, so trim the padding to "
         f"the config's vocab_size or pad both"
         + (
-            f" (tiecli fix {ckpt.shown} --trim-padding)"
+            f" (tiecli fix {ckpt.shown} {_padding_flag(t, ckpt.config)})"
             if ckpt.url is None and ckpt.config is not None
             else ""
         ),
         [t.alias, t.source],
     )
+
+
+def _padding_flag(t: Tie, config: dict[str, object]) -> str:
+    """The fix for a padded pair: ``--tie`` drops a head that is the embedding's first rows
+    where config.json ties it and counts the padding in vocab_size (the model it
+    describes); otherwise ``--trim-padding`` cuts the longer one to the shorter."""
+    p = t.pad
+    assert p is not None
+    sizes = [config.get("vocab_size")] + [
+        v.get("vocab_size") for v in config.values() if isinstance(v, dict)
+    ]
+    counted = [s for s in sizes if isinstance(s, int)]
+    if (
+        t.kind == "tied"
+        and p.source_rows > p.alias_rows
+        and counted
+        and all(s == p.source_rows for s in counted)
+    ):
+        return "--tie"
+    return "--trim-padding"

@@ -176,6 +176,8 @@ def test_a_padded_head_under_a_config_counting_the_padding_is_dropped_with_tie(
     drops it, so every consumer ties the head to the 12-row embedding as the config says."""
     path = _case(tmp_path, "padded", form)
     (path / "config.json").write_text(json.dumps(_config(path) | {"vocab_size": 12}))
+    (p,) = [p for p in _json(["inspect", str(path)])["problems"] if p["code"] == "padded"]
+    assert p["message"].endswith(f"(tiecli fix {path} --tie)")
     _disagrees(path)
     before = snapshot(path)
     r = runner.invoke(app, ["fix", str(path)])
@@ -200,6 +202,8 @@ def test_tie_does_not_drop_a_padded_head_the_config_does_not_count(tmp_path: Pat
     """vocab_size = the head's rows: dropping the head would serve the padding; --tie is no
     way out there, --trim-padding is."""
     path = _case(tmp_path, "padded")
+    (p,) = [p for p in _json(["inspect", str(path)])["problems"] if p["code"] == "padded"]
+    assert p["message"].endswith(f"(tiecli fix {path} --trim-padding)")
     before = snapshot(path)
     r = runner.invoke(app, ["fix", str(path), "--tie"])
     assert r.exit_code == 2 and "--trim-padding" in r.stderr and "--tie to drop" not in r.stderr
