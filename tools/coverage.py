@@ -1,10 +1,10 @@
 """Architecture coverage: every tied architecture transformers ships, built tiny and checked.
 
 Walks transformers' auto mappings (causal-LM, masked-LM, seq2seq, image-text-to-text),
-builds each architecture from its default config shrunk generically (2 layers, hidden
-size 32, a small vocabulary; with its tie flag on), keeps those that declare a tie, and
-for each saves the model with ``save_pretrained`` (and a ``.bin`` form of the same
-file) and checks tiecli against transformers' own loading:
+builds each architecture from its default config shrunk generically (2 layers, or one of
+each kind a hybrid has; hidden size 32, a small vocabulary; with its tie flag on), keeps
+those that declare a tie, and for each saves the model with ``save_pretrained`` (and a
+``.bin`` form of the same file) and checks tiecli against transformers' own loading:
 
 - ``inspect``: each tie the architecture declares is found, in the names the file uses
   (the alias ``save_pretrained`` left out, its source the tensor it shares memory with),
@@ -12,7 +12,7 @@ file) and checks tiecli against transformers' own loading:
 - ``untie``: of the ``save_pretrained`` folder, equals transformers' full state dict in its
   on-disk naming (same names, bit-identical tensors);
 - ``dedupe``: of that untied copy, loads in transformers (``from_pretrained``) with
-  bit-identical logits;
+  bit-identical logits, on the seeded input tiecli's forward proof builds;
 - ``verify``: reports no error on the ``save_pretrained`` folder nor on the deduped copy;
 - ``forward``: ``verify --forward --against <untied>`` passes on the deduped copy and fails
   on a copy with one weight perturbed.
