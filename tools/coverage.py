@@ -2,9 +2,11 @@
 
 Walks transformers' auto mappings (causal-LM, masked-LM, seq2seq, image-text-to-text),
 builds each architecture from its default config shrunk generically (2 layers, or one of
-each kind a hybrid has; hidden size 32, a small vocabulary; with its tie flag on), keeps
-those that declare a tie, and for each saves the model with ``save_pretrained`` (and a
-``.bin`` form of the same file) and checks tiecli against transformers' own loading:
+each kind a hybrid has; hidden size 32, a small vocabulary; with its tie flag on; then the
+hand-written overrides of ``tools/tiny_configs.py`` where that breaks a config's own
+checks), keeps those that declare a tie, and for each saves the model with
+``save_pretrained`` (and a ``.bin`` form of the same file) and checks tiecli against
+transformers' own loading:
 
 - ``inspect``: each tie the architecture declares is found, in the names the file uses
   (the alias ``save_pretrained`` left out, its source the tensor it shares memory with),
@@ -24,7 +26,8 @@ Usage (from the repository root)::
     .venv/bin/python tools/coverage.py --table             # also regenerate the pattern table
 
 Results are written as they come (``docs/coverage.json``, then the table), so an
-interrupted walk keeps what it did; ``--resume`` skips architectures already there.
+interrupted walk keeps what it did; ``--resume`` skips architectures already there
+(``--only`` with ``--resume`` re-runs the rows it names, in their place).
 ``--table`` rewrites the ``model_types`` and ``architectures`` of
 ``tiecli/data/tie_patterns.json`` from the walk (see docs/coverage.md).
 """
@@ -49,6 +52,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tools"))
+
+from tiny_configs import tiny  # noqa: E402 - beside this script, found by the path above
 
 MAPPINGS = (
     ("causal-lm", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
@@ -425,14 +431,23 @@ def _set_flag(doc: dict[str, Any], value: bool) -> dict[str, Any]:
     return out
 
 
-def tiny_config(model_type: str, tie: bool = True, sizes: bool = True, kinds: int = 1) -> Any:
+def tiny_config(
+    model_type: str,
+    tie: bool = True,
+    sizes: bool = True,
+    cls_name: str | None = None,
+    kinds: int = 1,
+) -> Any:
     from transformers import AutoConfig
 
     try:
         base = AutoConfig.for_model(model_type)
-    except Exception as e:  # noqa: BLE001
-        raise Skip(f"no default config ({_first(e)})") from None
-    doc = _set_flag(_shrink(base.to_dict(), sizes, kinds), tie)
+    except Exception as e:  # noqa: BLE001 - a default refused by its own checks: the overrides
+        try:
+            base = AutoConfig.for_model(model_type, **tiny({}, model_type, cls_name))
+        except Exception:  # noqa: BLE001
+            raise Skip(f"no default config ({_first(e)})") from None
+    doc = tiny(_set_flag(_shrink(base.to_dict(), sizes, kinds), tie), model_type, cls_name)
     doc.pop("model_type", None)
     for k in ("transformers_version", "architectures", "_name_or_path"):
         doc.pop(k, None)
@@ -476,6 +491,23 @@ def _deadline(seconds: int) -> Any:
         signal.signal(signal.SIGALRM, old)
 
 
+def fit(cls: type, config: Any) -> Any:
+    """The config ``cls`` takes: a causal-LM class of a composite model type takes the
+    text sub-config, as AutoModelForCausalLM.from_config does
+    (transformers/models/auto/auto_factory.py), or the sub-config of its own class
+    (Musicgen's decoder: MusicgenForCausalLM takes a MusicgenDecoderConfig)."""
+    want = getattr(cls, "config_class", None)
+    subs = getattr(config, "sub_configs", {})
+    if want is None or isinstance(config, want):
+        return config
+    if subs.get("text_config") is want:
+        return config.get_text_config()
+    for key, sub in subs.items():
+        if sub is want and isinstance(getattr(config, key, None), want):
+            return getattr(config, key)
+    return config
+
+
 def build(cls_name: str, config: Any) -> Any:
     import torch
     import transformers
@@ -485,7 +517,7 @@ def build(cls_name: str, config: Any) -> Any:
         raise Skip(f"transformers exports no {cls_name}")
     torch.manual_seed(0)
     try:
-        model = cls(config)
+        model = cls(fit(cls, config))
     except Exception as e:  # noqa: BLE001
         raise Skip(f"cannot build tiny ({_first(e)})") from None
     n = sum(p.numel() for p in model.parameters())
@@ -599,35 +631,37 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
 
     kinds = 1
     try:
-        config = tiny_config(model_type, tie=True)
+        config = tiny_config(model_type, tie=True, cls_name=cls_name)
         model = build(cls_name, config)
         sizes = True
     except Skip as first:  # a config that ties widths together: fewer layers only
         try:
-            config = tiny_config(model_type, tie=True, sizes=False)
+            config = tiny_config(model_type, tie=True, sizes=False, cls_name=cls_name)
             model = build(cls_name, config)
             sizes = False
         except Skip as second:
             try:  # two layers of each kind (Zamba ties its hybrid layers' shared block)
-                config = tiny_config(model_type, tie=True, kinds=2)
+                config = tiny_config(model_type, tie=True, cls_name=cls_name, kinds=2)
                 model = build(cls_name, config)
                 sizes, kinds = True, 2
             except Skip:
                 try:  # the first two layers, where a kind does not build tiny
-                    config = tiny_config(model_type, tie=True, kinds=0)
+                    config = tiny_config(model_type, tie=True, cls_name=cls_name, kinds=0)
                     model = build(cls_name, config)
                     sizes, kinds = True, 0
                 except Skip:
                     raise Skip(f"{first}; with its widths kept: {second}") from None
+    if model.config.model_type != model_type:  # built on a sub-config: config.json names it
+        row["config_model_type"] = model.config.model_type
     ties = memory_ties(model)
     if not ties:
         row["untied"] = True
         return
     row["memory_ties"] = ties
-    untied_cfg = tiny_config(model_type, tie=False, sizes=sizes, kinds=kinds)
+    untied_cfg = tiny_config(model_type, tie=False, sizes=sizes, cls_name=cls_name, kinds=kinds)
     try:
         with torch.device("meta"):
-            plain = type(model)(untied_cfg)
+            plain = type(model)(fit(type(model), untied_cfg))
         from tiecli.arch.declared import on_disk_names
 
         flagged = set(ties) - set(memory_ties(plain))
@@ -635,7 +669,11 @@ def _check(model_type: str, cls_name: str, work: Path, row: dict[str, Any]) -> N
         row["flag_ties"] = sorted(renamed.get(a, a) for a in flagged)
     except Exception:  # noqa: BLE001 - the flag is then unknown: every tie 'always'
         row["flag_ties"] = []
-    row["config_default"] = getattr(type(config)(), FLAG, None)
+    config = model.config
+    try:
+        row["config_default"] = getattr(type(config)(), FLAG, None)
+    except Exception:  # noqa: BLE001 - a default its own checks refuse: the declared default
+        row["config_default"] = getattr(type(config), FLAG, None)
 
     sp = work / "save_pretrained"
     try:
@@ -734,6 +772,16 @@ def render(rows: list[dict[str, Any]], version: str, total: int) -> str:
         "**verify** (no error on the saved nor the deduped folder), **forward**",
         "(`verify --forward --against` passes on the deduped copy, fails on a perturbed one).",
         "",
+        "Where the generic shrink breaks a config's own checks or leaves it large (heads that",
+        "must fill a mamba mixer, mrope sections that must sum to half a head, layer counts",
+        "whose parts must add up, widths in keys of its own such as XLM's `emb_dim`),",
+        "`tools/tiny_configs.py` holds hand-written overrides per model type or class,",
+        "deep-merged into the shrunk config, each citing the transformers file whose check it",
+        "meets. A class that takes a sub-config of its model type's config (Llama 4's causal",
+        "LM, Musicgen's decoder) is built from that sub-config. The walk needs scipy (`pip",
+        "install -e .[coverage]`); classes whose vision tower is a timm model stay skipped",
+        "where timm (and torchvision for this torch) is not installed.",
+        "",
         f"Walked {len(rows)} of {total} classes: {len(tied)} declare a tie, {len(ok)} pass every",
         "check they can run (`n/a`: transformers' own tiny model does not run a forward pass);",
         f"{sum(1 for r in rows if r.get('untied'))} declare none; "
@@ -805,7 +853,8 @@ def pattern_rules(
     of its class with the most ties (then the first in mapping order: a seq2seq model's
     full head beside its decoder-only causal-LM class); ``architectures`` lists, per
     model type, the other classes whose rules differ (chosen by config.json's
-    ``architectures``).
+    ``architectures``). A class built on a sub-config (Llama 4's causal LM on its text
+    config) counts under the model type that sub-config, and so its config.json, names.
     """
     order = {(mt, cls): i for i, (mt, cls, _) in enumerate(architectures())}
     by_type: dict[str, list[dict[str, str]]] = {}
@@ -825,7 +874,7 @@ def pattern_rules(
             {"alias": a, "source": s, "when": FLAG if a in flagged and _head(a) else "always"}
             for a, s in sorted(r["ties"].items())
         ]
-        mt = r["model_type"]
+        mt = r.get("config_model_type", r["model_type"])  # the model_type its config.json names
         if mt not in by_type:
             by_type[mt] = rules
         elif rules != by_type[mt]:
@@ -894,9 +943,21 @@ def _dump_table(table: dict[str, Any]) -> str:
     return "{\n" + ",\n".join(parts) + "\n}\n"
 
 
+def _put(rows: list[dict[str, Any]], row: dict[str, Any]) -> None:
+    """``row`` in place of the row of its (model_type, class), else at the end."""
+    key = (row["model_type"], row["class"])
+    for i, r in enumerate(rows):
+        if (r["model_type"], r["class"]) == key:
+            rows[i] = row
+            return
+    rows.append(row)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--only", help="comma-separated model_types (or class names)")
+    ap.add_argument(
+        "--only", help="comma-separated model_types (or class names); with --resume: re-run those"
+    )
     ap.add_argument("--out", default=str(ROOT / "docs" / "coverage.md"))
     ap.add_argument("--resume", action="store_true", help="keep rows already in the .json")
     ap.add_argument("--rerun-failed", action="store_true", help="with --resume: redo FAIL rows")
@@ -940,20 +1001,23 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps({"transformers": version, "rows": rows}, indent=1) + "\n", encoding="utf-8"
         )
         out.write_text(render(rows, version, total), encoding="utf-8")
+    # --only re-runs the rows it names, even those a --resume kept (a row is one
+    # (model_type, class): two model types may name the same class)
+    redo = {(mt, cls) for mt, cls, _ in todo} if args.only else set()
     current = state.with_suffix(".current")
     if args.resume and current.exists():  # the last walk died inside this architecture
         mt, cls = json.loads(current.read_text(encoding="utf-8"))
-        if (mt, cls) not in done:
-            why = "the walk's process died while checking it (a crash inside transformers or torch)"
-            rows.append({"model_type": mt, "class": cls, "skip": why, "seconds": 0})
-            done.add((mt, cls))
+        why = "the walk's process died while checking it (a crash inside transformers or torch)"
+        _put(rows, {"model_type": mt, "class": cls, "skip": why, "seconds": 0})
+        done.add((mt, cls))
+        redo.discard((mt, cls))
     for model_type, cls_name, _task in todo:
-        if (model_type, cls_name) in done:
+        if (model_type, cls_name) in done and (model_type, cls_name) not in redo:
             continue
         current.write_text(json.dumps([model_type, cls_name]), encoding="utf-8")
         with tempfile.TemporaryDirectory(prefix="tiecli-coverage-") as tmp:
             row = check(model_type, cls_name, Path(tmp), args.timeout)
-        rows.append(row)
+        _put(rows, row)
         print(f"{status(row):8} {row['seconds']:6.1f}s {model_type} {cls_name}", flush=True)
         if status(row) == "FAIL":
             print("         " + json.dumps(row.get("checks")), flush=True)

@@ -172,3 +172,190 @@ def test_a_file_in_the_models_own_names_is_read_in_those(tmp_path: Path) -> None
         api.dedupe(folder, deduped)
         out = api.untie(deduped, tmp_path / f"{folder.name}-untied")
         assert [t.alias for t in out.restored] == [head], folder.name
+
+
+def _resume_state(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text(json.dumps({"transformers": "x", "rows": rows}), encoding="utf-8")
+
+
+def _fake_check(calls: list[tuple[str, str]]) -> Any:
+    def check(model_type: str, cls: str, work: Path, timeout: int = 240) -> dict[str, Any]:
+        calls.append((model_type, cls))
+        return {"model_type": model_type, "class": cls, "skip": "re-run", "seconds": 0.0}
+
+    return check
+
+
+SHARED = "Gemma3ForConditionalGeneration"  # named by both gemma3 and shieldgemma2
+
+
+def test_only_with_resume_reruns_the_named_row_in_place_keyed_by_model_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walk = _walker()
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(walk, "check", _fake_check(calls))
+    old = [
+        {"model_type": "gemma3", "class": SHARED, "skip": "old gemma3", "seconds": 1},
+        {"model_type": "bert", "class": "BertForMaskedLM", "skip": "old bert", "seconds": 1},
+        {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
+    ]
+    out = tmp_path / "walk.md"
+    _resume_state(out.with_suffix(".json"), old)
+    walk.main(["--only", "shieldgemma2", "--resume", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    assert calls == [("shieldgemma2", SHARED)]
+    assert [(r["model_type"], r["skip"]) for r in rows] == [
+        ("gemma3", "old gemma3"),
+        ("bert", "old bert"),
+        ("shieldgemma2", "re-run"),
+    ]
+    assert "old gemma3" in out.read_text(encoding="utf-8")
+
+
+def test_only_a_class_name_with_resume_reruns_each_model_type_naming_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walk = _walker()
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(walk, "check", _fake_check(calls))
+    old = [
+        {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
+        {"model_type": "bert", "class": "BertForMaskedLM", "skip": "old bert", "seconds": 1},
+    ]
+    out = tmp_path / "walk.md"
+    _resume_state(out.with_suffix(".json"), old)
+    walk.main(["--only", f"{SHARED},BertForMaskedLM", "--resume", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    assert sorted(calls) == [
+        ("bert", "BertForMaskedLM"),
+        ("gemma3", SHARED),
+        ("shieldgemma2", SHARED),
+    ]
+    assert [(r["model_type"], r["skip"]) for r in rows] == [
+        ("shieldgemma2", "re-run"),
+        ("bert", "re-run"),
+        ("gemma3", "re-run"),
+    ]
+
+
+def test_a_crash_found_on_resume_replaces_its_row_and_is_not_rerun(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walk = _walker()
+    calls: list[tuple[str, str]] = []
+    monkeypatch.setattr(walk, "check", _fake_check(calls))
+    old = [
+        {"model_type": "gemma3", "class": SHARED, "skip": "old gemma3", "seconds": 1},
+        {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
+    ]
+    out = tmp_path / "walk.md"
+    _resume_state(out.with_suffix(".json"), old)
+    # the last run died inside shieldgemma2: it is recorded, in its row's place, not re-run
+    out.with_suffix(".current").write_text(json.dumps(["shieldgemma2", SHARED]), encoding="utf-8")
+    walk.main(["--only", "gemma3,shieldgemma2", "--resume", "--out", str(out)])
+    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    assert calls == [("gemma3", SHARED)]
+    assert rows[0]["skip"] == "re-run"
+    assert rows[1]["skip"].startswith("the walk's process died")
+    assert len(rows) == 2
+    assert not out.with_suffix(".current").exists()
+
+
+# Architectures the generic shrink cannot build, built with tools/tiny_configs.py: a
+# mamba mixer whose heads must fill its width, a sub-config width (XLM's emb_dim), a
+# class-keyed override (Reformer's LM head needs is_decoder), a default config its own
+# checks refuse (Gemma 4's assistant), and a causal-LM class of a composite model type
+# built on its text sub-config (Llama 4).
+HAND_WRITTEN = [
+    ("mamba2", "Mamba2ForCausalLM", {"lm_head.weight": "backbone.embeddings.weight"}),
+    ("xlm", "XLMWithLMHeadModel", {"pred_layer.proj.weight": "transformer.embeddings.weight"}),
+    ("reformer", "ReformerModelWithLMHead", {}),
+    (
+        "gemma4_assistant",
+        "Gemma4AssistantForCausalLM",
+        {"lm_head.weight": "model.embed_tokens.weight"},
+    ),
+    ("llama4", "Llama4ForCausalLM", {"lm_head.weight": "model.embed_tokens.weight"}),
+]
+
+
+@pytest.mark.parametrize(
+    ("model_type", "cls", "ties"), HAND_WRITTEN, ids=[c for _, c, _ in HAND_WRITTEN]
+)
+def test_a_hand_written_tiny_config_builds_the_architecture_small(
+    model_type: str, cls: str, ties: dict[str, str]
+) -> None:
+    walk = _walker()
+    model = walk.build(cls, walk.tiny_config(model_type, cls_name=cls))
+    assert type(model).__name__ == cls
+    assert sum(p.numel() for p in model.parameters()) < 1_000_000
+    assert walk.memory_ties(model) == ties
+
+
+@pytest.mark.parametrize(
+    ("model_type", "cls"),
+    [("gemma4_text", "Gemma4ForCausalLM"), ("mamba2", "Mamba2ForCausalLM")],
+    ids=["Gemma4ForCausalLM", "Mamba2ForCausalLM"],
+)
+def test_an_architecture_built_from_a_hand_written_config_passes_every_check(
+    tmp_path: Path, model_type: str, cls: str
+) -> None:
+    walk = _walker()
+    row = walk.check(model_type, cls, tmp_path)
+    assert "skip" not in row, row.get("skip")
+    assert row["checks"] == {c: "ok" for c in walk.CHECKS}, row.get("trace")
+    assert row["ties"] == {"lm_head.weight": HAND_WRITTEN_TIES[model_type]}
+
+
+HAND_WRITTEN_TIES = {
+    "gemma4_text": "model.embed_tokens.weight",
+    "mamba2": "backbone.embeddings.weight",
+}
+
+
+def test_the_tiny_config_overrides_merge_into_sub_configs() -> None:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import tiny_configs
+
+    doc = {"a": 1, "text_config": {"b": 2, "c": {"d": 3}}}
+    over = {"text_config": {"c": {"e": 4}, "b": 5}, "f": [1]}
+    assert tiny_configs.merge(doc, over) == {
+        "a": 1,
+        "text_config": {"b": 5, "c": {"d": 3, "e": 4}},
+        "f": [1],
+    }
+    assert doc == {"a": 1, "text_config": {"b": 2, "c": {"d": 3}}}
+    shrunk = tiny_configs.tiny({"is_decoder": False}, "reformer", "ReformerModelWithLMHead")
+    assert shrunk["is_decoder"] is True and shrunk["axial_pos_embds_dim"] == [16, 16]
+    assert (
+        tiny_configs.tiny({"is_decoder": False}, "reformer", "ReformerForMaskedLM")["is_decoder"]
+        is False
+    )
+
+
+def test_a_class_built_on_a_sub_config_gives_the_table_rules_of_that_model_type() -> None:
+    walk = _walker()
+
+    def row(model_type: str, cls: str, ties: dict[str, str], **more: Any) -> dict[str, Any]:
+        return {
+            "model_type": model_type,
+            "class": cls,
+            "ties": ties,
+            "checks": {"inspect": "ok"},
+            **more,
+        }
+
+    rows = [
+        row("llama4", "Llama4ForConditionalGeneration", {"a.lm_head.weight": "a.embed.weight"}),
+        row(
+            "llama4",
+            "Llama4ForCausalLM",
+            {"lm_head.weight": "embed.weight"},
+            config_model_type="llama4_text",
+        ),
+    ]
+    by_type, by_class, _ = walk.pattern_rules(rows)
+    assert [r["alias"] for r in by_type["llama4"]] == ["a.lm_head.weight"]
+    assert [r["alias"] for r in by_type["llama4_text"]] == ["lm_head.weight"]
+    assert by_class == {}
