@@ -220,10 +220,10 @@ def _shrink(doc: Any, sizes: bool = True, kinds: int = 1) -> Any:
             out[key] = min(value, 2)
         elif key in SIZES and isinstance(value, int):
             out[key] = min(value, SIZES[key])
+        elif keep and isinstance(value, list) and _layer_ids(key, value, keep[0]):
+            out[key] = [keep[1].index(i) for i in value if i in keep[1]]
         elif isinstance(value, list) and keep and len(value) == keep[0]:
             out[key] = [value[i] for i in keep[1]]
-        elif keep and str(key).endswith("layer_ids") and isinstance(value, list):
-            out[key] = [keep[1].index(i) for i in value if i in keep[1]]  # Zamba2's hybrid layers
         elif isinstance(value, list) and old_layers and len(value) in old_layers:
             out[key] = value[:2]
         elif (
@@ -232,7 +232,10 @@ def _shrink(doc: Any, sizes: bool = True, kinds: int = 1) -> Any:
             and value
             and all(str(k).isdigit() for k in value)
         ):
-            kept = _layer_dict(value, keep[1] if keep else [0, 1])
+            # layers past the first two renumbered; a dict of the first two only (or a label
+            # table, ``id2label``) as it was
+            past = keep and any(int(k) >= 2 for k in value)
+            kept = _layer_dict(value, keep[1] if past else [0, 1])
             out[key] = {k: _shrink(v, sizes, kinds) for k, v in kept.items()}
         elif isinstance(value, dict):
             out[key] = _shrink(value, sizes, kinds)
@@ -280,6 +283,17 @@ def _kept_layers(
         if sorted(keep) != [0, 1]:
             return count, sorted(keep)
     return None
+
+
+def _layer_ids(key: Any, value: list[Any], count: int) -> bool:
+    """The list numbers layers rather than holding a value per layer: Zamba2's
+    ``hybrid_layer_ids``, or Llama 4's ``moe_layers`` naming every one of its layers."""
+    if not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        return False
+    if str(key).endswith("layer_ids"):
+        return True
+    rising = all(a < b for a, b in zip(value, value[1:], strict=False))
+    return len(value) == count and rising and str(key).endswith("layers")
 
 
 def _layer_dict(value: dict[Any, Any], keep: list[int]) -> dict[Any, Any]:

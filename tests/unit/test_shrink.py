@@ -65,6 +65,21 @@ def test_layer_ids_follow_the_layers_kept(walk: Any) -> None:
     assert out["hybrid_layer_ids"] == [1]
 
 
+def test_lists_of_layer_numbers_are_renumbered_and_label_tables_kept(walk: Any) -> None:
+    doc = {
+        "num_hidden_layers": 48,
+        "layer_types": (["chunked_attention"] * 3 + ["full_attention"]) * 12,
+        "moe_layers": list(range(48)),
+        "no_rope_layers": ([1] * 3 + [0]) * 12,
+        "id2label": {"0": "LABEL_0", "1": "LABEL_1"},
+    }
+    out = walk._shrink(doc)
+    assert out["layer_types"] == ["chunked_attention", "full_attention"]
+    assert out["moe_layers"] == [0, 1]  # both kept layers, renumbered
+    assert out["no_rope_layers"] == [1, 0]  # a value per layer, taken
+    assert out["id2label"] == {"0": "LABEL_0", "1": "LABEL_1"}
+
+
 def test_a_repeating_block_pattern_gets_layers_enough_for_each_kind(walk: Any) -> None:
     doc = {"num_hidden_layers": 26, "block_types": ["recurrent", "recurrent", "attention"]}
     out = walk._shrink(doc)
