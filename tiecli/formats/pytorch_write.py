@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import os
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -55,8 +56,8 @@ def zip_shareable(reader: Any, plan: Plan) -> bool:
 
 
 def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Check]) -> bool:
-    """Rewrite a torch zip without torch, comparing each record copied from the input
-    while the next is written, then the tensors the written pickle names.
+    """Rewrite a torch zip without torch, comparing each range copied from the input a
+    piece behind the writer, then the tensors the written pickle names.
 
     False (and nothing left behind) when the archive would need zip64."""
     plan, shown = job.plan, job.shown
@@ -70,15 +71,12 @@ def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Che
         mark.poke()
 
     def write(bar: Progress) -> None:
-        write_shared(
-            reader,
-            shared,
-            tmp,
-            lambda src, dst, at, to, n: writes.copy_range(src, dst, at, to, n, bar, mark.reached),
-            place,
-            mark.reached,
-            copies,
-        )
+        def copy(src: int, dst: int, at: int, to: int, n: int) -> None:
+            # a durable write asks the disk to start on each piece as it is copied, so the
+            # fsync that ends it finds most of the file on its way (as a safetensors write)
+            writes.copy_range(src, dst, at, to, n, bar, mark.reached, writeback=job.durable)
+
+        write_shared(reader, shared, tmp, copy, place, mark.reached, copies)
         sync_file(tmp, job.durable)
 
     total = 2 * reader.size  # about: what is copied, and compared
@@ -91,8 +89,8 @@ def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Che
                 lambda: write(bar),
                 lambda: follow_zip(tmp, reader, placed, checks, entries, mark, shown, bar),
             )
-        except Declined:
-            tmp.unlink()
+        except Declined:  # declined before anything is written
+            tmp.unlink(missing_ok=True)
             return False
     check_zip(tmp, reader, checks, compared, pairs, shown, job.progress)
     return True
@@ -108,8 +106,9 @@ def follow_zip(
     shown: Path,
     bar: Progress,
 ) -> tuple[list[tuple[int, int, int]], set[tuple[int, int]]]:
-    """Compare each record written from the input with its input bytes, as soon as it is
-    in; first, each alias with its source in the input (that needs nothing written).
+    """Compare each range written from the input with its input bytes, piece by piece as
+    it comes in; first, each alias with its source in the input (that needs nothing
+    written).
 
     Returns the records found equal and the (source, alias) input offsets found equal."""
     pairs: set[tuple[int, int]] = set()
@@ -125,8 +124,10 @@ def follow_zip(
     try:
         while mark.until(lambda: len(placed) > len(compared)):
             at, size, src_at = placed[len(compared)]
-            mark.ready(at + size)
-            if not same_bytes(span(out, at, size), span(reader, src_at, size), bar):
+            # each piece is compared as soon as it is in, not once the whole record is:
+            # the last record's comparison then trails the writer by one copy step
+            ready = partial(_ready_from, mark, at)
+            if not same_bytes(span(out, at, size), span(reader, src_at, size), bar, ready):
                 raise VerificationError(
                     f"verification failed: {tmp.name} differs from the input at byte {at}; "
                     "nothing was changed",
@@ -173,6 +174,11 @@ def check_zip(
         check_all(left, out, shown, progress)
     finally:
         written.close()
+
+
+def _ready_from(mark: Mark, at: int, end: int) -> None:
+    """Wait until the first ``end`` bytes of the record written at ``at`` are in."""
+    mark.ready(at + end)
 
 
 def copied_from(at: int, size: int, compared: list[tuple[int, int, int]]) -> int | None:

@@ -32,10 +32,11 @@ def write_shared(
     its own (as ``torch.save`` writes ``source.clone()``): its record holds exactly
     the source tensor's bytes, copied from the input like any other record.
 
-    ``placed(at, size, src_at)`` says where each record taken from ``src`` goes
-    (``size`` bytes at ``at``, copied from ``src_at``) before it is written, and
-    ``reached(n)`` that the first ``n`` bytes of the file are written: a reader
-    can compare each record as soon as it is in.
+    ``placed(at, size, src_at)`` says where each range taken from ``src`` goes
+    (``size`` bytes at ``at``, copied from ``src_at``: a record, or a run of records
+    with the headers between them) before it is written, and ``reached(n)`` that the
+    first ``n`` bytes of the file are written: a reader can compare each piece of a
+    range as soon as it is in.
 
     The archive is laid out as ``torch.save`` lays it out, since torch computes
     record offsets from that layout instead of reading them when it loads onto the
@@ -43,7 +44,7 @@ def write_shared(
     in the order the pickle first names them, each record's data aligned as the
     source records it (64 bytes unless ``.storage_alignment`` says otherwise)
     and followed by a data descriptor. Storage records nothing refers to
-    any more are left out; the others are copied byte for byte with
+    any more are left out; the others are copied byte for byte, runs of them in one
     ``copy(src_fd, dst_fd, src_offset, dst_offset, size)``.
     """
     items = dict(src.items)
@@ -87,71 +88,130 @@ def write_shared(
     order += [(r.name, r) for r in tail]
 
     pkl += b" " * _page_pad(src, order, pkl)
-    central = []
+    pieces, central, end = _layout(src, order, pkl)
+    pieces = [*_merge(src, pieces), _directory(central, end)]  # nothing written if declined
     pending = bytearray()  # small pieces, written together before each kernel copy
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
         pos = 0  # where pending starts
-        for name_text, record in order:
-            data = pkl if record.name == src.prefix + "data.pkl" else None
-            size = len(data) if data is not None else record.size
-            crc = zlib.crc32(data) if data is not None else record.crc
-            raw = name_text.encode()
-            at = pos + len(pending)
-            pad = _padding(at, raw, src.alignment)
-            extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
-            # sizes and checksum follow the data, in a descriptor (flag bit 3), as torch writes
-            pending += struct.pack(
-                "<IHHHHHIIIHH", 0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(raw), len(extra)
-            )
-            pending += raw + extra
-            central.append((raw, crc, size, at))
-            if data is None:
-                placed(at + 30 + len(raw) + len(extra), size, record.start)
-            if data is None and size >= COPY_FROM:
+        for piece in pieces:
+            if isinstance(piece, bytes):
+                pending += piece
+                continue
+            src_at, size = piece
+            placed(pos + len(pending), size, src_at)
+            if size >= COPY_FROM:
                 pos += writes.write_all(fd, bytes(pending), pos)
                 pending.clear()
                 reached(pos)
                 with src.opened() as src_fd:
-                    copy(src_fd, fd, record.start, pos, size)
+                    copy(src_fd, fd, src_at, pos, size)
                 pos += size
                 reached(pos)
             else:
-                pending += data if data is not None else src.pread(record.start, size)
-            pending += struct.pack("<IIII", 0x08074B50, crc, size, size)
-        start = pos + len(pending)
-        for raw, crc, size, offset in central:
-            pending += struct.pack(
-                "<IHHHHHHIIIHHHHHII",
-                0x02014B50,
-                0,
-                0,
-                _FLAGS,
-                0,
-                0,
-                0,
-                crc,
-                size,
-                size,
-                len(raw),
-                0,
-                0,
-                0,
-                0,
-                0,
-                offset,
-            )
-            pending += raw
-        end = pos + len(pending)
-        if end >= ZIP64_LIMIT or len(central) > 0xFFFF:
-            raise Declined("output would need zip64")
-        pending += struct.pack(
-            "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), end - start, start, 0
-        )
+                pending += src.pread(src_at, size)
+                if len(pending) >= COPY_FROM:  # many small records: memory stays bounded
+                    pos += writes.write_all(fd, bytes(pending), pos)
+                    pending.clear()
+                    reached(pos)
         pos += writes.write_all(fd, bytes(pending), pos)
         reached(pos)
     finally:
         os.close(fd)
+
+
+Piece = bytes | tuple[int, int]  # bytes to write, or (offset, size) of bytes to copy from src
+
+
+def _layout(
+    src: TorchZip, order: list[tuple[str, Record]], pkl: bytes
+) -> tuple[list[Piece], list[tuple[bytes, int, int, int]], int]:
+    """The archive's records, each a local header, its data (the pickle, or a range of
+    ``src`` to copy) and a data descriptor; what the central directory says of each
+    (name, checksum, size, offset of its local header); and where the records end."""
+    pieces: list[Piece] = []
+    central = []
+    at = 0
+    for name_text, record in order:
+        data = pkl if record.name == src.prefix + "data.pkl" else None
+        size = len(data) if data is not None else record.size
+        crc = zlib.crc32(data) if data is not None else record.crc  # a copy keeps its CRC
+        raw = name_text.encode()
+        pad = _padding(at, raw, src.alignment)
+        extra = struct.pack("<HH", 0x4246, pad) + b"Z" * pad  # "FB" padding, as torch writes
+        # sizes and checksum follow the data, in a descriptor (flag bit 3), as torch writes
+        head = struct.pack(
+            "<IHHHHHIIIHH", 0x04034B50, 0, _FLAGS, 0, 0, 0, 0, 0, 0, len(raw), len(extra)
+        )
+        pieces += [head + raw + extra, data if data is not None else (record.start, size)]
+        pieces.append(struct.pack("<IIII", 0x08074B50, crc, size, size))
+        central.append((raw, crc, size, at))
+        at += 30 + len(raw) + len(extra) + size + 16
+    return pieces, central, at
+
+
+def _merge(src: TorchZip, pieces: list[Piece]) -> list[Piece]:
+    """``pieces`` with each run of ranges that lie in ``src`` as they lie in the output,
+    the headers between them equal to the bytes between them in ``src``, joined into
+    one range: a record kept as it was keeps its header, and the kernel copies the run
+    in one go (faster than record by record: the whole of a file moves as ``cp``
+    moves it)."""
+    out: list[Piece] = []
+    gap = bytearray()  # bytes since the last range in ``out``
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            gap += piece
+            continue
+        last = out[-1] if out and not isinstance(out[-1], bytes) else None
+        if (
+            last is not None
+            and last[0] + last[1] + len(gap) == piece[0]
+            and len(gap) < COPY_FROM
+            and src.pread(last[0] + last[1], len(gap)) == gap
+        ):
+            out[-1] = (last[0], last[1] + len(gap) + piece[1])
+        else:
+            if gap:
+                out.append(bytes(gap))
+            out.append(piece)
+        gap.clear()
+    if gap:
+        out.append(bytes(gap))
+    return out
+
+
+def _directory(central: list[tuple[bytes, int, int, int]], start: int) -> bytes:
+    """The central directory, written at ``start``, and its end record."""
+    out = bytearray()
+    for raw, crc, size, offset in central:
+        out += struct.pack(
+            "<IHHHHHHIIIHHHHHII",
+            0x02014B50,
+            0,
+            0,
+            _FLAGS,
+            0,
+            0,
+            0,
+            crc,
+            size,
+            size,
+            len(raw),
+            0,
+            0,
+            0,
+            0,
+            0,
+            offset,
+        )
+        out += raw
+    end = start + len(out)
+    if end >= ZIP64_LIMIT or len(central) > 0xFFFF:
+        raise Declined("output would need zip64")
+    out += struct.pack(
+        "<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), end - start, start, 0
+    )
+    return bytes(out)
 
 
 def _clone(src: TorchZip, call: Call, made: dict[int, Record]) -> Call:
@@ -188,24 +248,25 @@ def _padding(at: int, raw: bytes, alignment: int) -> int:
 
 
 def _page_pad(src: TorchZip, order: list[tuple[str, Record]], pkl: bytes) -> int:
-    """Spaces to add after the pickle's STOP (unpicklers stop there) so that the largest
-    record copied lands at the same offset within a page as in ``src``: the kernel then
-    copies whole pages. Every later record moves by the same multiple of the alignment,
-    so the layout stays the one torch computes."""
-    pos, places = 0, []
-    for name, record in order:
-        size = len(pkl) if record.name == src.prefix + "data.pkl" else record.size
-        raw = name.encode()
-        start = pos + 30 + len(raw) + 4 + _padding(pos, raw, src.alignment)
-        places.append((record, start))
-        pos = start + size + 16  # the data descriptor
-    copied = [(r.size, r.start - at) for r, at in places if r.name != src.prefix + "data.pkl"]
-    first = next(i for i, (r, _at) in enumerate(places) if r.name == src.prefix + "data.pkl")
-    if not copied or first != 0:
-        return 0
-    size, shift = max(copied)
-    pad = shift % PAGE
-    return pad if size >= PAD_FROM and pad % src.alignment == 0 else 0
+    """Spaces to add after the pickle's STOP (unpicklers stop there) so that most of the
+    bytes copied land at the same offset within a page as in ``src``: the kernel then
+    copies whole pages (a range moved within its page copies about 40% slower). Every
+    later record moves by the same multiple of the alignment, so the layout stays the
+    one torch computes."""
+    if order[0][1].name != src.prefix + "data.pkl":
+        return 0  # torch writes the pickle first; spaces anywhere else would move it
+    pieces, _central, _end = _layout(src, order, pkl)
+    at, moved = 0, dict[int, int]()  # bytes copied, by the spaces that put them in place
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            at += len(piece)
+            continue
+        pad = (piece[0] - at) % PAGE
+        if pad % src.alignment == 0:
+            moved[pad] = moved.get(pad, 0) + piece[1]
+        at += piece[1]
+    size, pad = max(((n, pad) for pad, n in moved.items()), default=(0, 0))
+    return pad if size >= PAD_FROM else 0
 
 
 _FLAGS = 0x808  # data descriptor follows the data; names are UTF-8
