@@ -49,20 +49,29 @@ def run_forward(model: Any, example: Any, device: Any) -> tuple[list[Any], float
     args, kwargs = example_input(model, example, device)
     started = time.perf_counter()
     with torch.inference_mode():
-        try:
-            out = model(*args, **kwargs)
-        except AttributeError:
-            # an all-ones mask says nothing the model does not assume, but some models
-            # take another path with one that reads config fields their config class
-            # lacks (Qwen3-Omni's thinker asks for vision_start_token_id): run without
-            if "attention_mask" not in kwargs or example is not None:
-                raise
-            kwargs.pop("attention_mask")
-            started = time.perf_counter()
-            out = model(*args, **kwargs)
+        out, started = call(model, args, kwargs, seeded=example is None)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return [t.detach().float().cpu() for t in float_outputs(out)], time.perf_counter() - started
+
+
+def call(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], seeded: bool) -> Any:
+    """(``model(*args, **kwargs)``, when the run that answered started).
+
+    An all-ones mask says nothing the model does not assume, but some models take
+    another path with one that reads config fields their config class lacks
+    (Qwen2.5-Omni's and Qwen3-Omni's thinkers ask for ``vision_start_token_id``):
+    a seeded input then runs without it.
+    """
+    started = time.perf_counter()
+    try:
+        return model(*args, **kwargs), started
+    except AttributeError:
+        if "attention_mask" not in kwargs or not seeded:
+            raise
+        rest = {k: v for k, v in kwargs.items() if k != "attention_mask"}
+        started = time.perf_counter()
+        return model(*args, **rest), started
 
 
 def compare(a: list[Any], b: list[Any]) -> tuple[bool, float]:

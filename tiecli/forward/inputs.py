@@ -3,12 +3,11 @@ or token ids it accepts (and the pixel values or audio features it cannot do wit
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from ..errors import UsageError, param
-
-BATCH, SEQ = 2, 8
+from . import media
+from .media import BATCH, SEQ
 
 
 def _special_ids(config: Any) -> set[int]:
@@ -70,46 +69,15 @@ def token_ids(vocab: int, avoid: set[int], shape: tuple[int, int], g: Any) -> An
     return pool[torch.randint(0, len(pool), shape, generator=g)]
 
 
-def _required(model: Any) -> set[str]:
-    """Names of ``forward``'s arguments that have no default."""
-    try:
-        params = inspect.signature(model.forward).parameters.values()
-    except (TypeError, ValueError):
-        return set()
-    return {
-        p.name
-        for p in params
-        if p.default is inspect.Parameter.empty
-        and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-    }
-
-
-def _accepts(model: Any, name: str) -> bool:
-    try:
-        params = inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return True
-    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
-
-
-def _pixel_values(config: Any, g: Any) -> Any:
-    """Seeded images of the size the vision config expects."""
-    import torch
-
-    vision = getattr(config, "vision_config", None) or config
-    size = getattr(vision, "image_size", None) or 224
-    h, w = (size, size) if isinstance(size, int) else tuple(size)[:2]
-    channels = getattr(vision, "num_channels", None) or 3
-    return torch.rand((BATCH, channels, h, w), generator=g)
-
-
 def example_input(model: Any, example: Any, device: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
     """The seeded input: the one a ``module:function`` returned, else token ids the model accepts.
 
     Ids come from the input embeddings' vocabulary (a composite config has none
     at the top level) and avoid every special token the config names, so that a
-    multimodal model runs on text alone; an argument ``forward`` cannot do
-    without (BLIP's ``pixel_values``) gets a seeded value of the configured size.
+    multimodal model runs on text alone; what ``forward`` cannot do without
+    (images, patches, audio, a Q-Former's ids, boxes, a language: see
+    :mod:`tiecli.forward.media`) gets a seeded value of the configured size, in
+    the weights' dtype.
     """
     import torch
 
@@ -134,63 +102,85 @@ def example_input(model: Any, example: Any, device: Any) -> tuple[tuple[Any, ...
     ids = token_ids(vocab, avoid, (BATCH, SEQ), g)
     if config is None:
         return (ids.to(device),), {}
+    kwargs = _inputs(model, config, ids, vocab, avoid, g)
     dtype = next((q.dtype for q in model.parameters() if q.is_floating_point()), None)
+    cast = {k: v.to(dtype) if dtype and v.is_floating_point() else v for k, v in kwargs.items()}
+    return (), {k: v.to(device) for k, v in cast.items()}
+
+
+def _inputs(
+    model: Any, config: Any, ids: Any, vocab: int, avoid: set[int], g: Any
+) -> dict[str, Any]:
+    """The arguments beside a plain model's ids, each where ``forward`` needs it."""
+    import torch
+
     main = getattr(model, "main_input_name", "input_ids")
-    required = _required(model)
+    required = media.required(model)
+    page = getattr(config, "model_type", None) in media.PAGE_MODELS and media.names(model, "bbox")
+    images = "pixel_values" in required or main == "pixel_values" or media.wants_images(model)
+    images = images or page
     kwargs: dict[str, Any] = {}
-    if main == "input_ids" or _names(model, "input_ids"):
-        image = _image_tokens(config) if "pixel_values" in required else None
+    if main == "input_ids" or media.names(model, "input_ids"):
+        image = _image_tokens(config) if images else None
         if image is not None:  # the image's placeholders first, as a processor writes them
             token, count = image
             ids = torch.cat([torch.full((BATCH, count), token, dtype=ids.dtype), ids], dim=1)
+        if images:
+            ids, placed = media.image_placement(model, ids, config)
+            kwargs.update(placed)
         kwargs["input_ids"] = ids
-        if _accepts(model, "attention_mask"):
+        if media.accepts(model, "attention_mask"):
             kwargs["attention_mask"] = torch.ones_like(ids)
+        if page:
+            kwargs["bbox"] = media.unit_boxes(tuple(ids.shape), g)
+        lang = media.language_ids(model, config)
+        if lang is not None:
+            kwargs["lang_ids"] = lang
     if getattr(config, "is_encoder_decoder", False):
         start = getattr(config, "decoder_start_token_id", None) or 0
         dec = token_ids(vocab, avoid, (BATCH, SEQ), g)
         dec[:, 0] = start
         kwargs["decoder_input_ids"] = dec
-    if "pixel_values" in required or main == "pixel_values":
-        kwargs["pixel_values"] = _pixel_values(config, g).to(dtype)
+    if images:
+        kwargs["pixel_values"] = media.pixel_values(model, config, g)
+    if "qformer_input_ids" in required:
+        qformer = media.qformer_ids(config, g)
+        if qformer is None:
+            raise UsageError(_asked("the Q-Former's instruction ids"))
+        kwargs["qformer_input_ids"] = qformer
+        if media.names(model, "qformer_attention_mask"):
+            kwargs["qformer_attention_mask"] = torch.ones_like(qformer)
+    if "flattened_patches" in required or main == "flattened_patches":
+        patches = media.flattened_patches(config, g)
+        if patches is None:
+            raise UsageError(_asked("image patches"))
+        kwargs["flattened_patches"] = patches
+    added = media.added_features(model, config)
     if "input_features" in required or main == "input_features":
-        features = _input_features(config, g)
+        features = media.input_features(config, g)
         if features is None:
-            raise UsageError(
-                "cannot make audio features for this model; "
-                f"let {param('model')} return (module, example_input)"
-            )
-        kwargs["input_features"] = features.to(dtype)
-    return (), {k: v.to(device) for k, v in kwargs.items()}
+            raise UsageError(_asked("audio features"))
+        kwargs["input_features"] = features
+    elif added is not None:
+        kwargs["input_features"] = torch.randn((BATCH, *added), generator=g)
+    return kwargs
 
 
-def _names(model: Any, name: str) -> bool:
-    """``forward`` names the argument (not only through ``**kwargs``)."""
-    try:
-        return name in inspect.signature(model.forward).parameters
-    except (TypeError, ValueError):
-        return False
+def _asked(what: str) -> str:
+    return f"cannot make {what} for this model; let {param('model')} return (module, example_input)"
 
 
 def _image_tokens(config: Any) -> tuple[int, int] | None:
-    """(image token id, placeholders per image) when the config names both."""
+    """(image token id, placeholders per image) when the config names both; a video's
+    token and its frames' placeholders where the config places a video only."""
     token = getattr(config, "image_token_id", None)
     if not isinstance(token, int):
         token = getattr(config, "image_token_index", None)
+    frames = 1
+    if media.video_only(config):  # each frame's query tokens
+        token, frames = config.video_token_index, media.VIDEO_FRAMES
     for key in ("num_query_tokens", "image_seq_length", "mm_tokens_per_image"):
         count = getattr(config, key, None)
         if isinstance(token, int) and isinstance(count, int) and 0 < count <= 4096:
-            return token, count
+            return token, count * frames
     return None
-
-
-def _input_features(config: Any, g: Any) -> Any:
-    """Seeded log-mel features shaped as a Whisper-style encoder expects them."""
-    import torch
-
-    bins = getattr(config, "num_mel_bins", None)
-    positions = getattr(config, "max_source_positions", None)
-    if not isinstance(bins, int) or not isinstance(positions, int):
-        return None
-    # two convolutions, the second with stride 2: frames = 2 × encoder positions
-    return torch.randn((BATCH, bins, 2 * positions), generator=g)
