@@ -65,13 +65,35 @@ def call(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any], seeded: bool
     """
     started = time.perf_counter()
     try:
-        return model(*args, **kwargs), started
+        return _seeded_call(model, args, kwargs), started
     except AttributeError:
         if "attention_mask" not in kwargs or not seeded:
             raise
         rest = {k: v for k, v in kwargs.items() if k != "attention_mask"}
         started = time.perf_counter()
-        return model(*args, **rest), started
+        return _seeded_call(model, args, rest), started
+
+
+def _seeded_call(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    """``model(*args, **kwargs)`` with torch's random generators seeded alike for every run.
+
+    A forward that draws noise (a diffusion language model's masking, a sampled
+    router) would otherwise give two identical models different outputs; the
+    caller's generator state is restored afterwards.
+    """
+    import torch
+
+    cuda = sorted(
+        {p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"}
+        if hasattr(model, "parameters")
+        else set()
+    )
+    with torch.random.fork_rng(devices=cuda):
+        torch.random.default_generator.manual_seed(0)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(0)
+        return model(*args, **kwargs)
 
 
 def compare(a: list[Any], b: list[Any]) -> tuple[bool, float]:
