@@ -359,3 +359,21 @@ def test_a_class_built_on_a_sub_config_gives_the_table_rules_of_that_model_type(
     assert [r["alias"] for r in by_type["llama4"]] == ["a.lm_head.weight"]
     assert [r["alias"] for r in by_type["llama4_text"]] == ["lm_head.weight"]
     assert by_class == {}
+
+
+def test_a_block_shared_across_layer_positions_stays_out_of_the_table() -> None:
+    """Zamba's shared block, tied from one layer to another, depends on the real layer
+    count; the same-index pairs of two stacks (an encoder's layer i and a decoder's) and
+    the head stay in."""
+    walk = _walker()
+    ties = {
+        "lm_head.weight": "model.embed_tokens.weight",
+        "model.layers.3.shared.q.weight": "model.layers.2.shared.q.weight",
+        "model.encoder.layers.0.q.weight": "model.decoder.layers.0.q.weight",
+    }
+    row = {"model_type": "toy", "class": "ToyForCausalLM", "ties": ties}
+    by_type, _, _ = walk.pattern_rules([row | {"checks": {"inspect": "ok"}}])
+    assert [r["alias"] for r in by_type["toy"]] == [
+        "lm_head.weight",
+        "model.encoder.layers.0.q.weight",
+    ]
