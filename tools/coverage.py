@@ -880,8 +880,10 @@ def _across_layers(alias: str, source: str) -> bool:
     from its first hybrid layer): which layers share it depends on the real config's
     layer count and pattern, not the tiny one's, so the table leaves it to transformers."""
     numbered = re.compile(r"\.\d+\.")
-    return alias != source and numbered.sub(".N.", alias) == numbered.sub(".N.", source) and (
-        numbered.findall(alias) != numbered.findall(source)
+    return (
+        alias != source
+        and numbered.sub(".N.", alias) == numbered.sub(".N.", source)
+        and (numbered.findall(alias) != numbered.findall(source))
     )
 
 
