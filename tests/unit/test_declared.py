@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -66,3 +67,16 @@ def test_transformers_5_answers_for_itself() -> None:
         "same.weight": "same.weight",
     }
     assert module_ties(m) == {"x.weight": "y.weight"}
+
+
+def test_the_transformers_version_is_the_installed_distributions(monkeypatch: Any) -> None:
+    """Read from the distribution record beside the package (no importlib.metadata on
+    every run), the same answer importlib.metadata gives; None once the import is blocked."""
+    import importlib.metadata
+    import sys
+
+    from tiecli.arch.build import transformers_version
+
+    assert transformers_version() == importlib.metadata.version("transformers")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    assert transformers_version() is None
