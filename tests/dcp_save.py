@@ -77,6 +77,19 @@ def work(rank: int, world: int, port: int, out: str, size: str) -> None:
             opt.zero_grad()
     dcp.save(model.state_dict(), checkpoint_id=os.path.join(out, "fsdp"))
     if size == "small":
+        # the same save, each rank's file one safetensors file (torch's other serialisation);
+        # safetensors refuses two names of one storage, so the head goes as its own copy
+        from torch.distributed.checkpoint.filesystem import FileSystemWriter, SerializationFormat
+
+        state = model.state_dict()
+        state["lm_head.weight"] = state["lm_head.weight"].clone()
+        dcp.save(
+            state,
+            storage_writer=FileSystemWriter(
+                os.path.join(out, "fsdp-safetensors"),
+                serialization_format=SerializationFormat.SAFETENSORS,
+            ),
+        )
         dcp.save(
             {"model": model.state_dict(), "optim": opt.state_dict()},
             checkpoint_id=os.path.join(out, "nested"),

@@ -76,9 +76,12 @@ def test_fsdp_save_really_splits_tensors_and_stores_the_tie_twice(saved: Path) -
     assert len(embed.chunks) == 2 and len(head.chunks) == 2
     files = {meta.storage_data[i].relative_path for i in meta.storage_data if i.fqn in TIE}
     assert files == {"__0_0.distcp", "__1_0.distcp"}
+    with (saved / "fsdp-safetensors" / "__0_0.distcp").open("rb") as f:  # the other layout
+        head = f.read(9)
+    assert head[8:9] == b"{" and int.from_bytes(head[:8], "little") > 0
 
 
-@pytest.mark.parametrize("form", ["fsdp", "single"])
+@pytest.mark.parametrize("form", ["fsdp", "fsdp-safetensors", "single"])
 def test_inspect_reports_the_tie_with_both_copies_stored(saved: Path, form: str) -> None:
     code, doc, _err = cli("inspect", saved / form, "--config", saved / "config.json")
     assert code == 0
@@ -179,7 +182,7 @@ def test_nested_training_state_picks_the_model_part_and_says_so(saved: Path) -> 
 # -- dedupe --to safetensors -o ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("form", ["fsdp", "nested", "single"])
+@pytest.mark.parametrize("form", ["fsdp", "fsdp-safetensors", "nested", "single"])
 def test_dedupe_to_safetensors_loads_bit_identical_with_one_copy(
     saved: Path, tmp_path: Path, form: str
 ) -> None:
@@ -392,3 +395,35 @@ def test_a_damaged_chunk_archive_is_a_one_line_error(saved: Path, tmp_path: Path
     (x / "__1_0.distcp").write_bytes(bytes(data))
     line = one_line_error(["inspect", x])
     assert "__1_0.distcp" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ("offsets", "does not place its chunk at the metadata's offsets"),
+        ("name", "holds no tensor named 'lm_head.weight'"),
+    ],
+)
+def test_a_safetensors_rank_file_that_disagrees_with_the_metadata_is_one_line(
+    saved: Path, tmp_path: Path, change: str, words: str
+) -> None:
+    """A rank's safetensors file is checked against .metadata: the chunk's offsets in its
+    DCP_SHARDING_INFO and its name; the input is left as it was."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    x = copy(saved, "fsdp-safetensors", tmp_path / "ckpt")
+    f = x / "__1_0.distcp"
+    with safe_open(str(f), "pt") as h:
+        meta = h.metadata()
+        tensors = {k: h.get_tensor(k) for k in h.keys()}
+    sharding = json.loads(meta["DCP_SHARDING_INFO"])
+    if change == "offsets":
+        sharding[TIE[0]]["saved_offsets"] = [0, 0]
+    else:
+        tensors["lm_head.weight.renamed"] = tensors.pop(TIE[0])
+    save_file(tensors, str(f), metadata=meta | {"DCP_SHARDING_INFO": json.dumps(sharding)})
+    before = f.read_bytes()
+    line = one_line_error(["inspect", x])
+    assert "__1_0.distcp" in line and words in line, line
+    assert f.read_bytes() == before

@@ -39,10 +39,12 @@ from ..io import ByteFile
 from .confine import escapes
 from .dcp_chunks import Chunk, DcpBlob, chunk_bytes, tensor_runs
 from .dcp_metadata import KINDS, METADATA, Dtype, Obj, read_metadata
+from .dcp_safetensors import SafetensorsRank, safetensors_rank
 
 SUFFIX = ".distcp"
 MAX_SHARD_SIZE = 50 * 10**9  # transformers 5 save_pretrained's default "50GB"
 NESTED_KEYS = ("model", "state_dict", "module")  # where a training state keeps the model
+UNREAD = object()  # a .distcp file whose layout is not yet known
 
 
 def is_dcp(path: Path) -> bool:
@@ -204,7 +206,15 @@ def _entry(
         def chunk_fail(what: str, rel: str = rel, start: int = start) -> CheckpointFormatError:
             return fail(f"the chunk at byte {start} of {rel} {what}")
 
-        at = chunk_bytes(file, start, length, dtype, sizes, chunk_fail)
+        def file_fail(what: str, rel: str = rel) -> CheckpointFormatError:
+            return fail(f"{rel} {what}")
+
+        if file.layout is UNREAD:
+            file.layout = safetensors_rank(file, file.size, file_fail)
+        if isinstance(file.layout, SafetensorsRank):
+            at = file.layout.chunk(fqn, offsets, sizes, dtype, file_fail)
+        else:
+            at = chunk_bytes(file, start, length, dtype, sizes, chunk_fail)
         parsed.append(Chunk(offsets, sizes, file, at))
     runs = tensor_runs(
         fqn, shape, item, parsed, lambda what: CheckpointFormatError(what, meta_path)
@@ -240,6 +250,8 @@ class _DistcpFile(ByteFile):
     def __init__(self, path: Path, file_number: int):
         super().__init__(path, file_number)
         self.size = os.fstat(self.fd).st_size
+        # torch.save archives, or one safetensors file (SerializationFormat.SAFETENSORS)
+        self.layout: SafetensorsRank | None | object = UNREAD
 
     def short_read(self, offset: int) -> Exception:
         return CheckpointFormatError("short read (file changed or truncated?)", self.path)
