@@ -410,8 +410,9 @@ def _leave(code: Any) -> None:
     if not isinstance(code, int | None):
         return
     try:
-        sys.stdout.flush()
-        sys.stderr.flush()
-    except (OSError, ValueError):  # a closed pipe: the normal exit reports it
+        for stream in (sys.stdout, sys.stderr):
+            if stream is not None:  # None: the descriptor was closed when the process began
+                stream.flush()
+    except Exception:  # noqa: BLE001 - a closed pipe: the normal exit reports it
         return
     os._exit(code or 0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -473,6 +474,27 @@ def test_the_cli_exits_at_once_with_all_output_and_its_code(tmp_path: Path, exis
         assert json.loads(out.stdout)["ties"]
     else:
         assert out.stderr.startswith("Error: ") and out.stdout == ""
+
+
+@pytest.mark.parametrize(("closed", "exists"), [("stdout", True), ("stderr", False)])
+def test_the_cli_keeps_its_exit_code_with_an_output_closed(
+    tmp_path: Path, closed: str, exists: bool
+) -> None:
+    """A closed standard output or error (a cron job's ``>&-``) leaves Python's stream None:
+    the exit code stays the command's (0, or 2 for a bad path), with no traceback."""
+    path = FIXTURES / "custom" / "transposed.safetensors" if exists else tmp_path / "nope"
+    redirect = ">&-" if closed == "stdout" else "2>&-"
+    script = f"from tiecli.cli import main; import sys; sys.argv = ['tiecli', 'inspect', {str(path)!r}]; main()"
+    out = subprocess.run(
+        f"{sys.executable} -c {shlex.quote(script)} {redirect}",
+        shell=True,
+        capture_output=False,
+        stdout=subprocess.DEVNULL if closed == "stderr" else None,
+        stderr=subprocess.PIPE if closed == "stdout" else None,
+        text=True,
+    )
+    assert out.returncode == (0 if exists else 2), out.stderr
+    assert "Traceback" not in (out.stderr or "")
 
 
 def test_a_command_imports_its_own_module_not_every_other_one() -> None:
