@@ -42,7 +42,12 @@ def beside(mark: Mark, shown: Path, write: Callable[[], None], follow: Callable[
         mark.stop()
         raise
     finally:
-        writer.join()
+        try:
+            writer.join()
+        except BaseException:  # interrupted while waiting (Ctrl-C): stop the writer first
+            mark.stop()
+            writer.join()
+            raise
     if failed:
         with output_errors(shown):
             raise failed[0]
