@@ -89,10 +89,7 @@ def _seeded_call(model: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> A
         else set()
     )
     with torch.random.fork_rng(devices=cuda):
-        torch.random.default_generator.manual_seed(0)
-        for index in cuda:
-            with torch.cuda.device(index):
-                torch.cuda.manual_seed(0)
+        torch.manual_seed(0)  # every device's generator (CPU, CUDA, MPS, XPU ...)
         return model(*args, **kwargs)
 
 

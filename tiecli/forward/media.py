@@ -137,7 +137,7 @@ def qformer_ids(config: Any, g: Any) -> Any | None:
 
 
 def unit_boxes(shape: tuple[int, int], g: Any) -> Any:
-    """Seeded word boxes (x0, y0, x1, y1) as fractions of the page, x0 < x1 and y0 < y1."""
+    """Seeded word boxes (x0, y0, x1, y1) as fractions of the page, x0 ≤ x1 and y0 ≤ y1."""
     import torch
 
     corners = torch.rand((*shape, 2, 2), generator=g).sort(dim=-2).values  # (x0, y0), (x1, y1)
