@@ -171,3 +171,14 @@ def same_but_location(remote: dict[str, Any], local: dict[str, Any]) -> None:
         p.pop("path", None)
         p["message"] = p["message"].replace(str(FIXTURES), "").split("fix:")[0]
     assert r == loc
+
+
+def coverage_walk(name: str = "tiecli_coverage_walk") -> Any:
+    """``tools/coverage.py`` (the architecture walk, not a package) loaded as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "tools" / "coverage.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -8,7 +8,6 @@ architectures, and check a file written in the model's own names is read in thos
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -17,21 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT
+from helpers import ROOT, coverage_walk
 
 from tiecli import api
 
-WALK_SCRIPT = ROOT / "tools" / "coverage.py"
 WALK = json.loads((ROOT / "docs" / "coverage.json").read_text(encoding="utf-8"))
 ROWS = {(r["model_type"], r["class"]): r for r in WALK["rows"]}
 
 
 def _walker() -> Any:
-    spec = importlib.util.spec_from_file_location("tiecli_coverage_walk", WALK_SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return coverage_walk()
 
 
 # A handful of the walk, run in CI: a renamed head (GPT-NeoX), a vision-language model
@@ -189,12 +183,18 @@ def _fake_check(calls: list[tuple[str, str]]) -> Any:
 SHARED = "Gemma3ForConditionalGeneration"  # named by both gemma3 and shieldgemma2
 
 
-def test_only_with_resume_reruns_the_named_row_in_place_keyed_by_model_type(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _faked(monkeypatch: pytest.MonkeyPatch) -> tuple[Any, list[tuple[str, str]]]:
+    """The walk with ``check`` recording the rows it is asked for instead of running them."""
     walk = _walker()
     calls: list[tuple[str, str]] = []
     monkeypatch.setattr(walk, "check", _fake_check(calls))
+    return walk, calls
+
+
+def test_only_with_resume_reruns_the_named_row_in_place_keyed_by_model_type(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    walk, calls = _faked(monkeypatch)
     old = [
         {"model_type": "gemma3", "class": SHARED, "skip": "old gemma3", "seconds": 1},
         {"model_type": "bert", "class": "BertForMaskedLM", "skip": "old bert", "seconds": 1},
@@ -216,9 +216,7 @@ def test_only_with_resume_reruns_the_named_row_in_place_keyed_by_model_type(
 def test_only_a_class_name_with_resume_reruns_each_model_type_naming_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    walk = _walker()
-    calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(walk, "check", _fake_check(calls))
+    walk, calls = _faked(monkeypatch)
     old = [
         {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
         {"model_type": "bert", "class": "BertForMaskedLM", "skip": "old bert", "seconds": 1},
@@ -242,9 +240,7 @@ def test_only_a_class_name_with_resume_reruns_each_model_type_naming_it(
 def test_a_crash_found_on_resume_replaces_its_row_and_is_not_rerun(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    walk = _walker()
-    calls: list[tuple[str, str]] = []
-    monkeypatch.setattr(walk, "check", _fake_check(calls))
+    walk, calls = _faked(monkeypatch)
     old = [
         {"model_type": "gemma3", "class": SHARED, "skip": "old gemma3", "seconds": 1},
         {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},

@@ -10,14 +10,13 @@ carries that input, and the proof sees it. Pix2Struct runs in the fast subset.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import ROOT, document, invoke
+from helpers import coverage_walk, document, invoke
 from safetensors.torch import load_file, save_file
 
 import tiecli
@@ -40,11 +39,7 @@ FAST = {"pix2struct"}
 
 
 def _walk() -> Any:
-    spec = importlib.util.spec_from_file_location("tiecli_mm_walk", ROOT / "tools/coverage.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return coverage_walk("tiecli_mm_walk")
 
 
 def _verify(*args: str) -> tuple[int, dict[str, Any]]:

@@ -6,12 +6,11 @@ download, no weights); one runs for real to show the input is accepted."""
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pytest
 import torch
-from helpers import ROOT
+from helpers import coverage_walk
 
 from tiecli.forward import example_input
 from tiecli.forward.media import SEQ, VIDEO_FRAMES
@@ -19,11 +18,7 @@ from tiecli.forward.media import SEQ, VIDEO_FRAMES
 
 @pytest.fixture(scope="module")
 def walk() -> Any:
-    spec = importlib.util.spec_from_file_location("tiecli_inputs_walk", ROOT / "tools/coverage.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return coverage_walk("tiecli_inputs_walk")
 
 
 def _inputs(walk: Any, model_type: str, cls: str, **changes: Any) -> tuple[Any, dict[str, Any]]:

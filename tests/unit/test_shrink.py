@@ -4,20 +4,15 @@ tiny head, consistent latent-attention widths — and leaves other configs as th
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 import pytest
-from helpers import ROOT
+from helpers import coverage_walk
 
 
 @pytest.fixture(scope="module")
 def walk() -> Any:
-    spec = importlib.util.spec_from_file_location("tiecli_shrink_walk", ROOT / "tools/coverage.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return coverage_walk("tiecli_shrink_walk")
 
 
 def test_a_hybrid_model_keeps_one_layer_of_each_kind(walk: Any) -> None:
