@@ -277,3 +277,34 @@ def test_a_durable_rewrite_starts_the_disk_on_each_piece_copied(
     assert sum(started) == copied == sum(n for _at, n in calls)
     loaded = torch.load(tmp_path / "durable.bin", weights_only=True)
     assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+
+
+def test_a_checksum_damaged_in_the_central_directory_fails_verification(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bytes written from memory (headers, descriptors, the central directory with each
+    record's CRC) are read back too: a flipped CRC byte there, which every tensor read
+    would miss and only ``zipfile.testzip`` would see, fails the rewrite."""
+    from tiecli.io import writes
+
+    sd = _state_dict()
+    sd["lm_head.weight"] = sd["model.embed_tokens.weight"].clone()
+    src, out = tmp_path / "in.bin", tmp_path / "out.bin"
+    torch.save(sd, src)
+    real = writes.write_all
+    flipped: list[int] = []
+
+    def write_all(fd: int, data: bytes, at: int, *rest, **kw):  # noqa: ANN002, ANN003, ANN202
+        n = real(fd, data, at, *rest, **kw)
+        where = bytes(data).find(b"PK\x01\x02")  # a central directory entry
+        if where >= 0 and not flipped:
+            crc = at + where + 16  # its CRC-32 field
+            os.pwrite(fd, bytes([data[where + 16] ^ 0xFF]), crc)
+            flipped.append(crc)
+        return n
+
+    monkeypatch.setattr(writes, "write_all", write_all)
+    with pytest.raises(tiecli.TiecliError, match="archive structure") as e:
+        tiecli.dedupe(src, out)
+    assert flipped and e.value.exit_code == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.bin"]

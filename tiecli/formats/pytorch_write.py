@@ -65,6 +65,7 @@ def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Che
     copies = {a: s for a, (s, _t) in plan.copies.items()}
     mark = Mark()
     placed: list[tuple[int, int, int]] = []  # (output offset, size, input offset)
+    literal: list[tuple[int, bytes]] = []  # (output offset, bytes written from memory)
 
     def place(at: int, size: int, src_at: int) -> None:
         placed.append((at, size, src_at))
@@ -76,7 +77,9 @@ def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Che
             # fsync that ends it finds most of the file on its way (as a safetensors write)
             writes.copy_range(src, dst, at, to, n, bar, mark.reached, writeback=job.durable)
 
-        write_shared(reader, shared, tmp, copy, place, mark.reached, copies)
+        write_shared(
+            reader, shared, tmp, copy, place, mark.reached, copies, lambda *p: literal.append(p)
+        )
         sync_file(tmp, job.durable)
 
     total = 2 * reader.size  # about: what is copied, and compared
@@ -92,8 +95,26 @@ def write_zip(job: Job, reader: TorchZip, tmp: Path, name: str, checks: list[Che
         except Declined:  # declined before anything is written
             tmp.unlink(missing_ok=True)
             return False
+    check_written_bytes(tmp, literal, shown)
     check_zip(tmp, reader, checks, compared, pairs, shown, job.progress)
     return True
+
+
+def check_written_bytes(tmp: Path, literal: list[tuple[int, bytes]], shown: Path) -> None:
+    """Read back what was written from memory (record headers, the pickle, data
+    descriptors with each record's CRC, the central directory): the file must hold it
+    byte for byte, as the copied ranges are compared with their input."""
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        for at, data in literal:
+            if os.pread(fd, len(data), at) != data:
+                raise VerificationError(
+                    f"verification failed: the {len(data)} bytes of archive structure written at "
+                    f"byte {at} read back different; nothing was changed",
+                    shown,
+                )
+    finally:
+        os.close(fd)
 
 
 def follow_zip(

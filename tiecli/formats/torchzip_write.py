@@ -25,6 +25,7 @@ def write_shared(
     placed: Callable[[int, int, int], None] = lambda at, n, src_at: None,
     reached: Callable[[int], None] = lambda n: None,
     copies: dict[str, str] | None = None,
+    wrote: Callable[[int, bytes], None] = lambda at, data: None,
 ) -> None:
     """Write ``src`` to ``path`` with each ``alias`` of ``shared`` saved as its source
     tensor itself (one storage, as ``torch.save`` writes a tensor kept twice), and
@@ -36,7 +37,8 @@ def write_shared(
     (``size`` bytes at ``at``, copied from ``src_at``: a record, or a run of records
     with the headers between them) before it is written, and ``reached(n)`` that the
     first ``n`` bytes of the file are written: a reader can compare each piece of a
-    range as soon as it is in.
+    range as soon as it is in. ``wrote(at, data)`` names each piece written from memory
+    (headers, the pickle, data descriptors, the central directory), for a read-back.
 
     The archive is laid out as ``torch.save`` lays it out, since torch computes
     record offsets from that layout instead of reading them when it loads onto the
@@ -96,6 +98,7 @@ def write_shared(
         pos = 0  # where pending starts
         for piece in pieces:
             if isinstance(piece, bytes):
+                wrote(pos + len(pending), piece)
                 pending += piece
                 continue
             src_at, size = piece
