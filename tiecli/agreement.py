@@ -76,7 +76,9 @@ def _readings(cfg: dict[str, Any]) -> set[bool]:
     return {v for v in out if v is not None}
 
 
-def _vocab_sizes(cfg: dict[str, Any]) -> dict[str, int]:
+def vocab_sizes(cfg: dict[str, Any]) -> dict[str, int]:
+    """Each ``vocab_size`` the config carries: top-level and in the text sub-configs a
+    consumer reads (``text_config``...), keyed as :func:`~tiecli.arch.patterns.flags` keys."""
     out: dict[str, int] = {}
     if isinstance(cfg.get("vocab_size"), int):
         out["vocab_size"] = cfg["vocab_size"]
@@ -97,6 +99,8 @@ def decide(
     readings = _readings(cfg)
     mixed = len(readings) > 1 or len(set(flags(cfg, FLAG, nested_configs()).values())) > 1
     said = None if mixed else (readings.pop() if readings else True)
+    # the flag a pair any flag serves gets: the one asked for, else the config's
+    chosen = False if untie_head else (True if tie or said is None else said)
     pairs = [p for p in pairs_of(report.ties, ckpt.entries, cfg) if p.governed]
     targets: dict[bool, list[Pair]] = {True: [], False: []}
     copies: list[tuple[str, str]] = []
@@ -112,7 +116,7 @@ def decide(
         if situation == "padded":
             long, short, rows = _padding(ckpt, p)
             long_rows = ckpt.entries[long].shape[0]
-            sizes = _vocab_sizes(cfg)
+            sizes = vocab_sizes(cfg)
             # the config counts the padding and ties the head: dropping the head (the
             # embedding's first rows) is the model config.json describes
             droppable = (
@@ -166,10 +170,7 @@ def decide(
                     + (f", or {drop_hint}" if droppable else ""),
                 )
             trims[long] = rows
-            value = True if tie or said is None else said
-            if untie_head:
-                value = False
-            want(p, value)
+            want(p, chosen)
             resolutions.append(
                 Resolution(
                     p.alias,
@@ -230,19 +231,16 @@ def decide(
                 )
             resolutions.append(Resolution(p.alias, p.source, situation, action))
         else:  # both_equal: any flag loads the same values
-            value = True if tie or said is None else said
-            if untie_head:
-                value = False
             if said is None or tie or untie_head:
-                want(p, value)
+                want(p, chosen)
             resolutions.append(
                 Resolution(
                     p.alias,
                     p.source,
                     situation,
                     "nothing: the stored copies are equal"
-                    if said is not None and value == said
-                    else f"config says {'tied' if value else 'untied'}",
+                    if said is not None and chosen == said
+                    else f"config says {'tied' if chosen else 'untied'}",
                 )
             )
     if targets[True] and targets[False]:
