@@ -7,6 +7,7 @@ Messages name the tensors and the command or flag that fixes them.
 from __future__ import annotations
 
 from collections.abc import Container
+from typing import Any
 
 from .checkpoint import Checkpoint
 from .ties import Problem, Tie, declared, problem
@@ -105,16 +106,15 @@ def _padded(t: Tie, ckpt: Checkpoint) -> Problem:
     )
 
 
-def _padding_flag(t: Tie, config: dict[str, object]) -> str:
+def _padding_flag(t: Tie, config: dict[str, Any]) -> str:
     """The fix for a padded pair: ``--tie`` drops a head that is the embedding's first rows
     where config.json ties it and counts the padding in vocab_size (the model it
     describes); otherwise ``--trim-padding`` cuts the longer one to the shorter."""
+    from .agreement import vocab_sizes  # the sizes fix weighs (only for a padded pair)
+
     p = t.pad
     assert p is not None
-    sizes = [config.get("vocab_size")] + [
-        v.get("vocab_size") for v in config.values() if isinstance(v, dict)
-    ]
-    counted = [s for s in sizes if isinstance(s, int)]
+    counted = list(vocab_sizes(config).values())
     if (
         t.kind == "tied"
         and p.source_rows > p.alias_rows
