@@ -100,6 +100,50 @@ def test_disk_full_with_output_leaves_nothing(work: Path, monkeypatch: pytest.Mo
     assert snapshot(work) == before
 
 
+@pytest.mark.parametrize("form", ["sharded", "single", "bin"])
+@pytest.mark.parametrize("where", ["in-place", "-o"])
+def test_disk_too_small_fails_at_the_reservation(
+    work: Path, monkeypatch: pytest.MonkeyPatch, form: str, where: str
+) -> None:
+    """The output's blocks are reserved before a byte is written: a disk without room
+    fails there, with the usual line, and nothing is left behind."""
+    import ctypes
+
+    from tiecli.io import writes
+
+    inputs = {
+        "sharded": work / "ckpt",
+        "single": fixture_path("gpt2", "full") / "model.safetensors",
+        "bin": fixture_path("llama-tied", "bin") / "pytorch_model.bin",
+    }
+    if form != "sharded":
+        shutil.copy(inputs[form], work / inputs[form].name)
+        inputs[form] = work / inputs[form].name
+    asked: list[int] = []
+
+    def full(fd: int, mode: int, offset: int, length: int) -> int:
+        asked.append(length)
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+    monkeypatch.setattr(writes, "_FALLOCATE", [full])
+    pwrites: list[int] = []
+    real_pwrite = os.pwrite
+    monkeypatch.setattr(
+        writes.os,
+        "pwrite",
+        lambda *a: pwrites.append(1) or real_pwrite(*a),  # type: ignore[func-returns-value]
+    )
+    before = snapshot(work)
+    out = [] if where == "in-place" else ["-o", str(work / "out")]
+    command = "untie" if form == "bin" else "dedupe"  # that .bin is stored tied
+    r = runner.invoke(app, [command, str(inputs[form]), *out])
+    assert r.exit_code == 2, r.output
+    assert "no space left on device" in error_line(r)
+    assert asked and asked[0] > 0 and not pwrites  # refused before any byte was written
+    assert snapshot(work) == before
+
+
 def _small_fs(tmp_path: Path) -> Path | None:
     mnt = tmp_path / "small"
     mnt.mkdir()

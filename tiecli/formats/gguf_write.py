@@ -54,9 +54,8 @@ def write_gguf(
         head += struct.pack("<IQ", info.type, at)
     data_start = _aligned(len(head), src.alignment)
     size = data_start + (infos[-1][2] + infos[-1][1].nbytes if infos else 0)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = writes.create(path, size)  # the padding between tensors reads as zeros
     try:
-        os.ftruncate(fd, size)  # the padding between tensors reads as zeros
         writes.write_all(fd, bytes(head), 0)
         with src.opened() as src_fd:
             for _name, info, at in infos:

@@ -69,9 +69,8 @@ def write_file(
     head = encode_header(listed, metadata)
     head = encode_header(listed, metadata, _page_pad(len(head), runs))
     reached = reached or (lambda n: None)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = writes.create(path, len(head) + sum(i.nbytes for i in items))
     try:
-        os.ftruncate(fd, len(head) + sum(i.nbytes for i in items))
         pos = writes.write_all(fd, head, 0)
         reached(pos)
         for run in runs:

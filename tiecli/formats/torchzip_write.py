@@ -93,7 +93,7 @@ def write_shared(
     pieces, central, end = _layout(src, order, pkl)
     pieces = [*_merge(src, pieces), _directory(central, end)]  # nothing written if declined
     pending = bytearray()  # small pieces, written together before each kernel copy
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    fd = writes.create(path, sum(len(p) if isinstance(p, bytes) else p[1] for p in pieces))
     try:
         pos = 0  # where pending starts
         for piece in pieces:
