@@ -100,10 +100,14 @@ def _reserve(fd: int, size: int) -> bool:
         try:
             import ctypes
 
-            fn = ctypes.CDLL(None, use_errno=True).fallocate64
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        except (OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            fn = getattr(libc, "fallocate64", None)
+            if fn is None and ctypes.sizeof(ctypes.c_long) == 8:
+                fn = getattr(libc, "fallocate", None)  # musl: a 64-bit off_t, no *64 names
+            if fn is not None:
+                fn.restype = ctypes.c_int
+                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        except OSError:  # no C library to load (not a POSIX system)
             fn = None
         _FALLOCATE.append(fn)
     fn = _FALLOCATE[0]
