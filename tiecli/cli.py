@@ -71,20 +71,24 @@ def _root(
     """Find, record, dedupe, restore and verify tied weights in PyTorch checkpoints."""
 
 
-def _emit(result: Any, json_out: bool, render: Any) -> None:
-    """One JSON document, or the human rendering, on stdout; warnings on stderr."""
-    from .render import print_json
-
+def _emit(result: Any, json_out: bool, render: str) -> None:
+    """One JSON document, or the human rendering (``render``, a function of
+    :mod:`tiecli.render`, which alone imports rich), on stdout; warnings on stderr."""
     for skipped in getattr(result, "not_copied", []):
         line = f"{skipped['path']}: not copied to the output: {skipped['reason']}"
         typer.echo(f"Warning: {printable(line)}", err=True)
 
     if json_out:
+        from .json_out import print_json
+
         print_json(result)
     else:
         from rich.console import Console
 
-        render(result, Console(soft_wrap=False, emoji=False))  # ":warning:" in a name stays text
+        from . import render as rendering
+
+        console = Console(soft_wrap=False, emoji=False)  # ":warning:" in a name stays text
+        getattr(rendering, render)(result, console)
 
 
 def _remote_json(json_out: bool, *paths: object) -> bool:
@@ -105,7 +109,6 @@ def inspect(
     """List tensors, ties (kind, evidence, transform, bytes) and problems. Always exits 0."""
     from .api import inspect as run
     from .progress import console_progress
-    from .render import render_inspect
 
     result = run(
         path,
@@ -114,7 +117,7 @@ def inspect(
         timeout=timeout,
         config=config,
     )
-    _emit(result, json_out, render_inspect)
+    _emit(result, json_out, "render_inspect")
 
 
 @app.command()
@@ -158,7 +161,6 @@ def dedupe(
     """Rewrite with one stored copy per tie plus a tie record. In place without -o."""
     from .api import dedupe as run
     from .progress import console_progress
-    from .render import render_dedupe
 
     result = run(
         path,
@@ -174,7 +176,7 @@ def dedupe(
         config=config,
         max_shard_size=max_shard_size,
     )
-    _emit(result, json_out, render_dedupe)
+    _emit(result, json_out, "render_dedupe")
 
 
 @app.command()
@@ -191,7 +193,6 @@ def untie(
     """Store every alias as its own tensor, for consumers that know nothing of ties."""
     from .api import untie as run
     from .progress import console_progress
-    from .render import render_untie
 
     result = run(
         path,
@@ -202,7 +203,7 @@ def untie(
         progress=console_progress(quiet or _remote_json(json_out, path)),
         timeout=timeout,
     )
-    _emit(result, json_out, render_untie)
+    _emit(result, json_out, "render_untie")
 
 
 @app.command()
@@ -243,7 +244,6 @@ def fix(
     """Rewrite so that every consumer (transformers 4/5, vLLM, MLX-LM, llama.cpp) loads the same model."""
     from .api import fix as run
     from .progress import console_progress
-    from .render import render_fix
 
     result = run(
         path,
@@ -257,7 +257,7 @@ def fix(
         progress=console_progress(quiet or _remote_json(json_out, path)),
         timeout=timeout,
     )
-    _emit(result, json_out, render_fix)
+    _emit(result, json_out, "render_fix")
 
 
 @app.command()
@@ -359,7 +359,6 @@ def verify(
     """Exit 0 when every checkpoint's ties are consistent, 1 with every problem listed when not."""
     from .api import verify as run
     from .progress import console_progress
-    from .render import render_verify
 
     result = run(
         paths,
@@ -379,7 +378,7 @@ def verify(
         timeout=timeout,
         config=config,
     )
-    _emit(result, json_out, render_verify)
+    _emit(result, json_out, "render_verify")
     if not result.ok:
         raise typer.Exit(1)
 

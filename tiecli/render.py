@@ -1,10 +1,9 @@
-"""Rendering result objects: rich tables for people, one JSON document for machines."""
+"""Rendering result objects for people: rich tables and lines. (One JSON document for
+machines: :mod:`tiecli.json_out`, which needs no rich.)"""
 
 from __future__ import annotations
 
 import json
-import math
-import sys
 from typing import Any
 
 from rich.console import Console
@@ -30,33 +29,9 @@ def human_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def print_json(result: Any) -> None:
-    sys.stdout.write(
-        json.dumps(_finite(result.to_dict()), indent=2, allow_nan=False, default=_json_default)
-        + "\n"
-    )
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN or infinity: such numbers (a drift involving NaN) become null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, Wording):  # the command line's spelling of a parameter
-        return value.as_flags()
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def as_flags(text: str) -> str:
     """``text`` as the command line says it: parameters named by their flags."""
     return text.as_flags() if isinstance(text, Wording) else text
-
-
-def _json_default(value: Any) -> Any:
-    return str(value)
 
 
 def ties_table(ties: list[Any]) -> Table:

@@ -380,6 +380,44 @@ def test_light_imports(argv: list[str]) -> None:
         assert out.stderr.strip().endswith("HEAVY:"), out.stderr
 
 
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["inspect", "{st}", "--json"],
+        ["verify", "{st}", "--json"],
+        ["dedupe", "{st}", "--dry-run", "--json"],
+        ["untie", "{st}", "--dry-run", "--json"],
+        ["fix", "{hf}", "--dry-run", "--json"],
+        ["inspect", "{st}"],
+    ],
+)
+def test_json_output_never_imports_rich(command: list[str]) -> None:
+    """``--json`` (CI, pre-commit) prints one document without loading rich, about
+    20 ms of start-up; the human rendering loads it."""
+    paths = {
+        "{st}": str(FIXTURES / "custom" / "transposed.safetensors"),
+        "{hf}": str(fixture_path("llama-tied", "hf")),
+    }
+    argv = [paths.get(a, a) for a in command]
+    code = (
+        "import sys\n"
+        "from tiecli.cli import app\n"
+        "code = 0\n"
+        f"try:\n  app({argv!r})\nexcept SystemExit as e:\n  code = e.code\n"
+        "sys.stderr.write(f'EXIT:{code} RICH:' + ','.join(sorted(m for m in sys.modules"
+        " if m == 'rich' or m.startswith('rich.'))[:3]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    tail = out.stderr.strip().splitlines()[-1]
+    assert tail.startswith("EXIT:0 RICH:") or tail.startswith("EXIT:1 RICH:"), out.stderr
+    loaded = tail.split("RICH:", 1)[1]
+    if "--json" in command:
+        json.loads(out.stdout)
+        assert loaded == "", f"{command}: rich loaded ({loaded})"
+    else:
+        assert loaded.startswith("rich"), out.stderr  # the check can see rich at all
+
+
 def test_inspect_of_safetensors_without_config_does_not_import_torch() -> None:
     code = (
         "import sys, tiecli\n"
