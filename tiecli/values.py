@@ -15,6 +15,7 @@ from typing import Any
 
 from .checkpoint import CHUNK, Entry
 from .dtypes import itemsize, to_float64
+from .io.clib import c_function
 from .progress import NO_PROGRESS, Progress
 
 SAMPLES = 8
@@ -223,22 +224,8 @@ def _same_memory(map_a: Any, at_a: int, map_b: Any, at_b: int, k: int) -> bool:
         del u, v
 
 
-_MEMCMP: list[Any] = []
-
-
 def _memcmp() -> Any:
-    if not _MEMCMP:
-        fn = None
-        try:
-            import ctypes
-
-            fn = ctypes.CDLL(None).memcmp
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
-        except (OSError, AttributeError):
-            fn = None
-        _MEMCMP.append(fn)
-    return _MEMCMP[0]
+    return c_function("memcmp", "c_int", "c_void_p", "c_void_p", "c_size_t")
 
 
 def _equal_transposed(a: Entry, b: Entry) -> bool:

@@ -179,9 +179,10 @@ def test_mapped_comparison_with_and_without_the_c_library(
     """Equal, and unequal at the first, a middle and the last byte, across window edges."""
     from tiecli import values
     from tiecli.formats.safetensors import SafetensorsFile
+    from tiecli.io import clib
 
     if not use_memcmp:
-        monkeypatch.setattr(values, "_MEMCMP", [None])
+        monkeypatch.setitem(clib.FOUND, "memcmp", None)
     monkeypatch.setattr(values, "CHUNK", 4096 + 24)  # pieces that straddle page boundaries
     n = 3 * 4096 + 7  # not a multiple of 8: the numpy path has a tail
     base = bytes(range(256)) * (n // 256) + bytes(n % 256)

@@ -109,7 +109,7 @@ def test_disk_too_small_fails_at_the_reservation(
     fails there, with the usual line, and nothing is left behind."""
     import ctypes
 
-    from tiecli.io import writes
+    from tiecli.io import clib, writes
 
     inputs = {
         "sharded": work / "ckpt",
@@ -126,7 +126,7 @@ def test_disk_too_small_fails_at_the_reservation(
         ctypes.set_errno(errno.ENOSPC)
         return -1
 
-    monkeypatch.setattr(writes, "_FALLOCATE", [full])
+    monkeypatch.setitem(clib.FOUND, "fallocate64", full)
     pwrites: list[int] = []
     real_pwrite = os.pwrite
     monkeypatch.setattr(

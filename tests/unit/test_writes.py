@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from tiecli.io import writes
+from tiecli.io import clib, writes
 
 SIZE = 8 << 20
 
@@ -67,7 +67,7 @@ def test_create_without_reserving_sizes_the_file(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
 ) -> None:
     """A file system (or system) without the call: the file is only sized."""
-    monkeypatch.setattr(writes, "_FALLOCATE", [_fake_fallocate(err)])
+    monkeypatch.setitem(clib.FOUND, "fallocate64", _fake_fallocate(err))
     path = tmp_path / "out"
     os.close(writes.create(path, SIZE))
     assert path.stat().st_size == SIZE
@@ -75,7 +75,7 @@ def test_create_without_reserving_sizes_the_file(
 
 
 def test_create_where_there_is_no_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(writes, "_FALLOCATE", [None])
+    monkeypatch.setitem(clib.FOUND, "fallocate64", None)
     path = tmp_path / "out"
     os.close(writes.create(path, SIZE))
     assert path.stat().st_size == SIZE
@@ -85,7 +85,7 @@ def test_create_where_there_is_no_call(tmp_path: Path, monkeypatch: pytest.Monke
 def test_create_on_a_full_disk_raises_before_writing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, err: int
 ) -> None:
-    monkeypatch.setattr(writes, "_FALLOCATE", [_fake_fallocate(err)])
+    monkeypatch.setitem(clib.FOUND, "fallocate64", _fake_fallocate(err))
     with pytest.raises(OSError) as e:
         writes.create(tmp_path / "out", SIZE)
     assert e.value.errno == err
@@ -94,6 +94,6 @@ def test_create_on_a_full_disk_raises_before_writing(
 
 def test_create_of_an_empty_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     called: list[int] = []
-    monkeypatch.setattr(writes, "_FALLOCATE", [lambda *a: called.append(1) or 0])
+    monkeypatch.setitem(clib.FOUND, "fallocate64", lambda *a: called.append(1) or 0)
     os.close(writes.create(tmp_path / "out", 0))
     assert (tmp_path / "out").stat().st_size == 0 and not called

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import errno
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .clib import c_function
 from .files import fill
 
 PAGE = 4096
@@ -88,29 +90,13 @@ def create(path: Path, size: int) -> int:
     return fd
 
 
-_FALLOCATE: list[Any] = []
-
-
 def _reserve(fd: int, size: int) -> bool:
     """Whether ``fallocate`` gave the file ``size`` bytes of reserved blocks; a full
     disk (or quota) raises. The C library's own call, not ``os.posix_fallocate``,
     which where the file system has no such call writes every block instead."""
-    if not _FALLOCATE:
-        fn = None
-        try:
-            import ctypes
-
-            libc = ctypes.CDLL(None, use_errno=True)
-            fn = getattr(libc, "fallocate64", None)
-            if fn is None and ctypes.sizeof(ctypes.c_long) == 8:
-                fn = getattr(libc, "fallocate", None)  # musl: a 64-bit off_t, no *64 names
-            if fn is not None:
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        except OSError:  # no C library to load (not a POSIX system)
-            fn = None
-        _FALLOCATE.append(fn)
-    fn = _FALLOCATE[0]
+    # musl names it without the 64, where off_t is 64 bits anyway
+    also = "fallocate" if sys.maxsize > 2**32 else None
+    fn = c_function("fallocate64", "c_int", "c_int", "c_int", "c_int64", "c_int64", also=also)
     if fn is None:
         return False
     if fn(fd, 0, 0, size) == 0:
@@ -123,27 +109,13 @@ def _reserve(fd: int, size: int) -> bool:
     return False  # not supported here (EOPNOTSUPP, ENOSYS, EINVAL...)
 
 
-_SYNC_FILE_RANGE: list[Any] = []
-
-
 def start_writeback(fd: int, offset: int, count: int) -> None:
     """Ask the kernel to start writing these bytes to disk now, without waiting.
 
     The fsync that must follow then finds most of the file already on its way,
     so the disk works while the copy goes on instead of after it (Linux only;
     elsewhere the fsync does it all)."""
-    if not _SYNC_FILE_RANGE:
-        fn = None
-        try:
-            import ctypes
-
-            fn = ctypes.CDLL(None, use_errno=True).sync_file_range
-            fn.restype = ctypes.c_int
-            fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-        except (OSError, AttributeError):
-            fn = None
-        _SYNC_FILE_RANGE.append(fn)
-    fn = _SYNC_FILE_RANGE[0]
+    fn = c_function("sync_file_range", "c_int", "c_int", "c_int64", "c_int64", "c_uint")
     if fn is not None:
         fn(fd, offset, count, 2)  # SYNC_FILE_RANGE_WRITE; a failure leaves it to fsync
 
