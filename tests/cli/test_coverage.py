@@ -168,8 +168,18 @@ def test_a_file_in_the_models_own_names_is_read_in_those(tmp_path: Path) -> None
         assert [t.alias for t in out.restored] == [head], folder.name
 
 
-def _resume_state(path: Path, rows: list[dict[str, Any]]) -> None:
-    path.write_text(json.dumps({"transformers": "x", "rows": rows}), encoding="utf-8")
+def _resume(
+    walk: Any, tmp_path: Path, old: list[dict[str, Any]], only: str, died_in: Any = None
+) -> tuple[Path, list[dict[str, Any]]]:
+    """``--only ONLY --resume`` over an earlier walk that wrote ``old`` (and, with
+    ``died_in``, whose process died inside that row): the report and its rows."""
+    out = tmp_path / "walk.md"
+    state = {"transformers": "x", "rows": old}
+    out.with_suffix(".json").write_text(json.dumps(state), encoding="utf-8")
+    if died_in is not None:
+        out.with_suffix(".current").write_text(json.dumps(list(died_in)), encoding="utf-8")
+    walk.main(["--only", only, "--resume", "--out", str(out)])
+    return out, json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
 
 
 def _fake_check(calls: list[tuple[str, str]]) -> Any:
@@ -200,10 +210,7 @@ def test_only_with_resume_reruns_the_named_row_in_place_keyed_by_model_type(
         {"model_type": "bert", "class": "BertForMaskedLM", "skip": "old bert", "seconds": 1},
         {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
     ]
-    out = tmp_path / "walk.md"
-    _resume_state(out.with_suffix(".json"), old)
-    walk.main(["--only", "shieldgemma2", "--resume", "--out", str(out)])
-    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    out, rows = _resume(walk, tmp_path, old, "shieldgemma2")
     assert calls == [("shieldgemma2", SHARED)]
     assert [(r["model_type"], r["skip"]) for r in rows] == [
         ("gemma3", "old gemma3"),
@@ -221,10 +228,7 @@ def test_only_a_class_name_with_resume_reruns_each_model_type_naming_it(
         {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
         {"model_type": "bert", "class": "BertForMaskedLM", "skip": "old bert", "seconds": 1},
     ]
-    out = tmp_path / "walk.md"
-    _resume_state(out.with_suffix(".json"), old)
-    walk.main(["--only", f"{SHARED},BertForMaskedLM", "--resume", "--out", str(out)])
-    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    _out, rows = _resume(walk, tmp_path, old, f"{SHARED},BertForMaskedLM")
     assert sorted(calls) == [
         ("bert", "BertForMaskedLM"),
         ("gemma3", SHARED),
@@ -245,12 +249,9 @@ def test_a_crash_found_on_resume_replaces_its_row_and_is_not_rerun(
         {"model_type": "gemma3", "class": SHARED, "skip": "old gemma3", "seconds": 1},
         {"model_type": "shieldgemma2", "class": SHARED, "skip": "old shield", "seconds": 1},
     ]
-    out = tmp_path / "walk.md"
-    _resume_state(out.with_suffix(".json"), old)
     # the last run died inside shieldgemma2: it is recorded, in its row's place, not re-run
-    out.with_suffix(".current").write_text(json.dumps(["shieldgemma2", SHARED]), encoding="utf-8")
-    walk.main(["--only", "gemma3,shieldgemma2", "--resume", "--out", str(out)])
-    rows = json.loads(out.with_suffix(".json").read_text(encoding="utf-8"))["rows"]
+    died_in = ("shieldgemma2", SHARED)
+    out, rows = _resume(walk, tmp_path, old, "gemma3,shieldgemma2", died_in)
     assert calls == [("gemma3", SHARED)]
     assert rows[0]["skip"] == "re-run"
     assert rows[1]["skip"].startswith("the walk's process died")
