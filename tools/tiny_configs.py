@@ -32,6 +32,10 @@ QWEN4_EXP_TEXT: dict[str, Any] = {
     "indexer_compress_ratio": 2,
 }
 
+# the small VQ-VAE image tokenizer Chameleon and Emu3 share the shape of (widths are
+# base_channels * channel_multiplier; GroupNorm of 32 groups: multiples of 32)
+VQVAE: dict[str, Any] = {"base_channels": 32, "channel_multiplier": [1, 2], "num_res_blocks": 1}
+
 TINY: dict[str, dict[str, Any]] = {
     # apertus1p5/configuration_apertus1p5.py validate_architecture: WavTokenizer has no
     # projection around its quantizer (codebook_dim == audio hidden_size); the image then
@@ -71,9 +75,7 @@ TINY: dict[str, dict[str, Any]] = {
     "chameleon": {
         "vocabulary_map": {"<image>": 8},
         "vq_config": {
-            "base_channels": 32,
-            "channel_multiplier": [1, 2],
-            "num_res_blocks": 1,
+            **VQVAE,
             "latent_channels": 32,
             "embed_dim": 16,
             "num_embeddings": 64,
@@ -137,9 +139,7 @@ TINY: dict[str, dict[str, Any]] = {
     "emu3": {
         "vocabulary_map": {"<image>": 8},
         "vq_config": {
-            "base_channels": 32,
-            "channel_multiplier": [1, 2],
-            "num_res_blocks": 1,
+            **VQVAE,
             "codebook_size": 64,
             "attn_resolutions": [],
         },
