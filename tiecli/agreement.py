@@ -35,6 +35,8 @@ def nested_configs() -> list[str]:
 
 @dataclass
 class ConfigEdit:
+    """One change ``fix`` makes to the config's tie flag, at one level of it."""
+
     key: str  # "tie_word_embeddings" or "text_config.tie_word_embeddings"
     before: bool | None  # None: the level did not carry the flag
     after: bool
@@ -63,6 +65,8 @@ class Resolution:
 
 @dataclass
 class Decision:
+    """What ``fix`` does: the flag it sets, the tensors it stores, trims or drops."""
+
     target: bool | None  # what every level of the config's flag is to say (None: as it is)
     copies: list[tuple[str, str]]  # (name to store, tensor whose bytes it takes)
     trims: dict[str, int]  # name -> rows kept

@@ -45,6 +45,8 @@ class Blob(Protocol):
 
 @dataclass(eq=False)
 class Entry:
+    """One stored tensor: its name, dtype, shape, and where its bytes are read."""
+
     name: str
     dtype: str
     shape: tuple[int, ...]

@@ -149,6 +149,8 @@ def _vocab_below(config: dict[str, Any] | None, rows: int) -> bool:
 
 @dataclass
 class ConsumerLoad:
+    """What one consumer (transformers, vLLM, MLX-LM, llama.cpp) loads under each name."""
+
     name: str
     versions: str
     loads: dict[str, str]  # tensor -> outcome

@@ -25,6 +25,8 @@ Adjacency = dict[str, list[tuple[str, Transform]]]
 
 @dataclass
 class Claim:
+    """One piece of evidence that ``alias`` is ``source`` (maybe transformed)."""
+
     alias: str
     source: str
     transform: Transform

@@ -180,6 +180,8 @@ def _narrowed(entries: list[Entry]) -> list[Entry]:
 
 @dataclass
 class ValueMatches:
+    """Tensors found equal by value, and pairs found transposed."""
+
     groups: list[list[Entry]]  # each: bitwise-equal tensors, in file order
     transposed: list[tuple[Entry, Entry]]  # (x, y) with y == xᵀ, x first in file order
     # names whose match rests on sampled elements only (a budget refused the whole read)

@@ -24,6 +24,8 @@ from .ties import Tie, TieReport, declared
 
 @dataclass
 class OutTensor:
+    """One tensor a rewrite writes, and the input tensor its bytes come from."""
+
     name: str
     entry: Entry  # the input tensor whose bytes (maybe transposed) are written
     transform: str = "identity"
@@ -74,6 +76,8 @@ class Check:
 
 @dataclass
 class Plan:
+    """Everything a rewrite writes and checks: its files, ties removed or restored, the record."""
+
     command: str  # dedupe | untie
     files: list[FilePlan]
     index_metadata: dict[str, Any] | None  # sharded: the index's new metadata

@@ -39,6 +39,8 @@ def max_record_ties(stored: int) -> int:
 
 @dataclass(frozen=True)
 class RecordedTie:
+    """One tie as a file's record states it."""
+
     alias: str
     source: str
     transform: Transform = "identity"
@@ -57,12 +59,16 @@ class RecordedTie:
 
 @dataclass(frozen=True)
 class RecordIssue:
+    """Why a record (or one of its entries) cannot be trusted."""
+
     message: str
     tensors: tuple[str, ...]
 
 
 @dataclass
 class Record:
+    """A file's tie record as read: tiecli's entry, the ``{alias: source}`` convention, issues."""
+
     ties: list[RecordedTie] = field(default_factory=list)  # tiecli's own entry
     convention: list[RecordedTie] = field(default_factory=list)  # {alias: source} entries
     issues: list[RecordIssue] = field(default_factory=list)

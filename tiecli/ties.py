@@ -36,6 +36,8 @@ SOURCE_RANK: dict[Evidence, int] = {"declared": 0, "pattern": 1, "metadata": 2, 
 
 @dataclass(frozen=True)
 class ProblemCode:
+    """What a problem code means and how severe it is."""
+
     severity: Severity
     meaning: str
 
@@ -82,6 +84,8 @@ PROBLEMS: dict[str, ProblemCode] = {
 
 @dataclass
 class Problem:
+    """One problem found in a checkpoint, with the tensors it concerns."""
+
     code: str
     severity: Severity
     message: str
@@ -108,6 +112,8 @@ def problem(code: str, message: str, tensors: list[str] | None = None) -> Proble
 
 @dataclass
 class Drift:
+    """How far a tie's stored copies are apart."""
+
     max_abs_diff: float | None
     differing: int
     numel: int
@@ -142,6 +148,8 @@ class Pad:
 
 @dataclass
 class Tie:
+    """One tie: ``alias`` is ``source`` (maybe transposed), with the evidence for it."""
+
     alias: str
     source: str
     transform: Transform
@@ -202,6 +210,8 @@ def declared(t: Tie) -> bool:
 
 @dataclass
 class TieReport:
+    """Every tie and problem found in a checkpoint, and what declared them."""
+
     ties: list[Tie]
     problems: list[Problem]
     declared_by: str | None = None  # "transformers (<class>)" | "pattern table" | None

@@ -64,6 +64,8 @@ def uniform(data: bytes, size: int) -> bool:
 
 @dataclass
 class Digest:
+    """A tensor's hash, and whether all its elements are equal."""
+
     digest: bytes
     constant: bool
 
@@ -244,6 +246,8 @@ def _equal_transposed(a: Entry, b: Entry) -> bool:
 
 @dataclass
 class Difference:
+    """How two tensors of one shape differ, element by element."""
+
     differing: int  # elements whose bits differ
     numel: int
     max_abs_diff: float | None  # None when values cannot be decoded (sub-byte types)

@@ -349,9 +349,9 @@ def test_pickle_written_wrong_is_never_kept(
         monkeypatch.setattr(torchzip_write, "COPY_FROM", 0)  # every record copied in the kernel
         calls = _corrupting_copy(monkeypatch)
     else:
-        from tiecli.formats import forms
+        from tiecli.formats import torchzip
 
-        monkeypatch.setattr(forms, "open_torchzip", lambda *a: None)  # torch reads, saves
+        monkeypatch.setattr(torchzip, "open_torchzip", lambda *a: None)  # torch reads, saves
         real_save = torch.save
         calls = []
 

@@ -42,6 +42,8 @@ CONFIG = "config.json"
 
 @dataclass
 class TensorWrite:
+    """One tensor ``fix`` writes anew (a copy or a trim) or leaves out."""
+
     name: str
     action: str  # copy | trim | drop (left out of the files)
     origin: str  # the tensor whose bytes it holds
@@ -64,6 +66,8 @@ class TensorWrite:
 
 @dataclass(kw_only=True)
 class FixResult(RewriteResult):
+    """What ``fix`` changed: config edits, tensors written, and how each tie is resolved."""
+
     config: str | None
     config_edits: list[ConfigEdit]
     tensor_writes: list[TensorWrite]

@@ -29,6 +29,8 @@ def header(result: InspectResult | RewriteResult | VerifyResult) -> dict[str, An
 
 @dataclass
 class InspectResult:
+    """What ``inspect`` found in one checkpoint: its ties, problems and what consumers load."""
+
     path: str
     format: str
     tensors: int
@@ -116,6 +118,8 @@ class RewriteResult:
 
 @dataclass(kw_only=True)
 class DedupeResult(RewriteResult):
+    """What ``dedupe`` removed, what it kept stored and why, and the record it wrote."""
+
     removed: list[Tie]
     kept: list[tuple[Tie, str]]
     record: list[dict[str, Any]] = field(default_factory=list)
@@ -137,6 +141,8 @@ class DedupeResult(RewriteResult):
 
 @dataclass(kw_only=True)
 class UntieResult(RewriteResult):
+    """What ``untie`` stored anew: each alias written with the tensor it copies."""
+
     restored: list[Tie]
     made: dict[str, tuple[str, str]]  # name written -> (stored tensor it copies, transform)
     command: str = "untie"
@@ -150,6 +156,8 @@ class UntieResult(RewriteResult):
 
 @dataclass
 class CheckpointVerdict:
+    """``verify``'s findings for one of the checkpoints it checked."""
+
     path: str
     format: str
     ties: list[Tie]
@@ -169,6 +177,8 @@ class CheckpointVerdict:
 
 @dataclass
 class VerifyResult:
+    """``verify``'s findings for every checkpoint checked; ``ok`` is its verdict."""
+
     paths: list[str]
     checkpoints: list[CheckpointVerdict]
     strict: bool = False

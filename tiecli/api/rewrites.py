@@ -141,7 +141,7 @@ def _dedupe_local(
 
 def _shard_size(size: int | str | None) -> int:
     """``--max-shard-size``: bytes, or ``5GB``/``500MB``/``2GiB``; transformers' default."""
-    from ..formats.dcp import MAX_SHARD_SIZE
+    from ..formats.folder_names import MAX_SHARD_SIZE
 
     if size is None:
         return MAX_SHARD_SIZE

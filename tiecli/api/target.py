@@ -19,7 +19,7 @@ from .results import PathLike
 def refuse_dcp(path: PathLike, command: str, options: RewriteOptions) -> None:
     """A torch distributed checkpoint is read, never rewritten as one: its deduped or
     untied form is a Hugging Face safetensors folder written elsewhere."""
-    from ..formats.dcp import is_dcp
+    from ..formats.folder_names import is_dcp
 
     if isinstance(path, str) and "://" in path or not is_dcp(Path(path)):
         return

@@ -19,6 +19,8 @@ TABLE = Path(__file__).parent.parent / "data" / "tie_patterns.json"
 
 @dataclass(frozen=True)
 class PatternTie:
+    """A tie the pattern table declares for an architecture."""
+
     alias: str
     source: str
     from_config: bool  # the config's model_type and flags select this rule

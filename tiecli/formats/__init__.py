@@ -17,10 +17,9 @@ from ..checkpoint import Checkpoint
 from ..errors import CheckpointFormatError, CheckpointNotFoundError
 from .base import Format
 from .confine import escapes
-from .folder_names import CONFIG, FOLDER_PREFERENCE, INDEX_SUFFIX
+from .folder_names import CONFIG, FOLDER_PREFERENCE, INDEX_SUFFIX, PICKLE_SUFFIXES
 from .forms import DCP, GGUF, PYTORCH, PYTORCH_SHARDED, SAFETENSORS, SAFETENSORS_SHARDED
 from .index import index_entries, index_parts, read_json
-from .pytorch import PICKLE_SUFFIXES
 
 __all__ = [
     "FORMATS",

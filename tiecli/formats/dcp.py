@@ -40,18 +40,11 @@ from .confine import escapes
 from .dcp_chunks import Chunk, DcpBlob, chunk_bytes, tensor_runs
 from .dcp_metadata import KINDS, METADATA, Dtype, Obj, read_metadata
 from .dcp_safetensors import SafetensorsRank, safetensors_rank
+from .folder_names import MAX_SHARD_SIZE
 
 SUFFIX = ".distcp"
-MAX_SHARD_SIZE = 50 * 10**9  # transformers 5 save_pretrained's default "50GB"
 NESTED_KEYS = ("model", "state_dict", "module")  # where a training state keeps the model
 UNREAD = object()  # a .distcp file whose layout is not yet known
-
-
-def is_dcp(path: Path) -> bool:
-    """Whether ``path`` is a DCP folder (or the ``.metadata`` file of one)."""
-    if path.name == METADATA and path.is_file():
-        return True
-    return path.is_dir() and (path / METADATA).is_file()
 
 
 # -- the checkpoint ---------------------------------------------------------------------

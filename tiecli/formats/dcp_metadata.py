@@ -14,8 +14,9 @@ from typing import Any
 
 from ..dtypes import TORCH_TO_CODE
 from ..errors import CheckpointFormatError, UnsafePickleError
+from .folder_names import DCP_METADATA
 
-METADATA = ".metadata"
+METADATA = DCP_METADATA
 MAX_METADATA = 1 << 30  # the largest .metadata read (thousands of ranks: some 100 MB)
 
 _META = "torch.distributed.checkpoint.metadata"

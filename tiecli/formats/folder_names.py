@@ -6,6 +6,8 @@ what it writes by them (a converted pickle, a new index, a moved config).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 CONFIG = "config.json"
 INDEX_SUFFIX = ".index.json"
 SAFETENSORS_STEM = "model"  # model.safetensors, model-00001-of-00002.safetensors
@@ -17,6 +19,9 @@ PICKLE_INDEX = PICKLE_FILE + INDEX_SUFFIX
 
 # Weight files of a Hugging Face folder, most preferred first.
 FOLDER_PREFERENCE = (SAFETENSORS_INDEX, SAFETENSORS_FILE, PICKLE_INDEX, PICKLE_FILE)
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")  # what torch.save is saved as
+DCP_METADATA = ".metadata"  # the file that makes a folder a torch distributed checkpoint
+MAX_SHARD_SIZE = 50 * 10**9  # transformers 5 save_pretrained's default "50GB"
 
 
 def safetensors_name(name: str) -> str:
@@ -25,3 +30,11 @@ def safetensors_name(name: str) -> str:
     if stem.startswith(PICKLE_STEM):
         stem = SAFETENSORS_STEM + stem[len(PICKLE_STEM) :]
     return stem + ".safetensors"
+
+
+def is_dcp(path: Path) -> bool:
+    """Whether ``path`` is a torch distributed checkpoint's folder (or its ``.metadata``
+    file); named here so that asking reads none of the DCP reader's modules."""
+    if path.name == DCP_METADATA and path.is_file():
+        return True
+    return path.is_dir() and (path / DCP_METADATA).is_file()

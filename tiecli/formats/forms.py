@@ -8,20 +8,22 @@ A remote checkpoint is a safetensors one read by range: it has the same forms.
 
 from __future__ import annotations
 
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ..checkpoint import Checkpoint
 from ..errors import VerificationError
 from .base import Format, Job
-from .folder_names import INDEX_SUFFIX
-from .pytorch import PICKLE_SUFFIXES, PickleFile
+from .folder_names import INDEX_SUFFIX, PICKLE_SUFFIXES, is_dcp
 from .safetensors import SafetensorsFile
-from .torchzip import TorchZip, open_torchzip
 
 if TYPE_CHECKING:
     from ..plan import Check, FilePlan, Plan
+    from .pytorch import PickleFile
+    from .torchzip import TorchZip
+
+# The pickle readers (and zipfile, pickle) are imported where a pickle is met: a
+# safetensors run never needs them.
 
 
 class Safetensors(Format):
@@ -73,6 +75,8 @@ class Pytorch(Format):
         return path.suffix in PICKLE_SUFFIXES
 
     def sniffs(self, path: Path) -> bool:
+        import zipfile
+
         return zipfile.is_zipfile(path)
 
     def open(self, path: Path, shown: Path, torch_free: bool) -> Checkpoint:
@@ -87,9 +91,13 @@ class Pytorch(Format):
         return SAFETENSORS if to_safetensors else self
 
     def holds_more_than_tensors(self, ckpt: Checkpoint) -> bool:
+        from .pytorch import PickleFile
+
         return any(r.holds_more_than_tensors() for r in ckpt.readers if isinstance(r, PickleFile))
 
     def loaded_tensors(self, ckpt: Checkpoint) -> dict[Path, Any]:
+        from .pytorch import PickleFile
+
         return {r.path: r for r in ckpt.readers if isinstance(r, PickleFile)}
 
     def write(self, job: Job, f: FilePlan, tmp: Path, checks: list[Check]) -> None:
@@ -161,8 +169,6 @@ class Dcp(Format):
     gathered = True
 
     def claims(self, path: Path) -> bool:
-        from .dcp import is_dcp
-
         return is_dcp(path)
 
     def open(self, path: Path, shown: Path, torch_free: bool) -> Checkpoint:
@@ -181,6 +187,9 @@ class Dcp(Format):
 
 def pickle_reader(p: Path, number: int, torch_free: bool) -> PickleFile | TorchZip:
     """A pickle read without torch where it allows it (``torch_free``), else with torch."""
+    from .pytorch import PickleFile
+    from .torchzip import open_torchzip
+
     if torch_free:
         fast = open_torchzip(p, number)
         if fast is not None:

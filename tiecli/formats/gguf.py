@@ -61,6 +61,8 @@ def is_gguf(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class TensorInfo:
+    """One tensor's entry in a GGUF file's tensor table."""
+
     name: str
     dims: tuple[int, ...]  # ggml order: dims[0] is the innermost
     type: int  # GGMLQuantizationType value

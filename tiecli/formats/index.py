@@ -15,9 +15,7 @@ from ..checkpoint import Checkpoint, Entry
 from ..errors import CheckpointFormatError
 from .confine import escapes
 from .forms import PYTORCH_SHARDED, SAFETENSORS_SHARDED, pickle_reader
-from .pytorch import PickleFile
 from .safetensors import RepeatedKey, SafetensorsFile, unique_keys
-from .torchzip import TorchZip
 
 MAX_JSON = 64 << 20  # the largest index or config read
 
@@ -118,7 +116,7 @@ def open_index(index: Path, shown: Path, torch_free: bool) -> Checkpoint:
         for r in readers:
             r.close()
         raise
-    pickled = any(isinstance(r, (PickleFile, TorchZip)) for r in readers)
+    pickled = any(not isinstance(r, SafetensorsFile) for r in readers)  # pickle_reader's
     fmt = (PYTORCH_SHARDED if pickled else SAFETENSORS_SHARDED).name
     paths = [index.parent / s for s in shard_names]
     return Checkpoint(

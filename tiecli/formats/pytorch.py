@@ -20,7 +20,6 @@ from ..errors import CheckpointFormatError, CheckpointNotFoundError, UnsafePickl
 from .safetensors import LFS_POINTER
 from .torchzip import data_start, record_fault
 
-PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 # Where training frameworks nest the state dict, in the order tried.
 NESTED_KEYS = ("state_dict", "model", "module")
 

@@ -11,6 +11,8 @@ from ..ties import Problem
 
 @dataclass
 class RunStats:
+    """Figures of one model's load and forward run: sizes, times, placement, memory."""
+
     parameters: int = 0
     unique_bytes: int = 0  # parameter bytes on the device, each storage once
     untied_bytes: int = 0  # what a tie-unaware load (one copy per name) would take
@@ -29,6 +31,8 @@ class RunStats:
 
 @dataclass
 class ForwardReport:
+    """``verify --forward``'s result: the run's figures, and the comparison with ``--against``."""
+
     device: str
     device_name: str
     architecture: str

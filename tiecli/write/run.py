@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from ..atomic import LOCK_SUFFIX, Staging, clean_leftovers, fsync_dir, output_errors
@@ -32,6 +34,8 @@ from .paths import check_output, final_path, index_name, refuse_replacing, sourc
 
 @dataclass
 class Written:
+    """What a rewrite wrote: the output, its files, and files it left out."""
+
     output: Path
     changed: bool  # False when an in-place run found nothing to change
     files: list[Path]
@@ -239,22 +243,52 @@ def _write_files(run: Run, folder: Path, shown: Path, durable: bool) -> None:
         for f in files:
             run.write(f, folder / f.name, shown, durable, run.progress)
         return
-    from concurrent.futures import ThreadPoolExecutor  # only here: a few ms of start-up
-
     total = sum(write_total(run.plan, f) for f in files)
     with run.progress.task(f"writing {files[0].name}", total) as bar:
         within = _Within(bar)
-        pool = ThreadPoolExecutor(2)
-        try:
-            jobs = [
-                pool.submit(run.write, f, folder / f.name, shown, durable, within) for f in files
-            ]
-            for job in jobs:
-                job.result()
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-        pool.shutdown(wait=True)
+        _two_at_a_time(
+            [partial(run.write, f, folder / f.name, shown, durable, within) for f in files]
+        )
+
+
+def _two_at_a_time(calls: list[Callable[[], None]]) -> None:
+    """Run ``calls`` in order on two threads, each taking the next call when it is free.
+    After a failure no further call starts; once both threads are done, the first
+    failure in call order is raised. Plain threads, not an executor: importing
+    ``concurrent.futures`` costs a few ms and registers an exit handler (through
+    ``logging``) that keeps :func:`tiecli.cli.main` from its quick exit."""
+    failures: dict[int, BaseException] = {}
+    following = iter(enumerate(calls))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                if failures:
+                    return
+                i, call = next(following, (-1, None))
+            if call is None:
+                return
+            try:
+                call()
+            except BaseException as e:  # noqa: BLE001 - raised by the caller below
+                with lock:
+                    failures[i] = e
+
+    threads = [threading.Thread(target=work, name=f"tiecli-files-{n}") for n in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        for t in threads:
+            t.join()
+    except BaseException as e:  # Ctrl-C while waiting: no new file, then wait for both
+        with lock:
+            failures.setdefault(-1, e)
+        for t in threads:
+            t.join()
+        raise
+    if failures:
+        raise failures[min(failures)]
 
 
 class _Within(Progress):

@@ -44,6 +44,8 @@ def shown_url(url: str) -> str:
 
 @dataclass
 class RemoteOptions:
+    """How a remote checkpoint is read: the download cap and the request timeout."""
+
     max_download: int = DEFAULT_MAX_DOWNLOAD
     timeout: float = DEFAULT_TIMEOUT
 
