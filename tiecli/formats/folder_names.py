@@ -1,7 +1,9 @@
 """The file names of a Hugging Face model folder, in one table.
 
 Reading picks weights by them (:data:`FOLDER_PREFERENCE`); a rewrite names
-what it writes by them (a converted pickle, a new index, a moved config).
+what it writes by them (a converted pickle, a new index, a moved config). The
+names that tell a pickle or a torch distributed checkpoint are here too, so that
+telling one reads none of its reader's modules (zipfile, pickle...).
 """
 
 from __future__ import annotations
