@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
-import shutil
 import sys
 import threading
 import time
@@ -76,12 +75,11 @@ def _output(argv: list[str]) -> Path | None:
 
 
 def _remove(p: Path | None) -> None:
-    if p is None:
-        return
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p)
-    elif p.exists() or p.is_symlink():
-        p.unlink()
+    # imported here, not at the top: its modules would hide part of tiecli's import time
+    from measure import remove
+
+    if p is not None:
+        remove(p)
 
 
 def _run(app: Callable[..., Any], argv: list[str]) -> int:

@@ -38,9 +38,9 @@ from ..errors import CheckpointFormatError
 from ..io import ByteFile
 from .confine import escapes
 from .dcp_chunks import Chunk, DcpBlob, chunk_bytes, tensor_runs
-from .dcp_metadata import KINDS, METADATA, Dtype, Obj, read_metadata
+from .dcp_metadata import KINDS, Dtype, Obj, read_metadata
 from .dcp_safetensors import SafetensorsRank, safetensors_rank
-from .folder_names import MAX_SHARD_SIZE
+from .folder_names import DCP_METADATA, MAX_SHARD_SIZE
 
 SUFFIX = ".distcp"
 NESTED_KEYS = ("model", "state_dict", "module")  # where a training state keeps the model
@@ -85,8 +85,8 @@ def _model_part(meta: Any, names: list[str]) -> tuple[str | None, list[str]]:
 def open_dcp(path: Path) -> Checkpoint:
     """A DCP folder as a :class:`Checkpoint` (format ``dcp``): the model's tensors, each
     read from its chunks; other entries (optimizer state, values) are left out."""
-    folder = path.parent if path.name == METADATA else path
-    meta_path = folder / METADATA
+    folder = path.parent if path.name == DCP_METADATA else path
+    meta_path = folder / DCP_METADATA
     why = escapes(folder, meta_path)
     if why is not None:
         raise CheckpointFormatError(f"{why}; tiecli does not follow it", meta_path)

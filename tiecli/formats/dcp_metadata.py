@@ -16,7 +16,6 @@ from ..dtypes import TORCH_TO_CODE
 from ..errors import CheckpointFormatError, UnsafePickleError
 from .folder_names import DCP_METADATA
 
-METADATA = DCP_METADATA
 MAX_METADATA = 1 << 30  # the largest .metadata read (thousands of ranks: some 100 MB)
 
 _META = "torch.distributed.checkpoint.metadata"
@@ -106,7 +105,7 @@ class _MetadataUnpickler(pickle.Unpickler):
         if module == "pathlib" and name in _PATHS:
             return _path
         raise UnsafePickleError(
-            f"{METADATA} names {module}.{name}, which torch distributed checkpoint metadata "
+            f"{DCP_METADATA} names {module}.{name}, which torch distributed checkpoint metadata "
             "never holds; tiecli does not load it (a pickle that could run code)",
             self.where,
         )
