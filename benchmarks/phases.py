@@ -40,7 +40,7 @@ PHASES = [
     ("tiecli.formats.safetensors_write", "check_one"),
     ("tiecli.formats.safetensors_write", "sync_file"),
     ("tiecli.atomic", "Staging.commit"),
-    ("tiecli.cli", "_emit"),
+    ("tiecli.cli.commands", "_emit"),
 ]
 
 
@@ -99,7 +99,7 @@ def main() -> int:
     if not argv:
         ap.error("give tiecli's arguments after --")
     before = time.perf_counter()
-    from tiecli.cli import app
+    from tiecli.cli.commands import app
 
     imported = time.perf_counter()
     log: list[tuple[str, str, float, float]] = []
@@ -120,7 +120,7 @@ def main() -> int:
         ended = time.perf_counter()
     cpu1 = os.times()
     cpu = (cpu1.user - cpu0.user + cpu1.system - cpu0.system) / a.rounds
-    print(f"imports of tiecli.cli (first run of this process): {imported - before:.3f} s")
+    print(f"imports of tiecli.cli.commands (first run of this process): {imported - before:.3f} s")
     print(f"last round: {ended - began:.3f} s wall; CPU per round {cpu:.3f} s (user + system)")
     print(f"{'phase':<34} {'thread':<14} {'from s':>8} {'to s':>8} {'took s':>8}")
     for label, thread, t0, t1 in sorted(log, key=lambda x: x[2]):

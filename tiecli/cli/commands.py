@@ -1,4 +1,5 @@
-"""The ``tiecli`` command line: parse flags, call one library function, render.
+"""The commands of the ``tiecli`` command line: parse flags, call one library
+function, render.
 
 Errors from the library are turned into one ``Error: ...`` line and an exit
 code here, in :class:`_Group`, the single place that does it.
@@ -12,9 +13,9 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from . import __version__
-from .errors import TiecliError, as_flag, debugging
-from .flags import (
+from .. import __version__
+from ..errors import TiecliError, as_flag, debugging
+from ..flags import (
     ConfigOpt,
     DryRunOpt,
     ForceOpt,
@@ -27,7 +28,8 @@ from .flags import (
     RemotePathArg,
     TimeoutOpt,
 )
-from .terminal import printable
+from ..terminal import printable
+from . import collecting
 
 
 class _Group(TyperGroup):
@@ -79,13 +81,13 @@ def _emit(result: Any, json_out: bool, render: str) -> None:
         typer.echo(f"Warning: {printable(line)}", err=True)
 
     if json_out:
-        from .json_out import print_json
+        from ..json_out import print_json
 
         print_json(result)
     else:
         from rich.console import Console
 
-        from . import render as rendering
+        from .. import render as rendering
 
         console = Console(soft_wrap=False, emoji=False)  # ":warning:" in a name stays text
         getattr(rendering, render)(result, console)
@@ -107,16 +109,17 @@ def inspect(
     config: ConfigOpt = None,
 ) -> None:
     """List tensors, ties (kind, evidence, transform, bytes) and problems. Always exits 0."""
-    from .api import inspect as run
-    from .progress import console_progress
+    from ..api import inspect as run
+    from ..progress import console_progress
 
-    result = run(
-        path,
-        progress=console_progress(quiet or _remote_json(json_out, path)),
-        max_download=max_download,
-        timeout=timeout,
-        config=config,
-    )
+    with collecting():
+        result = run(
+            path,
+            progress=console_progress(quiet or _remote_json(json_out, path)),
+            max_download=max_download,
+            timeout=timeout,
+            config=config,
+        )
     _emit(result, json_out, "render_inspect")
 
 
@@ -159,23 +162,24 @@ def dedupe(
     ] = None,
 ) -> None:
     """Rewrite with one stored copy per tie plus a tie record. In place without -o."""
-    from .api import dedupe as run
-    from .progress import console_progress
+    from ..api import dedupe as run
+    from ..progress import console_progress
 
-    result = run(
-        path,
-        output,
-        by_value=by_value,
-        min_bytes=min_bytes,
-        dry_run=dry_run,
-        to=to,
-        force=force,
-        fsync=fsync,
-        progress=console_progress(quiet or _remote_json(json_out, path)),
-        timeout=timeout,
-        config=config,
-        max_shard_size=max_shard_size,
-    )
+    with collecting():
+        result = run(
+            path,
+            output,
+            by_value=by_value,
+            min_bytes=min_bytes,
+            dry_run=dry_run,
+            to=to,
+            force=force,
+            fsync=fsync,
+            progress=console_progress(quiet or _remote_json(json_out, path)),
+            timeout=timeout,
+            config=config,
+            max_shard_size=max_shard_size,
+        )
     _emit(result, json_out, "render_dedupe")
 
 
@@ -191,18 +195,19 @@ def untie(
     quiet: QuietOpt = False,
 ) -> None:
     """Store every alias as its own tensor, for consumers that know nothing of ties."""
-    from .api import untie as run
-    from .progress import console_progress
+    from ..api import untie as run
+    from ..progress import console_progress
 
-    result = run(
-        path,
-        output,
-        dry_run=dry_run,
-        force=force,
-        fsync=fsync,
-        progress=console_progress(quiet or _remote_json(json_out, path)),
-        timeout=timeout,
-    )
+    with collecting():
+        result = run(
+            path,
+            output,
+            dry_run=dry_run,
+            force=force,
+            fsync=fsync,
+            progress=console_progress(quiet or _remote_json(json_out, path)),
+            timeout=timeout,
+        )
     _emit(result, json_out, "render_untie")
 
 
@@ -242,21 +247,22 @@ def fix(
     quiet: QuietOpt = False,
 ) -> None:
     """Rewrite so that every consumer (transformers 4/5, vLLM, MLX-LM, llama.cpp) loads the same model."""
-    from .api import fix as run
-    from .progress import console_progress
+    from ..api import fix as run
+    from ..progress import console_progress
 
-    result = run(
-        path,
-        output,
-        dry_run=dry_run,
-        tie=tie,
-        untie_head=untie_head,
-        trim_padding=trim_padding,
-        force=force,
-        fsync=fsync,
-        progress=console_progress(quiet or _remote_json(json_out, path)),
-        timeout=timeout,
-    )
+    with collecting():
+        result = run(
+            path,
+            output,
+            dry_run=dry_run,
+            tie=tie,
+            untie_head=untie_head,
+            trim_padding=trim_padding,
+            force=force,
+            fsync=fsync,
+            progress=console_progress(quiet or _remote_json(json_out, path)),
+            timeout=timeout,
+        )
     _emit(result, json_out, "render_fix")
 
 
@@ -357,44 +363,34 @@ def verify(
     config: ConfigOpt = None,
 ) -> None:
     """Exit 0 when every checkpoint's ties are consistent, 1 with every problem listed when not."""
-    from .api import verify as run
-    from .progress import console_progress
+    from ..api import verify as run
+    from ..progress import console_progress
 
-    result = run(
-        paths,
-        require_deduped=require_deduped,
-        strict=strict,
-        forward=forward,
-        device=device,
-        against=against,
-        atol=atol,
-        dtype=dtype,
-        model=model,
-        device_map=device_map,
-        max_memory=max_memory,
-        for_consumers=for_consumers,
-        progress=console_progress(quiet or _remote_json(json_out, *paths)),
-        max_download=max_download,
-        timeout=timeout,
-        config=config,
-    )
+    with collecting():
+        result = run(
+            paths,
+            require_deduped=require_deduped,
+            strict=strict,
+            forward=forward,
+            device=device,
+            against=against,
+            atol=atol,
+            dtype=dtype,
+            model=model,
+            device_map=device_map,
+            max_memory=max_memory,
+            for_consumers=for_consumers,
+            progress=console_progress(quiet or _remote_json(json_out, *paths)),
+            max_download=max_download,
+            timeout=timeout,
+            config=config,
+        )
     _emit(result, json_out, "render_verify")
     if not result.ok:
         raise typer.Exit(1)
 
 
-def main() -> None:
-    """Console entry point."""
-    import sys
-
-    try:
-        _for_words(sys.argv[1:])()
-    except SystemExit as e:
-        _leave(e.code)
-        raise
-
-
-def _for_words(argv: list[str]) -> typer.Typer:
+def for_words(argv: list[str]) -> typer.Typer:
     """The app to run for ``argv``: where its first word names a command, a copy of
     :data:`app` holding that command alone, since typer turns every command's signature
     into options before it parses (some 8 ms for all five, 2 ms for one). Anything else
@@ -413,28 +409,3 @@ def _for_words(argv: list[str]) -> typer.Typer:
 def _command_name(info: Any) -> str:
     """A registered command's name, as typer derives it from the function's."""
     return str(info.name or info.callback.__name__.lower().replace("_", "-"))
-
-
-def _leave(code: Any) -> None:
-    """End the process at once with ``code``, once all output is flushed, skipping
-    the interpreter's teardown of every loaded module (some 10 to 20 ms, a few per cent
-    of a whole rewrite). Only where nothing can need it: no other thread running, no
-    exit handler registered (``atexit``: anyone's, a coverage tool's...) and no torch
-    loaded; otherwise the normal exit follows."""
-    import atexit
-    import os
-    import sys
-    import threading
-
-    handlers = getattr(atexit, "_ncallbacks", None)  # CPython's count of exit handlers
-    if handlers is None or handlers() or threading.active_count() > 1 or "torch" in sys.modules:
-        return
-    if not isinstance(code, int | None):
-        return
-    try:
-        for stream in (sys.stdout, sys.stderr):
-            if stream is not None:  # None: the descriptor was closed when the process began
-                stream.flush()
-    except Exception:  # noqa: BLE001 - a closed pipe: the normal exit reports it
-        return
-    os._exit(code or 0)
