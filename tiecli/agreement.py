@@ -14,7 +14,7 @@ it refuses and names the parameter that chooses.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from .arch.patterns import flags
@@ -22,6 +22,7 @@ from .arch.patterns import table as pattern_table
 from .checkpoint import Checkpoint
 from .consumers import FLAG, Pair, pairs_of, rules, tied_by
 from .errors import UnsafeChangeError, UsageError, param
+from .lean import dataclass
 from .ties import TieReport
 
 TIE, UNTIE_HEAD, TRIM_PADDING = param("tie"), param("untie_head"), param("trim_padding")

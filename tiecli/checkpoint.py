@@ -12,9 +12,11 @@ import gc
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from .lean import dataclass
 
 if TYPE_CHECKING:
     from .formats.base import Format, Reader

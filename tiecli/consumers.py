@@ -13,12 +13,13 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from .arch.patterns import flag_pairs, flags, governing_flag
+from .lean import dataclass
 from .ties import Problem, Tie
 
 TABLE = Path(__file__).with_name("data") / "consumers.json"

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from collections import defaultdict, deque
 from collections.abc import Container, Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from .checkpoint import Entry
+from .lean import dataclass
 from .ties import EVIDENCE_ORDER, SOURCE_RANK, Evidence, Fill, Tie, Transform
 
 if TYPE_CHECKING:

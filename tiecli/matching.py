@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, TypeVar
 
 from .checkpoint import Entry
 from .dtypes import itemsize
+from .lean import dataclass
 from .progress import NO_PROGRESS, Progress
 from .values import (
     Digest,

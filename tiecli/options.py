@@ -3,9 +3,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from .lean import dataclass
 
 if TYPE_CHECKING:
     from .formats.base import Format

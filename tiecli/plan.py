@@ -9,7 +9,7 @@ equal which input tensor. Writers and the verifier follow the plan.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ from .checkpoint import CHUNK, Checkpoint, Entry
 from .errors import Wording, param
 from .formats.base import by_file
 from .grouping import fills
+from .lean import dataclass
 from .options import RewriteOptions
 from .record import RecordedTie, read_record, record_entry, record_metadata
 from .ties import Tie, TieReport, declared

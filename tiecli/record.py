@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
 from .dtypes import BITS, itemsize
+from .lean import dataclass
 from .ties import KINDS, TRANSFORMS, Kind, Tie, Transform
 
 RECORD_KEY = "tiecli"

@@ -9,8 +9,10 @@ severity from there (:func:`problem`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any, Literal
+
+from .lean import dataclass
 
 Kind = Literal["tied", "duplicate"]
 Transform = Literal["identity", "transpose"]

@@ -10,12 +10,12 @@ how far two copies are apart. Finding the equal ones among many is
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from .checkpoint import CHUNK, Entry
 from .dtypes import itemsize, to_float64
 from .io.clib import c_function
+from .lean import dataclass
 from .progress import NO_PROGRESS, Progress
 
 SAMPLES = 8

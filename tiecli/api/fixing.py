@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from ..checkpoint import Checkpoint
 from ..consumers import FLAG
 from ..detect import find_ties
 from ..errors import UsageError, param
+from ..lean import dataclass
 from ..options import RewriteOptions
 from ..progress import NO_PROGRESS, Progress
 from ..ties import TieReport

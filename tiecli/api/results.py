@@ -4,9 +4,10 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import TYPE_CHECKING, Any
 
+from ..lean import dataclass
 from ..ties import Problem, Tie
 
 if TYPE_CHECKING:

@@ -17,9 +17,10 @@ import re
 import sys
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..lean import dataclass
 
 CUSTOM_CODE = "config.json asks for custom code (auto_map), which tiecli never runs"
 

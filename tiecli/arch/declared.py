@@ -21,10 +21,11 @@ import contextlib
 import hashlib
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
+from ..lean import dataclass
 from .build import (
     Budget,
     BuildRefused,

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from ..lean import dataclass
 
 TABLE = Path(__file__).parent.parent / "data" / "tie_patterns.json"
 

@@ -12,9 +12,10 @@ comparing format names; each form is one object, registered once in
 from __future__ import annotations
 
 from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
+
+from ..lean import dataclass
 
 if TYPE_CHECKING:
     from ..checkpoint import Checkpoint

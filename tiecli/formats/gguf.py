@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Entry
 from ..errors import CheckpointFormatError, MissingDependencyError
 from ..io import ByteFile, FileBlob, open_input
+from ..lean import dataclass
 from .gguf_heads import HEAD, head_kind
 
 SUFFIX = ".gguf"

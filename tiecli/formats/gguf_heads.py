@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from ..checkpoint import Entry
+from ..lean import dataclass
 
 HEAD = "output.weight"
 EMBEDDING = "token_embd.weight"

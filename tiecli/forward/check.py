@@ -7,13 +7,14 @@ from __future__ import annotations
 import math
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from ..arch.declared import module_ties
 from ..errors import TiecliError, UsageError, debugging, param
 from ..formats import open_checkpoint
+from ..lean import dataclass
 from ..progress import NO_PROGRESS, Progress
 from ..ties import Problem
 from .build import build_model

@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from ..errors import UsageError, param
+from ..lean import dataclass
 from .devices import device_key, resolve_device
 
 DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")

@@ -3,9 +3,10 @@ a run as a ``forward-failed`` problem rather than as an error."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import field
 from typing import Any
 
+from ..lean import dataclass
 from ..ties import Problem
 
 

@@ -14,7 +14,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import field
 from functools import partial
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from ..errors import UnsafeChangeError
 from ..formats import read_json
 from ..formats.base import Format, Job
 from ..formats.folder_names import SAFETENSORS_INDEX, safetensors_name
+from ..lean import dataclass
 from ..options import RewriteOptions
 from ..plan import FilePlan, Plan, stale_copies
 from ..progress import Progress

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import re
 import threading
-from dataclasses import dataclass, field
+from dataclasses import field
 from urllib.parse import urlsplit, urlunsplit
+
+from ...lean import dataclass
 
 DEFAULT_MAX_DOWNLOAD = 256 << 20  # bytes of whole tensors read to confirm ties
 DEFAULT_TIMEOUT = 30.0  # seconds, per request
