@@ -8,9 +8,10 @@ and again as they pile up; the process ends right after it renders. The command'
 work, the library call that reads and writes checkpoints or builds a model, runs
 with the collector on (:func:`collecting`), so it frees what it drops as it always
 has, but without walking what start-up built: that is set aside first
-(``gc.freeze``), and given back when :func:`main` returns. Together about 7 ms of
-a small rewrite's 110 (45 collections down to 8). ``app`` run any other way
-(``CliRunner``, a caller's own process) leaves the collector alone.
+(``gc.freeze``), and given back when :func:`main` returns. Together some 5 to 7 ms
+of a small rewrite's 110 (45 collections before its work down to none; 8 in it).
+``app`` run any other way (``CliRunner``, a caller's own process) leaves the
+collector alone.
 """
 
 from __future__ import annotations
