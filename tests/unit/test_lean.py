@@ -4,7 +4,7 @@ decorated by each, give the same repr, equality, hash, fields and errors."""
 from __future__ import annotations
 
 import dataclasses
-import importlib
+import importlib.util
 import sys
 import textwrap
 from pathlib import Path
