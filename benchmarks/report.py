@@ -242,8 +242,10 @@ def markdown(
         "The page cache is **dropped before every timed run** (`--cold`): inputs, and Python "
         "itself, come from disk"
         if a.cold
-        else "Inputs are read once before timing and stay **page-cache warm** "
-        "(nothing is dropped from the cache)"
+        else "Inputs are dropped from the page cache and read back once before timing "
+        "(`posix_fadvise` DONTNEED, then a sequential read; a destructive run's fresh copy "
+        "too), so they stay **page-cache warm** and every input's cached pages are laid out "
+        "as a read lays them out, whatever wrote the file"
     )
     faulted = (
         "memory is not touched beforehand (`--prefault-gb 0`)"
