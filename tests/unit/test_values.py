@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from in_memory import entry, seeded
 
+from tiecli.checkpoint import Entry
+from tiecli.io.blobs import FileBlob
+from tiecli.io.files import ByteFile
 from tiecli.matching import find_equal
 from tiecli.values import (
     SAMPLES,
@@ -166,3 +171,30 @@ def test_first_different_names_the_first_other_that_differs_reading_each_once() 
     fresh = entry("a", base)
     assert first_different(fresh, [entry("x", base.copy()), entry("y", base.copy())]) is None
     assert fresh.blob.bytes_read == base.nbytes  # one pass over ``a`` for both
+
+
+def test_two_names_of_one_stored_range_are_equal_without_a_read(tmp_path: Path) -> None:
+    """A pickle's shared storage gives two names the very same bytes of the file: equal
+    without comparing them; a copy of those bytes elsewhere in the file is still read."""
+    base = seeded(4, 64, 32)
+    raw = base.tobytes()
+    path = tmp_path / "two.bin"
+    path.write_bytes(raw + raw + changed(base, 5).tobytes())
+    file = ByteFile(path)
+    try:
+        n = len(raw)
+
+        def at(name: str, start: int) -> Entry:
+            return Entry(name, "F32", base.shape, n, FileBlob(file, start, n))
+
+        source, alias, copy, drifted = at("s", 0), at("a", 0), at("c", n), at("d", 2 * n)
+        assert first_different(source, [alias]) is None
+        assert file.bytes_read == 0  # nothing read for the same range
+        assert equal(source, alias) and file.bytes_read <= SAMPLES * 4 * 2  # samples only
+        read_before = file.bytes_read
+        assert first_different(source, [alias, copy]) is None
+        assert file.bytes_read - read_before == 2 * n  # the copy compared, the alias not
+        assert first_different(source, [alias, drifted, copy]) == 1
+        assert first_different(source, [alias, copy, drifted]) == 2
+    finally:
+        file.close()
