@@ -187,7 +187,6 @@ def run_cases(
                 remove(c.out)
             if c.fresh is not None:
                 copy_any(*c.fresh)
-            if c.fresh is not None:
                 warm([c.fresh[1]])  # cached as its original is, not as the copy left it
             os.sync()  # flush dirty pages of earlier runs (untimed); page cache stays warm
             if cold:
