@@ -407,5 +407,5 @@ def for_words(argv: list[str]) -> typer.Typer:
 
 
 def _command_name(info: Any) -> str:
-    """A registered command's name, as typer derives it from the function's."""
-    return str(info.name or info.callback.__name__.lower().replace("_", "-"))
+    """A registered command's name, derived by typer's own rule where none is given."""
+    return str(info.name or typer.main.get_command_name(info.callback.__name__))
