@@ -180,8 +180,10 @@ def test_the_follower_compares_a_record_while_it_is_copied(
     waited: list[bool] = []
 
     def copy_file_range(s, d, count, src_off=None, dst_off=None):
-        if not waited:
-            waited.append(True)  # the first step: nothing written to compare yet
+        if len(waited) < 2:
+            # the first steps: the one that ends at an aligned offset and one whole step,
+            # before which no whole piece of the record is written to compare
+            waited.append(True)
         elif all(waited):
             waited.append(compared.wait(5))
         compared.clear()

@@ -35,6 +35,15 @@ def copy_range(
     """Copy ``count`` bytes from ``src`` at ``src_off`` to ``dst`` at ``dst_off``, in the
     kernel where it can, in steps of :data:`COPY_STEP`; ``reached(n)`` after each.
 
+    The steps end at multiples of their size in the output: a copy that starts
+    mid-block first copies up to the next one. Linux gives a write large page-cache
+    blocks (folios) only as far as the write's first page is aligned to them
+    (``__filemap_get_folio`` in mm/filemap.c), and the kernel copy writes a pipe's
+    64 KiB at a time from where its call starts. Measured on Linux 6.18, ext4:
+    0.94 GB copied from offset 32384 to 32384 in 4 MiB steps took 0.30 s, in
+    steps aligned so 0.17 s; through the buffer (1 MiB pieces, to offset 1000)
+    0.20 s, aligned 0.18 s.
+
     A large range (:data:`PAD_FROM` or more) that lands at another offset within the
     page than it has in its source (a DCP's chunks, at any offset of their files) is
     read and written through a small buffer instead: on Linux's ext4 the kernel copy
@@ -45,7 +54,7 @@ def copy_range(
         copy = None
     buf: memoryview | None = None
     while count > 0:
-        step = min(count, COPY_STEP)
+        step = min(count, COPY_STEP - dst_off % COPY_STEP)  # steps end at aligned offsets
         n = 0
         if copy is not None:
             try:
@@ -56,7 +65,7 @@ def copy_range(
                 copy = None
         if n <= 0:
             buf = buf if buf is not None else memoryview(bytearray(BUFFER))
-            piece = buf[: min(step, BUFFER)]
+            piece = buf[: min(step, BUFFER - dst_off % BUFFER)]
             got = fill(src, piece, src_off)
             if not got:
                 raise OSError(5, "source ended early")
