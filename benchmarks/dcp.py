@@ -11,7 +11,9 @@ the ranks' files) with `tests/dcp_save.py`, then times, in one run and alternati
 - `cp -r` of the DCP folder (the floor: every byte read and written once);
 - `tiecli dedupe DCP --to safetensors -o OUT` (one copy per tie, verified).
 
-Reports medians over `--repeat` rounds, min–max, the ratio of the medians with its
+The inputs are dropped from the page cache and read back once before timing, and every
+timed run follows a `sync` and a touch of memory (untimed), as in `bench.py`
+(`measure.warm`, `measure.prefault`). Reports medians over `--repeat` rounds, min–max, the ratio of the medians with its
 spread (min and max over rounds of tiecli's time over that round's cp), CPU time
 (user + system) and peak RSS of the whole process tree (as `bench.py` measures them).
 A timed command that exits non-zero stops the benchmark at once: its command line, exit
@@ -33,7 +35,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from cases import byte_compiled, tiecli_argv  # noqa: E402
-from measure import RSS_METHOD, Sample, measure, remove  # noqa: E402
+from measure import RSS_METHOD, Sample, measure, prefault, prefault_bytes, remove, warm  # noqa: E402
 from report import machine_info  # noqa: E402
 from synth import MB, du  # noqa: E402
 
@@ -106,11 +108,15 @@ def main() -> int:
         for o in outs:
             remove(o)
         subprocess.run(cases[key], check=True, capture_output=True)
+    warm([dcp, ref])  # cached as a read caches them, as bench.py's inputs (measure.warm)
+    touch = prefault_bytes(None, size)
     out_size = 0
     for _ in range(args.repeat):
         for key, argv in cases.items():
             for o in outs:
                 remove(o)
+            os.sync()  # no run pays to flush an earlier run's output (untimed)
+            prefault(touch)  # nor the host's faults for memory it took back (measure.prefault)
             s = measure(argv, scratch)
             if s.rc != 0:  # a run that errors is not a fast run: no report at all
                 print(
@@ -158,7 +164,10 @@ def main() -> int:
             "",
             f"DCP of {size / MB:.0f} MB written by 2 ranks (gloo, CPU, FSDP2, `dcp.save`) of a tied "
             f"Llama (fp32, the tied pair stored twice); deduped output {out_size / MB:.0f} MB. "
-            f"{args.repeat} timed rounds after one untimed round (warm page cache), alternating.",
+            f"{args.repeat} timed rounds after one untimed round, alternating; inputs dropped "
+            "from the page cache and read back before timing (warm, cached as a read caches "
+            "them), `sync` and a touch of 2× the checkpoint + 1 GB of memory before every "
+            "timed run (untimed), as `bench.py` runs.",
             "",
             "| command | median s | min–max s | median CPU s (user + sys) | peak RSS MB |",
             "|---|---:|---:|---:|---:|",
