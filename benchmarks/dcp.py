@@ -13,9 +13,10 @@ the ranks' files) with `tests/dcp_save.py`, then times, in one run and alternati
 
 The inputs are dropped from the page cache and read back once before timing, and every
 timed run follows a `sync` and a touch of memory (untimed), as in `bench.py`
-(`measure.warm`, `measure.prefault`). Reports medians over `--repeat` rounds, min–max, the ratio of the medians with its
-spread (min and max over rounds of tiecli's time over that round's cp), CPU time
-(user + system) and peak RSS of the whole process tree (as `bench.py` measures them).
+(`measure.warm`, `measure.prefault`). Reports medians over `--repeat` rounds, min–max,
+the ratio of the medians with its spread (min and max over rounds of tiecli's time over
+that round's cp), CPU time (user + system) and peak RSS of the whole process tree (as
+`bench.py` measures them).
 A timed command that exits non-zero stops the benchmark at once: its command line, exit
 status and stderr are printed, no report is written, and it exits 1. Targets: time ≤ 1.5× `cp -r`, memory ≤ 150 MB.
 """
