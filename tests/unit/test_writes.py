@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from tiecli.io import clib, writes
+from tiecli.progress import NO_PROGRESS
 
 SIZE = 8 << 20
 
@@ -100,19 +101,6 @@ def test_create_of_an_empty_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert (tmp_path / "out").stat().st_size == 0 and not called
 
 
-class _Steps:
-    """Progress and ``reached`` for ``copy_range``: where each step ended."""
-
-    def __init__(self) -> None:
-        self.ends: list[int] = []
-
-    def advance(self, n: int) -> None:
-        pass
-
-    def reached(self, pos: int) -> None:
-        self.ends.append(pos)
-
-
 def _copied(
     tmp_path: Path, src_off: int, dst_off: int, count: int
 ) -> tuple[bytes, bytes, list[int]]:
@@ -122,13 +110,13 @@ def _copied(
     (tmp_path / "src").write_bytes(data)
     src = os.open(tmp_path / "src", os.O_RDONLY)
     dst = writes.create(tmp_path / "dst", dst_off + count)
+    ends: list[int] = []
     try:
-        steps = _Steps()
-        writes.copy_range(src, dst, src_off, dst_off, count, steps, steps.reached)
+        writes.copy_range(src, dst, src_off, dst_off, count, NO_PROGRESS, ends.append)
     finally:
         os.close(src)
         os.close(dst)
-    return data[src_off:], (tmp_path / "dst").read_bytes()[dst_off:], steps.ends
+    return data[src_off:], (tmp_path / "dst").read_bytes()[dst_off:], ends
 
 
 @pytest.mark.parametrize("kernel", [True, False], ids=["kernel copy", "through a buffer"])
